@@ -1,0 +1,311 @@
+"""The job config: YAML loaded into typed dataclasses, validated with errors that name the field.
+
+Every section has defaults, so the smallest valid config is ``model: {family: gpt}``. Errors are raised
+as :class:`ConfigError` with one line of the form ``field: got VALUE; allowed ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from oobleck.errors import ConfigError
+
+Family = Literal["gpt", "dit", "moe"]
+DType = Literal["float32", "float64"]
+
+
+@dataclass
+class ModelConfig:
+    family: Family = "gpt"
+    preset: str = "tiny"
+    dtype: DType = "float32"
+    #: preset fields to change, e.g. {n_layer: 4}; checked against the preset's own fields
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: DiT only: DiffFit parameter-efficient fine-tuning (freeze all but biases, norms, class
+    #: embedding and per-block scale factors)
+    difffit: bool = False
+    #: a checkpoint to start from (e.g. a pretrained DiT for DiffFit fine-tuning)
+    init_checkpoint: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    #: pydoc (Python's own docs, GPT), digits (scikit-learn 8x8), fashion-mnist (IDX files)
+    dataset: Literal["pydoc", "digits", "fashion-mnist", "text-file"] = "pydoc"
+    #: a file or folder for datasets read from disk (fashion-mnist, text-file)
+    path: Optional[str] = None
+    #: restrict image datasets to these class labels (e.g. to fine-tune on new classes)
+    classes: Optional[list[int]] = None
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 20
+    global_batch: int = 32
+    microbatch: int = 4
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: global gradient-norm clipping; null turns it off
+    grad_clip: Optional[float] = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 4
+    devices_per_node: int = 1
+    #: cpu (gloo), cuda (NCCL), or auto (cuda when available)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    #: memory of one device in GiB, used by the planner
+    device_memory_gib: float = 16.0
+    #: bandwidths in GB/s for boundary transfers, used by the planner
+    intra_node_bandwidth_gbps: float = 10.0
+    inter_node_bandwidth_gbps: float = 1.0
+    launcher: Literal["local", "ray"] = "local"
+    #: Ray cluster address for the ray launcher; null starts a local Ray instance
+    ray_address: Optional[str] = None
+    #: address the master's control plane binds; loopback unless told otherwise
+    master_host: str = "127.0.0.1"
+    master_port: int = 0
+
+
+@dataclass
+class FaultToleranceConfig:
+    #: simultaneous node failures the plan must survive
+    f: int = 1
+    policy: Literal["oobleck", "bamboo", "varuna"] = "oobleck"
+    #: steps between periodic checkpoints; 0 turns them off
+    checkpoint_every: int = 0
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 0.5
+
+
+@dataclass
+class FaultConfig:
+    """One injected failure."""
+
+    step: int = 0
+    phase: Literal["forward", "backward", "sync", "optimizer", "recovery", "checkpoint"] = "forward"
+    kind: Literal["kill", "hang"] = "kill"
+    target: Literal["worker", "node"] = "node"
+    #: node indices (several at once allowed)
+    nodes: list[int] = field(default_factory=lambda: [0])
+    #: device index within the node, for target=worker
+    worker: int = 0
+
+
+@dataclass
+class TraceConfig:
+    """Replay of a node-availability trace (``ms,add|remove,nodeN`` lines)."""
+
+    path: str = ""
+    #: trace seconds per wall second
+    compression: float = 60.0
+
+
+@dataclass
+class ProfileConfig:
+    #: where profiles are cached; the file name carries the fingerprint's hash
+    cache_dir: str = ".oobleck/profiles"
+    #: analytic (FLOPs and a device spec) or measured (run each layer)
+    source: Literal["measured", "analytic"] = "measured"
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
+class RunConfig:
+    #: run directory for metrics, TensorBoard and checkpoints
+    dir: str = "runs/latest"
+    log_every: int = 1
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    faults: list[FaultConfig] = field(default_factory=list)
+    trace: Optional[TraceConfig] = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read and validate a YAML job config."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read ({e.strerror}); pass an existing YAML file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config {path}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Any) -> JobConfig:
+    config = _build(JobConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: got {raw!r}; expected a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, raw)) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(known))}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: got {value!r}; allowed: {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: got {value!r}; expected a list")
+        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: got {value!r}; expected a list of {len(args)} numbers")
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: got {value!r}; expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: got {value!r}; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: got {value!r}; expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: got {value!r}; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: got {value!r}; expected a string")
+        return value
+    return value
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: got {value!r}; {allowed}")
+
+
+def validate(c: JobConfig) -> None:
+    """Checks that span more than one field's type."""
+    t = c.training
+    _require(t.steps >= 1, "training.steps", t.steps, "must be at least 1")
+    _require(t.microbatch >= 1, "training.microbatch", t.microbatch, "must be at least 1")
+    _require(t.global_batch >= 1, "training.global_batch", t.global_batch, "must be at least 1")
+    _require(
+        t.global_batch % t.microbatch == 0,
+        "training.global_batch",
+        t.global_batch,
+        f"must be a multiple of training.microbatch ({t.microbatch})",
+    )
+    _require(t.lr > 0, "training.lr", t.lr, "must be positive")
+    _require(0 <= t.min_lr <= t.lr, "training.min_lr", t.min_lr, f"must be in [0, training.lr={t.lr}]")
+    _require(t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be at least 0")
+    _require(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be at least 0")
+    _require(all(0 <= b < 1 for b in t.betas), "training.betas", list(t.betas), "each must be in [0, 1)")
+    _require(t.grad_clip is None or t.grad_clip > 0, "training.grad_clip", t.grad_clip, "must be positive or null")
+    _require(t.seed >= 0, "training.seed", t.seed, "must be at least 0")
+
+    k = c.cluster
+    _require(k.nodes >= 1, "cluster.nodes", k.nodes, "must be at least 1")
+    _require(k.devices_per_node >= 1, "cluster.devices_per_node", k.devices_per_node, "must be at least 1")
+    _require(k.device_memory_gib > 0, "cluster.device_memory_gib", k.device_memory_gib, "must be positive")
+    for name in ("intra_node_bandwidth_gbps", "inter_node_bandwidth_gbps"):
+        v = getattr(k, name)
+        _require(v > 0, f"cluster.{name}", v, "must be positive")
+    _require(0 <= k.master_port <= 65535, "cluster.master_port", k.master_port, "must be in [0, 65535] (0 picks a free port)")
+
+    ft = c.fault_tolerance
+    _require(ft.f >= 0, "fault_tolerance.f", ft.f, "must be at least 0")
+    _require(ft.checkpoint_every >= 0, "fault_tolerance.checkpoint_every", ft.checkpoint_every, "must be at least 0 (0 turns checkpoints off)")
+    _require(ft.heartbeat_interval_s > 0, "fault_tolerance.heartbeat_interval_s", ft.heartbeat_interval_s, "must be positive")
+    _require(
+        ft.heartbeat_timeout_s > ft.heartbeat_interval_s,
+        "fault_tolerance.heartbeat_timeout_s",
+        ft.heartbeat_timeout_s,
+        f"must exceed fault_tolerance.heartbeat_interval_s ({ft.heartbeat_interval_s})",
+    )
+
+    for i, fault in enumerate(c.faults):
+        _require(fault.step >= 0, f"faults[{i}].step", fault.step, "must be at least 0")
+        _require(bool(fault.nodes), f"faults[{i}].nodes", fault.nodes, "must name at least one node")
+        for n in fault.nodes:
+            _require(0 <= n < k.nodes, f"faults[{i}].nodes", fault.nodes, f"node indices must be in [0, {k.nodes - 1}]")
+        _require(
+            0 <= fault.worker < k.devices_per_node,
+            f"faults[{i}].worker",
+            fault.worker,
+            f"must be in [0, {k.devices_per_node - 1}]",
+        )
+    if c.trace is not None:
+        _require(bool(c.trace.path), "trace.path", c.trace.path, "must name a trace file")
+        _require(c.trace.compression > 0, "trace.compression", c.trace.compression, "must be positive")
+
+    p = c.profile
+    _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
+    _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
+    _require(c.run.log_every >= 1, "run.log_every", c.run.log_every, "must be at least 1")
+    _require(
+        not c.model.difffit or c.model.family == "dit",
+        "model.difffit",
+        c.model.difffit,
+        "DiffFit applies to family dit only",
+    )
