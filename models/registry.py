@@ -1,0 +1,110 @@
+"""From a job config to a model spec, a dataset and a batch source.
+
+This is the one place that knows which module implements which model family and dataset, so the
+engine, the profiler and the reference trainer all build exactly the same things from a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+
+from models.base import ModelSpec
+from models.data import BatchSource, Dataset
+from oobleck.config import DataConfig, JobConfig, ModelConfig
+from oobleck.errors import ConfigError
+
+#: family -> (module, spec class, config class)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "gpt": ("models.gpt", "GPTSpec"),
+    "dit": ("models.dit", "DiTSpec"),
+    "moe": ("models.moe", "MoESpec"),
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def presets(family: str) -> dict[str, Any]:
+    """The named configurations a family offers."""
+    module_name, _ = FAMILIES[family]
+    return importlib.import_module(module_name).PRESETS
+
+
+def model_config(cfg: ModelConfig) -> Any:
+    """The family's config dataclass for ``cfg.preset`` with ``cfg.overrides`` applied."""
+    table = presets(cfg.family)
+    if cfg.preset not in table:
+        raise ConfigError(f"model.preset: got {cfg.preset!r}; allowed for {cfg.family}: {', '.join(table)}")
+    base = table[cfg.preset]
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    for key, value in cfg.overrides.items():
+        if key not in fields:
+            raise ConfigError(f"model.overrides.{key}: unknown field; allowed: {', '.join(fields)}")
+        current = getattr(base, key)
+        if isinstance(current, (int, float)) and not isinstance(current, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"model.overrides.{key}: got {value!r}; expected a number")
+            if value <= 0 and key not in ("dropout",):
+                raise ConfigError(f"model.overrides.{key}: got {value!r}; must be positive")
+    return dataclasses.replace(base, **cfg.overrides)
+
+
+def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
+    """The model spec a config describes (its layers are built later, per stage)."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model.family: got {cfg.family!r}; allowed: {', '.join(FAMILIES)}")
+    module_name, class_name = FAMILIES[cfg.family]
+    spec_class = getattr(importlib.import_module(module_name), class_name)
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": DTYPES[cfg.dtype]}
+    if cfg.family == "dit":
+        kwargs["difffit"] = cfg.difffit
+    return spec_class(model_config(cfg), **kwargs)
+
+
+def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
+    """The dataset a config names, shaped for ``model`` (sequence length, image size)."""
+    mcfg = model.config  # type: ignore[attr-defined]
+    if cfg.dataset in ("pydoc", "text-file"):
+        if not hasattr(mcfg, "seq_len"):
+            raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (family gpt)")
+        from models import text
+
+        if cfg.dataset == "pydoc":
+            corpus = text.pydoc_corpus()
+        else:
+            if not cfg.path:
+                raise ConfigError("data.path: missing; data.dataset text-file needs the path of a UTF-8 text file")
+            corpus = text.read_text_file(cfg.path)
+        return text.TokenWindows(corpus, mcfg.seq_len)
+
+    if not hasattr(mcfg, "image_size"):
+        raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (family dit or moe)")
+    from models import images
+
+    if cfg.dataset == "digits":
+        dataset = images.digits_dataset(classes=cfg.classes)
+    else:
+        dataset = images.fashion_mnist_dataset(cfg.path, classes=cfg.classes)
+    shape = tuple(dataset[0]["image"].shape)
+    want = (mcfg.channels, mcfg.image_size, mcfg.image_size)
+    if shape != want:
+        raise ConfigError(
+            f"data.dataset: {cfg.dataset} images are {shape[1]}x{shape[2]} with {shape[0]} channel(s) but the model "
+            f"expects {want[1]}x{want[2]} with {want[0]}; pick a matching model.preset or set model.overrides.image_size"
+        )
+    return dataset
+
+
+def build_batches(job: JobConfig, model: ModelSpec) -> BatchSource:
+    """The deterministic batch source every process of a job shares."""
+    t = job.training
+    return BatchSource(
+        build_dataset(job.data, model),
+        global_batch=t.global_batch,
+        microbatch=t.microbatch,
+        seed=t.seed,
+        randomness=model.sample_randomness,
+    )
