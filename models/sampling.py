@@ -1,0 +1,123 @@
+"""Image generation with a trained diffusion layer list, and PNG grids of the results.
+
+The layer list must offer an inference path: its first layer an ``embed(x_t, t, labels, drop)`` method
+returning the carry, its last layer a ``predict(carry)`` method returning ``eps_hat [N, C, H, W]``, and
+the layers in between ``layer(carry, mb)`` as in training (``models.dit`` layers do; so may other
+families that reuse them). The spec supplies ``schedule`` (a :class:`models.diffusion.NoiseSchedule`),
+``config`` (``channels``, ``image_size``) and ``dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.base import Layer, MicroBatch, ModelSpec
+
+#: eta of the generalised DDIM update for each method (see :func:`sample_images`)
+_ETA = {"ddim": 0.0, "ddpm": 1.0}
+
+
+def predict_noise(
+    layers: Sequence[Layer],
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    drop: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``eps_hat`` for noisy images ``x_t`` at timesteps ``t [N]`` and class ``labels [N]``."""
+    mb = MicroBatch({"label": labels})
+    carry = layers[0].embed(x_t, t, labels, drop)
+    for layer in layers[1:-1]:
+        carry = layer(carry, mb)
+    return layers[-1].predict(carry)
+
+
+def _guided_noise(
+    layers: Sequence[Layer], x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float
+) -> torch.Tensor:
+    """Classifier-free guidance: ``eps_u + s (eps_c - eps_u)``; plain conditional prediction for s = 1."""
+    if cfg_scale == 1.0:
+        return predict_noise(layers, x_t, t, labels)
+    n = labels.shape[0]
+    drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    eps = predict_noise(layers, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, labels]), drop)
+    cond, uncond = eps[:n], eps[n:]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_images(
+    layers: Sequence[Layer],
+    spec: ModelSpec,
+    labels: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+    method: Literal["ddim", "ddpm"] = "ddim",
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
+    """Generate one image per label, ``[N, C, H, W]`` in the spec's dtype, clipped to [-1, 1].
+
+    Runs ``steps`` denoising steps on the timesteps ``round(linspace(T - 1, 0, steps))`` of the spec's
+    schedule with the generalised DDIM update (Song et al. 2021): from ``x_t`` predict
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``, clip it to [-1, 1], re-derive ``eps`` from it, and set
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z`` with
+    ``sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)``. ``method="ddim"`` is eta 0
+    (deterministic given the initial noise); ``"ddpm"`` is eta 1, ancestral sampling, which on the full
+    schedule (``steps == T``) is exactly DDPM's posterior step. All noise comes from ``generator``.
+    ``cfg_scale != 1`` applies classifier-free guidance, which needs a model trained with label dropout.
+    """
+    if method not in _ETA:
+        raise ValueError(f"method must be one of {sorted(_ETA)}, got {method!r}")
+    schedule, cfg, dtype = spec.schedule, spec.config, spec.dtype  # type: ignore[attr-defined]
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must be in [1, {schedule.num_timesteps}], got {steps}")
+    eta = _ETA[method]
+    n = labels.shape[0]
+    timesteps = torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    x = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=generator, dtype=torch.float64)
+    # a_prev after the last step is alpha_cumprod "at t = -1", i.e. 1: the final update returns x0
+    alphas = torch.cat([schedule.alphas_cumprod[timesteps], torch.ones(1, dtype=torch.float64)])
+    for i, t in enumerate(timesteps.tolist()):
+        a_t, a_prev = alphas[i], alphas[i + 1]
+        t_batch = torch.full((n,), t, dtype=torch.long)
+        eps = _guided_noise(layers, x.to(dtype), t_batch, labels, cfg_scale).to(torch.float64)
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1.0, 1.0)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return x.clamp(-1.0, 1.0).to(dtype)
+
+
+def save_grid(
+    images: torch.Tensor, path: str | os.PathLike[str], nrow: int, pad: int = 2, scale: int = 1
+) -> tuple[int, int]:
+    """Write images ``[N, C, H, W]`` in [-1, 1] (C = 1 or 3) as one PNG grid and return its (width, height).
+
+    Tiles are placed row-major, ``nrow`` per row, ``ceil(N / nrow)`` rows, each enlarged ``scale`` times
+    (nearest neighbour), with ``pad`` black pixels between tiles and around the border, so the image is
+    ``nrow * (W * scale) + (nrow + 1) * pad`` pixels wide and likewise high. Parent folders are created."""
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    pixels = ((images.detach().to(torch.float64).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    th, tw = h * scale, w * scale
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * th + (rows + 1) * pad, nrow * tw + (nrow + 1) * pad, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        top, left = pad + r * (th + pad), pad + q * (tw + pad)
+        canvas[top : top + th, left : left + tw] = pixels[k].permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    Image.fromarray(canvas[:, :, 0] if c == 1 else canvas).save(path, format="PNG")
+    return canvas.shape[1], canvas.shape[0]

@@ -1,0 +1,233 @@
+"""Plan a job: pipeline templates for every node count from n0 up, the pipelines instantiated on all nodes
+(at least f+1, so that any f node failures leave a copy of every layer), the microbatches each pipeline
+runs per step, and the predicted step time and memory per stage.
+
+The profile is analytic (from FLOPs and a device spec) with --model NAME (a GPT-3, GPT-2 or DiT shape,
+e.g. gpt3-175b), or when CONFIG sets profile.source: analytic and its model.preset names such a shape.
+Otherwise it is the measured profile of CONFIG's model (measured now, or read from the cache when it
+matches), or the file given with --profile. Flags override CONFIG's values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from oobleck.errors import OobleckError
+from planner.analytic import DEVICES, SHAPES, DeviceSpec, analytic_profile, device_named, shape_named
+from planner.cluster import ClusterSpec
+from planner.errors import PlanningError, ProfileError
+from planner.plan import Plan, make_plan
+from planner.profile import ModelProfile
+
+HELP = "plan pipelines for a model and cluster (templates, instantiation, batch split, memory)"
+
+GiB = 2**30
+GB = 10**9
+
+#: values used with --model and no CONFIG when a flag is left out
+ANALYTIC_DEFAULTS = {"devices_per_node": 8, "f": 1, "global_batch": 512, "microbatch": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "examples: oobleck plan --model gpt3-175b --nodes 64 --devices-per-node 8 --f 3 | "
+        "oobleck plan examples/gpt3-175b.yaml --json | oobleck plan job.yaml --nodes 8"
+    )
+    parser.add_argument("config", nargs="?", help="job config (YAML); optional with --model")
+    parser.add_argument(
+        "--model", metavar="NAME", help=f"plan an analytic profile of this shape instead: {', '.join(SHAPES)}"
+    )
+    parser.add_argument("--profile", metavar="PATH", help="plan from this profile file (checked against CONFIG or --model)")
+    parser.add_argument("--nodes", type=int, metavar="N", help="nodes in the cluster (required with --model and no CONFIG)")
+    parser.add_argument("--devices-per-node", type=int, metavar="G", help="devices per node (--model default: 8)")
+    parser.add_argument("--f", type=int, metavar="F", help="simultaneous node failures to survive (--model default: 1)")
+    parser.add_argument(
+        "--device-spec",
+        metavar="NAME",
+        help=f"device for analytic timings, and its memory and link bandwidths: {', '.join(DEVICES)} "
+        "(default a100-80g; with CONFIG, memory and bandwidths come from the config unless this is given)",
+    )
+    parser.add_argument("--global-batch", type=int, metavar="B", help="samples per step (--model default: 512)")
+    parser.add_argument("--microbatch", type=int, metavar="M", help="samples per microbatch (--model default: 1)")
+    parser.add_argument(
+        "--recompute",
+        choices=("auto", "none", "full"),
+        default="auto",
+        help="analytic profiles: full activation recomputation per block; auto uses it only when the plan "
+        "needs it (default auto)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
+
+
+@dataclass
+class _Inputs:
+    nodes: int
+    devices_per_node: int
+    f: int
+    global_batch: int
+    microbatch: int
+    device: DeviceSpec
+    cluster_overrides: dict[str, float]
+
+
+def _pick(flag: Any, from_config: Any, default: Any, name: str) -> Any:
+    value = flag if flag is not None else from_config if from_config is not None else default
+    if value is None:
+        raise OobleckError(f"{name}: missing; pass {name} (or a CONFIG that sets it)")
+    return value
+
+
+def _inputs(args: argparse.Namespace, config: Any) -> _Inputs:
+    c = config
+    device = device_named(args.device_spec or "a100-80g")
+    overrides: dict[str, float] = {}
+    if c is not None and args.device_spec is None:
+        overrides = {
+            "device_memory_bytes": c.cluster.device_memory_gib * GiB,
+            "intra_node_bandwidth": c.cluster.intra_node_bandwidth_gbps * GB,
+            "inter_node_bandwidth": c.cluster.inter_node_bandwidth_gbps * GB,
+        }
+    d = ANALYTIC_DEFAULTS
+    inputs = _Inputs(
+        nodes=_pick(args.nodes, c and c.cluster.nodes, None, "--nodes"),
+        devices_per_node=_pick(args.devices_per_node, c and c.cluster.devices_per_node, d["devices_per_node"], "--devices-per-node"),
+        f=_pick(args.f, c and c.fault_tolerance.f, d["f"], "--f"),
+        global_batch=_pick(args.global_batch, c and c.training.global_batch, d["global_batch"], "--global-batch"),
+        microbatch=_pick(args.microbatch, c and c.training.microbatch, d["microbatch"], "--microbatch"),
+        device=device,
+        cluster_overrides=overrides,
+    )
+    for flag, value, least in (
+        ("--nodes", inputs.nodes, 1),
+        ("--devices-per-node", inputs.devices_per_node, 1),
+        ("--f", inputs.f, 0),
+        ("--global-batch", inputs.global_batch, 1),
+        ("--microbatch", inputs.microbatch, 1),
+    ):
+        if value < least:
+            raise OobleckError(f"{flag}: got {value}; must be at least {least}")
+    return inputs
+
+
+def _cluster(i: _Inputs) -> ClusterSpec:
+    spec = {
+        "device_memory_bytes": i.device.memory_bytes,
+        "intra_node_bandwidth": i.device.intra_node_bandwidth,
+        "inter_node_bandwidth": i.device.inter_node_bandwidth,
+        **i.cluster_overrides,
+    }
+    return ClusterSpec(i.nodes, i.devices_per_node, **spec)
+
+
+def _analytic_plan(name: str, i: _Inputs, recompute: str, profile_file: str | None) -> tuple[Plan, str]:
+    shape = shape_named(name)
+    cluster = _cluster(i)
+    choices = {"none": [False], "full": [True], "auto": [False, True]}[recompute]
+    failure: PlanningError | ProfileError | None = None
+    for full in choices:
+        profile = analytic_profile(shape, i.microbatch, i.device, recompute=full)
+        try:
+            if profile_file is not None:
+                profile = ModelProfile.load(profile_file, expect=profile.fingerprint)
+            return make_plan(profile, cluster, i.f, i.global_batch, i.microbatch), f"analytic {name} on {i.device.name}" + (
+                ", full activation recomputation" if full else ""
+            )
+        except (PlanningError, ProfileError) as e:
+            # with auto, a plan (or a cached file) that fails without recomputation may work with it;
+            # if neither works, the error with recomputation (the last tried) is the one to report
+            failure = e
+    assert failure is not None
+    raise failure
+
+
+def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
+    config = None
+    if args.config is not None:
+        from oobleck.config import load_config
+
+        config = load_config(args.config)
+    elif args.model is None:
+        raise OobleckError("CONFIG: missing; pass a job config, or --model NAME for an analytic profile")
+    i = _inputs(args, config)
+    if args.model is not None:
+        return _analytic_plan(args.model, i, args.recompute, args.profile)
+    assert config is not None
+    if config.profile.source == "analytic":
+        if config.model.preset not in SHAPES:
+            raise OobleckError(
+                f"model.preset: got {config.model.preset!r}; profile.source analytic needs one of {', '.join(SHAPES)} "
+                "(or set profile.source: measured)"
+            )
+        return _analytic_plan(config.model.preset, i, args.recompute, args.profile)
+    # measured profiles need the models (torch): import only on this path
+    from oobleck import profiler
+
+    if args.profile is not None:
+        profile = ModelProfile.load(args.profile, expect=profiler.expected_fingerprint(config))
+        source = f"measured, {args.profile}"
+    else:
+        profile = profiler.ensure_profile(config)
+        source = f"measured, {profiler.profile_path(config)}"
+    return make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch), source
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _ranges(ranges: tuple[tuple[int, int], ...], limit: int = 4) -> str:
+    shown = [f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges]
+    return " ".join(shown) if len(shown) <= limit else " ".join(shown[:limit]) + f" ... ({len(shown)} stages)"
+
+
+def _show(plan: Plan, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    c = plan.cluster
+    mem = c.device_memory_bytes
+    console.print(
+        f"profile: {source}\ncluster: {c.nodes} nodes x {c.devices_per_node} devices, {_gib(mem)} GiB each; "
+        f"f={plan.f}; n0={plan.n0}; global batch {plan.global_batch} = {plan.num_microbatches} x {plan.microbatch}"
+    )
+    templates = Table(title="pipeline templates")
+    for col in ("nodes", "stages", "bottleneck ms", "fill s", "max stage GiB", "layers per stage"):
+        templates.add_column(col, justify="right" if col != "layers per stage" else "left")
+    for n, t in sorted(plan.templates.items()):
+        templates.add_row(
+            str(n),
+            str(t.num_stages),
+            f"{t.bottleneck_s * 1e3:.2f}",
+            f"{t.fill_s:.3f}",
+            f"{_gib(max(s.memory_bytes for s in t.stages))} / {_gib(mem)}",
+            _ranges(t.layer_ranges),
+        )
+    console.print(templates)
+    chosen = Table(title="instantiated pipelines")
+    for col in ("#", "nodes", "stages", "microbatches", "iteration s", "peak stage GiB"):
+        chosen.add_column(col, justify="right")
+    for p, (t, m) in enumerate(plan.instantiation.pipelines):
+        chosen.add_row(
+            str(p), str(t.num_nodes), str(t.num_stages), str(m), f"{t.iteration_time(m):.3f}",
+            f"{_gib(max(t.stage_memory(m)))} / {_gib(mem)}",
+        )
+    console.print(chosen)
+    inst = plan.instantiation
+    extra = f"; {inst.idle_nodes} idle nodes (no template mix covers all)" if inst.idle_nodes else ""
+    extra += "; DEGRADED: fewer than f+1 pipelines" if plan.degraded else ""
+    console.print(
+        f"{len(inst.pipelines)} pipelines on {inst.num_nodes} nodes{extra}; predicted step time "
+        f"{plan.step_time_s:.3f} s, {plan.samples_per_s:.1f} samples/s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    plan, source = _plan(args)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        _show(plan, source)
+    return 0

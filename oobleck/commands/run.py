@@ -1,0 +1,89 @@
+"""Train a job on a cluster: plan (profiling first when no matching profile is cached), start the master
+and one agent per node (through the launcher ``cluster.launcher`` names), train with a live progress
+line, write ``RUN/metrics.jsonl`` and TensorBoard logs, and print a summary. The workers write the final
+checkpoint under the run directory. Exits 1 with one line naming the lost worker or node when the job
+fails; Ctrl-C stops every process the run started."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from oobleck.config import JobConfig, load_config, validate
+from oobleck.errors import OobleckError
+
+HELP = "train a job on a cluster (local processes by default)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="job config (YAML)")
+    parser.add_argument("--nodes", type=int, help="override cluster.nodes")
+    parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--run-dir", help="override run.dir (metrics, TensorBoard, checkpoints, logs)")
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The config file with the command line's overrides applied and validated again."""
+    config = load_config(args.config)
+    for flag, value in (("--nodes", args.nodes), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise OobleckError(f"{flag}: got {value}; must be at least 1")
+    if args.nodes is not None:
+        config.cluster.nodes = args.nodes
+    if args.steps is not None:
+        config.training.steps = args.steps
+    if args.run_dir is not None:
+        config.run.dir = args.run_dir
+    validate(config)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    return train(job_config(args))
+
+
+def train(config: JobConfig) -> int:
+    """Run ``config`` with live progress and metrics; 0 on success, 1 (with one line) on a failed job."""
+    from launcher import launch
+    from oobleck.control.master import JobFailed
+    from oobleck.control.planning import job_planner
+    from oobleck.metrics import MetricsWriter
+    from oobleck.progress import Progress
+
+    run_dir = Path(config.run.dir)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
+    started = time.monotonic()
+    try:
+        with Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir) as metrics:
+
+            def on_step(record: object) -> None:
+                metrics.write(record)
+                progress.step(record)
+
+            progress.phase(f"planning {config.model.family}/{config.model.preset} on {config.cluster.nodes} nodes")
+            planner = job_planner(config, log=progress.phase)
+            try:
+                records = launch(config, planner, on_step=on_step, on_phase=progress.phase)
+            except JobFailed as e:
+                progress.phase(f"job failed: {e}")
+                print(f"oobleck run: failed: {e}", file=sys.stderr)
+                return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    elapsed = time.monotonic() - started
+    last = records[-1]
+    samples = config.training.global_batch * len(records)
+    print(
+        f"trained {len(records)} steps on {config.cluster.nodes} nodes in {elapsed:.1f} s; "
+        f"final loss {last.loss:.4f}; {samples / elapsed:.1f} samples/s overall; "
+        f"{last.pipelines} pipelines; run directory {run_dir}"
+    )
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

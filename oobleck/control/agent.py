@@ -1,0 +1,170 @@
+"""The node agent: ``python -m oobleck.control.agent --master HOST:PORT --token-file F --node NAME --devices G``.
+
+It registers its node with the master, starts one worker process per device
+(``python -m oobleck.worker_main``), reports each worker's exit to the master the moment it happens, and
+keeps a heartbeat stream open. It stops every worker (SIGTERM to the worker's process group, SIGKILL
+after a grace period) when the master says so, when the master goes away, or when the agent itself is
+asked to stop (SIGTERM/SIGINT); workers also die with the agent through PR_SET_PDEATHSIG.
+
+Exit codes: 0 when the master reports the job finished, 1 when it failed or the master was lost,
+2 (with one line on stderr) when the master cannot be reached or refuses the registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Iterator
+
+import grpc
+
+from oobleck.control import oobleck_pb2 as pb
+from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
+from oobleck.control.procs import child_env, die_with_parent, stop_group
+from oobleck.errors import OobleckError
+
+#: seconds a worker gets between SIGTERM and SIGKILL
+WORKER_GRACE_S = 2.0
+
+
+class Agent:
+    """One node's agent; :meth:`run` returns the process exit code."""
+
+    def __init__(self, master: str, token_file: str, node: str, devices: int, log_dir: str | None) -> None:
+        self.master = master
+        self.token_file = token_file
+        self.node = node
+        self.devices = devices
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._stop = threading.Event()
+        self._outcome: tuple[int, str] | None = None  # (exit code, reason), first one wins
+        self._lock = threading.Lock()
+        self._workers: dict[int, subprocess.Popen] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def run(self, connect_timeout_s: float) -> int:
+        token = read_token(self.token_file)
+        channel = open_channel(self.master, token)
+        try:
+            wait_ready(channel, self.master, connect_timeout_s)
+            stub = master_stub(channel)
+            try:
+                reply = stub.Register(
+                    pb.RegisterRequest(node=self.node, devices=self.devices, pid=os.getpid()), timeout=connect_timeout_s
+                )
+            except grpc.RpcError as e:
+                raise OobleckError(f"registration refused by {self.master}: {e.details()}") from None
+            self._start_workers()
+            session = threading.Thread(
+                target=self._session, args=(stub, reply.heartbeat_interval_s), name="session", daemon=True
+            )
+            session.start()
+            for device, proc in self._workers.items():
+                threading.Thread(
+                    target=self._watch, args=(stub, device, proc), name=f"watch-{device}", daemon=True
+                ).start()
+            while not self._stop.wait(0.5):  # a timed wait keeps signal handlers responsive
+                pass
+        finally:
+            self._stop_workers()
+            channel.close()
+        code, reason = self._outcome or (1, "stopped")
+        if code:
+            print(f"agent {self.node}: {reason}", file=sys.stderr)
+        return code
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the workers and exit with code 1 (unless an outcome was already recorded)."""
+        self._finish(1, reason)
+
+    def _finish(self, code: int, reason: str) -> None:
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = (code, reason)
+        self._stop.set()
+
+    def _start_workers(self) -> None:
+        for device in range(self.devices):
+            cmd = [
+                sys.executable, "-m", "oobleck.worker_main",
+                "--master", self.master, "--token-file", self.token_file,
+                "--node", self.node, "--device", str(device),
+            ]  # fmt: skip
+            out: IO[bytes] | None = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"{self.node}-{device}.log", "ab")
+                self._logs.append(out)
+            # own session: the agent can stop the worker with everything it forked
+            self._workers[device] = subprocess.Popen(
+                cmd, env=child_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None
+            )
+
+    def _watch(self, stub: object, device: int, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        if self._stop.is_set():
+            return  # we stopped it ourselves
+        try:
+            stub.ReportWorkerExit(pb.WorkerExit(node=self.node, device=device, exit_code=code), timeout=10)  # type: ignore[attr-defined]
+        except grpc.RpcError as e:
+            self._finish(1, f"cannot report the exit of worker {device} to the master: {e.details()}")
+
+    def _beats(self, interval_s: float) -> Iterator[pb.Heartbeat]:
+        while True:
+            running = [d for d, p in self._workers.items() if p.poll() is None]
+            yield pb.Heartbeat(node=self.node, running_devices=running)
+            if self._stop.wait(interval_s):
+                return
+
+    def _session(self, stub: object, interval_s: float) -> None:
+        try:
+            for event in stub.Session(self._beats(interval_s)):  # type: ignore[attr-defined]
+                if event.kind == pb.MasterEvent.SHUTDOWN:
+                    self._finish(1 if event.failed else 0, f"stopped by the master: {event.reason}")
+                    return
+            self._finish(1, "the master closed the session")
+        except grpc.RpcError as e:
+            self._finish(1, f"lost the master ({e.code().name}: {e.details()})")
+
+    def _stop_workers(self) -> None:
+        self._stop.set()
+        for proc in self._workers.values():
+            stop_group(proc, WORKER_GRACE_S)
+        for log in self._logs:
+            log.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oobleck-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--master", required=True, help="the master's HOST:PORT")
+    parser.add_argument("--token-file", required=True, help="file holding the job's shared secret")
+    parser.add_argument("--node", required=True, help="this node's unique name")
+    parser.add_argument("--devices", type=int, required=True, help="devices (workers) on this node")
+    parser.add_argument("--log-dir", help="write each worker's output to LOG_DIR/NODE-DEVICE.log")
+    parser.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to wait for the master")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent(signal.SIGTERM)  # SIGTERM, not SIGKILL: the agent must still stop its workers
+    args = build_parser().parse_args(argv)
+    if args.devices < 1:
+        print(f"agent {args.node}: error: --devices: got {args.devices}; must be at least 1", file=sys.stderr)
+        return 2
+    agent = Agent(args.master, args.token_file, args.node, args.devices, args.log_dir)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: agent.request_stop(f"stopped by {signal.Signals(signum).name}"))
+    try:
+        return agent.run(args.connect_timeout)
+    except OobleckError as e:
+        print(f"agent {args.node}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What the control plane tells a worker: its place in the current generation's plan.
+
+An :class:`Assignment` is plain data (JSON round-trips through :meth:`to_json`/:meth:`from_json`) so
+that the master can send it over the control plane and a test can build one by hand.
+
+Placement rule: pipeline ``p`` uses the ranks in ``pipelines[p].ranks``; stage ``i`` of that pipeline
+runs layers ``[layer_ranges[i][0], layer_ranges[i][1])`` on rank ``ranks[i]``. Pipeline ``p`` runs
+global microbatches ``[microbatch_start, microbatch_start + num_microbatches)`` of every step, so the
+pipelines together cover each step's global batch exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    ranks: tuple[int, ...]
+    layer_ranges: tuple[tuple[int, int], ...]
+    microbatch_start: int
+    num_microbatches: int
+
+    def stage_of(self, rank: int) -> int | None:
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    generation: int
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    #: key prefix of this generation in the shared store (groups of a new generation never collide)
+    store_prefix: str
+    backend: str  # "gloo" or "nccl"
+    device: str  # "cpu" or "cuda:N"
+    pipelines: tuple[PipelinePlan, ...]
+    #: the job config as a dict (oobleck.config.JobConfig.to_dict())
+    config: dict[str, Any]
+    #: first step this generation runs (steps before it are committed)
+    start_step: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Assignment":
+        raw = json.loads(text)
+        raw["pipelines"] = tuple(
+            PipelinePlan(
+                ranks=tuple(p["ranks"]),
+                layer_ranges=tuple(tuple(r) for r in p["layer_ranges"]),
+                microbatch_start=p["microbatch_start"],
+                num_microbatches=p["num_microbatches"],
+            )
+            for p in raw["pipelines"]
+        )
+        return cls(**raw)
+
+    @property
+    def my_pipeline(self) -> tuple[int, PipelinePlan]:
+        for index, pipeline in enumerate(self.pipelines):
+            if self.rank in pipeline.ranks:
+                return index, pipeline
+        raise ValueError(f"rank {self.rank} is in no pipeline")

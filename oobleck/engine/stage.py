@@ -1,0 +1,159 @@
+"""One pipeline stage: the layers it holds and the 1F1B execution of one step's microbatches.
+
+Layers are built one by one with ``spec.build_layer(i)``, so a stage's weights are exactly those a single
+process gets from ``build_all``. Tied parameters (GPT's embedding and head) are shared within a stage when
+it holds several layers of a tied group, as ``build_all`` shares them; copies on different stages are
+kept equal by summing their gradients (see :mod:`oobleck.engine.gradsync`). Optimizers follow the
+reference trainer: one AdamW per layer, and a Parameter several layers share belongs to the first of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.base import Carry, Layer, MicroBatch, ModelSpec, _set_parameter
+from oobleck import checkpoint
+from oobleck.config import TrainingConfig
+from oobleck.engine.p2p import FromPrevious, ToNext
+from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
+from oobleck.train_local import layer_optimizers
+
+
+@dataclass
+class HeldLayer:
+    """A layer a worker holds, with its optimizer and ``step``: the number of optimizer steps applied to it.
+    Recovery moves layers between workers as :meth:`state` dicts, so the step travels with the weights."""
+
+    index: int
+    module: Layer
+    optimizer: torch.optim.AdamW
+    step: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """The layer in the checkpoint format of :func:`oobleck.checkpoint.save_layer`."""
+        return {
+            "step": self.step,
+            "params": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "param_names": checkpoint.optimizer_param_names(self.module, self.optimizer),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Take parameters, optimizer state and step from a :meth:`state` dict or a checkpoint's layer file."""
+        checkpoint.restore_layer(state, self.module, self.optimizer)
+        self.step = int(state["step"])
+
+
+def build_stage_layers(
+    spec: ModelSpec, first: int, last: int, cfg: TrainingConfig, device: torch.device, step: int = 0
+) -> list[HeldLayer]:
+    """Layers ``[first, last)`` of ``spec`` on ``device``, tied parameters shared within the stage, each with
+    its own optimizer, all at ``step``."""
+    modules = {i: spec.build_layer(i).to(device) for i in range(first, last)}
+    for group in spec.tied:
+        local = [(i, name) for i, name in group if i in modules]
+        if len(local) > 1:
+            (i0, name0), *rest = local
+            shared = modules[i0].get_parameter(name0)
+            for i, name in rest:
+                _set_parameter(modules[i], name, shared)
+    optimizers = layer_optimizers([modules[i] for i in range(first, last)], cfg)
+    return [HeldLayer(i, modules[i], opt, step) for i, opt in zip(range(first, last), optimizers)]
+
+
+@dataclass
+class _Saved:
+    """What a forward pass keeps for its backward pass."""
+
+    inputs: Carry | None
+    outputs: list[torch.Tensor]  # tensors to backpropagate from (sent carry tensors, then the aux loss)
+    local: list[torch.Tensor]  # the part of ``outputs`` whose gradient this stage seeds itself (losses)
+
+
+class StageExecutor:
+    """Runs one stage's share of a step under 1F1B and leaves the summed (unscaled) gradients of the
+    stage's microbatches in its parameters' ``.grad``.
+
+    The last stage backpropagates ``loss + aux``; other stages backpropagate the gradients received for
+    their outputs plus their own aux losses. Nothing is divided here: the worker scales the gradients once
+    by ``1 / global units`` after they are summed across pipelines.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layers: list[HeldLayer],
+        stage: int,
+        num_stages: int,
+        num_microbatches: int,
+        prev: int | None,
+        next_: int | None,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.modules = [h.module for h in layers]
+        self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
+        in_flight = max_in_flight(stage, num_stages, num_microbatches) + 1  # +1: receives posted one op ahead
+        self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
+        self.next = ToNext(next_, device) if next_ is not None else None
+
+    def run(self, microbatches: list[MicroBatch]) -> tuple[float, float]:
+        """Forward and backward every microbatch (in pipeline-local order); returns the summed main loss and
+        the summed loss units of the microbatches, both 0 except on the last stage."""
+        self._mbs = microbatches
+        self._saved: dict[int, _Saved] = {}
+        self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._units = 0
+        posted = 0
+        for j, op in enumerate(self.ops):
+            # post this op's receive and the next one's, in schedule order: messages from one peer match
+            # receives in the order they were posted
+            while posted <= min(j + 1, len(self.ops) - 1):
+                self._post(self.ops[posted])
+                posted += 1
+            if op.forward:
+                self._forward(op.microbatch)
+            else:
+                self._backward(op.microbatch)
+        for link in (self.prev, self.next):
+            if link is not None:
+                link.flush()
+        return float(self._loss), float(self._units)
+
+    def _post(self, op: Op) -> None:
+        if op.forward and self.prev is not None:
+            self.prev.post_forward(op.microbatch)
+        elif not op.forward and self.next is not None:
+            self.next.post_backward(op.microbatch)
+
+    def _forward(self, k: int) -> None:
+        mb = self._mbs[k].fresh()  # aux losses stay with the stage that made them
+        inputs = self.prev.take_forward(k) if self.prev is not None else None
+        carry = inputs
+        for module in self.modules:
+            carry = module(carry, mb)
+        aux = sum(mb.aux_losses) if mb.aux_losses else None
+        if self.next is None:
+            loss = carry
+            assert isinstance(loss, torch.Tensor)
+            self._loss += loss.detach().to(torch.float64)
+            self._units += self.spec.loss_units(mb)
+            total = loss if aux is None else loss + aux
+            self._saved[k] = _Saved(inputs, [total], [total])
+        else:
+            outputs = self.next.send_forward(carry)
+            local = [aux] if isinstance(aux, torch.Tensor) and aux.requires_grad else []
+            self._saved[k] = _Saved(inputs, outputs + local, local)
+
+    def _backward(self, k: int) -> None:
+        saved = self._saved.pop(k)
+        grads = self.next.take_backward(k) if self.next is not None else []
+        seeds = [torch.ones_like(t) for t in saved.local]
+        if saved.outputs:
+            torch.autograd.backward(saved.outputs, list(grads) + seeds)
+        if self.prev is not None:
+            self.prev.send_backward(saved.inputs)

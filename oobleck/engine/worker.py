@@ -1,0 +1,248 @@
+"""A worker: runs one pipeline stage of the current generation's plan.
+
+``run_worker(assignment)`` joins the generation's world through the master's store, builds its stage's
+layers, creates the gradient-sync groups and trains steps ``[assignment.start_step, training.steps)``.
+One step on a worker:
+
+1. load the pipeline's microbatches (every stage loads them itself; the data is a function of seed and
+   step; a helper thread loads the next step's while this one synchronises) and run them under 1F1B
+   (:mod:`oobleck.engine.stage`);
+2. sum every gradient over the ranks holding it (:mod:`oobleck.engine.gradsync`);
+3. one world all-reduce of (squared-norm shares, unit count): the global unit count ``U`` and
+   norm follow, and every gradient is scaled by ``clip_coefficient(norm) / U`` (the reference divides the
+   loss by ``U`` before backward; dividing after the sum gives the same numbers up to rounding);
+4. report ready and wait for the master's commit (:mod:`oobleck.engine.commit`); an abort raises
+   :class:`~oobleck.engine.commit.StepAborted` before any optimizer has stepped;
+5. every layer's optimizer steps at ``lr_at(step)``, its step count advances, gradients are dropped.
+
+After the last step the final checkpoint is written: each layer by its lowest-rank holder, then (after a
+barrier) ``meta.json`` by rank 0. ``fault_tolerance.checkpoint_every`` adds periodic checkpoints the same
+way. ``python -m oobleck.engine.worker --assignment-file PATH`` runs a worker from an assignment's JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+# Both must be imported before the first process group exists: torch.distributed.nn binds the WORLD group
+# as a default argument at import (gloo sockets then leak and failures stop cascading), and torch._dynamo,
+# which any optimizer imports, imports it.
+import torch._dynamo  # noqa: F401
+import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401
+
+from models.base import MicroBatch, ModelSpec
+from models.data import BatchSource
+from models.registry import build_batches, build_model
+from oobleck import checkpoint
+from oobleck.config import JobConfig, config_from_dict
+from oobleck.engine.api import Assignment
+from oobleck.engine.commit import report_ready
+from oobleck.engine.gradsync import GradSync, layer_holders
+from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
+from oobleck.errors import OobleckError
+from oobleck.training import clip_coefficient, lr_at, set_lr
+
+#: backstop for every collective and p2p operation (gloo's default is 30 minutes); failures are normally
+#: seen far sooner, when a dead peer's sockets close
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+class StageWorker:
+    """The state of one worker in one generation: its layers, links, sync groups and step loop.
+
+    Constructing it is collective (it creates the sync groups); the process group must exist. ``spec`` and
+    ``batches`` are the job's model spec and batch source (``build_model``/``build_batches`` of ``config``).
+    """
+
+    def __init__(
+        self, assignment: Assignment, config: JobConfig, store: dist.Store, spec: ModelSpec, batches: BatchSource
+    ) -> None:
+        self.assignment = assignment
+        self.config = config
+        self.store = store
+        self.rank = assignment.rank
+        self.device = torch.device(assignment.device)
+        self.spec = spec
+        self.batches = batches
+        _, self.plan = assignment.my_pipeline
+        stage = self.plan.stage_of(self.rank)
+        assert stage is not None
+        first, last = self.plan.layer_ranges[stage]
+        self.layers: list[HeldLayer] = build_stage_layers(
+            self.spec, first, last, config.training, self.device, assignment.start_step
+        )
+        self._restore(assignment.start_step)
+        num_stages = len(self.plan.ranks)
+        self.executor = StageExecutor(
+            self.spec,
+            self.layers,
+            stage,
+            num_stages,
+            self.plan.num_microbatches,
+            prev=self.plan.ranks[stage - 1] if stage > 0 else None,
+            next_=self.plan.ranks[stage + 1] if stage + 1 < num_stages else None,
+            device=self.device,
+        )
+        self.sync = GradSync(
+            self.rank,
+            assignment.pipelines,
+            self.spec.num_layers,
+            self.spec.tied,
+            self.layers,
+            self.device,
+            COLLECTIVE_TIMEOUT,
+        )
+        holders = layer_holders(assignment.pipelines, self.spec.num_layers)
+        #: layers this rank writes into checkpoints (it is their lowest-rank holder)
+        self.writes = [h for h in self.layers if min(holders[h.index]) == self.rank]
+        self.run_dir = Path(config.run.dir)
+        #: one thread loads microbatches (the batch source is used from that thread only)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self._loading: dict[int, Future[list[MicroBatch]]] = {}
+
+    def _restore(self, start_step: int) -> None:
+        """Load the state a generation starting at ``start_step`` continues from: the checkpoint of that
+        step when it is past 0, else ``model.init_checkpoint``'s parameters when one is named."""
+        if start_step > 0:
+            ckpt = checkpoint.checkpoint_dir(self.config.run.dir, start_step)
+            if not checkpoint.is_complete(ckpt):
+                raise checkpoint.CheckpointError(
+                    f"start_step {start_step}: no complete checkpoint at {ckpt}; start from a step that has one"
+                )
+            for held in self.layers:
+                held.load(checkpoint.load_layer_state(ckpt, held.index))
+        elif self.config.model.init_checkpoint:
+            source = Path(self.config.model.init_checkpoint)
+            ckpt = source if (source / checkpoint.META).exists() else checkpoint.latest_checkpoint(source)
+            if ckpt is None:
+                raise checkpoint.CheckpointError(
+                    f"model.init_checkpoint: got {str(source)!r}; no complete checkpoint there"
+                )
+            for held in self.layers:
+                # DiffFit adds scale factors a pretrained model lacks: they keep their initial values
+                state = checkpoint.load_layer_state(ckpt, held.index)
+                checkpoint.restore_layer(state, held.module, strict=not self.config.model.difffit)
+
+    def microbatches(self, step: int) -> list[MicroBatch]:
+        start = self.plan.microbatch_start
+        return [
+            MicroBatch({k: v.to(self.device) for k, v in self.batches.microbatch(step, start + j).data.items()})
+            for j in range(self.plan.num_microbatches)
+        ]
+
+    def train_step(self, step: int) -> None:
+        """Run, synchronise, commit and apply ``step`` (see the module notes)."""
+        loading = self._loading.pop(step, None) or self._loader.submit(self.microbatches, step)
+        loss_sum, units = self.executor.run(loading.result())
+        if step + 1 < self.config.training.steps:
+            # load the next step's data while this one syncs and waits for the commit (cores are idle then)
+            self._loading[step + 1] = self._loader.submit(self.microbatches, step + 1)
+        squares = self.sync.reduce()
+        totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        global_squares, global_units = totals.tolist()
+        grad_norm = math.sqrt(global_squares) / global_units
+        self.sync.scale(clip_coefficient(grad_norm, self.config.training.grad_clip) / global_units)
+        report_ready(self.store, step, self.rank, loss_sum, units, grad_norm)
+        lr = lr_at(step, self.config.training)
+        for held in self.layers:
+            set_lr(held.optimizer, lr)
+            held.optimizer.step()
+            held.optimizer.zero_grad(set_to_none=True)
+            held.step = step + 1
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write this rank's share of the checkpoint of ``step`` (steps applied); rank 0 marks it complete
+        once every rank has written its share (collective)."""
+        ckpt = checkpoint.checkpoint_dir(self.run_dir, step)
+        for held in self.writes:
+            checkpoint.save_layer(ckpt, step, held.index, held.module, held.optimizer)
+        dist.barrier()
+        if self.rank == 0:
+            checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
+        return ckpt
+
+    def train(self) -> None:
+        """Train the generation's steps and write the checkpoints."""
+        steps = self.config.training.steps
+        every = self.config.fault_tolerance.checkpoint_every
+        for step in range(self.assignment.start_step, steps):
+            self.train_step(step)
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save_checkpoint(step + 1)
+        self.save_checkpoint(steps)
+
+    def close(self) -> None:
+        """Stop the loader thread (dropping data loaded ahead)."""
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+
+def _settle_imports() -> None:
+    """Collect once and freeze what the imports left: later collections then skip torch's huge module
+    graph (one collection costs 150-500 ms with torch._dynamo loaded, otherwise)."""
+    gc.collect()
+    gc.freeze()
+
+
+def join_world(assignment: Assignment) -> dist.Store:
+    """Join the generation's process group through the master's store; returns the prefixed store."""
+    base = dist.TCPStore(assignment.store_host, assignment.store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    store = dist.PrefixStore(assignment.store_prefix, base)
+    if assignment.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(assignment.device))
+    dist.init_process_group(
+        assignment.backend,
+        store=store,
+        rank=assignment.rank,
+        world_size=assignment.world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    return store
+
+
+def run_worker(assignment: Assignment) -> None:
+    """Run this worker's stage for the assignment's generation until training ends; raises on failure
+    (including :class:`~oobleck.engine.commit.StepAborted` when the master aborts a step)."""
+    config = config_from_dict(assignment.config)
+    spec = build_model(config.model, config.training.seed)
+    batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
+    _settle_imports()
+    store = join_world(assignment)
+    try:
+        worker = StageWorker(assignment, config, store, spec, batches)
+        try:
+            worker.train()
+        finally:
+            worker.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m oobleck.engine.worker", description="Run one worker.")
+    parser.add_argument("--assignment-file", required=True, help="JSON of an oobleck.engine.api.Assignment")
+    args = parser.parse_args(argv)
+    try:
+        assignment = Assignment.from_json(Path(args.assignment_file).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"error: --assignment-file {args.assignment_file}: {e}; pass an Assignment's JSON", file=sys.stderr)
+        return 2
+    try:
+        run_worker(assignment)
+    except OobleckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

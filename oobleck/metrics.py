@@ -1,0 +1,60 @@
+"""Per-step metrics of a run: ``RUN/metrics.jsonl`` (one JSON object per committed step) and TensorBoard
+scalars under ``RUN/tensorboard``.
+
+Each line holds the fields of :class:`oobleck.control.master.StepRecord`: ``step``, ``loss``, ``units``,
+``grad_norm``, ``step_time_s``, ``samples_per_s``, ``generation``, ``nodes_alive``, ``pipelines``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+#: StepRecord fields plotted in TensorBoard
+_SCALARS = ("loss", "grad_norm", "samples_per_s", "step_time_s", "nodes_alive", "pipelines")
+
+
+class MetricsWriter:
+    """Appends step records to ``run_dir/metrics.jsonl`` (flushed per line, so a crash keeps every
+    committed step) and to TensorBoard. Starts a fresh file: a run directory holds one run's metrics."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / METRICS_FILE
+        self._file = self.path.open("w")
+        self._tb: Any = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+
+    def write(self, record: Any) -> None:
+        """Record one committed step (a dataclass such as StepRecord)."""
+        row = dataclasses.asdict(record)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name in _SCALARS:
+                self._tb.add_scalar(f"train/{name}", row[name], row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` in file order."""
+    with (Path(run_dir) / METRICS_FILE).open() as f:
+        return [json.loads(line) for line in f if line.strip()]

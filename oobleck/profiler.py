@@ -1,0 +1,220 @@
+"""The layer profiler: measure each layer for real and cache the result under its fingerprint.
+
+For layer ``i`` the profiler builds the layer alone (``spec.build_layer(i)``, as a pipeline stage does),
+feeds it the carry that layers ``0 .. i-1`` produce on one real microbatch (detached, with
+``requires_grad`` on floating tensors, as it arrives over a stage boundary), and times ``warmup + repeats``
+forward and backward passes, keeping the median of the ``repeats``. Sizes come from the tensors:
+
+* ``param_bytes``: every parameter of the layer (a tied copy counts in each layer that holds it, since
+  each stage keeps its own copy); ``grad_bytes``: the trainable ones; ``optimizer_bytes``: AdamW's two
+  moments per trainable parameter, in the parameter's dtype;
+* ``activation_bytes``: what autograd saves for backward during one forward pass, each storage once,
+  not counting parameters (they are in ``param_bytes``);
+* ``output_bytes``: the carry sent downstream; 0 for the last layer, whose output (the loss) crosses no
+  stage boundary.
+
+:func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device) in
+``profile.cache_dir``, named by the fingerprint's hash. A cached file is used only when
+``ModelProfile.load`` accepts it for the expected fingerprint; a stale or damaged one is measured again.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models.base import Carry, MicroBatch, ModelSpec
+from models.data import BatchSource
+from models.registry import build_batches, build_model
+from oobleck.config import JobConfig
+from oobleck.errors import ConfigError
+from oobleck.training import resolve_device
+from planner.errors import ProfileError
+from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
+
+
+def _tensors(carry: Carry) -> tuple[torch.Tensor, ...]:
+    return carry if isinstance(carry, tuple) else (carry,)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _as_boundary_input(carry: Carry | None) -> Carry | None:
+    """The carry as a stage receives it: a fresh leaf, requiring grad when it is floating point."""
+    if carry is None:
+        return None
+    received = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in _tensors(carry))
+    return received if isinstance(carry, tuple) else received[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the fingerprint records it: ``cpu``, or ``cuda:<model name>`` (timings differ by GPU)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device) -> dict:
+    """What a profile depends on: the model's own fingerprint, microbatch size, dtype and device."""
+    return {
+        "model": spec.fingerprint(),
+        "microbatch": microbatch,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "device": device_name(device),
+        "source": "measured",
+    }
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward, each storage once, parameters excluded."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.storages: dict[int, int] = {}
+        self._exclude = exclude
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def _backward(out: Carry, mb: MicroBatch) -> None:
+    """Backpropagate one forward pass as a stage would: a gradient of ones into every output that needs one
+    (the last layer's loss gets exactly 1) and into the layer's auxiliary losses."""
+    roots = [t for t in _tensors(out) if t.requires_grad] + list(mb.aux_losses)
+    if roots:  # a frozen layer fed by nothing trainable has no backward pass
+        torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+
+
+def _run_once(layer: torch.nn.Module, carry: Carry | None, mb: MicroBatch, device: torch.device) -> tuple[float, float]:
+    """One forward and one backward pass of ``layer`` on a received copy of ``carry``; their seconds."""
+    layer.zero_grad(set_to_none=True)
+    inputs = _as_boundary_input(carry)
+    run_mb = mb.fresh()
+    _sync(device)
+    start = time.perf_counter()
+    out = layer(inputs, run_mb)
+    _sync(device)
+    middle = time.perf_counter()
+    _backward(out, run_mb)
+    _sync(device)
+    return middle - start, time.perf_counter() - middle
+
+
+def profile_model(
+    spec: ModelSpec, batches: BatchSource, microbatch: int, device: torch.device, warmup: int = 2, repeats: int = 5
+) -> ModelProfile:
+    """Measure every layer of ``spec`` on samples ``[0, microbatch)`` of step 0 of ``batches`` on
+    ``device`` (see the module docstring).
+
+    Timing goes round by round over all layers (round r times layer 0, then 1, ...), so a burst of load
+    from other processes spreads over every layer instead of inflating the one measured at that moment.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    sample = batches.samples(0, 0, microbatch)
+    mb = MicroBatch({k: v.to(device) for k, v in sample.data.items()})
+    layers = [spec.build_layer(i).to(device) for i in range(spec.num_layers)]
+
+    # One pass with the saved-tensor hook: each layer's input carry and its activation bytes.
+    carries: list[Carry | None] = []
+    activation_bytes = []
+    carry: Carry | None = None
+    for layer in layers:
+        carries.append(carry)
+        saved = _SavedBytes({p.untyped_storage().data_ptr() for p in layer.parameters()})
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = layer(_as_boundary_input(carry), mb.fresh())
+        activation_bytes.append(saved.total)
+        carry = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+
+    times: list[list[tuple[float, float]]] = [[] for _ in layers]
+    for round_index in range(warmup + repeats):
+        for layer, layer_carry, measured in zip(layers, carries, times):
+            seconds = _run_once(layer, layer_carry, mb, device)
+            if round_index >= warmup:
+                measured.append(seconds)
+
+    profiles = []
+    for index, layer in enumerate(layers):
+        params = list(layer.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        outgoing = carries[index + 1] if index + 1 < len(layers) else None  # the loss crosses no boundary
+        profiles.append(
+            LayerProfile(
+                name=spec.layer_meta(index).name,
+                forward_s=statistics.median(f for f, _ in times[index]),
+                backward_s=statistics.median(b for _, b in times[index]),
+                param_bytes=sum(_nbytes(p) for p in params),
+                grad_bytes=sum(_nbytes(p) for p in trainable),
+                optimizer_bytes=2 * sum(_nbytes(p) for p in trainable),
+                activation_bytes=activation_bytes[index],
+                output_bytes=0 if outgoing is None else sum(_nbytes(t) for t in _tensors(outgoing)),
+            )
+        )
+    return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device))
+
+
+def expected_fingerprint(config: JobConfig) -> dict:
+    """The fingerprint a measured profile of ``config`` must carry (builds the spec, not its layers)."""
+    spec = build_model(config.model, config.training.seed)
+    return profile_fingerprint(spec, config.training.microbatch, resolve_device(config.cluster.device))
+
+
+def profile_path(config: JobConfig) -> Path:
+    """The cache file of ``config``'s profile: ``<profile.cache_dir>/<family>-<16 hex of the fingerprint
+    hash>.json``, so every model, microbatch, dtype and device gets its own file."""
+    digest = fingerprint_hash(expected_fingerprint(config))[:16]
+    return Path(config.profile.cache_dir) / f"{config.model.family}-{digest}.json"
+
+
+def ensure_profile(
+    config: JobConfig,
+    *,
+    path: str | Path | None = None,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ModelProfile:
+    """The profile of ``config``'s model, microbatch, dtype and device.
+
+    Reads ``path``, or else the cache file :func:`profile_path`. An existing file is reused only when
+    ``ModelProfile.load`` accepts it for the expected fingerprint; a stale, truncated or malformed one is
+    reported through ``log`` and measured again, as is any file when ``force`` is set. A new profile is
+    saved (atomically) to that file.
+    """
+    if config.profile.source != "measured":
+        raise ConfigError(
+            f"profile.source: got {config.profile.source!r}; only measured profiles are implemented; set measured"
+        )
+    spec = build_model(config.model, config.training.seed)
+    device = resolve_device(config.cluster.device)
+    microbatch = config.training.microbatch
+    expect = profile_fingerprint(spec, microbatch, device)
+    target = Path(path) if path is not None else profile_path(config)
+    if target.exists() and not force:
+        try:
+            return ModelProfile.load(target, expect=expect)
+        except ProfileError as e:
+            if log is not None:
+                log(f"{e}; profiling again")
+    profile = profile_model(
+        spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats
+    )
+    profile.save(target)
+    return profile

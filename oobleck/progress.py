@@ -1,0 +1,53 @@
+"""The live progress line of ``oobleck run``: phase, step, loss, samples/s, nodes alive, pipelines.
+
+On a terminal it is one line redrawn in place (rich); otherwise (logs, CI, tests) it prints a plain line
+per ``every`` steps so that output stays readable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+
+class Progress:
+    """Use as a context manager; call :meth:`phase` for what happens before training and :meth:`step`
+    for each committed step (any object with StepRecord's fields)."""
+
+    def __init__(self, total_steps: int, every: int = 1, console: Console | None = None) -> None:
+        self.total = total_steps
+        self.every = every
+        self.console = console or Console(stderr=True)
+        self._live: Live | None = None
+
+    def __enter__(self) -> "Progress":
+        if self.console.is_terminal:
+            self._live = Live(Text(""), console=self.console, refresh_per_second=8, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def phase(self, text: str) -> None:
+        """Show what the job is doing now (profiling, waiting for nodes, ...)."""
+        self._show(text, always=True)
+
+    def step(self, record: Any) -> None:
+        line = (
+            f"step {record.step + 1}/{self.total}  loss {record.loss:.4f}  "
+            f"{record.samples_per_s:.1f} samples/s  nodes {record.nodes_alive}  pipelines {record.pipelines}"
+        )
+        last = record.step + 1 == self.total
+        self._show(line, always=last or (record.step + 1) % self.every == 0)
+
+    def _show(self, line: str, always: bool) -> None:
+        if self._live is not None:
+            self._live.update(Text(line))
+        elif always:
+            self.console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,273 @@
+"""The single-process reference trainer: the numbers the pipeline engine must reproduce.
+
+One step ``s`` (0-based):
+
+1. zero every gradient;
+2. for every microbatch ``k`` of the step, in order: run all layers (``spec.build_all()``, so a tied group
+   is one Parameter), ``total = summed main loss + sum(aux losses)``, and backpropagate
+   ``total / U``, where ``U`` is the sum of ``spec.loss_units`` over all of the step's microbatches;
+3. the step's loss is ``sum of main losses / U`` (auxiliary losses reported apart, in the same units);
+4. the global gradient norm over the trainable parameters (each distinct Parameter once) and the clip
+   coefficient from :func:`oobleck.training.clip_coefficient` scale every gradient;
+5. every optimizer gets ``lr_at(s)`` and steps. There is one AdamW per layer (a shared Parameter belongs
+   to the first layer that holds it), exactly as the engine keeps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from models.base import Layer, MicroBatch, ModelSpec, run_layers
+from models.data import BatchSource
+from models.difffit import LoadReport, load_pretrained
+from models.registry import build_batches, build_model
+from oobleck import checkpoint
+from oobleck.config import JobConfig, TrainingConfig
+from oobleck.errors import ConfigError
+from oobleck.training import (
+    clip_coefficient,
+    grad_square_sum,
+    lr_at,
+    make_optimizer,
+    resolve_device,
+    scale_grads,
+    set_lr,
+)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step reports (``metrics.jsonl`` holds one of these per line)."""
+
+    step: int
+    loss: float
+    aux_loss: float
+    lr: float
+    grad_norm: float
+    samples_per_s: float
+
+
+@dataclass
+class LocalResult:
+    """The outcome of :func:`train_local`: per-step losses (main loss only), the trained layers and their
+    per-layer optimizers, every step's stats, and the final checkpoint's folder when one was written."""
+
+    losses: list[float]
+    layers: list[Layer]
+    optimizers: list[torch.optim.AdamW]
+    spec: ModelSpec
+    stats: list[StepStats] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def layer_optimizers(layers: list[Layer], cfg: TrainingConfig) -> list[torch.optim.AdamW]:
+    """One AdamW per layer. A Parameter that several layers share (a tied group under ``build_all``)
+    belongs to the first layer holding it; later layers' optimizers leave it out, so it steps once."""
+    owned: set[int] = set()
+    optimizers = []
+    for layer in layers:
+        named = [(name, p) for name, p in layer.named_parameters() if id(p) not in owned]
+        owned.update(id(p) for _, p in named)
+        optimizers.append(make_optimizer(named, cfg))
+    return optimizers
+
+
+def trainable_parameters(layers: list[Layer]) -> list[torch.nn.Parameter]:
+    """Every distinct trainable Parameter of the layer list, each once, in layer order."""
+    seen: set[int] = set()
+    params = []
+    for layer in layers:
+        for p in layer.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    return MicroBatch({k: v.to(device) for k, v in mb.data.items()})
+
+
+def train_step(
+    spec: ModelSpec,
+    layers: list[Layer],
+    optimizers: list[torch.optim.AdamW],
+    batches: BatchSource,
+    step: int,
+    cfg: TrainingConfig,
+    device: torch.device = torch.device("cpu"),
+) -> StepStats:
+    """Run step ``step`` as the module docstring describes and return its stats."""
+    start = time.perf_counter()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    microbatches = [batches.microbatch(step, k) for k in range(batches.num_microbatches)]
+    units = sum(spec.loss_units(mb) for mb in microbatches)
+    main_sum = aux_sum = 0.0
+    for mb in microbatches:
+        mb = _to_device(mb, device)
+        loss = run_layers(layers, mb)
+        aux = sum(mb.aux_losses) if mb.aux_losses else None  # left to right, as a stage adds its own
+        total = loss if aux is None else loss + aux
+        (total / units).backward()
+        main_sum += float(loss.detach())
+        aux_sum += 0.0 if aux is None else float(aux.detach())
+    params = trainable_parameters(layers)
+    grad_norm = math.sqrt(grad_square_sum(params))
+    scale_grads(params, clip_coefficient(grad_norm, cfg.grad_clip))
+    lr = lr_at(step, cfg)
+    for optimizer in optimizers:
+        set_lr(optimizer, lr)
+        optimizer.step()
+    elapsed = time.perf_counter() - start
+    return StepStats(step, main_sum / units, aux_sum / units, lr, grad_norm, batches.global_batch / elapsed)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, layers: list[Layer], optimizers: list[torch.optim.AdamW], config: JobConfig
+) -> Path:
+    """Write the checkpoint of ``step`` (steps applied) in the per-layer format of :mod:`oobleck.checkpoint`."""
+    ckpt = checkpoint.checkpoint_dir(run_dir, step)
+    for index, (layer, optimizer) in enumerate(zip(layers, optimizers)):
+        checkpoint.save_layer(ckpt, step, index, layer, optimizer)
+    checkpoint.write_meta(ckpt, step, len(layers), config.to_dict())
+    return ckpt
+
+
+def load_init_checkpoint(path: str | Path, spec: ModelSpec, layers: list[Layer]) -> LoadReport:
+    """Load the parameters (not the optimizer state) of every layer from a checkpoint folder, or from the
+    latest complete checkpoint of a run folder, with :func:`models.difffit.load_pretrained`'s rules (DiffFit
+    scale factors a pretrained model lacks keep their initial value; a class table of another size is
+    re-initialised; a learned position table is regridded)."""
+    path = Path(path)
+    ckpt = path if (path / checkpoint.META).exists() else checkpoint.latest_checkpoint(path)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(
+            f"model.init_checkpoint: got {str(path)!r}; no complete checkpoint there (a step_* folder with meta.json, "
+            "or a run folder holding checkpoints/step_*)"
+        )
+    meta = checkpoint.read_meta(ckpt)
+    if meta["num_layers"] != len(layers):
+        raise checkpoint.CheckpointError(
+            f"model.init_checkpoint: {ckpt} holds {meta['num_layers']} layers but the model has {len(layers)}; "
+            "use a checkpoint of the same model depth"
+        )
+    states = {i: checkpoint.load_layer_state(ckpt, i)["params"] for i in range(len(layers))}
+    return load_pretrained(layers, states, new_num_classes=getattr(getattr(spec, "config", None), "num_classes", None))
+
+
+def train_local(
+    config: JobConfig,
+    *,
+    run_dir: Path | None = None,
+    progress: bool = False,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> LocalResult:
+    """Train ``config`` for ``config.training.steps`` steps in this process.
+
+    With ``run_dir``: writes ``metrics.jsonl`` (one :class:`StepStats` per line, rewritten from the
+    start), a checkpoint every ``fault_tolerance.checkpoint_every`` steps when that is set, and a final
+    checkpoint after the last step. ``progress`` shows a rich progress bar on the terminal; ``on_step``
+    is called with each step's stats.
+    """
+    t = config.training
+    spec = build_model(config.model, t.seed)
+    batches = build_batches(config, spec)
+    device = resolve_device(config.cluster.device)
+    layers = [layer.to(device) for layer in spec.build_all()]
+    if config.model.init_checkpoint:
+        load_init_checkpoint(config.model.init_checkpoint, spec, layers)
+    optimizers = layer_optimizers(layers, t)
+    result = LocalResult([], layers, optimizers, spec)
+
+    metrics: IO[str] | None = None
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = open(run_dir / "metrics.jsonl", "w")
+    bar = _ProgressBar(t.steps) if progress else None
+    try:
+        for step in range(t.steps):
+            stats = train_step(spec, layers, optimizers, batches, step, t, device)
+            result.losses.append(stats.loss)
+            result.stats.append(stats)
+            if metrics is not None:
+                metrics.write(json.dumps(dataclasses.asdict(stats)) + "\n")
+                metrics.flush()
+            every = config.fault_tolerance.checkpoint_every
+            if run_dir is not None and every and (step + 1) % every == 0 and step + 1 < t.steps:
+                save_checkpoint(run_dir, step + 1, layers, optimizers, config)
+            if bar is not None:
+                bar.update(stats)
+            if on_step is not None:
+                on_step(stats)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    if run_dir is not None:
+        result.checkpoint = save_checkpoint(run_dir, t.steps, layers, optimizers, config)
+    return result
+
+
+class _ProgressBar:
+    """A rich progress bar showing step, loss and samples/s."""
+
+    def __init__(self, steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+        )
+        self._task = self._progress.add_task("train", total=steps, loss="-", speed="-")
+        self._progress.start()
+
+    def update(self, stats: StepStats) -> None:
+        self._progress.update(
+            self._task, advance=1, loss=f"{stats.loss:.4f}", speed=f"{stats.samples_per_s:.1f}"
+        )
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def write_samples(
+    result: LocalResult,
+    path: str | Path,
+    classes: list[int] | None = None,
+    per_class: int = 8,
+    steps: int = 50,
+    seed: int = 0,
+) -> Path:
+    """Generate ``per_class`` images for each of ``classes`` (all the model's classes for None) with the
+    trained diffusion model, ``steps`` DDIM steps, noise from a generator seeded by ``seed``, and save them
+    as one PNG grid with a row per class. Sampling runs on the CPU (``models.sampling`` draws its noise
+    there), so the layers are moved to the CPU first."""
+    from models import sampling
+
+    spec = result.spec
+    config = getattr(spec, "config", None)
+    if not hasattr(spec, "schedule") or not hasattr(config, "num_classes"):
+        raise ConfigError("--samples: the model is not a class-conditional diffusion model; drop --samples")
+    layers = [layer.cpu() for layer in result.layers]
+    labels = torch.tensor(classes if classes else range(config.num_classes)).repeat_interleave(per_class)
+    images = sampling.sample_images(
+        layers, spec, labels, min(steps, spec.schedule.num_timesteps), torch.Generator().manual_seed(seed)
+    )
+    sampling.save_grid(images, path, nrow=per_class, scale=4)
+    return Path(path)

@@ -1,0 +1,197 @@
+"""Per-layer profiles: what the planner knows of each layer, and the JSON file that caches it.
+
+A profile is only valid for the model config, microbatch size, dtype and device it was taken with; that
+tuple is the profile's *fingerprint*. :meth:`ModelProfile.load` refuses a file whose fingerprint differs
+from the one the caller expects (a stale profile crashed the reference system), and refuses truncated or
+malformed files, each time with one line that says what is wrong and how to fix it.
+
+File format (``oobleck-profile/1``)::
+
+    {"format": "oobleck-profile/1",
+     "fingerprint": {"model": {...}, "microbatch": 4, "dtype": "float32", "device": "cpu", ...},
+     "fingerprint_hash": "<sha256 of the canonical JSON of fingerprint>",
+     "layers": [{"name": "embed", "forward_s": ..., "backward_s": ..., "param_bytes": ...,
+                 "grad_bytes": ..., "optimizer_bytes": ..., "activation_bytes": ...,
+                 "output_bytes": ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.errors import ProfileError
+
+FORMAT = "oobleck-profile/1"
+
+#: keys every fingerprint carries (others, such as ``source``, may be added)
+FINGERPRINT_KEYS = ("model", "microbatch", "dtype", "device")
+
+_NUMERIC_FIELDS = (
+    "forward_s",
+    "backward_s",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "output_bytes",
+)
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Costs of one layer for one microbatch.
+
+    ``forward_s``/``backward_s``: seconds for one microbatch's forward/backward pass.
+    ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``: held for the whole run by the stage that owns
+    the layer. ``activation_bytes``: kept from forward until backward, per microbatch in flight.
+    ``output_bytes``: size of the layer's output (the carry sent downstream) for one microbatch; the
+    gradient sent back upstream has the same size.
+    """
+
+    name: str
+    forward_s: float
+    backward_s: float
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    output_bytes: int
+
+    def __post_init__(self) -> None:
+        for field in _NUMERIC_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ProfileError(f"layer {self.name!r}: {field} got {value!r}; must be a finite number >= 0")
+
+    @property
+    def static_bytes(self) -> int:
+        """Bytes the layer occupies independently of the microbatches in flight."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """The profile of a whole model: one :class:`LayerProfile` per layer, in layer order."""
+
+    layers: tuple[LayerProfile, ...]
+    fingerprint: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ProfileError("profile has no layers; a model needs at least one layer")
+        if not any(layer.forward_s + layer.backward_s > 0 for layer in self.layers):
+            raise ProfileError("every layer takes 0 s forward and backward; the profile holds no timings")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "fingerprint_hash": fingerprint_hash(self.fingerprint),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON, atomically: a reader sees the old file or the new one, never half."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(self.to_dict(), out, indent=1)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> "ModelProfile":
+        """Read a profile file.
+
+        Raises :class:`ProfileError` (one line) when the file cannot be read, is not complete JSON, lacks
+        a field or holds a negative one, or, when ``expect`` is given, when its fingerprint differs from
+        ``expect`` (the message names the differing keys).
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ProfileError(f"profile {path}: cannot read ({e.strerror}); rerun `oobleck profile`") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(
+                f"profile {path}: truncated or malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
+                "delete it and rerun `oobleck profile`"
+            ) from None
+        try:
+            profile = cls.from_dict(raw)
+        except ProfileError as e:
+            raise ProfileError(f"profile {path}: {e}") from None
+        if expect is not None:
+            differ = fingerprint_diff(profile.fingerprint, expect)
+            if differ:
+                raise ProfileError(
+                    f"profile {path} is stale: fingerprint differs in {', '.join(differ)}; rerun `oobleck profile`"
+                )
+        return profile
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "ModelProfile":
+        """Validate and build a profile from the file's JSON object (see the module docstring)."""
+        if not isinstance(raw, dict):
+            raise ProfileError(f"expected a JSON object with format {FORMAT!r}; rerun `oobleck profile`")
+        if raw.get("format") != FORMAT:
+            raise ProfileError(f"format got {raw.get('format')!r}; expected {FORMAT!r}; rerun `oobleck profile`")
+        fingerprint = raw.get("fingerprint")
+        if not isinstance(fingerprint, dict):
+            raise ProfileError("fingerprint missing or not an object; rerun `oobleck profile`")
+        missing = [key for key in FINGERPRINT_KEYS if key not in fingerprint]
+        if missing:
+            raise ProfileError(f"fingerprint lacks {', '.join(missing)}; rerun `oobleck profile`")
+        if raw.get("fingerprint_hash") != fingerprint_hash(fingerprint):
+            raise ProfileError("fingerprint_hash does not match the fingerprint (edited file?); rerun `oobleck profile`")
+        layers = raw.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise ProfileError("layers missing or empty; rerun `oobleck profile`")
+        return cls(tuple(_layer_from_dict(entry, i) for i, entry in enumerate(layers)), fingerprint)
+
+
+def _layer_from_dict(entry: Any, index: int) -> LayerProfile:
+    if not isinstance(entry, dict):
+        raise ProfileError(f"layers[{index}]: got {entry!r}; expected an object")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise ProfileError(f"layers[{index}]: name missing or not a string")
+    missing = [field for field in _NUMERIC_FIELDS if field not in entry]
+    if missing:
+        raise ProfileError(f"layer {index} ({name!r}): missing {', '.join(missing)}")
+    return LayerProfile(name=name, **{field: entry[field] for field in _NUMERIC_FIELDS})
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """sha256 (hex) of the fingerprint's canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def fingerprint_diff(found: dict[str, Any], expect: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two fingerprints (compared by canonical JSON), sorted."""
+    keys = sorted(set(found) | set(expect))
+    return [k for k in keys if fingerprint_hash({k: found.get(k)}) != fingerprint_hash({k: expect.get(k)})]

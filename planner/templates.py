@@ -1,0 +1,341 @@
+"""Pipeline templates: for each node count n, the best cut of the layer list into n*G one-device stages.
+
+Cost model (1F1B, m microbatches, stages 1..k)::
+
+    iteration_time(m) = sum_i (f_i + b_i + comm_i) + (m - 1) * max_i (f_i + b_i)
+
+where ``comm_i`` is stage i's boundary transfer per microbatch (activation forward plus gradient backward,
+each ``output_bytes`` of the stage's last layer, over intra-node bandwidth between devices of one node and
+inter-node bandwidth where the boundary crosses nodes). The sum of ``f_i + b_i`` is the same for every cut,
+so the template minimises the bottleneck ``max_i (f_i + b_i)`` first and the total boundary time second,
+subject to each stage fitting in device memory.
+
+Memory under 1F1B: stage i of k holds the activations of ``min(k - i, m)`` microbatches. A template must
+work for any microbatch count a pipeline may be given, so templates are built for the worst case
+``k - i``; :meth:`PipelineTemplate.stage_memory` gives the figure for a known m.
+
+Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
+
+1. Bottleneck: binary search over the sorted set of possible stage costs ``T[e] - T[j]`` (prefix sums)
+   for the least B such that a cut exists with every stage cost <= B and every stage in memory. The test
+   is a greedy from the *last* stage backwards, each stage taking as many layers as it can. Going backwards
+   matters: memory limits loosen towards the end of the pipeline (fewer microbatches in flight), so a stage
+   that a greedy from the front would overfill can always be shortened and its layers moved to a later,
+   looser stage, while a backward greedy never leaves an earlier (tighter) stage more than an optimal cut
+   gives it.
+2. Tie-break: with the bottleneck fixed at B*, a suffix DP over (stages left, first layer) minimises the
+   total boundary time; stage i's limits depend only on how many stages follow it, so the DP runs in
+   O(k * L) with a sliding-window minimum over the admissible end layers.
+
+Why two passes rather than one DP on the pair (bottleneck, sum): that pair has no optimal substructure.
+A first stage costing 10 makes any suffix bottleneck below 10 irrelevant, so a suffix with bottleneck 9
+and a smaller sum beats the suffix that is lexicographically best (bottleneck 5, larger sum).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from planner.cluster import ClusterSpec
+from planner.errors import PlanningError
+from planner.profile import ModelProfile
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Layers ``[layer_start, layer_end)`` on one device.
+
+    ``send_s``: per-microbatch boundary time to the next stage (activation out plus gradient back; 0 for
+    the last stage). ``static_bytes``: parameters, gradients and optimizer state. ``activation_bytes``:
+    activations kept per microbatch in flight. ``memory_bytes``: static plus the activations of the
+    worst-case number of microbatches in flight (``k - i`` for stage i of k).
+    """
+
+    layer_start: int
+    layer_end: int
+    forward_s: float
+    backward_s: float
+    send_s: float
+    memory_bytes: float
+    static_bytes: float
+    activation_bytes: float
+
+    @property
+    def compute_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+@dataclass(frozen=True)
+class PipelineTemplate:
+    """A cut of the model into ``num_nodes * devices_per_node`` stages; node j hosts stages
+    ``[j*G, (j+1)*G)``."""
+
+    num_nodes: int
+    devices_per_node: int
+    stages: tuple[Stage, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @functools.cached_property
+    def bottleneck_s(self) -> float:
+        """The slowest stage's forward+backward time for one microbatch."""
+        return max(s.compute_s for s in self.stages)
+
+    @functools.cached_property
+    def fill_s(self) -> float:
+        """One microbatch's trip through the pipeline and back: sum of compute and boundary times."""
+        return sum(s.compute_s + s.send_s for s in self.stages)
+
+    @property
+    def layer_ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.layer_start, s.layer_end) for s in self.stages)
+
+    def iteration_time(self, num_microbatches: int) -> float:
+        """Predicted 1F1B step time with ``num_microbatches`` microbatches (see the module docstring)."""
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        return self.fill_s + (num_microbatches - 1) * self.bottleneck_s
+
+    def stage_memory(self, num_microbatches: int) -> list[float]:
+        """Bytes each stage needs under 1F1B with ``num_microbatches`` microbatches."""
+        k = self.num_stages
+        return [s.static_bytes + min(k - i, num_microbatches) * s.activation_bytes for i, s in enumerate(self.stages)]
+
+    def fits(self, device_memory_bytes: float, num_microbatches: int) -> bool:
+        """Whether every stage fits in one device's memory."""
+        return all(mem <= device_memory_bytes for mem in self.stage_memory(num_microbatches))
+
+
+class _Prefix:
+    """Prefix sums of a profile so that any contiguous run of layers costs O(1)."""
+
+    def __init__(self, profile: ModelProfile) -> None:
+        self.num_layers = profile.num_layers
+        self.forward = _prefix([layer.forward_s for layer in profile.layers])
+        self.backward = _prefix([layer.backward_s for layer in profile.layers])
+        self.compute = _prefix([layer.forward_s + layer.backward_s for layer in profile.layers])
+        self.static = _prefix([layer.static_bytes for layer in profile.layers])
+        self.activation = _prefix([layer.activation_bytes for layer in profile.layers])
+        self.output = [layer.output_bytes for layer in profile.layers]
+        self._candidates: list[float] | None = None
+
+    def cost(self, start: int, end: int) -> float:
+        return self.compute[end] - self.compute[start]
+
+    def memory(self, start: int, end: int, held: int) -> float:
+        return self.static[end] - self.static[start] + held * (self.activation[end] - self.activation[start])
+
+    @property
+    def candidates(self) -> list[float]:
+        """Every possible stage cost, sorted: the optimal bottleneck is one of them."""
+        if self._candidates is None:
+            c = self.compute
+            n = self.num_layers
+            self._candidates = sorted({c[e] - c[j] for j in range(n) for e in range(j + 1, n + 1)})
+        return self._candidates
+
+
+def _prefix(values: Sequence[float]) -> list[float]:
+    out = [0.0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+def _leftmost_start(p: _Prefix, end: int, lowest: int, bound: float, memory: float, held: int) -> int:
+    """The smallest j in [lowest, end - 1] with cost(j, end) <= bound and memory(j, end, held) <= memory,
+    or ``end`` if even the single layer ``end - 1`` does not fit. Both quantities grow as j decreases."""
+    lo, hi = lowest, end  # answer in [lo, hi]; hi == end means none fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if p.cost(mid, end) <= bound and p.memory(mid, end, held) <= memory:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _feasible(p: _Prefix, k: int, bound: float, memory: float) -> bool:
+    """Whether layers can be cut into exactly k stages with cost <= bound and each stage in memory.
+
+    Greedy from the last stage (1 microbatch in flight) to the first (k in flight), each stage starting
+    as early as it can while leaving at least one layer for every earlier stage.
+    """
+    end = p.num_layers
+    for suffix in range(1, k):  # stage index k - suffix holds `suffix` microbatches
+        start = _leftmost_start(p, end, k - suffix, bound, memory, suffix)
+        if start == end:
+            return False
+        end = start
+    return p.cost(0, end) <= bound and p.memory(0, end, k) <= memory
+
+
+def _min_bottleneck(p: _Prefix, k: int, memory: float) -> float | None:
+    """The least achievable bottleneck for k stages, or None if no cut fits in memory."""
+    if k > p.num_layers or not _feasible(p, k, math.inf, memory):
+        return None
+    cands = p.candidates
+    # no stage can cost less than the average, so start the search there
+    lo = bisect.bisect_left(cands, p.cost(0, p.num_layers) / k * (1 - 1e-12))
+    hi = len(cands) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _feasible(p, k, cands[mid], memory):
+            hi = mid
+        else:
+            lo = mid + 1
+    return cands[lo]
+
+
+def _cut_min_comm(p: _Prefix, k: int, bound: float, memory: float, devices_per_node: int, send_time: tuple[float, float]) -> list[int]:
+    """Stage boundaries [0, e_1, ..., L] of a k-stage cut with every stage cost <= bound and in memory,
+    minimising the total boundary time. ``send_time`` = seconds per output byte (intra, inter node).
+
+    Suffix DP: best[j] for `s` stages covering [j, L); the first of them is stage k - s, which holds s
+    microbatches and sends across nodes iff (k - s + 1) is a multiple of G, i.e. (s - 1) % G == 0.
+    """
+    n = p.num_layers
+    inf = math.inf
+    # s = 1: the last stage, no boundary after it
+    best = [inf] * (n + 1)
+    for j in range(n):
+        if p.cost(j, n) <= bound and p.memory(j, n, 1) <= memory:
+            best[j] = 0.0
+    choices: list[list[int]] = [[n] * (n + 1)]
+    for s in range(2, k + 1):
+        per_byte = send_time[1] if (s - 1) % devices_per_node == 0 else send_time[0]
+        # value of ending the first stage at e (1 <= e < n)
+        value = [inf] + [p.output[e - 1] * per_byte + best[e] for e in range(1, n)] + [inf]
+        new = [inf] * (n + 1)
+        choice = [-1] * (n + 1)
+        window: deque[int] = deque()  # candidate ends, newest (smallest e) at the right, values increasing
+        hi = n - 1
+        for j in range(n - s, -1, -1):
+            e_new = j + 1
+            while window and value[window[-1]] >= value[e_new]:
+                window.pop()
+            window.append(e_new)
+            while hi > j and (p.cost(j, hi) > bound or p.memory(j, hi, s) > memory):
+                hi -= 1
+            while window and window[0] > hi:
+                window.popleft()
+            if window and value[window[0]] < inf:
+                new[j] = value[window[0]]
+                choice[j] = window[0]
+        best = new
+        choices.append(choice)
+    if best[0] == inf:
+        raise AssertionError(f"no {k}-stage cut under bottleneck {bound} although the search found one")
+    bounds = [0]
+    for s in range(k, 1, -1):
+        bounds.append(choices[s - 1][bounds[-1]])
+    bounds.append(n)
+    return bounds
+
+
+def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int]) -> PipelineTemplate:
+    g = cluster.devices_per_node
+    k = len(bounds) - 1
+    stages = []
+    for i in range(k):
+        a, b = bounds[i], bounds[i + 1]
+        if i == k - 1:
+            send = 0.0
+        else:
+            bandwidth = cluster.inter_node_bandwidth if (i + 1) % g == 0 else cluster.intra_node_bandwidth
+            send = 2 * p.output[b - 1] / bandwidth
+        static = p.static[b] - p.static[a]
+        activation = p.activation[b] - p.activation[a]
+        stages.append(
+            Stage(
+                layer_start=a,
+                layer_end=b,
+                forward_s=p.forward[b] - p.forward[a],
+                backward_s=p.backward[b] - p.backward[a],
+                send_s=send,
+                memory_bytes=static + (k - i) * activation,
+                static_bytes=static,
+                activation_bytes=activation,
+            )
+        )
+    return PipelineTemplate(num_nodes, g, tuple(stages))
+
+
+def _max_nodes_by_layers(profile: ModelProfile, cluster: ClusterSpec) -> int:
+    """Most nodes one pipeline can span: every device needs at least one layer."""
+    return profile.num_layers // cluster.devices_per_node
+
+
+def min_nodes(profile: ModelProfile, cluster: ClusterSpec) -> int:
+    """n0: the fewest nodes on which one pipeline of the model fits in memory under 1F1B.
+
+    Raises :class:`PlanningError` when no node count up to the cluster's size fits.
+    """
+    p = _Prefix(profile)
+    g = cluster.devices_per_node
+    most = min(cluster.nodes, _max_nodes_by_layers(profile, cluster))
+    if most < 1:
+        raise PlanningError(
+            f"the model has {profile.num_layers} layers but a node has {g} devices and each device runs at least "
+            f"one layer; use fewer devices per node or a model with at least {g} layers"
+        )
+    for n in range(1, most + 1):
+        if _feasible(p, n * g, math.inf, cluster.device_memory_bytes):
+            return n
+    gib = cluster.device_memory_bytes / 2**30
+    need = p.static[-1] / cluster.device_memory_bytes
+    where = (
+        f"even on all {most} nodes"
+        if most == cluster.nodes
+        else f"on any pipeline of up to {most} nodes (each of its devices needs one of the {p.num_layers} layers)"
+    )
+    raise PlanningError(
+        f"the model does not fit {where} ({most * g} devices of {gib:.3g} GiB; parameters, gradients and "
+        f"optimizer state alone need {need:.3g} devices' worth of memory); use more or larger devices, "
+        "a smaller microbatch or activation recomputation"
+    )
+
+
+def template_for(profile: ModelProfile, cluster: ClusterSpec, num_nodes: int) -> PipelineTemplate | None:
+    """The best template on ``num_nodes`` nodes, or None if no cut into num_nodes*G stages fits."""
+    return _templates_for(_Prefix(profile), cluster, [num_nodes]).get(num_nodes)
+
+
+def _templates_for(p: _Prefix, cluster: ClusterSpec, node_counts: Sequence[int]) -> dict[int, PipelineTemplate]:
+    g = cluster.devices_per_node
+    per_byte = (1 / cluster.intra_node_bandwidth, 1 / cluster.inter_node_bandwidth)
+    out = {}
+    for n in node_counts:
+        k = n * g
+        bound = _min_bottleneck(p, k, cluster.device_memory_bytes)
+        if bound is None:
+            continue
+        bounds = _cut_min_comm(p, k, bound, cluster.device_memory_bytes, g, per_byte)
+        out[n] = _template(p, n, cluster, bounds)
+    return out
+
+
+def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int) -> dict[int, PipelineTemplate]:
+    """Templates for every node count n in [n0, N - f*n0] that fits, keyed by n.
+
+    The range is capped at ``L // G`` nodes (each device needs a layer). Raises :class:`PlanningError`
+    when the cluster cannot host f+1 pipelines of n0 nodes.
+    """
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise PlanningError(f"f: got {f!r}; must be an integer >= 0")
+    n0 = min_nodes(profile, cluster)
+    need = (f + 1) * n0
+    if cluster.nodes < need:
+        raise PlanningError(
+            f"f={f} needs at least {need} nodes with n0={n0}; cluster has {cluster.nodes}; "
+            f"lower f to {cluster.nodes // n0 - 1} or add nodes"
+        )
+    top = min(cluster.nodes - f * n0, _max_nodes_by_layers(profile, cluster))
+    return _templates_for(_Prefix(profile), cluster, range(n0, top + 1))

@@ -1,0 +1,65 @@
+"""The engine benchmark: a smoke run that writes both pipeline engines' figures, and its pure helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.engine import stage_boundaries, steady_rate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_stage_boundaries_put_the_ends_on_the_outer_stages() -> None:
+    assert stage_boundaries(6, 4) == (0, 2, 3, 4, 6)  # tiny GPT: embedding+block, block, block, block+head
+    assert stage_boundaries(8, 4) == (0, 3, 5, 6, 8)  # 6 blocks: the first stages take the extra ones
+    with pytest.raises(ValueError, match="cannot fill 4 stages"):
+        stage_boundaries(5, 4)
+
+
+def test_steady_rate_skips_the_warmup_steps() -> None:
+    # steps 0..3 end at 10, 11, 12.5 and 13 s; the timed steps start when the last warm-up step ends
+    rate, durations = steady_rate([10.0, 11.0, 12.5, 13.0], warmup=1, global_batch=8)
+    assert durations == [1.0, 1.5, 0.5] and rate == pytest.approx(8.0 * 3 / 3.0)
+    rate, durations = steady_rate([10.0, 11.0, 12.5, 13.0], warmup=3, global_batch=8)
+    assert durations == [0.5] and rate == pytest.approx(16.0)
+
+
+def test_bad_flag_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--warmup", "0", "--out", str(tmp_path / "x.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--warmup: got 0" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.timeout(150)
+def test_quick_run_writes_both_engines_figures(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=140,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    config = report["config"]
+    assert (config["warmup"], config["steps"], config["microbatches"]) == (1, 2, 4)
+    assert report["partition"] == [[0, 2], [2, 3], [3, 4], [4, 6]]
+    engines = report["engines"]
+    for name in ("deepspeed", "oobleck", "single_process"):
+        assert engines[name]["samples_per_s"] > 0
+        assert engines[name]["cpu_ms_per_step"]["stages"] > 0
+        assert len(engines[name]["losses"]) == 3
+    # the engines train the same model on the same data with the same optimizer: equal losses
+    for name, diff in report["max_loss_diff_vs_single_process"].items():
+        assert diff < 1e-4, (name, engines[name]["losses"], engines["single_process"]["losses"])
+    ratio = engines["oobleck"]["samples_per_s"] / engines["deepspeed"]["samples_per_s"]
+    assert report["ratios"]["oobleck_over_deepspeed"] == pytest.approx(ratio)
+    assert report["ratios"]["oobleck_over_deepspeed_per_round"] == [pytest.approx(ratio)]  # one round
+    assert "ours / DeepSpeed" in proc.stdout

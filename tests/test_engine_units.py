@@ -1,0 +1,137 @@
+"""The engine's pieces on their own: 1F1B order, carry headers, holder sets and the step commit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from oobleck.engine.api import PipelinePlan
+from oobleck.engine.commit import CommitCoordinator, StepAborted, ready_key, report_ready
+from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
+from oobleck.engine.p2p import CarrySpec
+from oobleck.engine.schedule import max_in_flight, one_f_one_b
+
+
+@pytest.mark.parametrize("stages,microbatches", [(1, 3), (2, 1), (3, 2), (3, 7), (4, 4), (5, 12)])
+def test_1f1b_runs_every_microbatch_once_and_never_deadlocks(stages: int, microbatches: int) -> None:
+    schedules = [one_f_one_b(s, stages, microbatches) for s in range(stages)]
+    for s, ops in enumerate(schedules):
+        assert sorted(ops) == sorted([(f, k) for f in (True, False) for k in range(microbatches)])
+        in_flight = peak = 0
+        for op in ops:
+            in_flight += 1 if op.forward else -1
+            peak = max(peak, in_flight)
+            assert in_flight >= 0  # a backward never precedes its forward
+        assert peak == max_in_flight(s, stages, microbatches)
+    # execute the stages against each other: an op runs when its input exists (the carry from the previous
+    # stage, or the gradient from the next one); every op must eventually run
+    done: set[tuple[int, bool, int]] = set()
+    cursors = [0] * stages
+    progress = True
+    while progress:
+        progress = False
+        for s, ops in enumerate(schedules):
+            if cursors[s] == len(ops):
+                continue
+            forward, k = ops[cursors[s]]
+            needs = (s - 1, True, k) if forward else (s + 1, False, k)
+            edge = (forward and s == 0) or (not forward and s == stages - 1)
+            if edge or needs in done:
+                done.add((s, forward, k))
+                cursors[s] += 1
+                progress = True
+    assert cursors == [len(ops) for ops in schedules]
+
+
+def test_carry_header_round_trips() -> None:
+    x = torch.zeros(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.zeros(2, dtype=torch.int64)
+    for carry in [x, (x, labels)]:
+        spec = CarrySpec.of(carry)
+        assert CarrySpec.decode(spec.encode(torch.device("cpu"))) == spec
+    assert [t.shape for t in CarrySpec.of((x, labels)).grad_specs] == [(2, 3, 4)]
+    with pytest.raises(ValueError, match="at most 6 dims"):
+        CarrySpec.of(torch.zeros([1] * 7))
+
+
+def test_holder_sets_follow_the_plan_and_tied_groups() -> None:
+    pipelines = (
+        PipelinePlan(ranks=(0, 1), layer_ranges=((0, 3), (3, 6)), microbatch_start=0, num_microbatches=2),
+        PipelinePlan(ranks=(2, 3, 4), layer_ranges=((0, 2), (2, 4), (4, 6)), microbatch_start=2, num_microbatches=4),
+    )
+    holders = layer_holders(pipelines, 6)
+    assert holders == [{0, 2}, {0, 2}, {0, 3}, {1, 3}, {1, 4}, {1, 4}]
+    tied = [((0, "wte.weight"), (5, "lm_head.weight"))]
+    assert tied_holders(holders, tied) == [{0, 1, 2, 4}]
+    assert sync_sets(holders, tied) == [(0, 1, 2, 4), (0, 2), (0, 3), (1, 3), (1, 4)]
+    # one pipeline: nothing to sum, no groups
+    alone = (PipelinePlan(ranks=(0,), layer_ranges=((0, 6),), microbatch_start=0, num_microbatches=1),)
+    assert sync_sets(layer_holders(alone, 6), tied) == []
+
+
+@pytest.fixture
+def server() -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+@pytest.fixture
+def store(server: dist.TCPStore) -> dist.PrefixStore:
+    return dist.PrefixStore("gen7/", server)
+
+
+def _workers(port: int, step: int, ranks: list[int], outcome: dict) -> list[threading.Thread]:
+    """Threads acting as workers (each with its own store connection) reporting ``step`` ready."""
+
+    def work(rank: int) -> None:
+        client = dist.PrefixStore("gen7/", dist.TCPStore("127.0.0.1", port, is_master=False))
+        try:
+            outcome[rank] = report_ready(client, step, rank, loss_sum=2.0 * rank, units=rank, grad_norm=0.5,
+                                         timeout=timedelta(seconds=30))  # fmt: skip
+        except StepAborted as e:
+            outcome[rank] = e
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_commit_waits_for_every_rank_then_releases_them(server, store) -> None:
+    coordinator = CommitCoordinator(store, world_size=3)
+    outcome: dict = {}
+    threads = _workers(server.port, 4, [0, 1, 2], outcome)
+    report = coordinator.wait_step(4, should_abort=lambda: False)
+    assert report is not None and outcome == {}  # nobody steps before the commit
+    assert (report.step, report.units, report.loss, report.grad_norm) == (4, 3.0, 6.0 / 3.0, 0.5)
+    coordinator.commit(4)
+    for t in threads:
+        t.join(10)
+    assert outcome == {0: True, 1: True, 2: True}
+
+
+def test_abort_before_everyone_is_ready_raises_in_the_workers(server, store) -> None:
+    coordinator = CommitCoordinator(store, world_size=3)
+    outcome: dict = {}
+    threads = _workers(server.port, 0, [0, 2], outcome)  # rank 1 never reports: it died
+    # abort once the survivors wait for the decision
+    assert coordinator.wait_step(0, lambda: store.check([ready_key(0, 0), ready_key(0, 2)]), poll_s=0.01) is None
+    for t in threads:
+        t.join(10)
+    assert sorted(outcome) == [0, 2] and all(isinstance(v, StepAborted) and v.step == 0 for v in outcome.values())
+
+
+def test_worker_cli_refuses_a_bad_assignment_file_in_one_line(tmp_path) -> None:
+    bad = tmp_path / "assignment.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "oobleck.engine.worker", "--assignment-file", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--assignment-file" in proc.stderr
