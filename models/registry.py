@@ -24,6 +24,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "moe": ("models.moe", "MoESpec"),
 }
 
+#: override fields for which 0 is a meaningful value (turns a feature off)
+ZERO_ALLOWED = {"dropout", "class_dropout", "aux_coef"}
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,8 +50,8 @@ def model_config(cfg: ModelConfig) -> Any:
         if isinstance(current, (int, float)) and not isinstance(current, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"model.overrides.{key}: got {value!r}; expected a number")
-            if value <= 0 and key not in ("dropout",):
-                raise ConfigError(f"model.overrides.{key}: got {value!r}; must be positive")
+            if value < 0 or (value == 0 and key not in ZERO_ALLOWED):
+                raise ConfigError(f"model.overrides.{key}: got {value!r}; must be positive (0 allowed for {sorted(ZERO_ALLOWED)})")
     return dataclasses.replace(base, **cfg.overrides)
 
 
