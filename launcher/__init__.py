@@ -7,7 +7,7 @@ import importlib
 from typing import Callable
 
 from oobleck.config import JobConfig
-from oobleck.control.master import Planner, StepRecord
+from oobleck.control.master import Planner, RecoveryRecord, StepRecord
 from oobleck.errors import ConfigError
 
 
@@ -16,6 +16,7 @@ def launch(
     planner: Planner,
     on_step: Callable[[StepRecord], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_recovery: Callable[[RecoveryRecord], None] | None = None,
 ) -> list[StepRecord]:
     """Run the job with the launcher ``config.cluster.launcher`` names; see :func:`launcher.local.run`
     for the contract every launcher keeps."""
@@ -26,4 +27,4 @@ def launch(
         if e.name != f"launcher.{name}":
             raise
         raise ConfigError(f"cluster.launcher: got {name!r}; this installation has no {name} launcher; use local") from None
-    return module.run(config, planner, on_step=on_step, on_phase=on_phase)
+    return module.run(config, planner, on_step=on_step, on_phase=on_phase, on_recovery=on_recovery)

@@ -8,6 +8,8 @@ the terminal reaches only this process, which then stops them in order) and die 
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from oobleck.config import JobConfig
-from oobleck.control.master import JobFailed, Master, Planner, StepRecord
+from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord
 from oobleck.control.procs import child_env, stop_group
 
 #: seconds agents get to stop their workers and exit after the master's shutdown, before SIGTERM
@@ -26,6 +28,7 @@ AGENT_EXIT_S = 10.0
 #: seconds between SIGTERM and SIGKILL for an agent (it stops its own workers in between)
 AGENT_GRACE_S = 5.0
 LOG_DIR = "logs"
+CONTROL_FILE = "control.json"
 
 
 def node_name(index: int) -> str:
@@ -38,6 +41,7 @@ def run(
     planner: Planner,
     on_step: Callable[[StepRecord], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_recovery: Callable[[RecoveryRecord], None] | None = None,
 ) -> list[StepRecord]:
     """Run ``config`` on ``cluster.nodes`` local agents and return the committed steps' records.
 
@@ -52,10 +56,11 @@ def run(
     token = secrets.token_hex(32)
     token_file = secret_dir / "token"
     token_file.write_text(token)
-    master = Master(config, token, planner, on_step=on_step)
+    master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery)
     agents: list[subprocess.Popen] = []
     try:
         address = master.start()
+        write_control_file(Path(config.run.dir), address, token_file)
         phase(f"master at {address}; starting {config.cluster.nodes} nodes")
         for index in range(config.cluster.nodes):
             agents.append(_start_agent(address, token_file, node_name(index), config, log_dir))
@@ -86,15 +91,35 @@ def _start_agent(address: str, token_file: Path, node: str, config: JobConfig, l
     ]  # fmt: skip
     with open(log_dir / f"agent-{node}.log", "ab") as out:
         # the child holds its own copy of the file descriptor
-        return subprocess.Popen(cmd, env=child_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, env=child_env(worker_threads(config)), start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def worker_threads(config: JobConfig) -> dict[str, str]:
+    """Torch threads per worker when every worker shares this machine: the cores divided among the workers
+    (at least 1), unless ``OMP_NUM_THREADS`` is set already. Oversubscribed OpenMP threads spin against each
+    other and can make tiny steps ten times slower."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    workers = config.cluster.nodes * config.cluster.devices_per_node
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
 
 def _watch_agent(master: Master, proc: subprocess.Popen, node: str, log_dir: Path) -> None:
-    """An agent that exits before the job ends (e.g. it could not register) fails the job, quoting the
-    last line it wrote; the master would otherwise wait for the node forever."""
+    """An agent that exits is a lost node to the master; one that exits with an error before it registered
+    fails the job, quoting the last line it wrote (the master would otherwise wait for the node forever)."""
     code = proc.wait()
-    if code != 0:
+    if not master.node_exited(node, code) and code != 0:
         master.abort(f"agent {node} exited with code {code}: {last_line(log_dir / f'agent-{node}.log')}")
+
+
+def write_control_file(run_dir: Path, address: str, token_file: Path) -> Path:
+    """``RUN/control.json``: where ``oobleck inject RUN`` finds the running job's master and token (the token
+    file itself stays in a directory only this user can read)."""
+    path = run_dir / CONTROL_FILE
+    path.write_text(json.dumps({"master": address, "token_file": str(token_file)}))
+    return path
 
 
 def last_line(path: Path) -> str:

@@ -1,28 +1,38 @@
-"""The ``oobleck`` command line. Each subcommand lives in ``oobleck/commands/<name>.py`` and defines
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""The ``oobleck`` command line. Each subcommand lives in ``oobleck/commands/<module>.py`` and defines
+``add_arguments(parser)`` and ``run(args) -> int``; its module docstring is the command's ``--help``
+description. :data:`COMMANDS` names every subcommand with its module and one-line help, so adding a
+command is one line there.
 
-User errors (bad configs, profiles, impossible plans) print one line on stderr and exit with code 2.
+Only the module of the command being run is imported (``oobleck --help`` imports none): several commands
+pull in torch, which costs seconds, and ``oobleck plan`` with an analytic profile needs none of it.
+
+User errors (bad configs, profiles, impossible plans) print one line on stderr and exit with code 2;
+Ctrl-C exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from collections.abc import Sequence
 
 from oobleck.errors import OobleckError
 from planner.errors import PlanningError, ProfileError
 
 USER_ERRORS = (OobleckError, PlanningError, ProfileError)
 
-#: subcommand name -> module under oobleck.commands
-COMMANDS = {
-    "plan": "plan",
-    "profile": "profile",
-    "train-local": "train_local",
-    "run": "run",
-    "demo": "demo",
+#: subcommand name -> (module under oobleck.commands, one-line help shown by ``oobleck --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("plan", "plan pipelines for a model and cluster (templates, instantiation, batch split, memory)"),
+    "profile": ("profile", "profile the model's layers and cache the result"),
+    "train-local": ("train_local", "train in a single process (the reference run)"),
+    "run": ("run", "train a job on a cluster (local processes by default)"),
+    "demo": ("demo", "train a tiny GPT on 4 local nodes, end to end"),
 }
+
+PACKAGE = "oobleck.commands"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,35 +40,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def available() -> list[str]:
+    """The commands of :data:`COMMANDS` whose module exists in this build (found without importing it)."""
+    return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(f"{PACKAGE}.{module}")]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every available command listed; only ``command``'s module is imported, to add its
+    arguments, description and handler (the other subparsers stay empty and are never parsed)."""
     parser = _Parser(
         prog="oobleck",
         description="Fault-tolerant pipeline-parallel training: plan, profile, train and recover from node failures.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"oobleck.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"oobleck.commands.{module_name}":
-                raise
-            continue  # a command not built yet
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
-        module.add_arguments(p)
-        p.set_defaults(handler=module.run)
+    for name in available():
+        module_name, help_line = COMMANDS[name]
+        p = sub.add_parser(name, help=help_line)
+        if name == command:
+            module = importlib.import_module(f"{PACKAGE}.{module_name}")
+            p.description = module.__doc__
+            module.add_arguments(p)
+            p.set_defaults(handler=module.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argparse will pick: the first word that is not an option (the top-level parser has
+    no option that takes a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    prefix = f"oobleck {command}" if command in COMMANDS else "oobleck"
     try:
+        args = build_parser(command).parse_args(argv)
         return int(args.handler(args) or 0)
     except USER_ERRORS as e:
-        print(f"oobleck {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"oobleck {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -88,7 +88,12 @@ class FaultToleranceConfig:
     #: steps between periodic checkpoints; 0 turns them off
     checkpoint_every: int = 0
     heartbeat_interval_s: float = 0.1
-    heartbeat_timeout_s: float = 0.5
+    #: a node whose agent sent no heartbeat for this long is lost (sub-second: recovery starts fast)
+    heartbeat_timeout_s: float = 0.8
+    #: a worker whose heartbeat to its agent stopped for this long (e.g. a hung process) is killed
+    worker_timeout_s: float = 5.0
+    #: with too few nodes left to train (fewer than n0), how long to wait for nodes to join before failing
+    wait_for_nodes_s: float = 60.0
 
 
 @dataclass
@@ -283,6 +288,13 @@ def validate(c: JobConfig) -> None:
         ft.heartbeat_timeout_s,
         f"must exceed fault_tolerance.heartbeat_interval_s ({ft.heartbeat_interval_s})",
     )
+    _require(
+        ft.worker_timeout_s > ft.heartbeat_interval_s,
+        "fault_tolerance.worker_timeout_s",
+        ft.worker_timeout_s,
+        f"must exceed fault_tolerance.heartbeat_interval_s ({ft.heartbeat_interval_s})",
+    )
+    _require(ft.wait_for_nodes_s >= 0, "fault_tolerance.wait_for_nodes_s", ft.wait_for_nodes_s, "must be at least 0")
 
     for i, fault in enumerate(c.faults):
         _require(fault.step >= 0, f"faults[{i}].step", fault.step, "must be at least 0")

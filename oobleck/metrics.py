@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+#: one JSON object per recovery (the fields of oobleck.control.master.RecoveryRecord)
+RECOVERIES_FILE = "recoveries.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 #: StepRecord fields plotted in TensorBoard
 _SCALARS = ("loss", "grad_norm", "samples_per_s", "step_time_s", "nodes_alive", "pipelines")
@@ -27,6 +29,7 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
         self._file = self.path.open("w")
+        self._recoveries = (run_dir / RECOVERIES_FILE).open("w")
         self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,8 +45,14 @@ class MetricsWriter:
             for name in _SCALARS:
                 self._tb.add_scalar(f"train/{name}", row[name], row["step"])
 
+    def write_recovery(self, record: Any) -> None:
+        """Record one recovery (a dataclass such as RecoveryRecord)."""
+        self._recoveries.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        self._recoveries.flush()
+
     def close(self) -> None:
         self._file.close()
+        self._recoveries.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -54,7 +63,7 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``run_dir/metrics.jsonl`` in file order."""
-    with (Path(run_dir) / METRICS_FILE).open() as f:
+def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` (or another JSONL file of the run, e.g. RECOVERIES_FILE)."""
+    with (Path(run_dir) / name).open() as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -46,6 +46,23 @@ class Progress:
         last = record.step + 1 == self.total
         self._show(line, always=last or (record.step + 1) % self.every == 0)
 
+    def recovery(self, record: Any) -> None:
+        """Report a recovery (any object with RecoveryRecord's fields) on its own line."""
+        what = f"lost {', '.join(record.lost)}" if record.lost else ""
+        if record.joined:
+            what += ("; " if what else "") + f"joined {', '.join(record.joined)}"
+        detect = f"detect {record.detect_s * 1000:.0f} ms, " if record.detect_s is not None else ""
+        line = (
+            f"recovered ({what}) in {record.total_s:.2f} s: {detect}plan {record.plan_s * 1000:.0f} ms, "
+            f"rebuild {record.rebuild_s * 1000:.0f} ms, transfer {record.transfer_s * 1000:.0f} ms "
+            f"({record.layers_moved} layers, from {record.mode}); {record.steps_lost} steps lost; "
+            f"now {record.nodes_alive} nodes, {record.pipelines} pipelines, resuming at step {record.start_step + 1}"
+        )
+        if self._live is not None:
+            self._live.console.print(line, highlight=False, soft_wrap=True)
+        else:
+            self.console.print(line, highlight=False, soft_wrap=True)
+
     def _show(self, line: str, always: bool) -> None:
         if self._live is not None:
             self._live.update(Text(line))

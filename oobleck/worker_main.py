@@ -1,16 +1,20 @@
 """A worker process: ``python -m oobleck.worker_main --master HOST:PORT --token-file F --node NAME --device D``.
 
-Started by its node's agent. It asks the master for its place in the plan (``GetAssignment`` blocks
-until the plan exists), then runs :func:`oobleck.engine.worker.run_worker`. Exit codes: 0 when training
-finished, 2 with one line on stderr for a refused or unreachable master, 1 (with a traceback) when
-training raised.
+Started by its node's agent. It beats to the agent through ``--heartbeat-fd`` (from its first moment, so
+the agent can tell a hung worker from a busy one), asks the master for its place in the plan
+(``GetAssignment`` blocks until the plan exists) and runs :func:`oobleck.engine.elastic.run_elastic`,
+which asks again each time a generation ends. Exit codes: 0 when training finished, 2 with one line on
+stderr for a refused or unreachable master (or a job that failed meanwhile) or bad input, 1 (with a
+traceback) when training raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
 
 import grpc
 
@@ -21,19 +25,49 @@ from oobleck.engine.api import Assignment
 from oobleck.errors import OobleckError
 
 
-def fetch_assignment(master: str, token_file: str, node: str, device: int, connect_timeout_s: float) -> Assignment:
-    """This worker's assignment for the first generation; OobleckError if the master is unreachable or
-    refuses (e.g. because the job already failed)."""
-    channel = open_channel(master, read_token(token_file))
-    try:
-        wait_ready(channel, master, connect_timeout_s)
+class AssignmentClient:
+    """Fetches this worker's assignments over one control-plane channel."""
+
+    def __init__(self, master: str, token_file: str, node: str, device: int, connect_timeout_s: float) -> None:
+        self.master = master
+        self.node = node
+        self.device = device
+        self._channel = open_channel(master, read_token(token_file))
+        wait_ready(self._channel, master, connect_timeout_s)
+        self._stub = master_stub(self._channel)
+
+    def next(self, after_generation: int) -> Assignment:
+        """The first generation newer than ``after_generation`` with a stage for this worker (blocks);
+        OobleckError when the master refuses (the job failed, or this node was removed)."""
         try:
-            reply = master_stub(channel).GetAssignment(pb.AssignmentRequest(node=node, device=device, after_generation=0))
+            reply = self._stub.GetAssignment(
+                pb.AssignmentRequest(node=self.node, device=self.device, after_generation=after_generation)
+            )
         except grpc.RpcError as e:
-            raise OobleckError(f"no assignment from {master}: {e.details()}") from None
-    finally:
-        channel.close()
-    return Assignment.from_json(reply.assignment_json)
+            raise OobleckError(f"no assignment from {self.master}: {e.details()}") from None
+        return Assignment.from_json(reply.assignment_json)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def beat(fd: int, interval_s: float) -> None:
+    """Write one byte to ``fd`` every ``interval_s`` seconds, from a daemon thread, until the pipe breaks."""
+
+    def loop() -> None:
+        stop = threading.Event()
+        while True:
+            try:
+                os.write(fd, b".")
+            except OSError:
+                return
+            stop.wait(interval_s)
+
+    threading.Thread(target=loop, name="heartbeat", daemon=True).start()
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,15 +78,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True)
     parser.add_argument("--device", type=int, required=True)
     parser.add_argument("--connect-timeout", type=float, default=20.0)
+    parser.add_argument("--heartbeat-fd", type=int, help="pipe to the agent: one byte per heartbeat")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.1)
     args = parser.parse_args(argv)
+    if args.heartbeat_fd is not None:
+        beat(args.heartbeat_fd, args.heartbeat_interval)
     try:
-        assignment = fetch_assignment(args.master, args.token_file, args.node, args.device, args.connect_timeout)
+        client = AssignmentClient(args.master, args.token_file, args.node, args.device, args.connect_timeout)
+        first = client.next(0)
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2
-    from oobleck.engine.worker import run_worker  # torch and the engine load only once there is work
+    # torch and the engine load only once there is work
+    import torch.distributed as dist
 
-    run_worker(assignment)
+    from launcher.faults import FaultHook
+    from oobleck.config import config_from_dict
+    from oobleck.engine.elastic import run_elastic
+
+    def record(key: str, value: str) -> None:
+        dist.TCPStore(first.store_host, first.store_port, is_master=False).set(key, value)
+
+    hook = FaultHook(config_from_dict(first.config).faults, args.node, args.device, record)
+    try:
+        run_elastic(first, client.next, on_phase=hook, exclude_ports={_port(args.master)})
+    except OobleckError as e:
+        print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
     return 0
 
 

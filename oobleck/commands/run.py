@@ -64,10 +64,14 @@ def train(config: JobConfig) -> int:
                 metrics.write(record)
                 progress.step(record)
 
+            def on_recovery(record: object) -> None:
+                metrics.write_recovery(record)
+                progress.recovery(record)
+
             progress.phase(f"planning {config.model.family}/{config.model.preset} on {config.cluster.nodes} nodes")
             planner = job_planner(config, log=progress.phase)
             try:
-                records = launch(config, planner, on_step=on_step, on_phase=progress.phase)
+                records = launch(config, planner, on_step=on_step, on_phase=progress.phase, on_recovery=on_recovery)
             except JobFailed as e:
                 progress.phase(f"job failed: {e}")
                 print(f"oobleck run: failed: {e}", file=sys.stderr)

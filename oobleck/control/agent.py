@@ -2,9 +2,14 @@
 
 It registers its node with the master, starts one worker process per device
 (``python -m oobleck.worker_main``), reports each worker's exit to the master the moment it happens, and
-keeps a heartbeat stream open. It stops every worker (SIGTERM to the worker's process group, SIGKILL
-after a grace period) when the master says so, when the master goes away, or when the agent itself is
-asked to stop (SIGTERM/SIGINT); workers also die with the agent through PR_SET_PDEATHSIG.
+keeps a heartbeat stream open. Each worker beats back through a pipe; a worker silent for the master's
+``worker_timeout_s`` (hung, e.g. stopped) is killed with SIGKILL and reported like any other death. It
+stops every worker (SIGTERM to the worker's process group, SIGKILL after a grace period) when the master
+says so, when the master goes away, or when the agent itself is asked to stop (SIGTERM/SIGINT); workers
+also die with the agent through PR_SET_PDEATHSIG.
+
+Failure injection (``oobleck inject``) reaches the agent as an INJECT event: it kills (SIGKILL) or hangs
+(SIGSTOP) one worker, or the whole node (its workers and the agent itself).
 
 Exit codes: 0 when the master reports the job finished, 1 when it failed or the master was lost,
 2 (with one line on stderr) when the master cannot be reached or refuses the registration.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -45,6 +51,8 @@ class Agent:
         self._outcome: tuple[int, str] | None = None  # (exit code, reason), first one wins
         self._lock = threading.Lock()
         self._workers: dict[int, subprocess.Popen] = {}
+        #: device -> read end of the pipe its worker beats into
+        self._beats_from: dict[int, int] = {}
         self._logs: list[IO[bytes]] = []
 
     def run(self, connect_timeout_s: float) -> int:
@@ -59,7 +67,7 @@ class Agent:
                 )
             except grpc.RpcError as e:
                 raise OobleckError(f"registration refused by {self.master}: {e.details()}") from None
-            self._start_workers()
+            self._start_workers(reply.heartbeat_interval_s)
             session = threading.Thread(
                 target=self._session, args=(stub, reply.heartbeat_interval_s), name="session", daemon=True
             )
@@ -67,6 +75,12 @@ class Agent:
             for device, proc in self._workers.items():
                 threading.Thread(
                     target=self._watch, args=(stub, device, proc), name=f"watch-{device}", daemon=True
+                ).start()
+                threading.Thread(
+                    target=self._watchdog,
+                    args=(device, proc, self._beats_from.pop(device), reply.worker_timeout_s),
+                    name=f"watchdog-{device}",
+                    daemon=True,
                 ).start()
             while not self._stop.wait(0.5):  # a timed wait keeps signal handlers responsive
                 pass
@@ -88,12 +102,14 @@ class Agent:
                 self._outcome = (code, reason)
         self._stop.set()
 
-    def _start_workers(self) -> None:
+    def _start_workers(self, heartbeat_interval_s: float) -> None:
         for device in range(self.devices):
+            beats_from, beats_to = os.pipe()
             cmd = [
                 sys.executable, "-m", "oobleck.worker_main",
                 "--master", self.master, "--token-file", self.token_file,
                 "--node", self.node, "--device", str(device),
+                "--heartbeat-fd", str(beats_to), "--heartbeat-interval", str(heartbeat_interval_s),
             ]  # fmt: skip
             out: IO[bytes] | None = None
             if self.log_dir is not None:
@@ -102,8 +118,46 @@ class Agent:
                 self._logs.append(out)
             # own session: the agent can stop the worker with everything it forked
             self._workers[device] = subprocess.Popen(
-                cmd, env=child_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None
+                cmd,
+                env=child_env(),
+                start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                pass_fds=(beats_to,),
             )
+            os.close(beats_to)
+            self._beats_from[device] = beats_from
+
+    def _watchdog(self, device: int, proc: subprocess.Popen, beats: int, timeout_s: float) -> None:
+        """Kill the worker when it has beaten before but then stays silent for ``timeout_s`` (hung). The
+        clock starts at the first beat: start-up (imports) may take long on a loaded machine."""
+        beating = False
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([beats], [], [], timeout_s if beating else 1.0)
+                if ready:
+                    if not os.read(beats, 4096):
+                        return  # the worker exited: its pipe closed
+                    beating = True
+                elif beating and proc.poll() is None:
+                    print(f"agent {self.node}: worker {device} sent no heartbeat for {timeout_s:g} s: killing it", file=sys.stderr)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return
+        finally:
+            os.close(beats)
+
+    def _inject(self, event: pb.MasterEvent) -> None:
+        """Carry out an INJECT event (see the module notes)."""
+        sig = signal.SIGKILL if event.action == "kill" else signal.SIGSTOP
+        targets = list(self._workers.values()) if event.device < 0 else [self._workers[event.device]]
+        print(f"agent {self.node}: injected {event.action} of {'the node' if event.device < 0 else f'worker {event.device}'}", file=sys.stderr, flush=True)
+        for proc in targets:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        if event.device < 0:
+            os.kill(os.getpid(), sig)
 
     def _watch(self, stub: object, device: int, proc: subprocess.Popen) -> None:
         code = proc.wait()
@@ -127,6 +181,8 @@ class Agent:
                 if event.kind == pb.MasterEvent.SHUTDOWN:
                     self._finish(1 if event.failed else 0, f"stopped by the master: {event.reason}")
                     return
+                if event.kind == pb.MasterEvent.INJECT and (-1 <= event.device < self.devices):
+                    self._inject(event)
             self._finish(1, "the master closed the session")
         except grpc.RpcError as e:
             self._finish(1, f"lost the master ({e.code().name}: {e.details()})")

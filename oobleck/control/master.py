@@ -11,13 +11,28 @@ for each step it waits until every rank reported its gradients ready, commits th
 :class:`StepRecord` to ``on_step``. The job succeeds when the last step is committed and every worker has
 exited with code 0.
 
-Membership loss (a worker's non-zero exit, an agent's closed stream or missed heartbeats) goes through
-:meth:`Master._membership_lost`. In this version it fails the job; recovery plugs in there (replan the
-survivors, bump the generation, hand out new assignments).
+Membership changes go through one path. A node is lost when its agent's stream breaks, its heartbeats
+stop, its agent process exits, or one of its workers is killed (a worker's own error exit, or any loss
+before the first step is committed, fails the job instead: replanning cannot fix a broken setup). A node
+joins when an agent registers after the job started. Either way the master ends the current generation (it
+writes ``ended/gen{g}``, after which it never commits a step of ``g``; a lost node's in-flight step is
+aborted, a joining node waits for the next step boundary), and the recovery thread re-plans:
+
+* the surviving nodes get the same templates instantiated again (:mod:`oobleck.control.planning`);
+* each layer a worker now needs comes from a surviving holder (:mod:`oobleck.recovery.transfer`); the
+  master tracks who holds which layer at the committed step, updated when a generation commits its first
+  step (then every worker of it holds its stage);
+* if some layer has no surviving copy, the generation restores the latest complete checkpoint (the steps
+  after it are lost and re-run); with fewer nodes than one pipeline needs, the master waits
+  ``fault_tolerance.wait_for_nodes_s`` for nodes to join, then fails the job;
+* the new generation starts at the first uncommitted step, so no committed step is lost or applied twice.
+
+Each recovery is reported as a :class:`RecoveryRecord` (``on_recovery``) once its first step commits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -38,6 +53,7 @@ from oobleck.control.channel import GRPC_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.engine.api import Assignment
 from oobleck.errors import OobleckError
+from planner.errors import PlanningError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +87,35 @@ class StepRecord:
     pipelines: int
 
 
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """One membership change, from the master's notice to training running again in the new generation.
+
+    ``mode``: ``memory`` (layers copied from surviving replicas), ``checkpoint`` (restored from the latest
+    checkpoint) or ``init`` (restarted from step 0: no copy and no checkpoint). Times in seconds:
+    ``detect_s`` from the kill to the master's notice (when the kill time is known: injected faults record
+    it), ``plan_s`` re-planning, ``rebuild_s`` the slowest worker's join of the new process groups,
+    ``transfer_s`` the slowest worker's layer copies, ``resume_s`` from the notice until every worker was
+    ready to train, ``total_s`` = detect + resume (the notice when detect is unknown)."""
+
+    generation: int
+    reason: str
+    lost: tuple[str, ...]
+    joined: tuple[str, ...]
+    mode: str
+    start_step: int
+    steps_lost: int
+    layers_moved: int
+    nodes_alive: int
+    pipelines: int
+    detect_s: float | None
+    plan_s: float
+    rebuild_s: float
+    transfer_s: float
+    resume_s: float
+    total_s: float
+
+
 @dataclass
 class _Node:
     name: str
@@ -85,13 +130,29 @@ class _Node:
     exits: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Generation:
     number: int
     placement: Placement
     store_prefix: str
     start_step: int
     started_at: float
+    restore: str = "init"
+    moves: tuple[tuple[int, int, int], ...] = ()
+    #: set when the generation ends early (a node lost or joining); no step of it commits after that
+    ended: bool = False
+    committed_any: bool = False
+
+
+@dataclass
+class _Change:
+    """What happened since the last generation started: for its recovery record."""
+
+    noticed_at: float  # time.time()
+    reasons: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    joined: list[str] = field(default_factory=list)
+    kill_times: list[float] = field(default_factory=list)
 
 
 def describe_exit(code: int) -> str:
@@ -113,11 +174,15 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         token: str,
         planner: Planner,
         on_step: Callable[[StepRecord], None] | None = None,
+        on_recovery: Callable[[RecoveryRecord], None] | None = None,
+        layer_bytes: list[int] | None = None,
     ) -> None:
         self.config = config
         self._token = token
         self._planner = planner
         self._on_step = on_step
+        self._on_recovery = on_recovery
+        self._layer_bytes = layer_bytes
         self._expected = config.cluster.nodes
         self._devices = config.cluster.devices_per_node
         self._lock = threading.Condition()
@@ -128,6 +193,18 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         #: steps [0, committed) are committed; a worker's exit 0 is normal only once all are
         self._committed = 0
         self._records: list[StepRecord] = []
+        #: (node, device) -> the layers that worker holds at the committed step
+        self._holdings: dict[tuple[str, int], frozenset[int]] = {}
+        #: bumped on every loss or join; a re-plan made for an older membership is discarded
+        self._membership = 0
+        self._replan = False
+        self._change: _Change | None = None
+        #: set while too few nodes are left to plan: when the wait began (time.monotonic())
+        self._waiting_since: float | None = None
+        self._waiting_reason = ""
+        #: whether any step was ever committed: before that, a lost node fails the job (see the notes)
+        self._trained = False
+        self.recoveries: list[RecoveryRecord] = []
         self._server: grpc.Server | None = None
         self._store: Any = None
         self._threads: list[threading.Thread] = []
@@ -143,8 +220,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         the heartbeat monitor; return the address agents connect to. OobleckError if the port is taken."""
         host, port = self.config.cluster.master_host, self.config.cluster.master_port
         self._cuda = _use_cuda(self.config.cluster.device)
-        # one thread per agent stream and per waiting worker, plus room for short calls
-        workers = self._expected * (self._devices + 1) + 16
+        # one thread per agent stream and per waiting worker (nodes may join later), plus short calls
+        workers = 2 * self._expected * (self._devices + 1) + 32
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="master-rpc"),
             interceptors=[TokenInterceptor(self._token)],
@@ -164,6 +241,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._server = server
         self.address = _join(host, bound)
         self._spawn(self._monitor, "master-heartbeats")
+        self._spawn(self._replanner, "master-replanner")
         return self.address
 
     def wait(self, timeout_s: float | None = None) -> list[StepRecord]:
@@ -183,6 +261,17 @@ class Master(oobleck_pb2_grpc.MasterServicer):
     def abort(self, reason: str) -> None:
         """Fail the job from outside (e.g. Ctrl-C): agents are told to stop their workers."""
         self._fail(reason)
+
+    def node_exited(self, name: str, code: int) -> bool:
+        """A launcher saw node ``name``'s agent process exit with ``code``. Returns False when the node never
+        registered (the caller decides what that means); otherwise the node is lost if it was alive."""
+        with self._lock:
+            node = self._nodes.get(name)
+            if node is None:
+                return False
+            if code != 0:
+                self._lose_node(node, f"node {name} lost: its agent {describe_exit(code)}")
+            return True
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving (giving open streams ``grace_s`` to deliver their last events) and close the
@@ -212,17 +301,28 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         with self._lock:
             if self._failure is not None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self._failure}")
-            if request.node in self._nodes:
+            known = self._nodes.get(request.node)
+            if known is not None and known.alive:
                 _invalid(context, f"node: {request.node!r} is already registered; node names must be unique")
-            if len(self._nodes) >= self._expected:
+            started = self._membership > 0 or self._generation is not None
+            if not started and len(self._nodes) >= self._expected:
                 _invalid(context, f"node {request.node}: the job already has its {self._expected} nodes (cluster.nodes)")
             self._nodes[request.node] = _Node(request.node, request.devices, request.pid, time.monotonic())
-            complete = len(self._nodes) == self._expected
+            if started:
+                self._note_change(f"node {request.node} joined", joined=request.node)
+                if self._generation is None or self._generation.ended:
+                    self._replan = True  # no generation is running: plan now, not at a step boundary
+                self._lock.notify_all()
+            elif len(self._nodes) == self._expected:
+                self._membership += 1
+                self._replan = True
+                self._lock.notify_all()
         log.info("node %s registered (%d devices, pid %d)", request.node, request.devices, request.pid)
-        if complete:
-            self._spawn(self._plan_and_drive, "master-driver")
+        ft = self.config.fault_tolerance
         return pb.RegisterReply(
-            nodes_expected=self._expected, heartbeat_interval_s=self.config.fault_tolerance.heartbeat_interval_s
+            nodes_expected=self._expected,
+            heartbeat_interval_s=ft.heartbeat_interval_s,
+            worker_timeout_s=ft.worker_timeout_s,
         )
 
     def Session(self, requests: Iterator[pb.Heartbeat], context: grpc.ServicerContext) -> Iterator[pb.MasterEvent]:
@@ -256,14 +356,21 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         with self._lock:
             node = self._known_node(request.node, context)
             self._check_device(request.device, context)
+            if not node.alive:
+                return pb.Ack()  # the node is already out of the job; its workers were told to stop
             node.exits[request.device] = request.exit_code
             who = f"worker {node.name}/{request.device}"
-            if request.exit_code != 0:
-                self._membership_lost(f"{who} {describe_exit(request.exit_code)}")
-            elif self._generation is None or self._committed < self.config.training.steps:
-                self._membership_lost(f"{who} exited before the last step was committed")
+            if request.exit_code == 0:
+                if self._generation is None or self._committed < self.config.training.steps:
+                    self._fail_locked(f"{who} exited before the last step was committed")
+                else:
+                    self._finish_if_done()
+            elif request.exit_code > 0 or not self._recoverable():
+                # a worker's own error (bad input, a bug) or a death before training started: re-planning
+                # would only repeat it
+                self._fail_locked(f"{who} {describe_exit(request.exit_code)}")
             else:
-                self._finish_if_done()
+                self._lose_node(node, f"{who} {describe_exit(request.exit_code)}")
         return pb.Ack()
 
     def GetAssignment(self, request: pb.AssignmentRequest, context: grpc.ServicerContext) -> pb.AssignmentReply:
@@ -276,89 +383,223 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     context,
                     f"after_generation: got {request.after_generation}; the current generation is {current}",
                 )
-            while (
-                self._failure is None
-                and (self._generation is None or self._generation.number <= request.after_generation)
-                and context.is_active()
-            ):
+            key = (node.name, request.device)
+
+            def ready() -> bool:
+                gen = self._generation
+                return gen is not None and gen.number > request.after_generation and key in gen.placement.ranks
+
+            while self._failure is None and node.alive and not ready() and context.is_active():
                 self._lock.wait(_POLL_S)
             if self._failure is not None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self._failure}")
+            if not node.alive:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {node.name} was removed from the job")
             if not context.is_active() or self._generation is None:
                 context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
             gen = self._generation
-            rank = gen.placement.ranks.get((node.name, request.device))
-            if rank is None:
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"worker {node.name}/{request.device} has no stage in generation {gen.number}",
-                )
-            assignment = self._assignment(gen, rank, request.device)
+            assignment = self._assignment(gen, gen.placement.ranks[key], request.device)
         return pb.AssignmentReply(generation=gen.number, assignment_json=assignment.to_json())
+
+    def Inject(self, request: pb.InjectRequest, context: grpc.ServicerContext) -> pb.InjectReply:
+        if request.action not in ("kill", "hang"):
+            _invalid(context, f"action: got {request.action!r}; use kill or hang")
+        if request.device != -1:
+            self._check_device(request.device, context)
+        if not request.nodes:
+            _invalid(context, "nodes: none given; name at least one node")
+        with self._lock:
+            unknown = [n for n in request.nodes if n not in self._nodes or not self._nodes[n].alive]
+            if unknown:
+                alive = sorted((n for n, v in self._nodes.items() if v.alive), key=_natural_key)
+                _invalid(context, f"nodes: {unknown} are not alive nodes of this job; alive: {alive}")
+            for name in request.nodes:
+                self._nodes[name].events.append(
+                    pb.MasterEvent(kind=pb.MasterEvent.INJECT, action=request.action, device=request.device)
+                )
+            self._lock.notify_all()
+        return pb.InjectReply(nodes=list(request.nodes))
 
     # ------------------------------------------------------------------------------------------
     # Planning and the step commit
 
-    def _plan_and_drive(self) -> None:
-        with self._lock:
-            names = sorted(self._nodes, key=_natural_key)
+    def _replanner(self) -> None:
+        """Form a new generation whenever the membership changed (see the module notes)."""
+        wait_limit = self.config.fault_tolerance.wait_for_nodes_s
+        while True:
+            with self._lock:
+                while not (self._replan or self._stopping or self._failure is not None or self._finished):
+                    if self._waiting_since is not None and time.monotonic() - self._waiting_since > wait_limit:
+                        self._fail_locked(f"{self._waiting_reason}; no node joined within {wait_limit:g} s")
+                        return
+                    self._lock.wait(_POLL_S)
+                if self._stopping or self._failure is not None or self._finished:
+                    return
+                self._replan = False
+                membership = self._membership
+                names = sorted((n for n, v in self._nodes.items() if v.alive), key=_natural_key)
+            try:
+                self._new_generation(names, membership)
+            except Exception as e:  # a planner or store failure: end the job with its one-line reason
+                self._fail(f"planning failed: {e}")
+                return
+
+    def _new_generation(self, names: list[str], membership: int) -> None:
+        started = time.perf_counter()
+        first = self._generation is None and not self.recoveries and self._change is None
         try:
             placement = place(self._planner(names), names, self._devices)
-        except Exception as e:  # any planning failure ends the job with its one-line reason
-            self._fail(f"planning failed: {e}")
+        except PlanningError as e:
+            if first:
+                raise
+            with self._lock:
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
+                    log.warning("cannot train on %d nodes (%s); waiting for nodes to join", len(names), e)
+                self._waiting_reason = f"{len(names)} nodes left: {e}"
             return
         with self._lock:
-            if self._failure is not None:
-                return
-            number = (self._generation.number if self._generation else 0) + 1
-            self._generation = _Generation(number, placement, f"gen{number}/", self._committed, time.monotonic())
+            if membership != self._membership or self._failure is not None:
+                return  # the membership changed again meanwhile; that change re-plans
+            restore, moves, start = self._sources(placement, first)
+            steps_lost = self._committed - start
+            if steps_lost:
+                log.warning("restoring step %d: %d committed steps are lost and will be re-run", start, steps_lost)
+                self._records = [r for r in self._records if r.step < start]
+                self._committed = start
+                self._holdings = {}
+            old = self._generation
+            if old is not None:
+                self._end(old)
+            number = (old.number if old else 0) + 1
+            gen = _Generation(number, placement, f"gen{number}/", start, time.monotonic(), restore, moves)
+            self._generation = gen
+            self._waiting_since = None
+            change, self._change = self._change, None
             self._lock.notify_all()
-        log.info("generation %d: %d pipelines on %d ranks", number, len(placement.pipelines), placement.world_size)
-        try:
-            self._drive(self._generation)
-        except Exception as e:  # a broken store or a failing on_step: end the job rather than hang it
-            self._fail(f"step commit failed: {type(e).__name__}: {e}")
+        log.info(
+            "generation %d: %d pipelines on %d ranks from step %d (%s)",
+            number, len(placement.pipelines), placement.world_size, start, restore,
+        )  # fmt: skip
+        plan_s = time.perf_counter() - started
+        self._spawn(lambda: self._drive(gen, change, plan_s, steps_lost), f"master-driver-{number}")
 
-    def _drive(self, gen: _Generation) -> None:
-        """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one."""
+    def _sources(self, placement: Placement, first: bool) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
+        """Where the new generation's layers come from: (restore mode, moves, start step). Lock held."""
+        from oobleck.recovery.transfer import LayerLost, plan_transfers
+
+        if first:
+            return "init", (), 0
+        needs: dict[int, set[int]] = {}
+        holders: dict[int, set[int]] = {}
+        for pipeline in placement.pipelines:
+            for rank, (a, b) in zip(pipeline.ranks, pipeline.layer_ranges):
+                needs[rank] = set(range(a, b))
+        for key, rank in placement.ranks.items():
+            for layer in self._holdings.get(key, ()):
+                holders.setdefault(layer, set()).add(rank)
+        sizes = self._layer_bytes or [1] * (1 + max(layer for wanted in needs.values() for layer in wanted))
+        try:
+            plan = plan_transfers(holders, needs, dict(enumerate(sizes)))
+        except LayerLost as e:
+            from oobleck import checkpoint
+
+            ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
+            if ckpt is None:
+                log.warning("%s; no checkpoint exists: restarting from step 0", e)
+                return "init", (), 0
+            step = int(checkpoint.read_meta(ckpt)["step"])
+            log.warning("%s; restoring the checkpoint of step %d", e, step)
+            return "checkpoint", (), step
+        return "memory", tuple((t.layer, t.source, t.receiver) for t in plan.transfers), self._committed
+
+    def _drive(self, gen: _Generation, change: _Change | None, plan_s: float, steps_lost: int) -> None:
+        """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends."""
         from torch.distributed import PrefixStore
 
         from oobleck.engine.commit import CommitCoordinator
 
-        coordinator = CommitCoordinator(PrefixStore(gen.store_prefix, self._store), gen.placement.world_size)
-        last = gen.started_at
-        samples = self.config.training.global_batch
-        for step in range(gen.start_step, self.config.training.steps):
-            report = coordinator.wait_step(step, lambda: self._stale(gen), _POLL_S / 4)
-            if report is None:
-                return  # the generation ended; whoever ended it has recorded why
+        try:
+            coordinator = CommitCoordinator(PrefixStore(gen.store_prefix, self._store), gen.placement.world_size)
+            last = gen.started_at
+            samples = self.config.training.global_batch
+            for step in range(gen.start_step, self.config.training.steps):
+                report = coordinator.wait_step(step, lambda: self._stale(gen), _POLL_S / 4)
+                if report is None:
+                    return  # the generation ended; whoever ended it has recorded why
+                with self._lock:
+                    if self._stale(gen):
+                        coordinator.abort(step)
+                        return
+                    # under the lock: once a generation has ended, none of its steps commits
+                    coordinator.commit(step)
+                    self._committed = step + 1
+                    first_commit = not gen.committed_any
+                    gen.committed_any = True
+                    self._trained = True
+                    if first_commit:
+                        self._holdings = _stage_layers(gen.placement)
+                    if self._change is not None and self._change.joined and not self._change.lost:
+                        self._end(gen)  # fold joining nodes in at this step boundary
+                        self._replan = True
+                        self._lock.notify_all()
+                now = time.monotonic()
+                record = StepRecord(
+                    step=report.step,
+                    loss=float(report.loss),
+                    units=int(report.units),
+                    grad_norm=float(report.grad_norm),
+                    step_time_s=now - last,
+                    samples_per_s=samples / max(now - last, 1e-9),
+                    generation=gen.number,
+                    nodes_alive=self._alive_count(),
+                    pipelines=len(gen.placement.pipelines),
+                )
+                last = now
+                with self._lock:
+                    self._records.append(record)
+                if first_commit and change is not None:
+                    self._report_recovery(gen, change, plan_s, steps_lost, coordinator.store)
+                if self._on_step is not None:
+                    self._on_step(record)
             with self._lock:
-                if self._stale(gen):
-                    return
-                self._committed = step + 1
-            coordinator.commit(step)
-            now = time.monotonic()
-            record = StepRecord(
-                step=report.step,
-                loss=float(report.loss),
-                units=int(report.units),
-                grad_norm=float(report.grad_norm),
-                step_time_s=now - last,
-                samples_per_s=samples / max(now - last, 1e-9),
-                generation=gen.number,
-                nodes_alive=self._alive_count(),
-                pipelines=len(gen.placement.pipelines),
-            )
-            last = now
-            with self._lock:
-                self._records.append(record)
-            if self._on_step is not None:
-                self._on_step(record)
+                self._finish_if_done()
+        except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
+            self._fail(f"step commit failed: {type(e).__name__}: {e}")
+
+    def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, steps_lost: int, store: Any) -> None:
+        from oobleck.engine.commit import timing_key
+
+        timings = [json.loads(raw) for raw in store.multi_get([timing_key(r) for r in range(gen.placement.world_size)])]
+        resumed_at = max(t["resumed_at"] for t in timings)
+        detect = change.noticed_at - max(change.kill_times) if change.kill_times else None
+        resume = resumed_at - change.noticed_at
+        record = RecoveryRecord(
+            generation=gen.number,
+            reason="; ".join(change.reasons),
+            lost=tuple(change.lost),
+            joined=tuple(change.joined),
+            mode=gen.restore,
+            start_step=gen.start_step,
+            steps_lost=steps_lost,
+            layers_moved=len(gen.moves),
+            nodes_alive=len({node for node, _ in gen.placement.ranks}),
+            pipelines=len(gen.placement.pipelines),
+            detect_s=detect,
+            plan_s=plan_s,
+            rebuild_s=max(t["join_s"] for t in timings),
+            transfer_s=max(t["transfer_s"] for t in timings),
+            resume_s=resume,
+            total_s=resume + (detect or 0.0),
+        )
         with self._lock:
-            self._finish_if_done()
+            self.recoveries.append(record)
+        log.info("recovered into generation %d: %s", gen.number, record)
+        if self._on_recovery is not None:
+            self._on_recovery(record)
 
     def _stale(self, gen: _Generation) -> bool:
-        return self._failure is not None or self._generation is not gen
+        return self._failure is not None or gen.ended or self._generation is not gen
 
     def _assignment(self, gen: _Generation, rank: int, device: int) -> Assignment:
         cuda = self._cuda
@@ -374,6 +615,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             pipelines=gen.placement.pipelines,
             config=self.config.to_dict(),
             start_step=gen.start_step,
+            restore=gen.restore,
+            moves=gen.moves,
         )
 
     def _store_host(self) -> str:
@@ -384,16 +627,51 @@ class Master(oobleck_pb2_grpc.MasterServicer):
     # ------------------------------------------------------------------------------------------
     # Membership (call with the lock held unless stated)
 
-    def _membership_lost(self, reason: str) -> None:
-        """A worker or a node is gone. Recovery (replan the survivors into a new generation) plugs in
-        here; until then the job fails, unless it already finished or failed."""
-        if self._finished or self._failure is not None:
+    def _recoverable(self) -> bool:
+        """Whether a lost node is re-planned around: only once training has started (a step committed)."""
+        return self._trained
+
+    def _lose_node(self, node: _Node, reason: str) -> None:
+        """Take ``node`` out of the job (its agent is told to stop its workers) and end the generation."""
+        if not node.alive or self._finished or self._failure is not None:
             return
-        self._fail_locked(reason)
+        node.alive = False
+        node.events.append(pb.MasterEvent(kind=pb.MasterEvent.SHUTDOWN, failed=False, reason=f"removed from the job: {reason}"))
+        if not self._recoverable():
+            self._fail_locked(reason)
+            return
+        log.warning("%s", reason)
+        self._note_change(reason, lost=node.name)
+        if self._generation is not None:
+            self._end(self._generation)
+        self._replan = True
+        self._lock.notify_all()
+
+    def _note_change(self, reason: str, lost: str | None = None, joined: str | None = None) -> None:
+        self._membership += 1
+        if self._change is None:
+            self._change = _Change(noticed_at=time.time())
+        self._change.reasons.append(reason)
+        if lost is not None:
+            self._change.lost.append(lost)
+            kill_time = self._store.get(f"faults/{lost}") if self._store.check([f"faults/{lost}"]) else None
+            if kill_time is not None:
+                self._change.kill_times.append(float(kill_time))
+        if joined is not None:
+            self._change.joined.append(joined)
+
+    def _end(self, gen: _Generation) -> None:
+        """End ``gen``: its workers leave it (they watch this key); none of its steps commits after this."""
+        if gen.ended:
+            return
+        from oobleck.engine.commit import ended_key
+
+        gen.ended = True
+        self._store.set(ended_key(gen.number), b"1")
 
     def _finish_if_done(self) -> None:
         gen = self._generation
-        if gen is None or self._finished or self._failure is not None:
+        if gen is None or self._finished or self._failure is not None or gen.ended:
             return
         if self._committed < self.config.training.steps:
             return
@@ -433,9 +711,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             why = f"its control stream broke ({type(e).__name__})"
         with self._lock:
             node.session_open = False
-            if node.alive:
-                node.alive = False
-                self._membership_lost(f"node {node.name} lost: {why}")
+            self._lose_node(node, f"node {node.name} lost: {why}")
             self._lock.notify_all()
 
     def _monitor(self) -> None:
@@ -444,11 +720,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         with self._lock:
             while not (self._stopping or self._finished or self._failure is not None):
                 now = time.monotonic()
-                for node in self._nodes.values():
+                for node in list(self._nodes.values()):
                     if node.alive and now - node.last_heartbeat > ft.heartbeat_timeout_s:
-                        node.alive = False
                         silent = now - node.last_heartbeat
-                        self._membership_lost(f"node {node.name} lost: no heartbeat for {silent:.2f} s")
+                        self._lose_node(node, f"node {node.name} lost: no heartbeat for {silent:.2f} s")
                 self._lock.wait(ft.heartbeat_interval_s)
 
     def _alive_count(self) -> int:
@@ -469,6 +744,16 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+
+
+def _stage_layers(placement: Placement) -> dict[tuple[str, int], frozenset[int]]:
+    """(node, device) -> the layers of the stage it runs under ``placement``."""
+    by_rank = {
+        rank: frozenset(range(a, b))
+        for pipeline in placement.pipelines
+        for rank, (a, b) in zip(pipeline.ranks, pipeline.layer_ranges)
+    }
+    return {key: by_rank[rank] for key, rank in placement.ranks.items()}
 
 
 def _invalid(context: grpc.ServicerContext, message: str) -> None:

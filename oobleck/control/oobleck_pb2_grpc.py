@@ -54,6 +54,11 @@ class MasterStub:
                 request_serializer=oobleck_dot_control_dot_oobleck__pb2.AssignmentRequest.SerializeToString,
                 response_deserializer=oobleck_dot_control_dot_oobleck__pb2.AssignmentReply.FromString,
                 _registered_method=True)
+        self.Inject = channel.unary_unary(
+                '/oobleck.control.Master/Inject',
+                request_serializer=oobleck_dot_control_dot_oobleck__pb2.InjectRequest.SerializeToString,
+                response_deserializer=oobleck_dot_control_dot_oobleck__pb2.InjectReply.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -89,6 +94,13 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inject(self, request, context):
+        """Failure injection against a running job (oobleck inject): the master forwards it to the nodes' agents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.GetAssignment,
                     request_deserializer=oobleck_dot_control_dot_oobleck__pb2.AssignmentRequest.FromString,
                     response_serializer=oobleck_dot_control_dot_oobleck__pb2.AssignmentReply.SerializeToString,
+            ),
+            'Inject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inject,
+                    request_deserializer=oobleck_dot_control_dot_oobleck__pb2.InjectRequest.FromString,
+                    response_serializer=oobleck_dot_control_dot_oobleck__pb2.InjectReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Master:
             '/oobleck.control.Master/GetAssignment',
             oobleck_dot_control_dot_oobleck__pb2.AssignmentRequest.SerializeToString,
             oobleck_dot_control_dot_oobleck__pb2.AssignmentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oobleck.control.Master/Inject',
+            oobleck_dot_control_dot_oobleck__pb2.InjectRequest.SerializeToString,
+            oobleck_dot_control_dot_oobleck__pb2.InjectReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class Assignment:
     config: dict[str, Any]
     #: first step this generation runs (steps before it are committed)
     start_step: int = 0
+    #: where the layers' state comes from: ``init`` (fresh, or ``model.init_checkpoint``), ``checkpoint``
+    #: (the run's checkpoint of ``start_step``) or ``memory`` (the layers workers already hold, plus ``moves``)
+    restore: str = "init"
+    #: for ``memory``: ``(layer, source rank, receiver rank)``; each receiver gets the layer's parameters,
+    #: optimizer state and step from the source, in this order (see :mod:`oobleck.recovery.layers`)
+    moves: tuple[tuple[int, int, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -60,6 +66,7 @@ class Assignment:
             )
             for p in raw["pipelines"]
         )
+        raw["moves"] = tuple(tuple(m) for m in raw.get("moves", ()))
         return cls(**raw)
 
     @property

@@ -10,6 +10,15 @@ it in the generation's ``PrefixStore``), under these keys of step ``s``:
     stage), 0 elsewhere; ``grad_norm`` is the global gradient norm (the same on every rank).
 ``commit/s/decision``
     written once by the master: ``commit`` or ``abort``.
+``timing/r{rank}``
+    written once per generation by each worker when it is ready to train (see :func:`timing_key`).
+
+One key lives outside the generation prefixes, in the master's store itself:
+
+``ended/gen{g}``
+    written by the master when generation ``g`` ends (a node was lost or joined): every worker of ``g``
+    watches it and leaves the generation (:mod:`oobleck.engine.elastic`). The master writes the abort
+    decision of an in-flight step first, and never commits a step of ``g`` after this key exists.
 
 A worker blocks on the decision key (the store wakes it when the key is written, so the handshake costs a
 few store round trips, well under a millisecond on a local store). The master waits for all ranks'
@@ -45,6 +54,17 @@ class StepAborted(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"step {step} was aborted by the master")
         self.step = step
+
+
+def ended_key(generation: int) -> str:
+    return f"ended/gen{generation}"
+
+
+def timing_key(rank: int) -> str:
+    """Where a worker of a generation reports how long it took to join it (JSON, under the generation's
+    prefix): ``join_s``, ``transfer_s`` and ``resumed_at`` (seconds since the epoch). The master reads it
+    when the generation commits its first step, for the recovery report."""
+    return f"timing/r{rank}"
 
 
 def ready_key(step: int, rank: int) -> str:

@@ -10,7 +10,7 @@ reference trainer: one AdamW per layer, and a Parameter several layers share bel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -101,15 +101,20 @@ class StageExecutor:
         self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
         self.next = ToNext(next_, device) if next_ is not None else None
 
-    def run(self, microbatches: list[MicroBatch]) -> tuple[float, float]:
+    def run(self, microbatches: list[MicroBatch], on_phase: Callable[[str], None] | None = None) -> tuple[float, float]:
         """Forward and backward every microbatch (in pipeline-local order); returns the summed main loss and
-        the summed loss units of the microbatches, both 0 except on the last stage."""
+        the summed loss units of the microbatches, both 0 except on the last stage. ``on_phase`` is called
+        with "forward" and "backward" before the first of each."""
         self._mbs = microbatches
         self._saved: dict[int, _Saved] = {}
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._units = 0
         posted = 0
+        seen: set[bool] = set()
         for j, op in enumerate(self.ops):
+            if on_phase is not None and op.forward not in seen:
+                seen.add(op.forward)
+                on_phase("forward" if op.forward else "backward")
             # post this op's receive and the next one's, in schedule order: messages from one peer match
             # receives in the order they were posted
             while posted <= min(j + 1, len(self.ops) - 1):

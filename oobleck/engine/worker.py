@@ -26,9 +26,11 @@ import argparse
 import gc
 import math
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,11 +51,17 @@ from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
+from oobleck.recovery.layers import export_layer, import_layer, moments_by_param, recv_layer, send_layer
 from oobleck.training import clip_coefficient, lr_at, set_lr
 
 #: backstop for every collective and p2p operation (gloo's default is 30 minutes); failures are normally
 #: seen far sooner, when a dead peer's sockets close
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+#: called with (step, phase) as a step passes "forward", "backward" (first of each in the step), "sync",
+#: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation); failure injection
+#: hooks in here
+PhaseHook = Callable[[int, str], None]
 
 
 class StageWorker:
@@ -64,7 +72,14 @@ class StageWorker:
     """
 
     def __init__(
-        self, assignment: Assignment, config: JobConfig, store: dist.Store, spec: ModelSpec, batches: BatchSource
+        self,
+        assignment: Assignment,
+        config: JobConfig,
+        store: dist.Store,
+        spec: ModelSpec,
+        batches: BatchSource,
+        pool: dict[int, HeldLayer] | None = None,
+        on_phase: PhaseHook | None = None,
     ) -> None:
         self.assignment = assignment
         self.config = config
@@ -73,14 +88,13 @@ class StageWorker:
         self.device = torch.device(assignment.device)
         self.spec = spec
         self.batches = batches
+        self.on_phase = on_phase or (lambda step, phase: None)
         _, self.plan = assignment.my_pipeline
         stage = self.plan.stage_of(self.rank)
         assert stage is not None
-        first, last = self.plan.layer_ranges[stage]
-        self.layers: list[HeldLayer] = build_stage_layers(
-            self.spec, first, last, config.training, self.device, assignment.start_step
-        )
-        self._restore(assignment.start_step)
+        started = time.perf_counter()
+        self.layers = self._take_layers(pool or {})
+        self.transfer_s = time.perf_counter() - started
         num_stages = len(self.plan.ranks)
         self.executor = StageExecutor(
             self.spec,
@@ -108,29 +122,69 @@ class StageWorker:
         #: one thread loads microbatches (the batch source is used from that thread only)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._loading: dict[int, Future[list[MicroBatch]]] = {}
+        #: a step whose gradients are reported ready but not applied yet (see :meth:`settle`)
+        self.pending: int | None = None
+        #: whether this generation committed a step: then its layers are the ones the master counts on
+        self.committed_any = False
 
-    def _restore(self, start_step: int) -> None:
-        """Load the state a generation starting at ``start_step`` continues from: the checkpoint of that
-        step when it is past 0, else ``model.init_checkpoint``'s parameters when one is named."""
-        if start_step > 0:
-            ckpt = checkpoint.checkpoint_dir(self.config.run.dir, start_step)
-            if not checkpoint.is_complete(ckpt):
-                raise checkpoint.CheckpointError(
-                    f"start_step {start_step}: no complete checkpoint at {ckpt}; start from a step that has one"
-                )
-            for held in self.layers:
-                held.load(checkpoint.load_layer_state(ckpt, held.index))
-        elif self.config.model.init_checkpoint:
-            source = Path(self.config.model.init_checkpoint)
-            ckpt = source if (source / checkpoint.META).exists() else checkpoint.latest_checkpoint(source)
-            if ckpt is None:
-                raise checkpoint.CheckpointError(
-                    f"model.init_checkpoint: got {str(source)!r}; no complete checkpoint there"
-                )
-            for held in self.layers:
-                # DiffFit adds scale factors a pretrained model lacks: they keep their initial values
-                state = checkpoint.load_layer_state(ckpt, held.index)
-                checkpoint.restore_layer(state, held.module, strict=not self.config.model.difffit)
+    def _take_layers(self, pool: dict[int, HeldLayer]) -> list[HeldLayer]:
+        """This stage's layers at ``start_step``, from where ``assignment.restore`` says (see
+        :class:`~oobleck.engine.api.Assignment`). For ``memory``, layers held already are reused (or copied,
+        when the stage's range changed) and the plan's moves run, in order, on every rank."""
+        a = self.assignment
+        first, last = self.plan.layer_ranges[self.plan.stage_of(self.rank)]
+        wanted = list(range(first, last))
+        if a.restore == "memory" and sorted(pool) == wanted:
+            layers = [pool[i] for i in wanted]  # the same stage as before: nothing to copy
+        else:
+            # a layer neither held nor received keeps step -1 and fails the check below
+            step = a.start_step if a.restore != "memory" else -1
+            layers = build_stage_layers(self.spec, first, last, self.config.training, self.device, step)
+        if a.restore == "checkpoint":
+            self._load_checkpoint(layers, a.start_step)
+        elif a.restore == "init":
+            self._load_init(layers)
+        elif layers[0] is not pool.get(first):
+            moments = moments_by_param(pool.values())
+            for held in layers:
+                if held.index in pool:
+                    import_layer(export_layer(pool[held.index], moments), held)
+        if a.restore == "memory" and a.moves:
+            self.on_phase(a.start_step, "recovery")
+            by_index = {h.index: h for h in layers}
+            moments = moments_by_param(pool.values())
+            for layer, source, receiver in a.moves:
+                if source == self.rank:
+                    send_layer(export_layer(pool[layer], moments), pool[layer], receiver, self.device)
+                elif receiver == self.rank:
+                    recv_layer(by_index[layer], source, self.device)
+        stale = [(h.index, h.step) for h in layers if h.step != a.start_step]
+        if stale:
+            raise RuntimeError(f"rank {self.rank}: layers (index, step) {stale} are not at step {a.start_step}")
+        return layers
+
+    def _load_checkpoint(self, layers: list[HeldLayer], step: int) -> None:
+        """Load ``layers`` from the run's checkpoint of ``step``."""
+        ckpt = checkpoint.checkpoint_dir(self.config.run.dir, step)
+        if not checkpoint.is_complete(ckpt):
+            raise checkpoint.CheckpointError(
+                f"start_step {step}: no complete checkpoint at {ckpt}; start from a step that has one"
+            )
+        for held in layers:
+            held.load(checkpoint.load_layer_state(ckpt, held.index))
+
+    def _load_init(self, layers: list[HeldLayer]) -> None:
+        """Load ``model.init_checkpoint``'s parameters into ``layers`` when one is named."""
+        if not self.config.model.init_checkpoint:
+            return
+        source = Path(self.config.model.init_checkpoint)
+        ckpt = source if (source / checkpoint.META).exists() else checkpoint.latest_checkpoint(source)
+        if ckpt is None:
+            raise checkpoint.CheckpointError(f"model.init_checkpoint: got {str(source)!r}; no complete checkpoint there")
+        for held in layers:
+            # DiffFit adds scale factors a pretrained model lacks: they keep their initial values
+            state = checkpoint.load_layer_state(ckpt, held.index)
+            checkpoint.restore_layer(state, held.module, strict=not self.config.model.difffit)
 
     def microbatches(self, step: int) -> list[MicroBatch]:
         start = self.plan.microbatch_start
@@ -142,30 +196,55 @@ class StageWorker:
     def train_step(self, step: int) -> None:
         """Run, synchronise, commit and apply ``step`` (see the module notes)."""
         loading = self._loading.pop(step, None) or self._loader.submit(self.microbatches, step)
-        loss_sum, units = self.executor.run(loading.result())
+        loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase))
         if step + 1 < self.config.training.steps:
             # load the next step's data while this one syncs and waits for the commit (cores are idle then)
             self._loading[step + 1] = self._loader.submit(self.microbatches, step + 1)
+        self.on_phase(step, "sync")
         squares = self.sync.reduce()
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
         global_squares, global_units = totals.tolist()
         grad_norm = math.sqrt(global_squares) / global_units
         self.sync.scale(clip_coefficient(grad_norm, self.config.training.grad_clip) / global_units)
+        self.pending = step
         report_ready(self.store, step, self.rank, loss_sum, units, grad_norm)
+        self.apply(step)
+
+    def apply(self, step: int) -> None:
+        """Apply the committed ``step``: every layer's optimizer steps at ``lr_at(step)``."""
         lr = lr_at(step, self.config.training)
-        for held in self.layers:
+        for j, held in enumerate(self.layers):
             set_lr(held.optimizer, lr)
             held.optimizer.step()
             held.optimizer.zero_grad(set_to_none=True)
             held.step = step + 1
+            if j == 0:
+                self.on_phase(step, "optimizer")  # one layer stepped, the others not yet
+        self.pending = None
+        self.committed_any = True
+
+    def settle(self, next_start: int) -> None:
+        """After this generation was interrupted: apply the step whose gradients were reported ready if the
+        master committed it (the next generation starts right after it); otherwise drop every gradient,
+        including the partial sums of an interrupted backward pass."""
+        if self.pending is not None and next_start == self.pending + 1:
+            self.apply(self.pending)
+            return
+        for held in self.layers:
+            held.optimizer.zero_grad(set_to_none=True)
+        self.pending = None
 
     def save_checkpoint(self, step: int) -> Path:
         """Write this rank's share of the checkpoint of ``step`` (steps applied); rank 0 marks it complete
         once every rank has written its share (collective)."""
         ckpt = checkpoint.checkpoint_dir(self.run_dir, step)
-        for held in self.writes:
+        for j, held in enumerate(self.writes):
             checkpoint.save_layer(ckpt, step, held.index, held.module, held.optimizer)
+            if j == 0:
+                self.on_phase(step, "checkpoint")  # one layer file written, the others not yet
+        if not self.writes:
+            self.on_phase(step, "checkpoint")
         dist.barrier()
         if self.rank == 0:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
@@ -186,7 +265,7 @@ class StageWorker:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
 
-def _settle_imports() -> None:
+def settle_imports() -> None:
     """Collect once and freeze what the imports left: later collections then skip torch's huge module
     graph (one collection costs 150-500 ms with torch._dynamo loaded, otherwise)."""
     gc.collect()
@@ -215,7 +294,7 @@ def run_worker(assignment: Assignment) -> None:
     config = config_from_dict(assignment.config)
     spec = build_model(config.model, config.training.seed)
     batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
-    _settle_imports()
+    settle_imports()
     store = join_world(assignment)
     try:
         worker = StageWorker(assignment, config, store, spec, batches)

@@ -1,0 +1,56 @@
+"""Failure injection from the job config (``faults:``), carried out by the targeted workers themselves.
+
+Each worker gets a :class:`FaultHook` as its engine's phase hook (see
+:data:`oobleck.engine.worker.PhaseHook`). When a step reaches a fault's phase on a worker the fault targets,
+the worker records the time of the kill in the master's store (``faults/NODE``, read by the master for the
+recovery report's detection time) and then:
+
+* ``kill`` ``worker``: SIGKILL itself;
+* ``kill`` ``node``: SIGKILL its agent and itself; the node's other workers die with the agent
+  (PR_SET_PDEATHSIG), which is how a machine's death looks to the rest of the job;
+* ``hang`` ``worker``: SIGSTOP itself (its agent's watchdog then kills it);
+* ``hang`` ``node``: SIGSTOP its agent and itself (the master then misses the agent's heartbeats).
+
+A node fault is carried out by the node's worker on device ``worker`` (default 0). Node ``i`` of a fault is
+the launcher's ``node{i}``. A fault fires at most once per process; after recovery the step is re-run
+without its victims, so it does not fire again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Callable
+
+from oobleck.config import FaultConfig
+
+
+def fault_key(node: str) -> str:
+    """The store key where a killed node's last moment is written (seconds since the epoch)."""
+    return f"faults/{node}"
+
+
+class FaultHook:
+    """The phase hook of worker ``device`` on ``node``; ``record(key, value)`` writes to the master's store."""
+
+    def __init__(self, faults: list[FaultConfig], node: str, device: int, record: Callable[[str, str], None]) -> None:
+        self.node = node
+        self.device = device
+        self._record = record
+        self._faults = [f for f in faults if node in {f"node{i}" for i in f.nodes} and f.worker == device]
+
+    def __call__(self, step: int, phase: str) -> None:
+        for fault in self._faults:
+            if fault.step == step and fault.phase == phase:
+                self._fire(fault)
+
+    def _fire(self, fault: FaultConfig) -> None:
+        sig = signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP
+        try:
+            self._record(fault_key(self.node), repr(time.time()))
+        except Exception:  # the report is for timing only; the fault must happen regardless
+            pass
+        if fault.target == "node":
+            os.kill(os.getppid(), sig)
+        os.kill(os.getpid(), sig)

@@ -1,0 +1,142 @@
+"""A worker across generations: train until the master ends the generation, then join the next one.
+
+:func:`run_elastic` is the worker process's main loop. Each generation it
+
+1. arms a :class:`GenerationWatch` on the master's ``ended/gen{g}`` key;
+2. joins the generation's process group, takes its stage's layers (kept from the last generation, copied
+   from other workers by the plan's moves, or loaded from a checkpoint) and trains
+   (:class:`~oobleck.engine.worker.StageWorker`);
+3. when the generation ends early, leaves it: whatever operation was blocked fails at once (the watch shuts
+   down the generation's sockets), the process group is destroyed, and the next assignment comes from the
+   ``next_assignment`` callback, which blocks until the master has re-planned.
+
+What survives a generation's end, exactly:
+
+* layers are at the last committed step. A step is applied only after the master committed it; a worker
+  that reported a step ready but lost its store connection before reading the decision applies it on
+  learning that the next generation starts right after it (:meth:`StageWorker.settle`), else drops it;
+* the layers the worker offers as a source are those of its last generation that committed a step (the
+  master counts on exactly those); layers copied in a generation that then ended before its first commit
+  are discarded.
+
+Errors that are not a generation's end (a bad config, a missing checkpoint, a bug) are re-raised: when a
+worker fails without the master ending its generation within ``END_GRACE_S``, it raises the error it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, Collection
+
+import torch.distributed as dist
+
+from models.registry import build_batches, build_model
+from oobleck.config import config_from_dict
+from oobleck.engine.api import Assignment
+from oobleck.engine.commit import ended_key, timing_key
+from oobleck.engine.stage import HeldLayer
+from oobleck.engine.worker import COLLECTIVE_TIMEOUT, PhaseHook, StageWorker, join_world, settle_imports
+from oobleck.errors import OobleckError
+from oobleck.recovery.release import SocketSnapshot
+
+log = logging.getLogger(__name__)
+
+#: how long a worker that saw an operation fail waits for the master to end the generation before it treats
+#: the failure as its own (a dead peer is reported to the master within milliseconds)
+END_GRACE_S = 30.0
+#: how long the watch waits for a generation's end (a backstop: it is released when the process exits)
+_WATCH_TIMEOUT = timedelta(days=7)
+
+#: blocks until the master has a generation newer than the argument for this worker, and returns it
+NextAssignment = Callable[[int], Assignment]
+
+
+class GenerationWatch:
+    """Shuts down every TCP socket this process opened for generation ``generation`` (its store client and
+    gloo pairs) the moment the master writes ``ended/gen{generation}``, unless :meth:`finish` came first.
+
+    Construct it just before joining the generation: the sockets opened after that are the generation's
+    (``exclude_ports``, e.g. the control plane's, are never touched; nor is the watch's own connection).
+    """
+
+    def __init__(self, base: dist.TCPStore, generation: int, exclude_ports: Collection[int] = ()) -> None:
+        self.generation = generation
+        self.ended = threading.Event()
+        self._exclude = tuple(exclude_ports)
+        self._finished = False
+        self._store = base.clone()  # before the snapshot, so the watch's own connection stays open
+        self._before = SocketSnapshot.take(self._exclude)
+        threading.Thread(target=self._watch, name=f"watch-gen{generation}", daemon=True).start()
+
+    def finish(self) -> None:
+        """The generation ended normally (training finished): never release its sockets."""
+        self._finished = True
+
+    def _watch(self) -> None:
+        try:
+            self._store.wait([ended_key(self.generation)], _WATCH_TIMEOUT)
+        except Exception:  # the master's store is gone: the job is over, and so is this process soon
+            return
+        if not self._finished:
+            released = SocketSnapshot.take(self._exclude).since(self._before).release()
+            log.info("generation %d ended: released %d sockets", self.generation, released)
+        self.ended.set()
+
+
+def run_elastic(
+    first: Assignment,
+    next_assignment: NextAssignment,
+    on_phase: PhaseHook | None = None,
+    exclude_ports: Collection[int] = (),
+) -> None:
+    """Train from ``first`` through every later generation until training finishes (see the module notes)."""
+    config = config_from_dict(first.config)
+    spec = build_model(config.model, config.training.seed)
+    batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
+    settle_imports()
+    base = dist.TCPStore(first.store_host, first.store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    pool: dict[int, HeldLayer] = {}
+    assignment = first
+    while True:
+        watch = GenerationWatch(base, assignment.generation, exclude_ports)
+        worker: StageWorker | None = None
+        started = time.perf_counter()
+        try:
+            store = join_world(assignment)
+            joined = time.perf_counter()
+            worker = StageWorker(assignment, config, store, spec, batches, pool, on_phase)
+            timing = {"join_s": joined - started, "transfer_s": worker.transfer_s, "resumed_at": time.time()}
+            store.set(timing_key(assignment.rank), json.dumps(timing))
+            worker.train()
+            watch.finish()
+            return
+        except OobleckError:
+            raise
+        except Exception as e:
+            if not watch.ended.wait(END_GRACE_S):
+                raise
+            log.info("generation %d ended (%s: %s)", assignment.generation, type(e).__name__, e)
+        finally:
+            if worker is not None:
+                worker.close()
+            _leave_group()
+        assignment = next_assignment(assignment.generation)
+        if worker is not None:
+            worker.settle(assignment.start_step)
+            if worker.committed_any:
+                pool = {held.index: held for held in worker.layers}
+        if assignment.restore != "memory":
+            pool = {}
+
+
+def _leave_group() -> None:
+    """Destroy the generation's process group, whatever state its sockets are in."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a group whose peers died may fail to tear down cleanly; it is gone either way
+            log.info("destroying the process group: %s", e)
