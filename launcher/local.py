@@ -8,17 +8,21 @@ the terminal reaches only this process, which then stops them in order) and die 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
+from launcher.trace import TraceEvent, load_trace, replay_schedule
 from oobleck.config import JobConfig
 from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord
 from oobleck.control.procs import child_env, stop_group
@@ -45,41 +49,133 @@ def run(
 ) -> list[StepRecord]:
     """Run ``config`` on ``cluster.nodes`` local agents and return the committed steps' records.
 
-    Workers' and agents' output goes to ``RUN/logs/``. Raises :class:`oobleck.control.master.JobFailed`
-    naming the lost worker or node, with the tail of its log, when the job fails; every process started
-    here has exited when this returns or raises (also on KeyboardInterrupt).
+    With ``trace:`` set, the nodes the trace adds at time 0 start the job and the rest of the trace is
+    replayed against it (:class:`TraceReplay`). Workers' and agents' output goes to ``RUN/logs/``. Raises
+    :class:`oobleck.control.master.JobFailed` naming the lost worker or node when the job fails; every process
+    started here has exited when this returns or raises (also on KeyboardInterrupt).
     """
     phase = on_phase or (lambda text: None)
     log_dir = Path(config.run.dir) / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
+    schedule = _trace_schedule(config)
+    names = [e.node for e in schedule if e.at_s == 0] if schedule else [node_name(i) for i in range(config.cluster.nodes)]
+    if schedule:
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nodes=len(names)))
     secret_dir = Path(tempfile.mkdtemp(prefix="oobleck-"))  # mkdtemp: mode 0700, only we read the token
     token = secrets.token_hex(32)
     token_file = secret_dir / "token"
     token_file.write_text(token)
-    master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery)
-    agents: list[subprocess.Popen] = []
+    cluster: LocalCluster | None = None
+    master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery, add_node=lambda n: cluster.add_node(n))  # type: ignore[union-attr]
+    replay: TraceReplay | None = None
     try:
         address = master.start()
+        cluster = LocalCluster(master, address, token_file, config, log_dir)
         write_control_file(Path(config.run.dir), address, token_file)
-        phase(f"master at {address}; starting {config.cluster.nodes} nodes")
-        for index in range(config.cluster.nodes):
-            agents.append(_start_agent(address, token_file, node_name(index), config, log_dir))
-        for index, proc in enumerate(agents):
-            threading.Thread(target=_watch_agent, args=(master, proc, node_name(index), log_dir), daemon=True).start()
-        return master.wait()
+        phase(f"master at {address}; starting {len(names)} nodes")
+        for name in names:
+            cluster.add_node(name)
+        if schedule:
+            replay = TraceReplay(cluster, [e for e in schedule if e.at_s > 0], phase)
+        records = master.wait()
+        if replay is not None:
+            phase(replay.describe())
+        return records
     except JobFailed as e:
         raise JobFailed(f"{e} (logs of every agent and worker in {log_dir})") from None
     except BaseException as e:
         master.abort(f"the run was interrupted ({type(e).__name__})" if isinstance(e, KeyboardInterrupt) else str(e))
         raise
     finally:
+        if replay is not None:
+            replay.stop()
         master.stop()
-        for proc in agents:
+        if cluster is not None:
+            cluster.close()
+        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+class LocalCluster:
+    """The nodes of one job on this machine: a node is an agent process (with its workers) named ``name``."""
+
+    def __init__(self, master: Master, address: str, token_file: Path, config: JobConfig, log_dir: Path) -> None:
+        self.master = master
+        self.address = address
+        self.token_file = token_file
+        self.config = config
+        self.log_dir = log_dir
+        self._lock = threading.Lock()
+        self._agents: dict[str, subprocess.Popen] = {}
+        self._all: list[subprocess.Popen] = []
+
+    def add_node(self, name: str) -> None:
+        """Start node ``name``'s agent; it registers with the master (joining a running job)."""
+        proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir)
+        with self._lock:
+            self._agents[name] = proc
+            self._all.append(proc)
+        threading.Thread(target=_watch_agent, args=(self.master, proc, name, self.log_dir), daemon=True).start()
+
+    def kill_node(self, name: str) -> None:
+        """Kill node ``name`` like a machine dies: SIGKILL to its agent (its workers die with it)."""
+        with self._lock:
+            proc = self._agents.pop(name, None)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        code = proc.wait()
+        self.master.node_exited(name, code)  # at once, so that the name can join again right away
+
+    def close(self) -> None:
+        """Wait for every agent to exit (they stop when the master does), forcing those that do not."""
+        with self._lock:
+            procs = list(self._all)
+        for proc in procs:
             try:
                 proc.wait(AGENT_EXIT_S)
             except subprocess.TimeoutExpired:
                 stop_group(proc, AGENT_GRACE_S)
-        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+class TraceReplay:
+    """Replays trace events (times already compressed) against a running job from a background thread."""
+
+    def __init__(self, cluster: LocalCluster, events: list[TraceEvent], phase: Callable[[str], None]) -> None:
+        self.cluster = cluster
+        self.events = events
+        self.done = 0
+        self._phase = phase
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="trace-replay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for event in self.events:
+            if self._stop.wait(max(0.0, self._started + event.at_s - time.monotonic())):
+                return
+            if event.kind == "add":
+                self.cluster.add_node(event.node)
+            else:
+                self.cluster.kill_node(event.node)
+            self.done += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def describe(self) -> str:
+        return f"trace: replayed {self.done} of {len(self.events)} events after the start"
+
+
+def _trace_schedule(config: JobConfig) -> list[TraceEvent]:
+    """The compressed events of ``config.trace`` (empty without one)."""
+    if config.trace is None:
+        return []
+    return replay_schedule(load_trace(config.trace.path), config.trace.compression)
 
 
 def _start_agent(address: str, token_file: Path, node: str, config: JobConfig, log_dir: Path) -> subprocess.Popen:

@@ -11,6 +11,7 @@ traceback) when training raised.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -81,20 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-fd", type=int, help="pipe to the agent: one byte per heartbeat")
     parser.add_argument("--heartbeat-interval", type=float, default=0.1)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.node}/{args.device} %(name)s: %(message)s")
     if args.heartbeat_fd is not None:
         beat(args.heartbeat_fd, args.heartbeat_interval)
+    # load torch and the engine before asking for work: a worker that asks is ready to join at once (a node
+    # joining a running job would otherwise hold up everyone's rendezvous while it imports)
+    import torch.distributed as dist
+
+    from launcher.faults import FaultHook
+    from oobleck.config import config_from_dict
+    from oobleck.engine.elastic import run_elastic
+
     try:
         client = AssignmentClient(args.master, args.token_file, args.node, args.device, args.connect_timeout)
         first = client.next(0)
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2
-    # torch and the engine load only once there is work
-    import torch.distributed as dist
-
-    from launcher.faults import FaultHook
-    from oobleck.config import config_from_dict
-    from oobleck.engine.elastic import run_elastic
 
     def record(key: str, value: str) -> None:
         dist.TCPStore(first.store_host, first.store_port, is_master=False).set(key, value)

@@ -128,6 +128,10 @@ class _Node:
     events: list[pb.MasterEvent] = field(default_factory=list)
     #: device -> exit code of its worker in the current generation
     exits: dict[int, int] = field(default_factory=dict)
+    #: devices whose worker has asked for an assignment (it is up, with the engine loaded)
+    waiting: set[int] = field(default_factory=set)
+    #: whether some generation placed this node (a node that joins later is placed once all its workers wait)
+    in_job: bool = False
 
 
 @dataclass
@@ -176,6 +180,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         on_step: Callable[[StepRecord], None] | None = None,
         on_recovery: Callable[[RecoveryRecord], None] | None = None,
         layer_bytes: list[int] | None = None,
+        add_node: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._token = token
@@ -183,6 +188,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._on_step = on_step
         self._on_recovery = on_recovery
         self._layer_bytes = layer_bytes
+        #: the launcher's way to start a node (``oobleck inject --add``); None where it has none
+        self._add_node = add_node
         self._expected = config.cluster.nodes
         self._devices = config.cluster.devices_per_node
         self._lock = threading.Condition()
@@ -198,6 +205,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         #: bumped on every loss or join; a re-plan made for an older membership is discarded
         self._membership = 0
         self._replan = False
+        #: a joining node's workers are all up: fold it in at the next step boundary
+        self._joins_ready = False
         self._change: _Change | None = None
         #: set while too few nodes are left to plan: when the wait began (time.monotonic())
         self._waiting_since: float | None = None
@@ -309,10 +318,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 _invalid(context, f"node {request.node}: the job already has its {self._expected} nodes (cluster.nodes)")
             self._nodes[request.node] = _Node(request.node, request.devices, request.pid, time.monotonic())
             if started:
-                self._note_change(f"node {request.node} joined", joined=request.node)
-                if self._generation is None or self._generation.ended:
-                    self._replan = True  # no generation is running: plan now, not at a step boundary
-                self._lock.notify_all()
+                log.info("node %s registered mid-run; it joins once its workers are up", request.node)
             elif len(self._nodes) == self._expected:
                 self._membership += 1
                 self._replan = True
@@ -384,6 +390,13 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     f"after_generation: got {request.after_generation}; the current generation is {current}",
                 )
             key = (node.name, request.device)
+            node.waiting.add(request.device)
+            if not node.in_job and node.alive and len(node.waiting) == self._devices and self._generation is not None:
+                self._note_change(f"node {node.name} joined", joined=node.name)
+                self._joins_ready = True
+                if self._generation is None or self._generation.ended:
+                    self._replan = True  # no generation is running: plan now, not at a step boundary
+                self._lock.notify_all()
 
             def ready() -> bool:
                 gen = self._generation
@@ -402,12 +415,17 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         return pb.AssignmentReply(generation=gen.number, assignment_json=assignment.to_json())
 
     def Inject(self, request: pb.InjectRequest, context: grpc.ServicerContext) -> pb.InjectReply:
-        if request.action not in ("kill", "hang"):
-            _invalid(context, f"action: got {request.action!r}; use kill or hang")
-        if request.device != -1:
-            self._check_device(request.device, context)
+        if request.action not in ("kill", "hang", "add"):
+            _invalid(context, f"action: got {request.action!r}; use kill, hang or add")
         if not request.nodes:
             _invalid(context, "nodes: none given; name at least one node")
+        bad = [n for n in request.nodes if not NODE_NAME.match(n)]
+        if bad:
+            _invalid(context, f"nodes: {bad} are not node names; use letters, digits and ._:-")
+        if request.action == "add":
+            return self._inject_add(request, context)
+        if request.device != -1:
+            self._check_device(request.device, context)
         with self._lock:
             unknown = [n for n in request.nodes if n not in self._nodes or not self._nodes[n].alive]
             if unknown:
@@ -418,6 +436,17 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     pb.MasterEvent(kind=pb.MasterEvent.INJECT, action=request.action, device=request.device)
                 )
             self._lock.notify_all()
+        return pb.InjectReply(nodes=list(request.nodes))
+
+    def _inject_add(self, request: pb.InjectRequest, context: grpc.ServicerContext) -> pb.InjectReply:
+        if self._add_node is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job's launcher cannot add nodes")
+        with self._lock:
+            taken = [n for n in request.nodes if n in self._nodes and self._nodes[n].alive]
+        if taken or len(set(request.nodes)) != len(request.nodes):
+            _invalid(context, f"nodes: {taken or list(request.nodes)} are already alive or repeated; name new nodes")
+        for name in request.nodes:
+            self._add_node(name)
         return pb.InjectReply(nodes=list(request.nodes))
 
     # ------------------------------------------------------------------------------------------
@@ -436,8 +465,12 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 if self._stopping or self._failure is not None or self._finished:
                     return
                 self._replan = False
+                self._joins_ready = False
                 membership = self._membership
-                names = sorted((n for n, v in self._nodes.items() if v.alive), key=_natural_key)
+                first = self._generation is None
+                # a node that registered mid-run is placed once its workers are up (they wait for work)
+                usable = [n for n, v in self._nodes.items() if v.alive and (first or v.in_job or len(v.waiting) == self._devices)]
+                names = sorted(usable, key=_natural_key)
             try:
                 self._new_generation(names, membership)
             except Exception as e:  # a planner or store failure: end the job with its one-line reason
@@ -471,6 +504,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             old = self._generation
             if old is not None:
                 self._end(old)
+            for name in names:
+                self._nodes[name].in_job = True
             number = (old.number if old else 0) + 1
             gen = _Generation(number, placement, f"gen{number}/", start, time.monotonic(), restore, moves)
             self._generation = gen
@@ -539,7 +574,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     self._trained = True
                     if first_commit:
                         self._holdings = _stage_layers(gen.placement)
-                    if self._change is not None and self._change.joined and not self._change.lost:
+                    if self._joins_ready:
                         self._end(gen)  # fold joining nodes in at this step boundary
                         self._replan = True
                         self._lock.notify_all()

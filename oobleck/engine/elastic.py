@@ -117,14 +117,20 @@ def run_elastic(
         except OobleckError:
             raise
         except Exception as e:
+            log.info("generation %d: %s: %s", assignment.generation, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             if not watch.ended.wait(END_GRACE_S):
                 raise
-            log.info("generation %d ended (%s: %s)", assignment.generation, type(e).__name__, e)
+            log.info("generation %d ended", assignment.generation)
         finally:
             if worker is not None:
                 worker.close()
             _leave_group()
         assignment = next_assignment(assignment.generation)
+        log.info(
+            "generation %d: rank %d of %d from step %d (%s, %d moves)",
+            assignment.generation, assignment.rank, assignment.world_size, assignment.start_step,
+            assignment.restore, len(assignment.moves),
+        )  # fmt: skip
         if worker is not None:
             worker.settle(assignment.start_step)
             if worker.committed_any:

@@ -1,0 +1,66 @@
+"""Inject failures into a running job, or add nodes to it: ``oobleck inject RUN_DIR --kill node2``.
+
+The job is found through ``RUN_DIR/control.json``, which ``oobleck run`` writes when its master starts.
+``--kill`` and ``--hang`` act on whole nodes (the agent and its workers: SIGKILL, or SIGSTOP so that the
+master sees missed heartbeats), or on one worker with ``--worker D`` (a hung worker is killed by its agent's
+watchdog). ``--add`` starts new nodes that join at the next step boundary (the local launcher starts them
+on this machine). Several nodes in one call are hit at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import grpc
+
+from oobleck.errors import OobleckError
+
+HELP = "kill, hang or add nodes of a running job"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the running job's run directory")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--kill", nargs="+", metavar="NODE", help="SIGKILL these nodes (or one worker of each)")
+    action.add_argument("--hang", nargs="+", metavar="NODE", help="SIGSTOP these nodes (or one worker of each)")
+    action.add_argument("--add", nargs="+", metavar="NODE", help="start these new nodes")
+    parser.add_argument("--worker", type=int, metavar="D", help="act on the worker of device D only")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master")
+
+
+def run(args: argparse.Namespace) -> int:
+    from oobleck.control import oobleck_pb2 as pb
+    from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
+
+    master, token_file = _find_job(Path(args.run_dir))
+    action, nodes = next((name, getattr(args, name)) for name in ("kill", "hang", "add") if getattr(args, name))
+    if args.worker is not None and action == "add":
+        raise OobleckError("--worker: applies to --kill and --hang only")
+    channel = open_channel(master, read_token(token_file))
+    try:
+        wait_ready(channel, master, args.timeout)
+        request = pb.InjectRequest(nodes=nodes, action=action, device=-1 if args.worker is None else args.worker)
+        try:
+            reply = master_stub(channel).Inject(request, timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise OobleckError(f"the master refused: {e.details()}") from None
+    finally:
+        channel.close()
+    target = "nodes" if args.worker is None else f"worker {args.worker} of"
+    print(f"{action}: {target} {', '.join(reply.nodes)}")
+    return 0
+
+
+def _find_job(run_dir: Path) -> tuple[str, str]:
+    from launcher.local import CONTROL_FILE
+
+    path = run_dir / CONTROL_FILE
+    try:
+        info = json.loads(path.read_text())
+        return str(info["master"]), str(info["token_file"])
+    except FileNotFoundError:
+        raise OobleckError(f"RUN_DIR: no {path}; pass the run directory of a job `oobleck run` is running") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OobleckError(f"RUN_DIR: {path} is unreadable ({e}); is this a run directory of oobleck run?") from None
