@@ -111,7 +111,7 @@ class ModelSpec(abc.ABC):
             (first_layer, first_name), *rest = group
             shared = layers[first_layer].get_parameter(first_name)
             for layer_index, name in rest:
-                _set_parameter(layers[layer_index], name, shared)
+                set_parameter(layers[layer_index], name, shared)
         return layers
 
     def sample_randomness(self, sample: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -124,11 +124,13 @@ class ModelSpec(abc.ABC):
         raise NotImplementedError
 
 
-def _set_parameter(module: nn.Module, dotted: str, param: nn.Parameter) -> None:
+def set_parameter(module: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    """Make ``param`` the parameter that ``module.get_parameter(dotted)`` returns (sharing a tied weight)."""
     *path, leaf = dotted.split(".")
     for part in path:
         module = getattr(module, part)
     setattr(module, leaf, param)
+
 
 
 def run_layers(layers: list[Layer], mb: MicroBatch, carry: Carry | None = None) -> Carry:

@@ -11,6 +11,11 @@ Layer list: ``[DiTStem, DiTBlockLayer x n_layer, DiTHead]``.
   the head also outputs variance channels (as the published DiT shapes do); only the first ``channels``
   output channels enter the loss, which has no variational term.
 
+The pieces every patch diffusion transformer shares (the MoE model of :mod:`models.moe` too) live here:
+the initialisers :func:`xavier_init` and :func:`init_modulation`, the config properties of
+:class:`PatchConfig`, the shape checks of :func:`check_patch_config`, the stem and head bases
+:class:`PatchStem` and :class:`DiTHead`, and :class:`PatchDiffusionSpec`.
+
 Initialisation follows the DiT paper (Xavier-uniform linears with zero bias, N(0, 0.02) class table and
 timestep MLP, zero adaLN modulation and zero output layer), drawn from ``layer_generator(seed, i)``.
 ``adaln_zero=False`` draws the modulation and output layers like the other linears instead (the paper's
@@ -22,8 +27,10 @@ branches and every layer is frozen except what :func:`models.difffit.difffit_tra
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +47,10 @@ FREQ_DIM = 256
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class PatchConfig:
+    """The fields every patch-transformer config starts with, and the sizes derived from them (subclasses
+    add ``mlp_ratio``, ``num_timesteps``, ``class_dropout`` and ``adaln_zero``)."""
+
     image_size: int
     channels: int
     patch: int
@@ -48,6 +58,30 @@ class DiTConfig:
     n_layer: int
     n_head: int
     num_classes: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the head outputs per pixel."""
+        return self.channels
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.d_model * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class DiTConfig(PatchConfig):
+    """DiT's shape and options; the first seven fields, ``image_size`` to
+    ``num_classes``, are :class:`PatchConfig`'s (positional construction keeps its order)."""
+
     mlp_ratio: float = 4.0
     #: also predict per-pixel variance channels (output 2 * channels); they are not trained by our loss
     learn_sigma: bool = False
@@ -61,20 +95,8 @@ class DiTConfig:
     adaln_zero: bool = True
 
     @property
-    def grid(self) -> int:
-        return self.image_size // self.patch
-
-    @property
-    def tokens(self) -> int:
-        return self.grid * self.grid
-
-    @property
     def out_channels(self) -> int:
         return self.channels * 2 if self.learn_sigma else self.channels
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.d_model * self.mlp_ratio)
 
 
 def _latent(d: int, n_layer: int, n_head: int) -> DiTConfig:
@@ -99,14 +121,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _xavier(linear: nn.Linear | nn.Conv2d, gen: torch.Generator) -> None:
-    """Xavier-uniform weight (over the flattened fan-in for convolutions) and zero bias."""
+def xavier_init(linear: nn.Linear | nn.Conv2d, gen: torch.Generator) -> None:
+    """Xavier-uniform weight (over the flattened fan-in for convolutions) and zero bias (if any), drawn
+    in float64 from ``gen`` so that every dtype starts from the same numbers."""
     w = linear.weight
     fan_out, fan_in = w.shape[0], w[0].numel()
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     with torch.no_grad():
         w.copy_(torch.empty(w.shape, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
-        linear.bias.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 def _normal(w: torch.Tensor, std: float, gen: torch.Generator) -> None:
@@ -114,13 +138,15 @@ def _normal(w: torch.Tensor, std: float, gen: torch.Generator) -> None:
         w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * std)
 
 
-def _init_modulation(linear: nn.Linear, gen: torch.Generator, zero: bool) -> None:
+def init_modulation(linear: nn.Linear, gen: torch.Generator, zero: bool) -> None:
+    """An adaLN modulation (or output) layer: all zeros with ``zero`` (adaLN-Zero, no draw from ``gen``),
+    else Xavier like the other linears (plain adaLN)."""
     if zero:
         with torch.no_grad():
             linear.weight.zero_()
             linear.bias.zero_()
     else:
-        _xavier(linear, gen)
+        xavier_init(linear, gen)
 
 
 class PatchEmbed(nn.Module):
@@ -131,7 +157,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
 
     def reset_parameters(self, gen: torch.Generator) -> None:
-        _xavier(self.proj, gen)
+        xavier_init(self.proj, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -187,8 +213,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def reset_parameters(self, gen: torch.Generator) -> None:
-        _xavier(self.qkv, gen)
-        _xavier(self.proj, gen)
+        xavier_init(self.qkv, gen)
+        xavier_init(self.proj, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -206,8 +232,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def reset_parameters(self, gen: torch.Generator) -> None:
-        _xavier(self.fc1, gen)
-        _xavier(self.fc2, gen)
+        xavier_init(self.fc1, gen)
+        xavier_init(self.fc2, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -231,7 +257,7 @@ class DiTBlock(nn.Module):
     def reset_parameters(self, gen: torch.Generator, adaln_zero: bool = True) -> None:
         self.attn.reset_parameters(gen)
         self.mlp.reset_parameters(gen)
-        _init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
+        init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
         for scale in (self.scale_attn, self.scale_mlp):
             if scale is not None:
                 scale.reset_parameters()
@@ -254,8 +280,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def reset_parameters(self, gen: torch.Generator, adaln_zero: bool = True) -> None:
-        _init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
-        _init_modulation(self.linear, gen, adaln_zero)
+        init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
+        init_modulation(self.linear, gen, adaln_zero)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -270,16 +296,48 @@ def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, g * patch, g * patch)
 
 
-class DiTStem(Layer):
-    """Layer 0: noising, patch embedding, positions and the condition ``c = t_emb + y_emb``."""
+class PatchStem(Layer):
+    """Layer 0 of a patch diffusion transformer: noises ``mb.data["image"]`` to ``x_t`` with the sample's
+    ``t`` and ``noise`` and embeds it with :meth:`embed`. It holds the patch and timestep embedders;
+    subclasses register their condition's embedder after them (every child has ``reset_parameters(gen)``)
+    and a ``pos_embed`` table of ``config.tokens`` rows."""
 
-    def __init__(self, config: DiTConfig, schedule: NoiseSchedule) -> None:
+    def __init__(self, config: PatchConfig, schedule: NoiseSchedule) -> None:
         super().__init__()
         self.config = config
         self.schedule = schedule
+        self.x_embedder = PatchEmbed(config.channels, config.patch, config.d_model)
+        self.t_embedder = TimestepEmbedder(config.d_model)
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        for embedder in self.children():  # in registration order, which fixes the draws from gen
+            embedder.reset_parameters(gen)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.d_model, self.config.grid, self.config.grid))
+
+    def patch_tokens(self, x_t: torch.Tensor) -> torch.Tensor:
+        """``h [N, T, D]``: the patches of ``x_t`` embedded, plus the position table."""
+        return self.x_embedder(x_t.to(self.pos_embed.dtype)) + self.pos_embed
+
+    @abc.abstractmethod
+    def embed(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> Carry:
+        """The carry for noisy images ``x_t [N, C, H, W]`` at timesteps ``t [N]`` (the inference path);
+        ``drop [N]`` (bool) replaces those labels by the null class."""
+
+    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
+        dtype = self.pos_embed.dtype
+        x_t = self.schedule.q_sample(mb.data["image"].to(dtype), mb.data["t"], mb.data["noise"].to(dtype))
+        return self.embed(x_t, mb.data["t"], mb.data["label"], mb.data.get("drop_label"))
+
+
+class DiTStem(PatchStem):
+    """Layer 0: noising, patch embedding, positions and the condition ``c = t_emb + y_emb``."""
+
+    def __init__(self, config: DiTConfig, schedule: NoiseSchedule) -> None:
+        super().__init__(config, schedule)
         d = config.d_model
-        self.x_embedder = PatchEmbed(config.channels, config.patch, d)
-        self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, with_null=config.class_dropout > 0)
         table = torch.zeros(config.tokens, d)
         if config.learn_pos:
@@ -287,25 +345,11 @@ class DiTStem(Layer):
         else:  # a pure function of the config: recomputed by every build, never checkpointed
             self.register_buffer(POS_EMBED_NAME, table, persistent=False)
 
-    def reset_parameters(self, gen: torch.Generator) -> None:
-        self.x_embedder.reset_parameters(gen)
-        self.t_embedder.reset_parameters(gen)
-        self.y_embedder.reset_parameters(gen)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.d_model, self.config.grid, self.config.grid))
-
     def embed(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, c)`` for noisy images ``x_t [N, C, H, W]`` at timesteps ``t [N]`` (the inference path)."""
-        h = self.x_embedder(x_t.to(self.pos_embed.dtype)) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(labels, drop)
-        return h, c
-
-    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        dtype = self.pos_embed.dtype
-        x_t = self.schedule.q_sample(mb.data["image"].to(dtype), mb.data["t"], mb.data["noise"].to(dtype))
-        return self.embed(x_t, mb.data["t"], mb.data["label"], mb.data.get("drop_label"))
+        return self.patch_tokens(x_t), self.t_embedder(t) + self.y_embedder(labels, drop)
 
 
 class DiTBlockLayer(Layer):
@@ -325,9 +369,10 @@ class DiTBlockLayer(Layer):
 
 
 class DiTHead(Layer):
-    """Last layer: final adaLN layer, unpatchify, and the summed epsilon-prediction loss."""
+    """Last layer: final adaLN layer, unpatchify, and the summed epsilon-prediction loss. It reads ``h``
+    and ``c``, the first two entries of the carry, so other patch transformers use it too."""
 
-    def __init__(self, config: DiTConfig) -> None:
+    def __init__(self, config: PatchConfig) -> None:
         super().__init__()
         self.config = config
         self.final = FinalLayer(config.d_model, config.patch, config.out_channels)
@@ -336,8 +381,8 @@ class DiTHead(Layer):
         self.final.reset_parameters(gen, self.config.adaln_zero)
 
     def predict(self, carry: Carry) -> torch.Tensor:
-        """``eps_hat [N, C, H, W]``: the noise prediction (the variance channels are dropped)."""
-        h, c = carry
+        """``eps_hat [N, C, H, W]``: the noise prediction (any variance channels are dropped)."""
+        h, c = carry[0], carry[1]
         out = unpatchify(self.final(h, c), self.config.patch, self.config.out_channels)
         return out[:, : self.config.channels]
 
@@ -347,9 +392,10 @@ class DiTHead(Layer):
         return ((eps_hat - noise) ** 2).mean(dim=(1, 2, 3)).sum()
 
 
-def _check_config(c: DiTConfig) -> None:
-    """One-line ConfigErrors for shapes the model cannot take."""
-    positive = ("image_size", "channels", "patch", "d_model", "n_layer", "n_head", "num_classes", "num_timesteps")
+def check_patch_config(c: PatchConfig, positive: Sequence[str]) -> None:
+    """One-line ConfigErrors for shapes no patch transformer can take: the fields named in ``positive``
+    below 1, a patch that does not divide the image, heads that do not divide ``d_model``, a ``d_model``
+    the 2-D sin-cos table cannot split, and a ``class_dropout`` outside [0, 1)."""
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"model.overrides.{name}: got {getattr(c, name)}; must be >= 1")
@@ -363,38 +409,47 @@ def _check_config(c: DiTConfig) -> None:
         raise ConfigError(f"model.overrides.class_dropout: got {c.class_dropout}; must be in [0, 1)")
 
 
-class DiTSpec(ModelSpec):
-    """A DiT as ``n_layer + 2`` independently buildable layers (see the module docstring)."""
+#: the config fields of every patch transformer that must be at least 1
+PATCH_POSITIVE = ("image_size", "channels", "patch", "d_model", "n_layer", "n_head", "num_classes", "num_timesteps")
 
-    def __init__(
-        self, config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32, difffit: bool = False
-    ) -> None:
-        _check_config(config)
+
+class PatchDiffusionSpec(ModelSpec):
+    """A patch diffusion transformer as ``n_layer + 2`` independently buildable layers: a stem, the
+    blocks and a head. Subclasses say which layer stands at an index (:meth:`_make_layer`), the FLOPs of
+    a block and the carry's size; building, sizes and diffusion randomness are shared."""
+
+    #: the ``family`` entry of the fingerprint
+    family: str
+
+    def __init__(self, config: PatchConfig, seed: int, dtype: torch.dtype) -> None:
         self.config = config
         self.seed = seed
         self.dtype = dtype
-        self.difffit = difffit
         self.schedule = NoiseSchedule(config.num_timesteps)
 
     @property
     def num_layers(self) -> int:
         return self.config.n_layer + 2
 
+    @abc.abstractmethod
+    def _make_layer(self, index: int) -> Layer:
+        """Layer ``index`` (called on the meta device, in the default dtype)."""
+
+    @abc.abstractmethod
+    def _block_flops(self) -> float:
+        """Forward FLOPs of one block for one sample."""
+
+    @abc.abstractmethod
+    def _carry_numel(self) -> int:
+        """Elements per sample of the carry the stem and each block send downstream."""
+
     def _construct(self, index: int) -> Layer:
         """Layer ``index`` on the meta device (shapes only, no memory, no random draws)."""
         if not 0 <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
         with torch.device("meta"):
-            if index == 0:
-                layer: Layer = DiTStem(self.config, self.schedule)
-            elif index == self.num_layers - 1:
-                layer = DiTHead(self.config)
-            else:  # DiffFit scales the first half of the blocks
-                layer = DiTBlockLayer(self.config, difffit_scale=self.difffit and index - 1 < self.config.n_layer // 2)
-        layer = layer.to(self.dtype)
-        if self.difffit:
-            apply_difffit(layer)
-        return layer
+            layer = self._make_layer(index)
+        return layer.to(self.dtype)
 
     def build_layer(self, index: int) -> Layer:
         layer = self._construct(index).to_empty(device="cpu")
@@ -404,25 +459,24 @@ class DiTSpec(ModelSpec):
     def layer_meta(self, index: int) -> LayerMeta:
         """Parameter counts (from a meta-device build) and forward FLOPs of one sample.
 
-        FLOPs count a multiply-add as 2, with ``T`` tokens, width ``D``, MLP width ``M``: the stem costs
-        the patch convolution ``2 T C p^2 D`` plus the timestep MLP ``2 (256 D + D^2)``; a block costs
-        ``T (8 D^2 + 4 D M)`` for its linears, ``4 T^2 D`` for ``QK^T`` and ``AV``, and ``12 D^2`` for its
-        modulation; the head ``2 T D p^2 C_out + 4 D^2``. Stem and blocks send ``(h, c)``, ``T D + D``
-        elements; the head's output is the loss, which crosses no boundary (0)."""
+        FLOPs count a multiply-add as 2, with ``T`` tokens and width ``D``: the stem costs the patch
+        convolution ``2 T C p^2 D`` plus the timestep MLP ``2 (256 D + D^2)``; the head
+        ``2 T D p^2 C_out + 4 D^2``; a block what :meth:`_block_flops` says. The head's output is the
+        loss, which crosses no boundary (0)."""
         layer = self._construct(index)
         params = sum(p.numel() for p in layer.parameters())
         trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         c = self.config
-        t, d, carry = c.tokens, c.d_model, c.tokens * c.d_model + c.d_model
+        t, d = c.tokens, c.d_model
         if index == 0:
-            name, out = "stem", carry
+            name, out = "stem", self._carry_numel()
             flops = 2.0 * t * c.channels * c.patch**2 * d + 2.0 * (FREQ_DIM * d + d * d)
         elif index == self.num_layers - 1:
             name, out = "head", 0
             flops = 2.0 * t * d * c.patch**2 * c.out_channels + 4.0 * d * d
         else:
-            name, out = f"block{index - 1}", carry
-            flops = t * (8.0 * d * d + 4.0 * d * c.mlp_hidden) + 4.0 * t * t * d + 12.0 * d * d
+            name, out = f"block{index - 1}", self._carry_numel()
+            flops = self._block_flops()
         return LayerMeta(name, params, trainable, flops, out)
 
     def loss_units(self, mb: MicroBatch) -> int:
@@ -430,13 +484,58 @@ class DiTSpec(ModelSpec):
         return mb.size
 
     def sample_randomness(self, sample: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Diffusion randomness: ``t``, ``noise``, and ``drop_label`` with class dropout."""
         return draw_diffusion_randomness(sample, gen, self.schedule, label_dropout=self.config.class_dropout)
+
+    def _fingerprint_extra(self) -> dict:
+        return {}
 
     def fingerprint(self) -> dict:
         return {
-            "family": "dit",
+            "family": self.family,
             **dataclasses.asdict(self.config),
-            "difffit": self.difffit,
+            **self._fingerprint_extra(),
             "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+class DiTSpec(PatchDiffusionSpec):
+    """A DiT as ``n_layer + 2`` independently buildable layers (see the module docstring)."""
+
+    family = "dit"
+
+    def __init__(
+        self, config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32, difffit: bool = False
+    ) -> None:
+        check_patch_config(config, PATCH_POSITIVE)
+        super().__init__(config, seed, dtype)
+        self.difffit = difffit
+
+    def _make_layer(self, index: int) -> Layer:
+        if index == 0:
+            return DiTStem(self.config, self.schedule)
+        if index == self.num_layers - 1:
+            return DiTHead(self.config)
+        # DiffFit scales the first half of the blocks
+        return DiTBlockLayer(self.config, difffit_scale=self.difffit and index - 1 < self.config.n_layer // 2)
+
+    def _construct(self, index: int) -> Layer:
+        layer = super()._construct(index)
+        if self.difffit:
+            apply_difffit(layer)
+        return layer
+
+    def _block_flops(self) -> float:
+        """``T (8 D^2 + 4 D M)`` for the linears (MLP width ``M``), ``4 T^2 D`` for ``QK^T`` and ``AV``,
+        and ``12 D^2`` for the modulation."""
+        c = self.config
+        t, d = c.tokens, c.d_model
+        return t * (8.0 * d * d + 4.0 * d * c.mlp_hidden) + 4.0 * t * t * d + 12.0 * d * d
+
+    def _carry_numel(self) -> int:
+        """``(h, c)``: ``T D + D``."""
+        return self.config.tokens * self.config.d_model + self.config.d_model
+
+    def _fingerprint_extra(self) -> dict:
+        return {"difffit": self.difffit}

@@ -36,7 +36,6 @@ prompt table and timestep MLP, zero adaLN modulation and output layer unless ``a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,33 +43,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Carry, Layer, LayerMeta, MicroBatch, ModelSpec, layer_generator
-from models.diffusion import NoiseSchedule, draw_diffusion_randomness, sincos_pos_embed_2d
+from models.base import Carry, Layer, MicroBatch
+from models.diffusion import NoiseSchedule
 from models.dit import (
-    FREQ_DIM,
+    PATCH_POSITIVE,
     Attention,
-    FinalLayer,
+    DiTHead,
     LabelEmbedder,
     Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    _init_modulation,
-    _xavier,
+    PatchConfig,
+    PatchDiffusionSpec,
+    PatchStem,
+    check_patch_config,
+    init_modulation,
     modulate,
-    unpatchify,
+    xavier_init,
 )
 from oobleck.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class MoEConfig:
-    image_size: int
-    channels: int
-    patch: int
-    d_model: int
-    n_layer: int
-    n_head: int
-    num_classes: int
+class MoEConfig(PatchConfig):
+    """The MoE model's shape, experts and options; the first seven fields, ``image_size`` to
+    ``num_classes``, are :class:`PatchConfig`'s (positional construction keeps its order)."""
+
     #: learned prompt tokens per class (the cross-attention context)
     n_prompt: int = 4
     num_time_experts: int = 4
@@ -86,18 +82,6 @@ class MoEConfig:
     class_dropout: float = 0.0
     #: zero-initialise adaLN modulation and the output layer (adaLN-Zero); False is plain adaLN
     adaln_zero: bool = True
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch
-
-    @property
-    def tokens(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.d_model * self.mlp_ratio)
 
 
 PRESETS: dict[str, MoEConfig] = {
@@ -160,7 +144,7 @@ class CrossAttention(nn.Module):
 
     def reset_parameters(self, gen: torch.Generator) -> None:
         for linear in (self.q, self.kv, self.proj):
-            _xavier(linear, gen)
+            xavier_init(linear, gen)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -203,10 +187,7 @@ class SpaceMoE(nn.Module):
         self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(num_experts))
 
     def reset_parameters(self, gen: torch.Generator) -> None:
-        w = self.gate.weight
-        bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5  # Xavier-uniform; the gate has no bias
-        with torch.no_grad():
-            w.copy_(torch.empty(w.shape, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
+        xavier_init(self.gate, gen)  # the gate has no bias
         for expert in self.experts:
             expert.reset_parameters(gen)
 
@@ -254,7 +235,7 @@ class MoEBlock(nn.Module):
         self.cross.reset_parameters(gen)
         self.time_moe.reset_parameters(gen)
         self.space_moe.reset_parameters(gen)
-        _init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
+        init_modulation(self.adaLN_modulation[1], gen, adaln_zero)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, prompt: torch.Tensor, t: torch.Tensor
@@ -273,39 +254,23 @@ class MoEBlock(nn.Module):
         return x, load_balancing_loss(probs, space_expert), Routing(time_expert, space_expert, probs.detach())
 
 
-class MoEStem(Layer):
+class MoEStem(PatchStem):
     """Layer 0: noising, patch embedding, positions, the timestep embedding ``c`` and the prompt."""
 
     def __init__(self, config: MoEConfig, schedule: NoiseSchedule) -> None:
-        super().__init__()
-        self.config = config
-        self.schedule = schedule
+        super().__init__(config, schedule)
         d = config.d_model
-        self.x_embedder = PatchEmbed(config.channels, config.patch, d)
-        self.t_embedder = TimestepEmbedder(d)
         # one row of n_prompt * d per class: the class's prompt tokens, flattened
         self.prompt_embedder = LabelEmbedder(config.num_classes, config.n_prompt * d, with_null=config.class_dropout > 0)
         # a pure function of the config: recomputed by every build, never checkpointed
         self.register_buffer("pos_embed", torch.zeros(config.tokens, d), persistent=False)
 
-    def reset_parameters(self, gen: torch.Generator) -> None:
-        self.x_embedder.reset_parameters(gen)
-        self.t_embedder.reset_parameters(gen)
-        self.prompt_embedder.reset_parameters(gen)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.d_model, self.config.grid, self.config.grid))
-
     def embed(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor | None = None) -> Carry:
         """The carry ``(h, c, prompt, t)`` for noisy images ``x_t [N, C, H, W]`` at timesteps ``t [N]``
         (the inference path); ``drop [N]`` (bool) selects the null prompt."""
-        h = self.x_embedder(x_t.to(self.pos_embed.dtype)) + self.pos_embed
+        h = self.patch_tokens(x_t)
         prompt = self.prompt_embedder(labels, drop).view(labels.shape[0], self.config.n_prompt, self.config.d_model)
         return h, self.t_embedder(t), prompt, t.long()
-
-    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        dtype = self.pos_embed.dtype
-        x_t = self.schedule.q_sample(mb.data["image"].to(dtype), mb.data["t"], mb.data["noise"].to(dtype))
-        return self.embed(x_t, mb.data["t"], mb.data["label"], mb.data.get("drop_label"))
 
 
 class MoEBlockLayer(Layer):
@@ -330,26 +295,9 @@ class MoEBlockLayer(Layer):
         return self.forward_routed(carry, mb)[0]
 
 
-class MoEHead(Layer):
-    """Last layer: final adaLN layer, unpatchify, and the summed epsilon-prediction loss."""
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.final = FinalLayer(config.d_model, config.patch, config.channels)
-
-    def reset_parameters(self, gen: torch.Generator) -> None:
-        self.final.reset_parameters(gen, self.config.adaln_zero)
-
-    def predict(self, carry: Carry) -> torch.Tensor:
-        """``eps_hat [N, C, H, W]``: the noise prediction."""
-        h, c, _, _ = carry
-        return unpatchify(self.final(h, c), self.config.patch, self.config.channels)
-
-    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        eps_hat = self.predict(carry)
-        noise = mb.data["noise"].to(eps_hat.dtype)
-        return ((eps_hat - noise) ** 2).mean(dim=(1, 2, 3)).sum()
+class MoEHead(DiTHead):
+    """Last layer, DiT's head: final adaLN layer on ``(h, c)`` of the carry, unpatchify, and the summed
+    epsilon-prediction loss."""
 
 
 def trace_routing(layers: Sequence[Layer], mb: MicroBatch) -> list[Routing]:
@@ -368,104 +316,45 @@ def trace_routing(layers: Sequence[Layer], mb: MicroBatch) -> list[Routing]:
 
 def _check_config(c: MoEConfig) -> None:
     """One-line ConfigErrors for shapes the model cannot take."""
-    positive = (
-        "image_size", "channels", "patch", "d_model", "n_layer", "n_head", "num_classes", "n_prompt",
-        "num_time_experts", "num_space_experts", "num_timesteps",
-    )
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ConfigError(f"model.overrides.{name}: got {getattr(c, name)}; must be >= 1")
-    if c.image_size % c.patch:
-        raise ConfigError(f"model.overrides.patch: got {c.patch}; must divide image_size {c.image_size}")
-    if c.d_model % c.n_head:
-        raise ConfigError(f"model.overrides.n_head: got {c.n_head}; must divide d_model {c.d_model}")
-    if c.d_model % 4:
-        raise ConfigError(f"model.overrides.d_model: got {c.d_model}; must be a multiple of 4 (2-D sin-cos positions)")
+    check_patch_config(c, (*PATCH_POSITIVE, "n_prompt", "num_time_experts", "num_space_experts"))
     if c.top_k not in (1, 2) or c.top_k > c.num_space_experts:
         raise ConfigError(f"model.overrides.top_k: got {c.top_k}; must be 1 or 2 and at most num_space_experts ({c.num_space_experts})")
     if c.mlp_hidden < 1:
         raise ConfigError(f"model.overrides.mlp_ratio: got {c.mlp_ratio}; d_model * mlp_ratio must be >= 1")
     if c.aux_coef < 0:
         raise ConfigError(f"model.overrides.aux_coef: got {c.aux_coef}; must be >= 0")
-    if not 0.0 <= c.class_dropout < 1.0:
-        raise ConfigError(f"model.overrides.class_dropout: got {c.class_dropout}; must be in [0, 1)")
 
 
-class MoESpec(ModelSpec):
-    """The MoE diffusion transformer as ``n_layer + 2`` independently buildable layers."""
+class MoESpec(PatchDiffusionSpec):
+    """The MoE diffusion transformer as ``n_layer + 2`` independently buildable layers. Routing draws
+    nothing: the only randomness is the diffusion's (``t``, ``noise``, ``drop_label``)."""
+
+    family = "moe"
 
     def __init__(self, config: MoEConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         _check_config(config)
-        self.config = config
-        self.seed = seed
-        self.dtype = dtype
-        self.schedule = NoiseSchedule(config.num_timesteps)
+        super().__init__(config, seed, dtype)
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.n_layer + 2
+    def _make_layer(self, index: int) -> Layer:
+        if index == 0:
+            return MoEStem(self.config, self.schedule)
+        if index == self.num_layers - 1:
+            return MoEHead(self.config)
+        return MoEBlockLayer(self.config)
 
-    def _construct(self, index: int) -> Layer:
-        """Layer ``index`` on the meta device (shapes only, no memory, no random draws)."""
-        if not 0 <= index < self.num_layers:
-            raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
-        with torch.device("meta"):
-            if index == 0:
-                layer: Layer = MoEStem(self.config, self.schedule)
-            elif index == self.num_layers - 1:
-                layer = MoEHead(self.config)
-            else:
-                layer = MoEBlockLayer(self.config)
-        return layer.to(self.dtype)
-
-    def build_layer(self, index: int) -> Layer:
-        layer = self._construct(index).to_empty(device="cpu")
-        layer.reset_parameters(layer_generator(self.seed, index))
-        return layer
-
-    def layer_meta(self, index: int) -> LayerMeta:
-        """Parameter counts (from a meta-device build) and forward FLOPs of one sample.
-
-        A multiply-add counts 2; ``T`` tokens, ``P`` prompt tokens, width ``D``, expert width ``M``,
-        ``E`` space experts, ``k = top_k``. Stem: patch convolution ``2 T C p^2 D`` plus timestep MLP
-        ``2 (256 D + D^2)``. Block: modulation ``18 D^2``; self-attention ``8 T D^2 + 4 T^2 D``;
+    def _block_flops(self) -> float:
+        """A multiply-add counts 2; ``T`` tokens, ``P`` prompt tokens, width ``D``, expert width ``M``,
+        ``E`` space experts, ``k = top_k``: modulation ``18 D^2``; self-attention ``8 T D^2 + 4 T^2 D``;
         cross-attention ``4 T D^2 + 4 P D^2 + 4 T P D``; time-MoE (one expert per token) ``4 T D M``;
-        space-MoE gate ``2 T D E`` plus ``k`` experts per token ``4 k T D M``. Head:
-        ``2 T D p^2 C + 4 D^2``. Stem and blocks send ``(h, c, prompt, t)``, ``T D + D + P D + 1``
-        elements per sample; the head's loss crosses no boundary (0)."""
-        layer = self._construct(index)
-        params = sum(p.numel() for p in layer.parameters())
-        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        space-MoE gate ``2 T D E`` plus ``k`` experts per token ``4 k T D M``."""
         c = self.config
         t, d, p, m = c.tokens, c.d_model, c.n_prompt, c.mlp_hidden
-        carry = t * d + d + p * d + 1
-        if index == 0:
-            name, out = "stem", carry
-            flops = 2.0 * t * c.channels * c.patch**2 * d + 2.0 * (FREQ_DIM * d + d * d)
-        elif index == self.num_layers - 1:
-            name, out = "head", 0
-            flops = 2.0 * t * d * c.patch**2 * c.channels + 4.0 * d * d
-        else:
-            name, out = f"block{index - 1}", carry
-            attn = 8.0 * t * d * d + 4.0 * t * t * d
-            cross = 4.0 * t * d * d + 4.0 * p * d * d + 4.0 * t * p * d
-            experts = 4.0 * t * d * m * (1 + c.top_k) + 2.0 * t * d * c.num_space_experts
-            flops = 18.0 * d * d + attn + cross + experts
-        return LayerMeta(name, params, trainable, flops, out)
+        attn = 8.0 * t * d * d + 4.0 * t * t * d
+        cross = 4.0 * t * d * d + 4.0 * p * d * d + 4.0 * t * p * d
+        experts = 4.0 * t * d * m * (1 + c.top_k) + 2.0 * t * d * c.num_space_experts
+        return 18.0 * d * d + attn + cross + experts
 
-    def loss_units(self, mb: MicroBatch) -> int:
-        """The number of samples in ``mb`` (the loss sums per-sample mean squared errors)."""
-        return mb.size
-
-    def sample_randomness(self, sample: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Diffusion randomness (``t``, ``noise``, and ``drop_label`` with class dropout); routing
-        itself draws nothing."""
-        return draw_diffusion_randomness(sample, gen, self.schedule, label_dropout=self.config.class_dropout)
-
-    def fingerprint(self) -> dict:
-        return {
-            "family": "moe",
-            **dataclasses.asdict(self.config),
-            "seed": self.seed,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+    def _carry_numel(self) -> int:
+        """``(h, c, prompt, t)``: ``T D + D + P D + 1``."""
+        c = self.config
+        return c.tokens * c.d_model + c.d_model + c.n_prompt * c.d_model + 1

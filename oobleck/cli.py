@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-local": ("train_local", "train in a single process (the reference run)"),
     "run": ("run", "train a job on a cluster (local processes by default)"),
     "demo": ("demo", "train a tiny GPT on 4 local nodes, end to end"),
+    "inject": ("inject", "kill, hang or add nodes of a running job"),
 }
 
 PACKAGE = "oobleck.commands"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models.base import Carry, MicroBatch, ModelSpec, run_layers
+from models.base import Carry, Layer, MicroBatch, ModelSpec, run_layers
+from models.data import BatchSource
 
 
 def _as_tuple(carry: Carry) -> tuple[torch.Tensor, ...]:
@@ -84,3 +85,24 @@ def assert_split_equivalent(spec: ModelSpec, mb: MicroBatch, boundaries: list[in
         assert (g - grads_b[key]).abs().max().item() <= rtol * scale, key
     for key in grads_b:
         assert key in grads_a or key in tied_followers, f"unexpected gradient {key}"
+
+
+def held_out_loss_before_after(
+    layers: list[Layer], source: BatchSource, held_out: MicroBatch, steps: int, optimizer: torch.optim.Optimizer
+) -> tuple[float, float]:
+    """The per-sample main loss on ``held_out`` before and after ``steps`` optimizer steps on microbatch 0
+    of steps ``0 .. steps-1`` of ``source`` (training adds the auxiliary losses; the evaluation does not)."""
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return float(run_layers(layers, held_out.fresh())) / held_out.size
+
+    before = eval_loss()
+    for step in range(steps):
+        mb = source.microbatch(step, 0)
+        loss = run_layers(layers, mb)
+        total = (loss + sum(mb.aux_losses) if mb.aux_losses else loss) / mb.size
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    return before, eval_loss()

@@ -1,6 +1,6 @@
 """`oobleck plan` as a user runs it. A few cases run the installed command as subprocesses (all started
-at once); the rest call the same entry point, ``oobleck.cli.main``, in this process, because every
-``oobleck`` start-up currently pays for importing torch."""
+at once); the rest call the same entry point, ``oobleck.cli.main``, in this process, which saves an
+interpreter start per case. tests/test_cli.py checks that an analytic plan never imports torch."""
 
 from __future__ import annotations
 

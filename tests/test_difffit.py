@@ -12,19 +12,11 @@ from models.data import BatchSource
 from models.difffit import difffit_trainable_names, load_pretrained, regrid_positions, trainable_fraction
 from models.diffusion import sincos_pos_embed_2d
 from models.dit import PRESETS, DiTConfig, DiTSpec
-from models.images import digits_dataset
 from oobleck.errors import ConfigError
 
 TINY = PRESETS["tiny"]  # 4 blocks: DiffFit scales blocks 0 and 1
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds spinning on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _state(layers) -> dict[int, dict[str, torch.Tensor]]:
@@ -61,10 +53,9 @@ def test_trainable_fraction_of_dit_xl() -> None:
     assert trainable_fraction(DiTSpec(xl)) == 1.0
 
 
-def test_scale_factors_start_as_identity_and_only_trainables_get_gradients() -> None:
-    dataset = digits_dataset()
+def test_scale_factors_start_as_identity_and_only_trainables_get_gradients(digits) -> None:
     plain, tuned = DiTSpec(TINY, seed=2), DiTSpec(TINY, seed=2, difffit=True)
-    mb = BatchSource(dataset, 8, 8, seed=0, randomness=plain.sample_randomness).microbatch(0, 0)
+    mb = BatchSource(digits, 8, 8, seed=0, randomness=plain.sample_randomness).microbatch(0, 0)
     plain_layers = plain.build_all()
     # make the blocks non-trivial (adaLN-Zero starts them as identities) in both models alike
     state = _state(plain_layers)

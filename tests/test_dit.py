@@ -9,31 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from models.base import MicroBatch, run_layers
+from models.base import MicroBatch
 from models.data import BatchSource
 from models.diffusion import NoiseSchedule, draw_diffusion_randomness, sincos_pos_embed_2d, timestep_embedding
 from models.dit import PRESETS, DiTConfig, DiTSpec
-from models.images import digits_dataset
 from models.sampling import sample_images, save_grid
 from oobleck.errors import ConfigError
-from tests.model_checks import assert_split_equivalent, whole_model_grads
+from tests.model_checks import assert_split_equivalent, held_out_loss_before_after, whole_model_grads
 
 # small enough for float64 autograd in milliseconds; plain adaLN so that every gradient is non-zero
 SMALL = DiTConfig(image_size=8, channels=1, patch=2, d_model=16, n_layer=3, n_head=2, num_classes=10, adaln_zero=False)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds spinning on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_dataset()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `digits` comes from there too
 
 
 def _microbatch(spec: DiTSpec, dataset, n: int = 6, step: int = 0) -> MicroBatch:
@@ -124,23 +111,10 @@ def test_training_on_digits_reduces_loss(digits) -> None:
     spec = DiTSpec(PRESETS["tiny"], seed=0)
     layers = spec.build_all()
     source = BatchSource(digits, 32, 32, seed=0, randomness=spec.sample_randomness)
-    params = [p for layer in layers for p in layer.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for layer in layers for p in layer.parameters()], lr=2e-3, weight_decay=0.0)
     # a fixed evaluation batch (its own timesteps and noise) makes the comparison independent of step noise
     held_out = BatchSource(digits, 128, 128, seed=99, randomness=spec.sample_randomness).microbatch(0, 0)
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(run_layers(layers, held_out.fresh())) / held_out.size
-
-    before = eval_loss()
-    for step in range(70):
-        mb = source.microbatch(step, 0)
-        loss = run_layers(layers, mb) / mb.size
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
+    before, after = held_out_loss_before_after(layers, source, held_out, 70, opt)
     print(f"tiny DiT on digits: held-out eps-MSE {before:.4f} -> {after:.4f} after 70 steps")
     assert before == pytest.approx(1.0, abs=0.1)  # zero-initialised output predicts eps_hat = 0
     assert after < 0.6 * before

@@ -15,7 +15,7 @@ from models.images import ImageDataset
 from models.moe import PRESETS, MoEBlockLayer, MoEConfig, MoESpec, load_balancing_loss, trace_routing
 from models.sampling import sample_images
 from oobleck.errors import ConfigError
-from tests.model_checks import assert_split_equivalent
+from tests.model_checks import assert_split_equivalent, held_out_loss_before_after
 
 # small enough for float64 checks in milliseconds, with several experts of each kind
 SMALL = MoEConfig(
@@ -23,14 +23,7 @@ SMALL = MoEConfig(
     n_prompt=2, num_time_experts=3, num_space_experts=4, top_k=2, mlp_ratio=1.0, aux_coef=0.1,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine extra threads only spin (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `digits` comes from there too
 
 
 def random_images(n: int, config: MoEConfig, seed: int = 1) -> ImageDataset:
@@ -118,29 +111,13 @@ def test_load_balancing_loss_trains_the_gate_towards_balance() -> None:
     assert max_load_after < max_load_before - 0.1, (max_load_before, max_load_after)
 
 
-def test_training_on_digits_lowers_the_loss() -> None:
-    from models.images import digits_dataset
-
+def test_training_on_digits_lowers_the_loss(digits) -> None:
     spec = MoESpec(PRESETS["tiny"], seed=0, dtype=torch.float32)
     layers = spec.build_all()
-    params = [p for layer in layers for p in layer.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    source = BatchSource(digits_dataset(), global_batch=32, microbatch=32, seed=0, randomness=spec.sample_randomness)
+    optimizer = torch.optim.AdamW([p for layer in layers for p in layer.parameters()], lr=2e-3)
+    source = BatchSource(digits, global_batch=32, microbatch=32, seed=0, randomness=spec.sample_randomness)
     held_out = source.microbatch(10_000, 0)  # a fixed batch (images, t, noise) never trained on
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(run_layers(layers, held_out.fresh())) / held_out.size
-
-    before = eval_loss()
-    for step in range(60):
-        mb = source.microbatch(step, 0)
-        loss = run_layers(layers, mb)
-        total = (loss + sum(mb.aux_losses)) / mb.size
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    after = eval_loss()
+    before, after = held_out_loss_before_after(layers, source, held_out, 60, optimizer)
     print(f"digits eps-MSE on a held-out batch: {before:.4f} -> {after:.4f}")
     assert after < 0.6 * before, (before, after)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from models.base import Carry, Layer, MicroBatch, ModelSpec, _set_parameter
+from models.base import Carry, Layer, MicroBatch, ModelSpec, set_parameter
 from oobleck import checkpoint
 from oobleck.config import TrainingConfig
 from oobleck.engine.p2p import FromPrevious, ToNext
@@ -59,7 +59,7 @@ def build_stage_layers(
             (i0, name0), *rest = local
             shared = modules[i0].get_parameter(name0)
             for i, name in rest:
-                _set_parameter(modules[i], name, shared)
+                set_parameter(modules[i], name, shared)
     optimizers = layer_optimizers([modules[i] for i in range(first, last)], cfg)
     return [HeldLayer(i, modules[i], opt, step) for i, opt in zip(range(first, last), optimizers)]
 

@@ -1,0 +1,90 @@
+"""The ``oobleck`` dispatcher: commands load lazily (``--help`` and analytic plans never import torch),
+every command is listed with its help line, and errors and Ctrl-C keep their exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from oobleck import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: runs in a fresh interpreter: a plan from --model, a plan from an analytic config, then --help
+NO_TORCH_SCRIPT = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    import oobleck.cli
+    codes = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        codes.append(oobleck.cli.main(["plan", "--model", "gpt2", "--nodes", "8", "--json"]))
+        codes.append(oobleck.cli.main(["plan", "examples/gpt3-175b.yaml", "--json"]))
+    help_text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(help_text):
+            oobleck.cli.main(["--help"])
+    except SystemExit as e:
+        codes.append(e.code)
+    print(json.dumps({"codes": codes, "torch": "torch" in sys.modules, "help": help_text.getvalue()}))
+    """
+)
+
+
+def test_plan_and_help_do_not_import_torch() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["codes"] == [0, 0, 0]
+    assert not result["torch"], "an analytic `oobleck plan` or `oobleck --help` imported torch"
+    help_text = " ".join(result["help"].split())  # argparse wraps long help lines
+    for name, (_, help_line) in cli.COMMANDS.items():
+        assert f"{name} {help_line}" in help_text
+
+
+def test_every_command_module_is_in_the_table() -> None:
+    package = ROOT / "oobleck" / "commands"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    listed = {module for module, _ in cli.COMMANDS.values()}
+    assert modules <= listed, f"add {sorted(modules - listed)} to oobleck.cli.COMMANDS"
+
+
+@pytest.mark.parametrize("name", cli.available())
+def test_table_matches_the_command_modules(name: str) -> None:
+    module_name, help_line = cli.COMMANDS[name]
+    module = importlib.import_module(f"{cli.PACKAGE}.{module_name}")
+    assert callable(module.add_arguments) and callable(module.run)
+    assert getattr(module, "HELP", help_line) == help_line, "keep the module's HELP and cli.COMMANDS in step"
+
+
+def test_a_command_not_built_yet_is_not_listed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "later", ("no_such_command_module", "a command still being written"))
+    assert "later" not in cli.available()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["later"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'later'" in err[0]
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    plan = importlib.import_module(f"{cli.PACKAGE}.plan")
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "run", interrupted)
+    assert cli.main(["plan", "--model", "gpt2", "--nodes", "8"]) == 130
+    assert capsys.readouterr().err.strip() == "oobleck plan: interrupted"
+
+
+def test_user_error_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["plan", "--model", "gpt2", "--nodes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "oobleck plan: error: --nodes: got 0; must be at least 1"
