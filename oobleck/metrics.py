@@ -2,7 +2,10 @@
 scalars under ``RUN/tensorboard``.
 
 Each line holds the fields of :class:`oobleck.control.master.StepRecord`: ``step``, ``loss``, ``units``,
-``grad_norm``, ``step_time_s``, ``samples_per_s``, ``generation``, ``nodes_alive``, ``pipelines``.
+``grad_norm``, ``step_time_s``, ``samples_per_s``, ``generation``, ``nodes_alive``, ``pipelines``. A step that
+is re-run after the job restored an earlier checkpoint (every copy of some layer was lost) appears again, in
+a later generation; the later row supersedes the earlier one. ``RUN/recoveries.jsonl`` holds one line per
+recovery (the fields of :class:`oobleck.control.master.RecoveryRecord`).
 """
 
 from __future__ import annotations

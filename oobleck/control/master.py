@@ -146,6 +146,9 @@ class _Generation:
     #: set when the generation ends early (a node lost or joining); no step of it commits after that
     ended: bool = False
     committed_any: bool = False
+    #: the membership change this generation recovers from (reported at its first commit)
+    change: "_Change | None" = None
+    steps_lost: int = 0
 
 
 @dataclass
@@ -157,6 +160,18 @@ class _Change:
     lost: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     kill_times: list[float] = field(default_factory=list)
+
+    def merged(self, later: "_Change | None") -> "_Change":
+        """This change followed by ``later`` (which happened before this one's recovery finished)."""
+        if later is None:
+            return self
+        return _Change(
+            self.noticed_at,
+            self.reasons + later.reasons,
+            self.lost + later.lost,
+            self.joined + later.joined,
+            self.kill_times + later.kill_times,
+        )
 
 
 def describe_exit(code: int) -> str:
@@ -507,17 +522,23 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             for name in names:
                 self._nodes[name].in_job = True
             number = (old.number if old else 0) + 1
-            gen = _Generation(number, placement, f"gen{number}/", start, time.monotonic(), restore, moves)
+            change, self._change = self._change, None
+            if old is not None and not old.committed_any and old.change is not None:
+                # the last recovery was interrupted by this change: report both as one, timed from the first
+                change = old.change.merged(change)
+                steps_lost += old.steps_lost
+            gen = _Generation(
+                number, placement, f"gen{number}/", start, time.monotonic(), restore, moves, change=change, steps_lost=steps_lost
+            )
             self._generation = gen
             self._waiting_since = None
-            change, self._change = self._change, None
             self._lock.notify_all()
         log.info(
             "generation %d: %d pipelines on %d ranks from step %d (%s)",
             number, len(placement.pipelines), placement.world_size, start, restore,
         )  # fmt: skip
         plan_s = time.perf_counter() - started
-        self._spawn(lambda: self._drive(gen, change, plan_s, steps_lost), f"master-driver-{number}")
+        self._spawn(lambda: self._drive(gen, plan_s), f"master-driver-{number}")
 
     def _sources(self, placement: Placement, first: bool) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
         """Where the new generation's layers come from: (restore mode, moves, start step). Lock held."""
@@ -548,7 +569,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             return "checkpoint", (), step
         return "memory", tuple((t.layer, t.source, t.receiver) for t in plan.transfers), self._committed
 
-    def _drive(self, gen: _Generation, change: _Change | None, plan_s: float, steps_lost: int) -> None:
+    def _drive(self, gen: _Generation, plan_s: float) -> None:
         """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends."""
         from torch.distributed import PrefixStore
 
@@ -593,8 +614,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 last = now
                 with self._lock:
                     self._records.append(record)
-                if first_commit and change is not None:
-                    self._report_recovery(gen, change, plan_s, steps_lost, coordinator.store)
+                if first_commit and gen.change is not None:
+                    self._report_recovery(gen, gen.change, plan_s, coordinator.store)
                 if self._on_step is not None:
                     self._on_step(record)
             with self._lock:
@@ -602,12 +623,12 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
             self._fail(f"step commit failed: {type(e).__name__}: {e}")
 
-    def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, steps_lost: int, store: Any) -> None:
+    def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
         from oobleck.engine.commit import timing_key
 
         timings = [json.loads(raw) for raw in store.multi_get([timing_key(r) for r in range(gen.placement.world_size)])]
         resumed_at = max(t["resumed_at"] for t in timings)
-        detect = change.noticed_at - max(change.kill_times) if change.kill_times else None
+        detect = change.noticed_at - min(change.kill_times) if change.kill_times else None
         resume = resumed_at - change.noticed_at
         record = RecoveryRecord(
             generation=gen.number,
@@ -616,7 +637,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             joined=tuple(change.joined),
             mode=gen.restore,
             start_step=gen.start_step,
-            steps_lost=steps_lost,
+            steps_lost=gen.steps_lost,
             layers_moved=len(gen.moves),
             nodes_alive=len({node for node, _ in gen.placement.ranks}),
             pipelines=len(gen.placement.pipelines),

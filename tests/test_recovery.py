@@ -1,0 +1,169 @@
+"""Recovery end to end: ``oobleck run`` with injected failures reproduces the single-process reference.
+
+Every run here is real: local agents and workers as processes, SIGKILL and SIGSTOP from the fault hooks
+(``faults:`` in the config) or from ``oobleck inject``. The tiny models plan with n0=2 (small simulated
+devices), so a lost node's layers must be copied from surviving replicas. Each run is compared in float64
+with ``train_local`` on the same config: per-step losses, and the final checkpoint's parameters and AdamW
+moments (a reset optimizer state would show there). The phases are spread over few runs to keep the suite
+short: every run exercises several failures in sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from oobleck import checkpoint
+from oobleck.config import config_from_dict
+from oobleck.metrics import RECOVERIES_FILE, read_metrics
+from oobleck.train_local import LocalResult, train_local
+from tests.run_helpers import start_run, tagged, tiny_gpt, write_config
+
+pytestmark = pytest.mark.timeout(400)
+
+#: simulated device memory that gives the tiny models n0 = 2 (two-stage pipelines at least)
+SMALL_DEVICE_GIB = 0.002
+
+
+def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
+    raw = tiny_gpt(tmp_path / "profiles", nodes=nodes, steps=steps, f=f)
+    raw["cluster"]["device_memory_gib"] = SMALL_DEVICE_GIB
+    raw["fault_tolerance"].update({"heartbeat_timeout_s": 2.0, **ft})
+    raw["faults"] = faults
+    return raw
+
+
+def dit_job(tmp_path: Path, nodes: int, steps: int, faults: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model": {"family": "dit", "dtype": "float64", "overrides": {"n_layer": 4, "d_model": 32, "n_head": 2}},
+        "data": {"dataset": "digits"},
+        "training": {"steps": steps, "global_batch": 12, "microbatch": 2, "lr": 3e-3, "seed": 1},
+        "cluster": {"nodes": nodes, "devices_per_node": 1, "device": "cpu", "device_memory_gib": 0.003},
+        "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
+        "profile": {"cache_dir": str(tmp_path / "profiles"), "warmup": 0, "repeats": 1},
+        "faults": faults,
+    }
+
+
+def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
+    """Run ``raw`` to the end (it must succeed and leave no process); returns the run directory and stderr."""
+    run_dir = tmp_path / "run"
+    proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
+    out, err = proc.communicate(timeout=360)
+    assert proc.returncode == 0, err[-3000:]
+    assert not tagged(tag), "processes outlived the run"
+    return run_dir, err
+
+
+def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
+    """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
+    reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
+    # a step re-run after a checkpoint restore is written again; the later row is the one that counts
+    rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
+    assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
+    for row, expected in zip(rows, reference.losses):
+        assert math.isclose(row["loss"], expected, rel_tol=1e-9), (row["step"], row["loss"], expected)
+    final = checkpoint.latest_checkpoint(run_dir)
+    assert final is not None and final.name == f"step_{raw['training']['steps']:08d}"
+    moments = {id(p): s for opt in reference.optimizers for p, s in opt.state.items()}
+    for index, layer in enumerate(reference.layers):
+        saved = checkpoint.load_layer_state(final, index)
+        for name, tensor in layer.state_dict().items():
+            assert_close(saved["params"][name], tensor, f"layer {index} {name}")
+        # optimizer state is keyed by position among the optimizer's parameters, named by param_names
+        by_name = {saved["param_names"][k]: v for k, v in saved["optimizer"]["state"].items()}
+        for name, param in layer.named_parameters(remove_duplicate=False):
+            if name in by_name and id(param) in moments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert_close(by_name[name][key], moments[id(param)][key], f"layer {index} {name} {key}")
+                assert float(by_name[name]["step"]) == float(moments[id(param)]["step"])
+    return reference
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    scale = want.abs().max().item() or 1.0
+    assert (got - want).abs().max().item() <= 1e-9 * scale, what
+
+
+def recoveries(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir, RECOVERIES_FILE)
+
+
+def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(tmp_path: Path) -> None:
+    faults = [
+        {"step": 2, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
+        {"step": 4, "phase": "backward", "kind": "kill", "target": "worker", "nodes": [3]},
+        {"step": 6, "phase": "sync", "kind": "kill", "target": "node", "nodes": [4]},
+    ]
+    raw = gpt_job(tmp_path, nodes=6, steps=9, f=1, faults=faults)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    found = recoveries(run_dir)
+    assert [r["lost"] for r in found] == [["node1"], ["node3"], ["node4"]], err[-2000:]
+    assert [r["start_step"] for r in found] == [2, 4, 6]  # the interrupted step is re-run, none is lost
+    assert all(r["mode"] == "memory" and r["steps_lost"] == 0 for r in found)
+    assert sum(r["layers_moved"] for r in found) > 0, "no failure needed a layer copied"
+    assert "recovered (lost node1)" in err
+
+
+def test_gpt_optimizer_recovery_and_checkpoint_phases(tmp_path: Path) -> None:
+    """A kill after the commit (half the optimizer steps applied), a kill while layers are being copied in the
+    recovery from it, and a kill while a periodic checkpoint is written: that checkpoint stays incomplete and
+    the previous one stays loadable."""
+    faults = [
+        {"step": 2, "phase": "optimizer", "kind": "kill", "target": "node", "nodes": [2]},
+        {"step": 3, "phase": "recovery", "kind": "kill", "target": "node", "nodes": [5]},
+        {"step": 6, "phase": "checkpoint", "kind": "kill", "target": "node", "nodes": [0]},
+    ]
+    raw = gpt_job(tmp_path, nodes=7, steps=8, f=1, faults=faults, checkpoint_every=2)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    lost = [node for r in recoveries(run_dir) for node in r["lost"]]
+    assert sorted(lost) == ["node0", "node2", "node5"], err[-2000:]
+    # step 2 was committed before its kill: the recovery resumes at step 3, with nothing lost or re-applied
+    assert recoveries(run_dir)[0]["start_step"] == 3
+    interrupted = checkpoint.checkpoint_dir(run_dir, 6)
+    assert interrupted.exists() and not checkpoint.is_complete(interrupted)
+    previous = checkpoint.checkpoint_dir(run_dir, 4)
+    assert checkpoint.is_complete(previous)
+    for index in range(checkpoint.read_meta(previous)["num_layers"]):
+        assert checkpoint.load_layer_state(previous, index)["step"] == 4
+
+
+def test_gpt_f2_two_simultaneous_node_kills(tmp_path: Path) -> None:
+    faults = [{"step": 3, "phase": "backward", "kind": "kill", "target": "node", "nodes": [1, 4]}]
+    raw = gpt_job(tmp_path, nodes=7, steps=6, f=2, faults=faults)
+    run_dir, _ = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    assert sorted(n for r in recoveries(run_dir) for n in r["lost"]) == ["node1", "node4"]
+    assert all(r["steps_lost"] == 0 for r in recoveries(run_dir))
+
+
+def test_losing_every_copy_of_a_layer_restores_the_checkpoint_and_loses_only_later_steps(tmp_path: Path) -> None:
+    """f=1 with 2 pipelines of 2 nodes; both first stages die at once: their layers have no surviving copy,
+    so the job restores the checkpoint of step 4 and re-runs step 4 on the 2 survivors (one pipeline)."""
+    faults = [{"step": 5, "phase": "forward", "kind": "kill", "target": "node", "nodes": [0, 2]}]
+    raw = gpt_job(tmp_path, nodes=4, steps=7, f=1, faults=faults, checkpoint_every=4)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    last = recoveries(run_dir)[-1]
+    assert last["mode"] == "checkpoint" and last["start_step"] == 4 and last["steps_lost"] == 1, err[-2000:]
+    assert last["pipelines"] == 1
+
+
+def test_dit_node_kill_worker_kill_and_hung_node(tmp_path: Path) -> None:
+    faults = [
+        {"step": 1, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
+        {"step": 3, "phase": "backward", "kind": "kill", "target": "worker", "nodes": [2]},
+        {"step": 4, "phase": "sync", "kind": "hang", "target": "node", "nodes": [4]},
+    ]
+    raw = dit_job(tmp_path, nodes=6, steps=6, faults=faults)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    found = recoveries(run_dir)
+    assert [r["lost"] for r in found] == [["node1"], ["node2"], ["node4"]], err[-2000:]
+    assert "node node4 lost: no heartbeat" in err
