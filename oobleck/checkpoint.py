@@ -79,19 +79,49 @@ def optimizer_param_names(layer: nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError("the optimizer holds a parameter that is not in the layer") from None
 
 
-def save_layer(
-    ckpt_dir: str | Path, step: int, index: int, layer: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> Path:
-    """Atomically write layer ``index``'s parameters and optimizer state (``None`` for none) as of ``step``."""
+def layer_payload(
+    step: int, layer: nn.Module, optimizer: torch.optim.Optimizer | None, *, copy: bool = False
+) -> dict[str, Any]:
+    """The dict a layer file holds; ``copy`` clones every tensor, so that the payload can be written later
+    (e.g. from a background thread) while training goes on."""
     payload = {
         "step": step,
         "params": layer.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "param_names": optimizer_param_names(layer, optimizer) if optimizer is not None else [],
     }
+    if copy:
+        payload = _cloned(payload)
+    return payload
+
+
+def write_layer(ckpt_dir: str | Path, index: int, payload: dict[str, Any]) -> Path:
+    """Atomically write layer ``index``'s :func:`layer_payload`."""
     path = layer_file(ckpt_dir, index)
     _atomic_write(path, lambda f: torch.save(payload, f))
     return path
+
+
+def save_layer(
+    ckpt_dir: str | Path, step: int, index: int, layer: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> Path:
+    """Atomically write layer ``index``'s parameters and optimizer state (``None`` for none) as of ``step``."""
+    return write_layer(ckpt_dir, index, layer_payload(step, layer, optimizer))
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+def layers_written(ckpt_dir: str | Path, num_layers: int) -> bool:
+    """Whether every layer file of a checkpoint exists (then :func:`write_meta` may mark it complete)."""
+    return all(layer_file(ckpt_dir, i).exists() for i in range(num_layers))
 
 
 def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[str, Any]) -> Path:

@@ -280,6 +280,12 @@ def validate(c: JobConfig) -> None:
 
     ft = c.fault_tolerance
     _require(ft.f >= 0, "fault_tolerance.f", ft.f, "must be at least 0")
+    _require(
+        ft.policy == "oobleck",
+        "fault_tolerance.policy",
+        ft.policy,
+        "only oobleck is available so far (the bamboo and varuna baselines are not built yet)",
+    )
     _require(ft.checkpoint_every >= 0, "fault_tolerance.checkpoint_every", ft.checkpoint_every, "must be at least 0 (0 turns checkpoints off)")
     _require(ft.heartbeat_interval_s > 0, "fault_tolerance.heartbeat_interval_s", ft.heartbeat_interval_s, "must be positive")
     _require(

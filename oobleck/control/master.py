@@ -223,6 +223,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         #: a joining node's workers are all up: fold it in at the next step boundary
         self._joins_ready = False
         self._change: _Change | None = None
+        #: periodic checkpoints whose layer files are being written (workers write them in the background)
+        self._checkpoints: list[int] = []
         #: set while too few nodes are left to plan: when the wait began (time.monotonic())
         self._waiting_since: float | None = None
         self._waiting_reason = ""
@@ -266,6 +268,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self.address = _join(host, bound)
         self._spawn(self._monitor, "master-heartbeats")
         self._spawn(self._replanner, "master-replanner")
+        if self.config.fault_tolerance.checkpoint_every:
+            self._spawn(self._complete_checkpoints, "master-checkpoints")
         return self.address
 
     def wait(self, timeout_s: float | None = None) -> list[StepRecord]:
@@ -496,7 +500,13 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         started = time.perf_counter()
         first = self._generation is None and not self.recoveries and self._change is None
         try:
-            placement = place(self._planner(names), names, self._devices)
+            shapes = self._planner(names)
+            used = sum(len(shape.layer_ranges) for shape in shapes) // self._devices
+            if used < len(names):
+                # too few nodes for the guarantee, and the templates cannot use them all: the spares wait
+                # (their workers stay up) and are placed again at the next re-plan
+                names = self._choose_nodes(names, used)
+            placement = place(shapes, names, self._devices)
         except PlanningError as e:
             if first:
                 raise
@@ -539,6 +549,16 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         )  # fmt: skip
         plan_s = time.perf_counter() - started
         self._spawn(lambda: self._drive(gen, plan_s), f"master-driver-{number}")
+
+    def _choose_nodes(self, names: list[str], count: int) -> list[str]:
+        """``count`` of ``names`` for a plan that cannot use them all: those holding layers first (fewer
+        copies), in placement order."""
+        with self._lock:
+            holds = {name for (name, _), layers in self._holdings.items() if layers}
+        chosen = set(sorted(names, key=lambda n: (n not in holds, _natural_key(n)))[:count])
+        idle = [n for n in names if n not in chosen]
+        log.warning("the plan uses %d of %d nodes; %s wait as spares", count, len(names), ", ".join(idle))
+        return [n for n in names if n in chosen]
 
     def _sources(self, placement: Placement, first: bool) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
         """Where the new generation's layers come from: (restore mode, moves, start step). Lock held."""
@@ -595,6 +615,9 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     self._trained = True
                     if first_commit:
                         self._holdings = _stage_layers(gen.placement)
+                    every = self.config.fault_tolerance.checkpoint_every
+                    if every and (step + 1) % every == 0 and step + 1 < self.config.training.steps:
+                        self._checkpoints.append(step + 1)
                     if self._joins_ready:
                         self._end(gen)  # fold joining nodes in at this step boundary
                         self._replan = True
@@ -622,6 +645,23 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 self._finish_if_done()
         except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
             self._fail(f"step commit failed: {type(e).__name__}: {e}")
+
+    def _complete_checkpoints(self) -> None:
+        """Mark periodic checkpoints complete (``meta.json``) once all their layer files exist. A checkpoint
+        whose writer died stays incomplete and is dropped once a later one completes."""
+        from oobleck import checkpoint
+
+        with self._lock:
+            while not (self._stopping or self._finished or self._failure is not None):
+                gen = self._generation
+                num_layers = max((b for p in gen.placement.pipelines for _, b in p.layer_ranges), default=0) if gen else 0
+                for step in list(self._checkpoints):
+                    ckpt = checkpoint.checkpoint_dir(self.config.run.dir, step)
+                    if num_layers and checkpoint.layers_written(ckpt, num_layers):
+                        checkpoint.write_meta(ckpt, step, num_layers, self.config.to_dict())
+                        log.info("checkpoint of step %d complete", step)
+                        self._checkpoints = [s for s in self._checkpoints if s > step]
+                self._lock.wait(_POLL_S / 2)
 
     def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
         from oobleck.engine.commit import timing_key

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import math
 import sys
 import time
@@ -53,6 +54,8 @@ from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
 from oobleck.recovery.layers import export_layer, import_layer, moments_by_param, recv_layer, send_layer
 from oobleck.training import clip_coefficient, lr_at, set_lr
+
+log = logging.getLogger(__name__)
 
 #: backstop for every collective and p2p operation (gloo's default is 30 minutes); failures are normally
 #: seen far sooner, when a dead peer's sockets close
@@ -122,6 +125,8 @@ class StageWorker:
         #: one thread loads microbatches (the batch source is used from that thread only)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._loading: dict[int, Future[list[MicroBatch]]] = {}
+        #: one thread writes periodic checkpoints while training goes on
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         #: a step whose gradients are reported ready but not applied yet (see :meth:`settle`)
         self.pending: int | None = None
         #: whether this generation committed a step: then its layers are the ones the master counts on
@@ -134,6 +139,8 @@ class StageWorker:
         a = self.assignment
         first, last = self.plan.layer_ranges[self.plan.stage_of(self.rank)]
         wanted = list(range(first, last))
+        # layers from an older step (this worker sat out generations as a spare) are not offered or used
+        pool = {i: held for i, held in pool.items() if held.step == a.start_step}
         if a.restore == "memory" and sorted(pool) == wanted:
             layers = [pool[i] for i in wanted]  # the same stage as before: nothing to copy
         else:
@@ -250,19 +257,41 @@ class StageWorker:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
         return ckpt
 
+    def save_checkpoint_async(self, step: int) -> None:
+        """Copy this rank's share of the checkpoint of ``step`` now and write it from a background thread while
+        training goes on; the master writes ``meta.json`` once every layer file exists."""
+        payloads = [(h.index, checkpoint.layer_payload(step, h.module, h.optimizer, copy=True)) for h in self.writes]
+        self._writer.submit(self._write_share, step, payloads).add_done_callback(_log_failure)
+
+    def _write_share(self, step: int, payloads: list[tuple[int, dict]]) -> None:
+        ckpt = checkpoint.checkpoint_dir(self.run_dir, step)
+        for j, (index, payload) in enumerate(payloads):
+            if j + 1 == len(payloads):
+                self.on_phase(step, "checkpoint")  # the other files are written, this one not yet
+            checkpoint.write_layer(ckpt, index, payload)
+        if not payloads:
+            self.on_phase(step, "checkpoint")
+
     def train(self) -> None:
-        """Train the generation's steps and write the checkpoints."""
+        """Train the generation's steps, with periodic checkpoints in the background and the final one at
+        the end."""
         steps = self.config.training.steps
         every = self.config.fault_tolerance.checkpoint_every
         for step in range(self.assignment.start_step, steps):
             self.train_step(step)
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                self.save_checkpoint(step + 1)
+                self.save_checkpoint_async(step + 1)
         self.save_checkpoint(steps)
 
     def close(self) -> None:
-        """Stop the loader thread (dropping data loaded ahead)."""
+        """Stop the loader thread (dropping data loaded ahead) and finish the checkpoint writes under way."""
         self._loader.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+
+
+def _log_failure(done: Future) -> None:
+    if done.exception() is not None:
+        log.error("writing a checkpoint failed: %s", done.exception())
 
 
 def settle_imports() -> None:
