@@ -119,9 +119,14 @@ def _cloned(value: Any) -> Any:
     return value
 
 
-def layers_written(ckpt_dir: str | Path, num_layers: int) -> bool:
-    """Whether every layer file of a checkpoint exists (then :func:`write_meta` may mark it complete)."""
-    return all(layer_file(ckpt_dir, i).exists() for i in range(num_layers))
+def complete_if_written(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[str, Any]) -> bool:
+    """Write ``meta.json`` when every layer file of the checkpoint exists (the writers are separate processes
+    that write their layers in the background); returns whether the checkpoint is complete now."""
+    if not all(layer_file(ckpt_dir, i).exists() for i in range(num_layers)):
+        return False
+    if not (Path(ckpt_dir) / META).exists():
+        write_meta(ckpt_dir, step, num_layers, config)
+    return True
 
 
 def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[str, Any]) -> Path:

@@ -144,6 +144,10 @@ def run_engine(
             p.wait()
         for log in logs:
             log.close()
+    # the master's part of periodic checkpoints: mark those whose layer files were all written complete
+    every = config.fault_tolerance.checkpoint_every
+    for step in range(every, config.training.steps, every or config.training.steps):
+        checkpoint.complete_if_written(checkpoint.checkpoint_dir(config.run.dir, step), step, cuts[0][-1], config.to_dict())
     if abort_at is not None:
         return EngineRun(reports, None, outputs)
     ckpt = checkpoint.checkpoint_dir(config.run.dir, config.training.steps)

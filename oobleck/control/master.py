@@ -651,17 +651,21 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         whose writer died stays incomplete and is dropped once a later one completes."""
         from oobleck import checkpoint
 
-        with self._lock:
-            while not (self._stopping or self._finished or self._failure is not None):
-                gen = self._generation
-                num_layers = max((b for p in gen.placement.pipelines for _, b in p.layer_ranges), default=0) if gen else 0
-                for step in list(self._checkpoints):
-                    ckpt = checkpoint.checkpoint_dir(self.config.run.dir, step)
-                    if num_layers and checkpoint.layers_written(ckpt, num_layers):
-                        checkpoint.write_meta(ckpt, step, num_layers, self.config.to_dict())
-                        log.info("checkpoint of step %d complete", step)
-                        self._checkpoints = [s for s in self._checkpoints if s > step]
+        while True:
+            with self._lock:
+                if self._stopping or self._finished or self._failure is not None:
+                    return
                 self._lock.wait(_POLL_S / 2)
+                gen, pending = self._generation, list(self._checkpoints)
+            if gen is None:
+                continue
+            num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges)
+            for step in pending:  # file checks and the fsync of meta.json happen outside the lock
+                ckpt = checkpoint.checkpoint_dir(self.config.run.dir, step)
+                if checkpoint.complete_if_written(ckpt, step, num_layers, self.config.to_dict()):
+                    log.info("checkpoint of step %d complete", step)
+                    with self._lock:
+                        self._checkpoints = [s for s in self._checkpoints if s > step]
 
     def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
         from oobleck.engine.commit import timing_key
