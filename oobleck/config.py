@@ -134,6 +134,9 @@ class RunConfig:
     #: run directory for metrics, TensorBoard and checkpoints
     dir: str = "runs/latest"
     log_every: int = 1
+    #: continue from the latest complete checkpoint in ``dir`` (the steps after it are trained; metrics are
+    #: appended); without one the job starts from step 0
+    resume: bool = False
 
 
 @dataclass

@@ -27,12 +27,13 @@ class MetricsWriter:
     """Appends step records to ``run_dir/metrics.jsonl`` (flushed per line, so a crash keeps every
     committed step) and to TensorBoard. Starts a fresh file: a run directory holds one run's metrics."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, append: bool = False) -> None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
-        self._file = self.path.open("w")
-        self._recoveries = (run_dir / RECOVERIES_FILE).open("w")
+        mode = "a" if append else "w"
+        self._file = self.path.open(mode)
+        self._recoveries = (run_dir / RECOVERIES_FILE).open(mode)
         self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

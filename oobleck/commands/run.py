@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, help="override cluster.nodes")
     parser.add_argument("--steps", type=int, help="override training.steps")
     parser.add_argument("--run-dir", help="override run.dir (metrics, TensorBoard, checkpoints, logs)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
@@ -38,6 +39,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         config.training.steps = args.steps
     if args.run_dir is not None:
         config.run.dir = args.run_dir
+    if args.resume:
+        config.run.resume = True
     validate(config)
     return config
 
@@ -58,7 +61,7 @@ def train(config: JobConfig) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
     try:
-        with Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir) as metrics:
+        with Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir, append=config.run.resume) as metrics:
 
             def on_step(record: object) -> None:
                 metrics.write(record)

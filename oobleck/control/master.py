@@ -520,6 +520,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             if membership != self._membership or self._failure is not None:
                 return  # the membership changed again meanwhile; that change re-plans
             restore, moves, start = self._sources(placement, first)
+            if first:
+                self._committed = start  # a resumed run starts at its checkpoint
             steps_lost = self._committed - start
             if steps_lost:
                 log.warning("restoring step %d: %d committed steps are lost and will be re-run", start, steps_lost)
@@ -565,6 +567,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         from oobleck.recovery.transfer import LayerLost, plan_transfers
 
         if first:
+            if self.config.run.resume:
+                return self._latest_checkpoint("resuming the run")
             return "init", (), 0
         needs: dict[int, set[int]] = {}
         holders: dict[int, set[int]] = {}
@@ -578,16 +582,20 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         try:
             plan = plan_transfers(holders, needs, dict(enumerate(sizes)))
         except LayerLost as e:
-            from oobleck import checkpoint
-
-            ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
-            if ckpt is None:
-                log.warning("%s; no checkpoint exists: restarting from step 0", e)
-                return "init", (), 0
-            step = int(checkpoint.read_meta(ckpt)["step"])
-            log.warning("%s; restoring the checkpoint of step %d", e, step)
-            return "checkpoint", (), step
+            return self._latest_checkpoint(str(e))
         return "memory", tuple((t.layer, t.source, t.receiver) for t in plan.transfers), self._committed
+
+    def _latest_checkpoint(self, why: str) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
+        """Restore the run's latest complete checkpoint (or restart from step 0 when there is none)."""
+        from oobleck import checkpoint
+
+        ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
+        if ckpt is None:
+            log.warning("%s; no checkpoint exists: starting from step 0", why)
+            return "init", (), 0
+        step = int(checkpoint.read_meta(ckpt)["step"])
+        log.warning("%s; restoring the checkpoint of step %d", why, step)
+        return "checkpoint", (), step
 
     def _drive(self, gen: _Generation, plan_s: float) -> None:
         """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends."""
