@@ -1,0 +1,377 @@
+"""Shared by the recovery, soak and trace-replay benchmarks: the tiny float64 GPT job, ``oobleck run`` and
+``oobleck train-local`` as tagged subprocesses, the comparison of a run with the single-process reference,
+and a sampler of the job's processes and TCP sockets.
+
+Every process a job starts inherits ``OOBLECK_BENCH_TAG`` (a fresh value per job), which is how the
+benchmarks find them (to sample them, to kill one node's agent, and to check that none outlives the run),
+without touching any other process of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TAG_ENV = "OOBLECK_BENCH_TAG"
+#: device memory that makes the tiny GPT plan with n0 = 2 (two-stage pipelines, so failures move layers)
+SMALL_DEVICE_GIB = 0.002
+
+
+def tiny_gpt(
+    profile_dir: Path,
+    nodes: int,
+    steps: int,
+    *,
+    layers_move: bool = True,
+    f: int = 1,
+    faults: list[dict[str, Any]] | None = None,
+    trace: dict[str, Any] | None = None,
+    init_checkpoint: str | None = None,
+    heartbeat_timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    """The tiny float64 GPT of ``tests/run_helpers.py`` (d_model 32, 2 heads, seq_len 16, global batch 16
+    in microbatches of 2). With ``layers_move`` the planner sees 2 MiB devices and picks n0 = 2."""
+    cluster: dict[str, Any] = {"nodes": nodes, "devices_per_node": 1, "device": "cpu"}
+    if layers_move:
+        cluster["device_memory_gib"] = SMALL_DEVICE_GIB
+    raw: dict[str, Any] = {
+        "model": {"family": "gpt", "preset": "tiny", "dtype": "float64", "overrides": {"d_model": 32, "n_head": 2, "seq_len": 16}},
+        "data": {"dataset": "pydoc"},
+        "training": {"steps": steps, "global_batch": 16, "microbatch": 2, "lr": 1e-3, "seed": 3},
+        "cluster": cluster,
+        "fault_tolerance": {"f": f, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": heartbeat_timeout_s},
+        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1},
+    }
+    if faults:
+        raw["faults"] = faults
+    if trace:
+        raw["trace"] = trace
+    if init_checkpoint:
+        raw["model"]["init_checkpoint"] = init_checkpoint
+    return raw
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    """Live processes (not zombies) whose environment carries ``tag``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_ENV) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@dataclass
+class Job:
+    """One ``oobleck run`` in the background; its output goes to ``log``."""
+
+    proc: subprocess.Popen
+    tag: str
+    run_dir: Path
+    log: Path
+    #: time.time() just before the process was started
+    launched_at: float
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise TimeoutError(f"oobleck run did not finish within {timeout_s:g} s (log: {self.log})") from None
+
+    def stop(self) -> None:
+        """SIGTERM the run (it stops its agents and workers), then SIGKILL whatever of this job is left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reap()
+
+    def reap(self) -> list[int]:
+        """SIGKILL every process of this job still alive (there should be none); returns their pids."""
+        left = tagged(self.tag)
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        return [p.pid for p in left]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def agent(self, node: str) -> psutil.Process | None:
+        """The agent process of ``node`` (found by its command line among this job's processes)."""
+        for proc in tagged(self.tag):
+            try:
+                cmd = proc.cmdline()
+            except psutil.Error:
+                continue
+            if "oobleck.control.agent" in cmd and node in cmd and cmd[cmd.index(node) - 1] == "--node":
+                return proc
+        return None
+
+
+def launch(config: Path, run_dir: Path, *extra: str) -> Job:
+    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` in the background, tagged."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, **{TAG_ENV: tag})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.out"
+    cmd = [sys.executable, "-m", "oobleck.cli", "run", str(config), "--run-dir", str(run_dir), *extra]
+    with open(log, "w") as out:
+        launched_at = time.time()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Job(proc, tag, run_dir, log, launched_at)
+
+
+def train_reference(config: Path, run_dir: Path, timeout_s: float = 1800) -> Path:
+    """``oobleck train-local CONFIG --run-dir RUN_DIR`` (one torch thread); returns the run directory."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "oobleck.cli", "train-local", str(config), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"oobleck train-local failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return run_dir
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line being written right now
+                break
+    return rows
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from ``RUN/metrics.jsonl``; a step committed twice (re-run after a checkpoint restore)
+    keeps its last loss."""
+    return {int(r["step"]): float(r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def param_rel_diff(ckpt: Path, reference: Path) -> tuple[float, int]:
+    """The largest ``||a - b|| / ||b||`` over every parameter and buffer of every layer of two checkpoints,
+    and the number of tensors compared."""
+    import torch
+
+    from oobleck import checkpoint
+
+    meta = checkpoint.read_meta(reference)
+    worst, count = 0.0, 0
+    for index in range(int(meta["num_layers"])):
+        ours = checkpoint.load_layer_state(ckpt, index)["params"]
+        theirs = checkpoint.load_layer_state(reference, index)["params"]
+        if set(ours) != set(theirs):
+            raise AssertionError(f"layer {index}: tensors {sorted(ours)} != {sorted(theirs)}")
+        for key, want in theirs.items():
+            got = ours[key]
+            if not torch.is_floating_point(want):
+                worst = max(worst, 0.0 if torch.equal(got, want) else math.inf)
+            else:
+                norm = float(torch.linalg.vector_norm(want.double()))
+                diff = float(torch.linalg.vector_norm(got.double() - want.double()))
+                worst = max(worst, diff / max(norm, 1e-300))
+            count += 1
+    return worst, count
+
+
+def compare_with_reference(run_dir: Path, reference_dir: Path, steps: int) -> dict[str, Any]:
+    """How far ``oobleck run``'s losses and final parameters are from ``oobleck train-local``'s."""
+    from oobleck import checkpoint
+
+    ours = step_losses(run_dir)
+    theirs = step_losses(reference_dir)
+    missing = [s for s in range(steps) if s not in ours]
+    rel = [_rel(ours[s], theirs[s]) for s in range(steps) if s in ours]
+    final = checkpoint.checkpoint_dir(run_dir, steps)
+    param_diff, tensors = (math.inf, 0)
+    if checkpoint.is_complete(final):
+        param_diff, tensors = param_rel_diff(final, checkpoint.checkpoint_dir(reference_dir, steps))
+    return {
+        "steps_compared": len(rel),
+        "missing_steps": missing,
+        "max_loss_rel_diff": max(rel) if rel else math.inf,
+        "max_param_rel_diff": param_diff,
+        "tensors_compared": tensors,
+        "final_checkpoint": str(final),
+    }
+
+
+def matches(comparison: dict[str, Any], tol: float = 1e-9) -> bool:
+    return (
+        not comparison["missing_steps"]
+        and comparison["max_loss_rel_diff"] < tol
+        and comparison["max_param_rel_diff"] < tol
+    )
+
+
+def _tcp_sockets(proc: psutil.Process) -> int:
+    try:
+        return len(proc.net_connections(kind="tcp"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0
+
+
+@dataclass
+class Sample:
+    t: float
+    processes: int
+    sockets: int
+    #: of which listening sockets
+    listening: int
+    #: what ``Sampler.label`` returned at the time (e.g. the job's generation), if anything
+    label: Any = None
+    #: of the sockets, those whose peer has closed its end while this one is still open (CLOSE_WAIT): a
+    #: socket of an ended generation that nobody closed stays in this state
+    close_wait: int = 0
+
+
+@dataclass
+class Sampler:
+    """Counts the job's processes and open TCP sockets every ``interval_s`` from a background thread;
+    ``label`` (optional) names the job's state at each sample."""
+
+    tag: str
+    interval_s: float = 1.0
+    label: Callable[[], Any] | None = None
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            procs = tagged(self.tag)
+            sockets = listening = close_wait = 0
+            for proc in procs:
+                try:
+                    conns = proc.net_connections(kind="tcp")
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                sockets += len(conns)
+                listening += sum(1 for c in conns if c.status == psutil.CONN_LISTEN)
+                close_wait += sum(1 for c in conns if c.status == psutil.CONN_CLOSE_WAIT)
+            label = self.label() if self.label is not None else None
+            now = time.monotonic() - self._start
+            self.samples.append(Sample(now, len(procs), sockets, listening, label, close_wait))
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> list[Sample]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def first_generation_ready(job: Job, timeout_s: float = 600) -> dict[str, Any]:
+    """When every worker of the job's first generation was ready to train, read from the master's store.
+
+    Each worker writes ``gen1/timing/r{rank}`` (``join_s``, ``transfer_s``, ``resumed_at``) once it has joined
+    the process group and taken its layers (the same timestamp a recovery record's ``resume_s`` ends at). The
+    store is the one TCP port the ``oobleck run`` process listens on besides the master's gRPC port
+    (``RUN/control.json``). The keys are read once step 0 is committed (then every rank has written its key),
+    so the job must run a few steps more than that."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    from oobleck.engine.commit import timing_key
+
+    deadline = time.monotonic() + timeout_s
+    control = job.run_dir / "control.json"
+    store_port = None
+    committed_at = None
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        if store_port is None and control.exists():
+            try:
+                grpc_port = int(json.loads(control.read_text())["master"].rsplit(":", 1)[1])
+                ports = {
+                    c.laddr.port
+                    for c in psutil.Process(job.proc.pid).net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN
+                }
+                others = ports - {grpc_port}
+                if len(others) == 1:
+                    store_port = others.pop()
+            except (ValueError, KeyError, psutil.Error):
+                pass
+        if read_jsonl(job.run_dir / "metrics.jsonl"):
+            committed_at = time.time()
+            break
+        time.sleep(0.01)
+    if store_port is None or committed_at is None:
+        raise RuntimeError(f"the job's first step was not committed within {timeout_s:g} s (log: {job.log})")
+    store = PrefixStore("gen1/", TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=10)))
+    timings = []
+    rank = 0
+    while store.check([timing_key(rank)]):
+        timings.append(json.loads(store.get(timing_key(rank))))
+        rank += 1
+    if not timings:
+        raise RuntimeError("no gen1 timing keys in the master's store")
+    ready = max(t["resumed_at"] for t in timings)
+    return {
+        "world_size": len(timings),
+        "ready_s": ready - job.launched_at,
+        "first_commit_seen_s": committed_at - job.launched_at,
+        "slowest_join_s": max(t["join_s"] for t in timings),
+        "slowest_layers_s": max(t["transfer_s"] for t in timings),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    mem = psutil.virtual_memory()
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(mem.total / 2**30, 1),
+        "available_gib_at_start": round(mem.available / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_1m_at_start": os.getloadavg()[0],
+    }
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else math.nan

@@ -1,0 +1,255 @@
+"""In-memory recovery against a restart from a checkpoint, on local nodes with the tiny float64 GPT.
+
+``python -m benchmarks.recovery [--nodes N] [--steps S] [--restarts R] [--rounds K] [--keep DIR] [--out PATH]``
+
+Recovery: one ``oobleck run`` of the tiny GPT on ``N`` (default 8) single-device local nodes, planned with
+2 MiB devices so that n0 = 2 (two-stage pipelines: a lost node's stage must be copied to a survivor, so
+layers move), f = 1. The config's ``faults:`` kill (SIGKILL of the node's agent and workers, a machine's
+death) five nodes at different steps and phases (forward, backward, gradient sync, optimizer, backward),
+one at a time. Each kill is a recovery record in ``RUN/recoveries.jsonl``; the figures are its fields:
+
+* ``total_s``: from the kill (the victim writes its last moment into the master's store just before it
+  SIGKILLs itself) until every worker of the new generation was ready to train: joined the new process
+  group and holds its stage's layers at the committed step, copied from surviving replicas when missing;
+* ``detect_s`` (kill to the master's notice), ``plan_s`` (re-planning), ``rebuild_s`` (the slowest worker's
+  join of the new groups), ``transfer_s`` (the slowest worker's layer copies) and ``resume_s`` (notice to
+  every worker ready). ``total = detect + resume``; plan, rebuild and transfer lie within resume.
+
+The run must also compute exactly what one process computes: its losses and final parameters are compared
+with ``oobleck train-local`` (float64, relative difference < 1e-9).
+
+Restart (Varuna-style: every process starts again and loads the last checkpoint): ``oobleck run`` cannot
+resume a job from its checkpoint (it always starts at step 0), so the benchmark measures the equivalent: a
+fresh ``oobleck run`` of the same model on the ``N - 1`` nodes that survive a kill, with
+``model.init_checkpoint`` pointing at the recovery run's final checkpoint (the same files a resume would
+read: every layer's parameters and AdamW state; only the parameters are restored). Its time runs from the
+launch of ``oobleck run`` until every worker of its first generation was ready to train (the same
+end point as ``total_s``, read from the ``gen1/timing/r*`` keys the workers write into the master's store):
+Python start-up and imports, planning (the profile is cached already: no profiling), the master, the
+agents' registration, the workers' start and torch imports, the process group, building the layers and
+loading the checkpoint. What the figure leaves out favours the restart: detecting the failure and tearing
+the old job down, and re-computing the steps since the last checkpoint (in-memory recovery loses none).
+It runs ``R`` times (default 2); the median counts. The time until the restarted job's first step was
+committed is reported too.
+
+The JSON (``benchmarks/results/recovery.json`` or ``--out``) holds every record, the restarts, the
+comparison with the reference, the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks.jobs import (
+    compare_with_reference,
+    first_generation_ready,
+    launch,
+    machine_info,
+    matches,
+    median,
+    read_jsonl,
+    tiny_gpt,
+    train_reference,
+    write_config,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
+PHASES = ("detect_s", "plan_s", "rebuild_s", "transfer_s", "resume_s", "total_s")
+#: (step, phase, node index): five kills, one at a time, in different phases of a step
+KILLS = ((2, "forward", 1), (4, "backward", 3), (6, "sync", 5), (8, "optimizer", 7), (10, "backward", 2))
+RUN_TIMEOUT_S = 900.0
+TARGET_TOTAL_S = 0.5
+TARGET_RATIO = 10.0
+
+
+def kill_schedule(nodes: int, steps: int) -> list[tuple[int, str, int]]:
+    """The kills that fit ``nodes`` nodes and ``steps`` steps, keeping at least 3 nodes alive."""
+    kills = [k for k in KILLS if k[2] < nodes and k[0] < steps - 1]
+    return kills[: max(0, nodes - 3)]
+
+
+def recovery_round(work: Path, nodes: int, steps: int, index: int) -> dict[str, Any]:
+    """One job with the kills of :func:`kill_schedule`; returns its records and the reference comparison."""
+    kills = kill_schedule(nodes, steps)
+    faults = [{"step": s, "phase": p, "kind": "kill", "target": "node", "nodes": [n]} for s, p, n in kills]
+    raw = tiny_gpt(work / "profiles", nodes, steps, faults=faults)
+    config = write_config(work / f"recovery-{index}.yaml", raw)
+    job = launch(config, work / f"recovery-{index}")
+    code = job.wait(RUN_TIMEOUT_S)
+    leftover = job.reap()
+    if code != 0:
+        raise RuntimeError(f"the recovery run failed ({code}):\n{job.output()[-3000:]}")
+    records = read_jsonl(job.run_dir / "recoveries.jsonl")
+    by_node = {f"node{n}": (s, p) for s, p, n in kills}
+    for record in records:
+        lost = record["lost"]
+        record["killed_at"] = [{"node": n, "step": by_node[n][0], "phase": by_node[n][1]} for n in lost if n in by_node]
+    reference = train_reference(config, work / f"reference-{index}")
+    comparison = compare_with_reference(job.run_dir, reference, steps)
+    return {
+        "config": str(config),
+        "run_dir": str(job.run_dir),
+        "kills": [{"step": s, "phase": p, "node": f"node{n}"} for s, p, n in kills],
+        "records": records,
+        "reference": comparison,
+        "processes_left": leftover,
+    }
+
+
+def restart(work: Path, nodes: int, checkpoint: str, index: int) -> dict[str, Any]:
+    """A fresh ``oobleck run`` on ``nodes`` nodes loading ``checkpoint`` (see the module notes)."""
+    raw = tiny_gpt(work / "profiles", nodes, steps=20, init_checkpoint=checkpoint)
+    config = write_config(work / f"restart-{index}.yaml", raw)
+    job = launch(config, work / f"restart-{index}")
+    try:
+        figures = first_generation_ready(job, RUN_TIMEOUT_S)
+        code = job.wait(RUN_TIMEOUT_S)
+    finally:
+        job.stop()
+    if code != 0:
+        raise RuntimeError(f"the restart run failed ({code}):\n{job.output()[-3000:]}")
+    return {"nodes": nodes, **figures}
+
+
+def run_bench(nodes: int, steps: int, rounds: int, restarts: int, work: Path) -> dict[str, Any]:
+    machine = machine_info()
+    started = time.monotonic()
+    runs = [recovery_round(work, nodes, steps, i) for i in range(rounds)]
+    checkpoint = runs[0]["reference"]["final_checkpoint"]
+    restart_runs = [restart(work, nodes - 1, checkpoint, i) for i in range(restarts)]
+    machine["loadavg_1m_at_end"] = __import__("os").getloadavg()[0]
+    records = [r for run in runs for r in run["records"]]
+    kills = [r for r in records if r["lost"]]
+    summary = {name: median([r[name] for r in kills if r[name] is not None]) for name in PHASES}
+    restart_ready = median([r["ready_s"] for r in restart_runs])
+    ratio = restart_ready / summary["total_s"]
+    exact = all(matches(run["reference"]) for run in runs)
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            "model": "gpt tiny (d_model 32, n_head 2, seq_len 16), float64, global batch 16, microbatch 2",
+            "nodes": nodes,
+            "steps": steps,
+            "n0": 2,
+            "f": 1,
+            "rounds": rounds,
+            "restarts": restarts,
+        },
+        "machine": machine,
+        "wall_s": time.monotonic() - started,
+        "recoveries": records,
+        "recovery_median_s": summary,
+        "recoveries_all_in_memory": all(r["mode"] == "memory" and r["steps_lost"] == 0 for r in kills),
+        "restart": {
+            "how": "fresh `oobleck run` on the survivors with model.init_checkpoint = the final checkpoint "
+            "(oobleck run cannot resume a job); launch until every gen-1 worker was ready to train",
+            "runs": restart_runs,
+            "ready_median_s": restart_ready,
+            "first_commit_median_s": median([r["first_commit_seen_s"] for r in restart_runs]),
+        },
+        "restart_over_recovery": ratio,
+        "targets": {
+            "recovery_median_below_s": TARGET_TOTAL_S,
+            "met_recovery": summary["total_s"] < TARGET_TOTAL_S,
+            "ratio_at_least": TARGET_RATIO,
+            "met_ratio": ratio >= TARGET_RATIO,
+        },
+        "reference": [run["reference"] for run in runs],
+        "matches_reference": exact,
+        "processes_left": [pid for run in runs for pid in run["processes_left"]],
+        "runs": [{k: v for k, v in run.items() if k != "records"} for run in runs],
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    c = report["config"]
+    lines = [
+        f"recovery: tiny GPT (float64) on {c['nodes']} local nodes, n0={c['n0']}, f={c['f']}; "
+        f"{len(report['recoveries'])} node kills through faults:, {c['rounds']} run(s)",
+        f"{'gen':>4} {'killed (step/phase)':<26}{'detect':>8}{'plan':>7}{'rebuild':>9}{'transfer':>10}"
+        f"{'resume':>8}{'total':>8}  {'layers':>6} {'nodes':>5} {'pipes':>5}  mode",
+    ]
+    for r in report["recoveries"]:
+        killed = ", ".join(f"{k['node']} {k['step']}/{k['phase']}" for k in r["killed_at"]) or ",".join(r["lost"])
+        lines.append(
+            f"{r['generation']:>4} {killed:<26}{_ms(r['detect_s']):>8}{_ms(r['plan_s']):>7}{_ms(r['rebuild_s']):>9}"
+            f"{_ms(r['transfer_s']):>10}{_ms(r['resume_s']):>8}{_ms(r['total_s']):>8}  {r['layers_moved']:>6} "
+            f"{r['nodes_alive']:>5} {r['pipelines']:>5}  {r['mode']}"
+        )
+    m = report["recovery_median_s"]
+    lines.append(
+        f"{'':>4} {'median (ms)':<26}{_ms(m['detect_s']):>8}{_ms(m['plan_s']):>7}{_ms(m['rebuild_s']):>9}"
+        f"{_ms(m['transfer_s']):>10}{_ms(m['resume_s']):>8}{_ms(m['total_s']):>8}"
+    )
+    rs = report["restart"]
+    per_run = ", ".join(f"{r['ready_s']:.2f}" for r in rs["runs"])
+    lines.append(
+        f"restart from checkpoint ({len(rs['runs'])} runs on {rs['runs'][0]['nodes']} nodes): every worker ready "
+        f"{rs['ready_median_s']:.2f} s after launch (median; runs: {per_run}); first step committed "
+        f"{rs['first_commit_median_s']:.2f} s after launch"
+    )
+    t = report["targets"]
+    lines.append(
+        f"recovery median {m['total_s'] * 1000:.0f} ms (target < {t['recovery_median_below_s'] * 1000:.0f} ms: "
+        f"{'met' if t['met_recovery'] else 'MISSED'}); restart / recovery = {report['restart_over_recovery']:.1f}x "
+        f"(target >= {t['ratio_at_least']:.0f}x: {'met' if t['met_ratio'] else 'MISSED'})"
+    )
+    worst_loss = max(r["max_loss_rel_diff"] for r in report["reference"])
+    worst_param = max(r["max_param_rel_diff"] for r in report["reference"])
+    lines.append(
+        f"vs train-local: max relative difference {worst_loss:.1e} (losses), {worst_param:.1e} (final parameters): "
+        f"{'exact' if report['matches_reference'] else 'MISMATCH'}; processes left after the runs: "
+        f"{len(report['processes_left'])}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.recovery", description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=8, help="local nodes (default 8; 4 to 8)")
+    parser.add_argument("--steps", type=int, default=14, help="training steps of the recovery run (default 14)")
+    parser.add_argument("--rounds", type=int, default=1, help="recovery runs (each kills nodes - 3, at most 5)")
+    parser.add_argument("--restarts", type=int, default=2, help="restart runs; the median counts")
+    parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
+    args = parser.parse_args(argv)
+    for flag, value, ok, rule in (
+        ("--nodes", args.nodes, 4 <= args.nodes <= 8, "must be in [4, 8]"),
+        ("--steps", args.steps, args.steps >= 12, "must be at least 12 (kills run up to step 10)"),
+        ("--rounds", args.rounds, args.rounds >= 1, "must be at least 1"),
+        ("--restarts", args.restarts, args.restarts >= 1, "must be at least 1"),
+    ):
+        if not ok:
+            print(f"benchmarks.recovery: error: {flag}: got {value}; {rule}", file=sys.stderr)
+            return 2
+    work = args.keep or Path(tempfile.mkdtemp(prefix="oobleck-recovery-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_bench(args.nodes, args.steps, args.rounds, args.restarts, work)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"benchmarks.recovery: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(format_table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if report["matches_reference"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
