@@ -57,7 +57,7 @@ def run(
     phase = on_phase or (lambda text: None)
     log_dir = Path(config.run.dir) / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
-    schedule = _trace_schedule(config)
+    schedule = trace_schedule(config)
     names = [e.node for e in schedule if e.at_s == 0] if schedule else [node_name(i) for i in range(config.cluster.nodes)]
     if schedule:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nodes=len(names)))
@@ -171,7 +171,7 @@ class TraceReplay:
         return f"trace: replayed {self.done} of {len(self.events)} events after the start"
 
 
-def _trace_schedule(config: JobConfig) -> list[TraceEvent]:
+def trace_schedule(config: JobConfig) -> list[TraceEvent]:
     """The compressed events of ``config.trace`` (empty without one)."""
     if config.trace is None:
         return []

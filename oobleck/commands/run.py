@@ -24,6 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, help="override cluster.nodes")
     parser.add_argument("--steps", type=int, help="override training.steps")
     parser.add_argument("--run-dir", help="override run.dir (metrics, TensorBoard, checkpoints, logs)")
+    parser.add_argument(
+        "--launcher", choices=("local", "ray"), help="override cluster.launcher: processes on this machine, or a Ray cluster"
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="override cluster.ray_address: the Ray cluster's head (HOST:PORT, or auto); without one the ray "
+        "launcher starts a Ray cluster on this machine",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
 
 
@@ -41,6 +50,12 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         config.run.dir = args.run_dir
     if args.resume:
         config.run.resume = True
+    if args.launcher is not None:
+        config.cluster.launcher = args.launcher
+    if args.address is not None:
+        if config.cluster.launcher != "ray":
+            raise OobleckError("--address: names a Ray cluster; use it with --launcher ray (or cluster.launcher: ray)")
+        config.cluster.ray_address = args.address
     validate(config)
     return config
 

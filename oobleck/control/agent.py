@@ -48,6 +48,8 @@ class Agent:
         self.devices = devices
         self.log_dir = Path(log_dir) if log_dir else None
         self._stop = threading.Event()
+        #: set by a signal handler (see request_stop)
+        self._stop_requested: str | None = None
         self._outcome: tuple[int, str] | None = None  # (exit code, reason), first one wins
         self._lock = threading.Lock()
         self._workers: dict[int, subprocess.Popen] = {}
@@ -83,7 +85,8 @@ class Agent:
                     daemon=True,
                 ).start()
             while not self._stop.wait(0.5):  # a timed wait keeps signal handlers responsive
-                pass
+                if self._stop_requested is not None:
+                    self._finish(1, self._stop_requested)
         finally:
             self._stop_workers()
             channel.close()
@@ -93,8 +96,10 @@ class Agent:
         return code
 
     def request_stop(self, reason: str) -> None:
-        """Stop the workers and exit with code 1 (unless an outcome was already recorded)."""
-        self._finish(1, reason)
+        """Stop the workers and exit with code 1 (unless an outcome was already recorded). Safe in a signal
+        handler: it only records the request, which :meth:`run`'s loop acts on (setting the Event from a
+        handler that interrupted ``Event.wait`` in the same thread would deadlock on the Event's lock)."""
+        self._stop_requested = reason
 
     def _finish(self, code: int, reason: str) -> None:
         with self._lock:

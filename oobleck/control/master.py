@@ -246,8 +246,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         the heartbeat monitor; return the address agents connect to. OobleckError if the port is taken."""
         host, port = self.config.cluster.master_host, self.config.cluster.master_port
         self._cuda = _use_cuda(self.config.cluster.device)
-        # one thread per agent stream and per waiting worker (nodes may join later), plus short calls
-        workers = 2 * self._expected * (self._devices + 1) + 32
+        # one thread per agent stream and per waiting worker, with room for many nodes joining later
+        workers = 8 * self._expected * (self._devices + 1) + 64
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="master-rpc"),
             interceptors=[TokenInterceptor(self._token)],
@@ -465,7 +465,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         if taken or len(set(request.nodes)) != len(request.nodes):
             _invalid(context, f"nodes: {taken or list(request.nodes)} are already alive or repeated; name new nodes")
         for name in request.nodes:
-            self._add_node(name)
+            try:
+                self._add_node(name)
+            except Exception as e:  # the launcher cannot start it (e.g. no spare Ray node): the caller's problem
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot add node {name}: {e}")
         return pb.InjectReply(nodes=list(request.nodes))
 
     # ------------------------------------------------------------------------------------------
@@ -553,13 +556,24 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._spawn(lambda: self._drive(gen, plan_s), f"master-driver-{number}")
 
     def _choose_nodes(self, names: list[str], count: int) -> list[str]:
-        """``count`` of ``names`` for a plan that cannot use them all: those holding layers first (fewer
-        copies), in placement order."""
+        """``count`` of ``names`` for a plan that cannot use them all, chosen greedily to keep as many distinct
+        layers in memory as possible (then fewer need copying, and none may be lost for want of a placed
+        holder); returned in placement order."""
         with self._lock:
-            holds = {name for (name, _), layers in self._holdings.items() if layers}
-        chosen = set(sorted(names, key=lambda n: (n not in holds, _natural_key(n)))[:count])
+            held: dict[str, set[int]] = {}
+            for (name, _), layers in self._holdings.items():
+                held.setdefault(name, set()).update(layers)
+        chosen: list[str] = []
+        covered: set[int] = set()
+        for _ in range(count):
+            best = max(
+                (n for n in names if n not in chosen),
+                key=lambda n: (len(held.get(n, set()) - covered), -names.index(n)),
+            )
+            chosen.append(best)
+            covered |= held.get(best, set())
         idle = [n for n in names if n not in chosen]
-        log.warning("the plan uses %d of %d nodes; %s wait as spares", count, len(names), ", ".join(idle))
+        log.warning("the plan uses %d of %d nodes; idle as spares: %s", count, len(names), ", ".join(idle))
         return [n for n in names if n in chosen]
 
     def _sources(self, placement: Placement, first: bool) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
