@@ -212,14 +212,15 @@ def param_rel_diff(ckpt: Path, reference: Path) -> tuple[float, int]:
     return worst, count
 
 
-def compare_with_reference(run_dir: Path, reference_dir: Path, steps: int) -> dict[str, Any]:
-    """How far ``oobleck run``'s losses and final parameters are from ``oobleck train-local``'s."""
+def compare_with_reference(run_dir: Path, reference_dir: Path, steps: int, first_step: int = 0) -> dict[str, Any]:
+    """How far ``oobleck run``'s losses (of steps ``[first_step, steps)``) and parameters after ``steps`` steps
+    are from ``oobleck train-local``'s (whose run must hold a checkpoint of step ``steps``)."""
     from oobleck import checkpoint
 
     ours = step_losses(run_dir)
     theirs = step_losses(reference_dir)
-    missing = [s for s in range(steps) if s not in ours]
-    rel = [_rel(ours[s], theirs[s]) for s in range(steps) if s in ours]
+    missing = [s for s in range(first_step, steps) if s not in ours]
+    rel = [_rel(ours[s], theirs[s]) for s in range(first_step, steps) if s in ours]
     final = checkpoint.checkpoint_dir(run_dir, steps)
     param_diff, tensors = (math.inf, 0)
     if checkpoint.is_complete(final):
@@ -360,7 +361,14 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     mem = psutil.virtual_memory()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
     return {
+        "git_head": commit,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "memory_gib": round(mem.total / 2**30, 1),

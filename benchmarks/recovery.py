@@ -18,19 +18,17 @@ one at a time. Each kill is a recovery record in ``RUN/recoveries.jsonl``; the f
 The run must also compute exactly what one process computes: its losses and final parameters are compared
 with ``oobleck train-local`` (float64, relative difference < 1e-9).
 
-Restart (Varuna-style: every process starts again and loads the last checkpoint): ``oobleck run`` cannot
-resume a job from its checkpoint (it always starts at step 0), so the benchmark measures the equivalent: a
-fresh ``oobleck run`` of the same model on the ``N - 1`` nodes that survive a kill, with
-``model.init_checkpoint`` pointing at the recovery run's final checkpoint (the same files a resume would
-read: every layer's parameters and AdamW state; only the parameters are restored). Its time runs from the
-launch of ``oobleck run`` until every worker of its first generation was ready to train (the same
-end point as ``total_s``, read from the ``gen1/timing/r*`` keys the workers write into the master's store):
-Python start-up and imports, planning (the profile is cached already: no profiling), the master, the
-agents' registration, the workers' start and torch imports, the process group, building the layers and
-loading the checkpoint. What the figure leaves out favours the restart: detecting the failure and tearing
-the old job down, and re-computing the steps since the last checkpoint (in-memory recovery loses none).
-It runs ``R`` times (default 2); the median counts. The time until the restarted job's first step was
-committed is reported too.
+Restart (Varuna-style: every process starts again and loads the last checkpoint): ``oobleck run --resume``
+of the same config on the ``N - 1`` nodes that survive a kill, in a fresh run directory holding a copy of the
+recovery run's final checkpoint (step ``S``, every layer's parameters and AdamW state), trained ``RESTART_STEPS``
+steps further. Its time runs from the launch of ``oobleck run`` until every worker of its first generation was
+ready to train (the same end point as ``total_s``, read from the ``gen1/timing/r*`` keys the workers write
+into the master's store): Python start-up and imports, planning (the profile is cached already: no
+profiling), the master, the agents' registration, the workers' start and torch imports, the process group,
+building the layers and loading the checkpoint. What the figure leaves out favours the restart: detecting the
+failure and tearing the old job down, and re-computing the steps since the last checkpoint (in-memory
+recovery loses none). It runs ``R`` times (default 2); the median counts. The time until the restarted job's
+first step was committed is reported too, and the resumed steps are checked against the reference as well.
 
 The JSON (``benchmarks/results/recovery.json`` or ``--out``) holds every record, the restarts, the
 comparison with the reference, the machine and its load.
@@ -40,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -66,6 +65,8 @@ PHASES = ("detect_s", "plan_s", "rebuild_s", "transfer_s", "resume_s", "total_s"
 #: (step, phase, node index): five kills, one at a time, in different phases of a step
 KILLS = ((2, "forward", 1), (4, "backward", 3), (6, "sync", 5), (8, "optimizer", 7), (10, "backward", 2))
 RUN_TIMEOUT_S = 900.0
+#: steps a restart trains after resuming (it must run on after its first step to be measured)
+RESTART_STEPS = 20
 TARGET_TOTAL_S = 0.5
 TARGET_RATIO = 10.0
 
@@ -76,7 +77,15 @@ def kill_schedule(nodes: int, steps: int) -> list[tuple[int, str, int]]:
     return kills[: max(0, nodes - 3)]
 
 
-def recovery_round(work: Path, nodes: int, steps: int, index: int) -> dict[str, Any]:
+def reference_run(work: Path, nodes: int, steps: int) -> Path:
+    """``oobleck train-local`` of the job for ``steps + RESTART_STEPS`` steps with a checkpoint after
+    ``steps`` (the recovery runs end there; the restarts resume from there)."""
+    raw = tiny_gpt(work / "profiles", nodes, steps + RESTART_STEPS)
+    raw["fault_tolerance"]["checkpoint_every"] = steps
+    return train_reference(write_config(work / "reference.yaml", raw), work / "reference")
+
+
+def recovery_round(work: Path, nodes: int, steps: int, index: int, reference: Path) -> dict[str, Any]:
     """One job with the kills of :func:`kill_schedule`; returns its records and the reference comparison."""
     kills = kill_schedule(nodes, steps)
     faults = [{"step": s, "phase": p, "kind": "kill", "target": "node", "nodes": [n]} for s, p, n in kills]
@@ -92,7 +101,6 @@ def recovery_round(work: Path, nodes: int, steps: int, index: int) -> dict[str, 
     for record in records:
         lost = record["lost"]
         record["killed_at"] = [{"node": n, "step": by_node[n][0], "phase": by_node[n][1]} for n in lost if n in by_node]
-    reference = train_reference(config, work / f"reference-{index}")
     comparison = compare_with_reference(job.run_dir, reference, steps)
     return {
         "config": str(config),
@@ -104,11 +112,13 @@ def recovery_round(work: Path, nodes: int, steps: int, index: int) -> dict[str, 
     }
 
 
-def restart(work: Path, nodes: int, checkpoint: str, index: int) -> dict[str, Any]:
-    """A fresh ``oobleck run`` on ``nodes`` nodes loading ``checkpoint`` (see the module notes)."""
-    raw = tiny_gpt(work / "profiles", nodes, steps=20, init_checkpoint=checkpoint)
+def restart(work: Path, nodes: int, steps: int, checkpoint_dir: Path, index: int, reference: Path) -> dict[str, Any]:
+    """``oobleck run --resume`` on ``nodes`` nodes from a copy of ``checkpoint_dir`` (see the module notes)."""
+    run_dir = work / f"restart-{index}"
+    shutil.copytree(checkpoint_dir, run_dir / "checkpoints" / checkpoint_dir.name)
+    raw = tiny_gpt(work / "profiles", nodes, steps + RESTART_STEPS)
     config = write_config(work / f"restart-{index}.yaml", raw)
-    job = launch(config, work / f"restart-{index}")
+    job = launch(config, run_dir, "--resume")
     try:
         figures = first_generation_ready(job, RUN_TIMEOUT_S)
         code = job.wait(RUN_TIMEOUT_S)
@@ -116,22 +126,24 @@ def restart(work: Path, nodes: int, checkpoint: str, index: int) -> dict[str, An
         job.stop()
     if code != 0:
         raise RuntimeError(f"the restart run failed ({code}):\n{job.output()[-3000:]}")
-    return {"nodes": nodes, **figures}
+    comparison = compare_with_reference(run_dir, reference, steps + RESTART_STEPS, first_step=steps)
+    return {"nodes": nodes, "resumed_at_step": steps, **figures, "reference": comparison}
 
 
 def run_bench(nodes: int, steps: int, rounds: int, restarts: int, work: Path) -> dict[str, Any]:
     machine = machine_info()
     started = time.monotonic()
-    runs = [recovery_round(work, nodes, steps, i) for i in range(rounds)]
-    checkpoint = runs[0]["reference"]["final_checkpoint"]
-    restart_runs = [restart(work, nodes - 1, checkpoint, i) for i in range(restarts)]
-    machine["loadavg_1m_at_end"] = __import__("os").getloadavg()[0]
+    reference = reference_run(work, nodes, steps)
+    runs = [recovery_round(work, nodes, steps, i, reference) for i in range(rounds)]
+    checkpoint = Path(runs[0]["reference"]["final_checkpoint"])
+    restart_runs = [restart(work, nodes - 1, steps, checkpoint, i, reference) for i in range(restarts)]
+    machine["loadavg_1m_at_end"] = os.getloadavg()[0]
     records = [r for run in runs for r in run["records"]]
     kills = [r for r in records if r["lost"]]
     summary = {name: median([r[name] for r in kills if r[name] is not None]) for name in PHASES}
     restart_ready = median([r["ready_s"] for r in restart_runs])
     ratio = restart_ready / summary["total_s"]
-    exact = all(matches(run["reference"]) for run in runs)
+    exact = all(matches(run["reference"]) for run in runs) and all(matches(r["reference"]) for r in restart_runs)
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {
@@ -149,8 +161,8 @@ def run_bench(nodes: int, steps: int, rounds: int, restarts: int, work: Path) ->
         "recovery_median_s": summary,
         "recoveries_all_in_memory": all(r["mode"] == "memory" and r["steps_lost"] == 0 for r in kills),
         "restart": {
-            "how": "fresh `oobleck run` on the survivors with model.init_checkpoint = the final checkpoint "
-            "(oobleck run cannot resume a job); launch until every gen-1 worker was ready to train",
+            "how": "`oobleck run --resume` on the survivors from a copy of the recovery run's final checkpoint; "
+            "launch until every gen-1 worker was ready to train",
             "runs": restart_runs,
             "ready_median_s": restart_ready,
             "first_commit_median_s": median([r["first_commit_seen_s"] for r in restart_runs]),
@@ -196,7 +208,8 @@ def format_table(report: dict[str, Any]) -> str:
     rs = report["restart"]
     per_run = ", ".join(f"{r['ready_s']:.2f}" for r in rs["runs"])
     lines.append(
-        f"restart from checkpoint ({len(rs['runs'])} runs on {rs['runs'][0]['nodes']} nodes): every worker ready "
+        f"restart (oobleck run --resume from step {rs['runs'][0]['resumed_at_step']}, {len(rs['runs'])} runs on "
+        f"{rs['runs'][0]['nodes']} nodes): every worker ready "
         f"{rs['ready_median_s']:.2f} s after launch (median; runs: {per_run}); first step committed "
         f"{rs['first_commit_median_s']:.2f} s after launch"
     )
@@ -206,10 +219,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'met' if t['met_recovery'] else 'MISSED'}); restart / recovery = {report['restart_over_recovery']:.1f}x "
         f"(target >= {t['ratio_at_least']:.0f}x: {'met' if t['met_ratio'] else 'MISSED'})"
     )
-    worst_loss = max(r["max_loss_rel_diff"] for r in report["reference"])
-    worst_param = max(r["max_param_rel_diff"] for r in report["reference"])
+    compared = report["reference"] + [r["reference"] for r in report["restart"]["runs"]]
+    worst_loss = max(r["max_loss_rel_diff"] for r in compared)
+    worst_param = max(r["max_param_rel_diff"] for r in compared)
     lines.append(
-        f"vs train-local: max relative difference {worst_loss:.1e} (losses), {worst_param:.1e} (final parameters): "
+        f"vs train-local (recovery runs and resumed restarts): max relative difference {worst_loss:.1e} (losses), "
+        f"{worst_param:.1e} (parameters): "
         f"{'exact' if report['matches_reference'] else 'MISMATCH'}; processes left after the runs: "
         f"{len(report['processes_left'])}"
     )

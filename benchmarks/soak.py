@@ -333,7 +333,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"vs train-local: {r['steps_compared']} steps, max relative difference {r['max_loss_rel_diff']:.1e} (losses), "
         f"{r['max_param_rel_diff']:.1e} (final parameters, {r['tensors_compared']} tensors)"
     )
-    if report["failure"]:
+    if report.get("failure"):
         lines.append("the job FAILED: " + " | ".join(report["failure"][-3:]))
     lines.append(
         "checks: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items())

@@ -31,9 +31,18 @@ therefore appends one ``add`` of ``node999999`` ten wall hours after the last ev
 job ends first and the launcher stops the replay), so the launcher reports ``N of N + 1`` events replayed,
 and the check is that the N real events were.
 
+``--window-h H`` replays only the events of the first H trace hours (nodes added in it and removed later
+stay to the end).
+
 ``training.steps`` (default: 7 per wall second of the replay, more than the ~4 the job commits per second
 while the trace churns, so training outlasts the trace) and ``fault_tolerance.checkpoint_every`` (default 100: when the trace leaves a layer without a
 surviving copy, with 2-3 nodes alive, the job restores the latest checkpoint instead of step 0) are set.
+
+Known state (see the benchmark's report): with the defaults, the replay of the whole scaled trace fails
+after a few minutes of churn: a worker whose generation ends while it is inside ``init_process_group``
+keeps torch's group counter, later generations' process groups then get different names on different
+ranks, and their rendezvous never completes (the 120 s timeout then fails the job). The first two trace
+hours replay cleanly: ``--window-h 2 --compression 30`` (``benchmarks/results/trace_replay.json``).
 
 Checks: the job completes; the launcher reports every event replayed ("trace: replayed N of N events");
 nodes left and joined (recovery records with lost and joined nodes); training outlasted the trace; the
@@ -130,6 +139,8 @@ def run_replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     machine = machine_info()
     original = load_trace(args.trace)
     events, dropped = scale(original, args.mod, args.residue, args.cap)
+    if args.window_h is not None:
+        events = [e for e in events if e.at_s <= args.window_h * 3600]
     if not any(e.at_s == 0 for e in events):
         raise RuntimeError(f"the scaled trace adds no node at time 0 (mod {args.mod}, residue {args.residue})")
     delay_ms = round(args.startup_s * args.compression * 1000)
@@ -195,7 +206,7 @@ def run_replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "completed": code == 0,
         "every_event_replayed": replayed == len(after_start) and of == len(after_start) + bool(args.sentinel),
         "nodes_left": bool(lost),
-        "nodes_joined": bool(joined),
+        "nodes_joined": bool(joined) or not added,  # a trace without adds after the start has none to join
         "training_outlasted_trace": outlasted_s > 0,
         "matches_reference": matches(comparison),
         "no_process_left": not leftover,
@@ -206,7 +217,8 @@ def run_replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "trace": {
             "source": str(args.trace),
             "source_summary": summary(original).describe(),
-            "scaling": f"nodes numbered {args.residue} mod {args.mod}; adds beyond {args.cap} alive dropped",
+            "scaling": f"nodes numbered {args.residue} mod {args.mod}; adds beyond {args.cap} alive dropped"
+            + (f"; only the first {args.window_h:g} trace hours" if args.window_h is not None else ""),
             "dropped_nodes": dropped,
             "replayed_file": str(trace_path),
             "replayed_summary": trace_summary.describe(),
@@ -308,7 +320,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"vs train-local: {r['steps_compared']} steps, max relative difference {r['max_loss_rel_diff']:.1e} (losses), "
         f"{r['max_param_rel_diff']:.1e} (final parameters)"
     )
-    if report["failure"]:
+    if report.get("failure"):
         lines.append("the job FAILED: " + " | ".join(report["failure"][-3:]))
     lines.append(
         "checks: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items())
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mod", type=int, default=4, help="keep nodes whose number is RESIDUE modulo MOD (default 4)")
     parser.add_argument("--residue", type=int, default=2, help="(default 2)")
     parser.add_argument("--cap", type=int, default=8, help="at most this many nodes alive (default 8)")
+    parser.add_argument("--window-h", type=float, help="replay only the events of the first H trace hours")
     parser.add_argument("--compression", type=float, default=120.0, help="trace seconds per wall second (default 120)")
     parser.add_argument("--startup-s", type=float, default=30.0, help="wall seconds added before every later event")
     parser.add_argument("--steps", type=int, help="training steps (default: 7 per wall second of the replay)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import secrets
 import signal
 import shutil
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -107,19 +109,49 @@ class LocalCluster:
         self._lock = threading.Lock()
         self._agents: dict[str, subprocess.Popen] = {}
         self._all: list[subprocess.Popen] = []
+        #: names killed on purpose (a node removed before it registered is not a failed start)
+        self._killed: set[str] = set()
+        # agents die with the *thread* that started them (PR_SET_PDEATHSIG), so one long-lived thread starts
+        # them all, whoever asks (the trace replay's thread, a gRPC handler thread)
+        self._requests: queue.Queue[tuple[str, Future[None]]] = queue.Queue()
+        threading.Thread(target=self._starter, name="agent-starter", daemon=True).start()
 
     def add_node(self, name: str) -> None:
         """Start node ``name``'s agent; it registers with the master (joining a running job)."""
-        proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir)
+        done: Future[None] = Future()
+        self._requests.put((name, done))
+        done.result()
+
+    def _starter(self) -> None:
+        while True:
+            name, done = self._requests.get()
+            try:
+                proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir)
+            except BaseException as e:  # handed to the caller
+                done.set_exception(e)
+                continue
+            with self._lock:
+                self._agents[name] = proc
+                self._all.append(proc)
+                self._killed.discard(name)
+            threading.Thread(target=self._watch, args=(proc, name), daemon=True).start()
+            done.set_result(None)
+
+    def _watch(self, proc: subprocess.Popen, name: str) -> None:
+        """An agent that exits is a lost node to the master; one that exits with an error before it
+        registered fails the job, quoting the last line it wrote (the master would otherwise wait for the node
+        forever), unless it was killed on purpose."""
+        code = proc.wait()
         with self._lock:
-            self._agents[name] = proc
-            self._all.append(proc)
-        threading.Thread(target=_watch_agent, args=(self.master, proc, name, self.log_dir), daemon=True).start()
+            on_purpose = name in self._killed
+        if not self.master.node_exited(name, code) and code != 0 and not on_purpose:
+            self.master.abort(f"agent {name} exited with code {code}: {last_line(self.log_dir / f'agent-{name}.log')}")
 
     def kill_node(self, name: str) -> None:
         """Kill node ``name`` like a machine dies: SIGKILL to its agent (its workers die with it)."""
         with self._lock:
             proc = self._agents.pop(name, None)
+            self._killed.add(name)
         if proc is None:
             return
         try:
@@ -200,14 +232,6 @@ def worker_threads(config: JobConfig) -> dict[str, str]:
         return {}
     workers = config.cluster.nodes * config.cluster.devices_per_node
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-
-
-def _watch_agent(master: Master, proc: subprocess.Popen, node: str, log_dir: Path) -> None:
-    """An agent that exits is a lost node to the master; one that exits with an error before it registered
-    fails the job, quoting the last line it wrote (the master would otherwise wait for the node forever)."""
-    code = proc.wait()
-    if not master.node_exited(node, code) and code != 0:
-        master.abort(f"agent {node} exited with code {code}: {last_line(log_dir / f'agent-{node}.log')}")
 
 
 def write_control_file(run_dir: Path, address: str, token_file: Path) -> Path:

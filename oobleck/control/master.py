@@ -759,6 +759,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             return
         node.alive = False
         node.events.append(pb.MasterEvent(kind=pb.MasterEvent.SHUTDOWN, failed=False, reason=f"removed from the job: {reason}"))
+        gen = self._generation
+        if gen is not None and not any(name == node.name for name, _ in gen.placement.ranks):
+            log.warning("%s (it had no stage: a spare or a node still joining)", reason)
+            return  # nothing runs there: no re-plan
         if not self._recoverable():
             self._fail_locked(reason)
             return

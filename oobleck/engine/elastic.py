@@ -146,3 +146,6 @@ def _leave_group() -> None:
             dist.destroy_process_group()
         except Exception as e:  # a group whose peers died may fail to tear down cleanly; it is gone either way
             log.info("destroying the process group: %s", e)
+    # an init_process_group that failed half way has counted its group already; every rank must name the
+    # next generation's groups alike, so the count starts again from zero as after a destroy
+    dist.distributed_c10d._world.group_count = 0
