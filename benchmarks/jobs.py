@@ -73,12 +73,12 @@ def write_config(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
-def tagged(tag: str) -> list[psutil.Process]:
-    """Live processes (not zombies) whose environment carries ``tag``."""
+def tagged(tag: str, env: str = TAG_ENV) -> list[psutil.Process]:
+    """Live processes (not zombies) whose environment variable ``env`` carries ``tag``."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_ENV) == tag:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(env) == tag:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -12,6 +12,8 @@ from typing import Any
 import psutil
 import yaml
 
+from benchmarks.jobs import tagged as tagged_by
+
 ROOT = Path(__file__).resolve().parents[1]
 TAG_ENV = "OOBLECK_TEST_RUN_TAG"
 
@@ -44,12 +46,5 @@ def start_run(config: Path, run_dir: Path, *extra: str) -> tuple[subprocess.Pope
 
 
 def tagged(tag: str) -> list[psutil.Process]:
-    """Live processes (not zombies) whose environment carries ``tag``."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_ENV) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    """Live processes (not zombies) whose environment carries ``tag`` (see :func:`start_run`)."""
+    return tagged_by(tag, TAG_ENV)
