@@ -603,6 +603,14 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         """Restore the run's latest complete checkpoint (or restart from step 0 when there is none)."""
         from oobleck import checkpoint
 
+        # a periodic checkpoint whose layer files are all written but not yet marked complete by the
+        # background completer counts: complete it now rather than fall back to an older one
+        gen = self._generation
+        if gen is not None:
+            num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges)
+            for step in self._checkpoints:
+                ckpt_dir = checkpoint.checkpoint_dir(self.config.run.dir, step)
+                checkpoint.complete_if_written(ckpt_dir, step, num_layers, self.config.to_dict())
         ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
         if ckpt is None:
             log.warning("%s; no checkpoint exists: starting from step 0", why)
