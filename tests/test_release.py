@@ -178,3 +178,33 @@ def test_non_socket_descriptors_are_skipped() -> None:
         os.close(read_end)
         os.close(write_end)
 
+
+
+def test_generation_watch_releases_a_store_wait_begun_after_the_end() -> None:
+    """The race CI once hit: a worker connects to the store (to join the next rendezvous) just after its
+    generation ended. The watch keeps sweeping until closed, so that wait fails at once instead of after
+    the collective timeout; after close, new sockets are left alone."""
+    from oobleck.engine.commit import ended_key
+    from oobleck.engine.elastic import GenerationWatch
+
+    host = torch_tcpstore(is_master=True, port=0)
+    base = torch_tcpstore(is_master=False, port=host.port)
+    watch = GenerationWatch(base, 1)
+    host.set(ended_key(1), "1")
+    assert watch.ended.wait(30)
+    late = torch_tcpstore(is_master=False, port=host.port)  # opened after the first sweep
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        late.wait(["never"], timedelta(seconds=60))
+    assert time.monotonic() - started < 10
+    watch.close()
+    after = torch_tcpstore(is_master=False, port=host.port)
+    after.set("k", "v")
+    time.sleep(0.1)  # two sweep intervals: a sweep would have shut this connection down by now
+    assert after.get("k") == b"v"
+
+
+def torch_tcpstore(is_master: bool, port: int):  # noqa: ANN201 (torch imported lazily, as in the ranks)
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, is_master=is_master, timeout=timedelta(seconds=60))

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 END_GRACE_S = 30.0
 #: how long the watch waits for a generation's end (a backstop: it is released when the process exits)
 _WATCH_TIMEOUT = timedelta(days=7)
+#: how often an ended generation's watch looks for sockets opened after its first sweep
+_SWEEP_INTERVAL_S = 0.02
 
 #: blocks until the master has a generation newer than the argument for this worker, and returns it
 NextAssignment = Callable[[int], Assignment]
@@ -61,6 +63,9 @@ class GenerationWatch:
 
     Construct it just before joining the generation: the sockets opened after that are the generation's
     (``exclude_ports``, e.g. the control plane's, are never touched; nor is the watch's own connection).
+    After the end it keeps sweeping until :meth:`close`: a worker that was between two operations when the
+    generation ended (about to connect to the store, or to a gloo peer) opens its socket after the first
+    sweep, and would otherwise block on it until the collective timeout.
     """
 
     def __init__(self, base: dist.TCPStore, generation: int, exclude_ports: Collection[int] = ()) -> None:
@@ -68,6 +73,8 @@ class GenerationWatch:
         self.ended = threading.Event()
         self._exclude = tuple(exclude_ports)
         self._finished = False
+        self._closed = threading.Event()
+        self._sweeping = threading.Lock()
         self._store = base.clone()  # before the snapshot, so the watch's own connection stays open
         self._before = SocketSnapshot.take(self._exclude)
         threading.Thread(target=self._watch, name=f"watch-gen{generation}", daemon=True).start()
@@ -76,15 +83,31 @@ class GenerationWatch:
         """The generation ended normally (training finished): never release its sockets."""
         self._finished = True
 
+    def close(self) -> None:
+        """The worker has left the generation: stop sweeping (the next generation's sockets are not ours)."""
+        self._closed.set()
+        with self._sweeping:  # a sweep under way ends before the next generation opens its sockets
+            pass
+
     def _watch(self) -> None:
         try:
             self._store.wait([ended_key(self.generation)], _WATCH_TIMEOUT)
         except Exception:  # the master's store is gone: the job is over, and so is this process soon
             return
-        if not self._finished:
-            released = SocketSnapshot.take(self._exclude).since(self._before).release()
-            log.info("generation %d ended: released %d sockets", self.generation, released)
+        if self._finished:
+            return
         self.ended.set()
+        released: set[int] = set()
+        while True:
+            with self._sweeping:
+                if self._closed.is_set():
+                    return
+                fresh = SocketSnapshot.take(self._exclude).since(self._before).without(released)
+                if fresh.release():
+                    log.info("generation %d ended: released %d sockets", self.generation, len(fresh.sockets))
+                released.update(s.inode for s in fresh.sockets)
+            if self._closed.wait(_SWEEP_INTERVAL_S):
+                return
 
 
 def run_elastic(
@@ -125,6 +148,7 @@ def run_elastic(
             if worker is not None:
                 worker.close()
             _leave_group()
+            watch.close()
         assignment = next_assignment(assignment.generation)
         log.info(
             "generation %d: rank %d of %d from step %d (%s, %d moves)",

@@ -91,6 +91,10 @@ class SocketSnapshot:
         old = {s.inode for s in earlier.sockets}
         return SocketSnapshot(tuple(s for s in self.sockets if s.inode not in old))
 
+    def without(self, inodes: Collection[int]) -> SocketSnapshot:
+        """This snapshot less the sockets whose inode is in ``inodes``."""
+        return SocketSnapshot(tuple(s for s in self.sockets if s.inode not in inodes))
+
     @property
     def fds(self) -> list[int]:
         """The descriptors, in order."""
