@@ -13,16 +13,18 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psutil
 import yaml
@@ -383,3 +385,44 @@ def median(values: list[float]) -> float:
     import statistics
 
     return statistics.median(values) if values else math.nan
+
+
+def bad_flag(prog: str, checks: Sequence[tuple[str, Any, bool, str]]) -> bool:
+    """Print ``PROG: error: FLAG: got VALUE; RULE`` for the first failed ``(flag, value, ok, rule)`` check
+    and return True; False when all pass."""
+    for flag, value, ok, rule in checks:
+        if not ok:
+            print(f"{prog}: error: {flag}: got {value}; {rule}", file=sys.stderr)
+            return True
+    return False
+
+
+def run_and_report(
+    prog: str,
+    work_prefix: str,
+    keep: Path | None,
+    out: Path,
+    run: Callable[[Path], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+    announce: Callable[[Path], str] | None = None,
+) -> int:
+    """Run a checking benchmark in ``keep`` (or a temporary directory, removed afterwards), print its summary
+    and write its report (a dict with ``passed``) to ``out`` as JSON. Exit status: 0 passed, 1 failed or
+    the run broke (one line on stderr)."""
+    work = keep or Path(tempfile.mkdtemp(prefix=work_prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    if announce is not None:
+        print(announce(work), flush=True)
+    try:
+        report = run(work)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(summary(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if report["passed"] else 1

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from planner.analytic import GB, GiB, DeviceSpec
 from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
+from planner.homogeneous import best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
 from planner.templates import PipelineTemplate, build_templates
@@ -230,11 +231,6 @@ class HomogeneousConfig:
         return self.depth * self.replicas
 
 
-def _even_split(total: int, parts: int) -> tuple[int, ...]:
-    q, r = divmod(total, parts)
-    return tuple(q + 1 if i < r else q for i in range(parts))
-
-
 class VarunaConfigs:
     """The planner's best cut for every depth (templates with f=0 over [n0, N]); for n nodes the depth
     and replica count (depth x replicas <= n) with the highest throughput (ties: fewer nodes)."""
@@ -251,38 +247,14 @@ class VarunaConfigs:
         return self._cache[nodes]
 
     def _best(self, nodes: int) -> HomogeneousConfig | None:
-        best: HomogeneousConfig | None = None
-        total = self.setup.num_microbatches
-        for depth, template in sorted(self.templates.items()):
-            replicas = min(nodes // depth, total)
-            if replicas < 1:
-                continue
-            counts = _even_split(total, replicas)
-            step = template.iteration_time(counts[0])
-            if best is None or step < best.step_time_s * (1 - 1e-12):
-                best = HomogeneousConfig(depth, replicas, counts, step)
-        return best
+        plan = best_homogeneous(self.templates, nodes, self.setup.num_microbatches)
+        if plan is None:
+            return None
+        return HomogeneousConfig(plan.depth, plan.replicas, plan.microbatches, plan.step_time_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Bamboo: homogeneous pipelines with redundant computation
-
-
-def redundant_profile(profile: ModelProfile) -> ModelProfile:
-    """The profile Bamboo's cut is searched on: every layer's forward runs twice (its own stage and, as
-    redundant computation, its predecessor) and its parameters and optimizer state are held twice (the
-    shadow copy on the predecessor). Used only to choose the cut; step times and memory are then computed
-    exactly for that cut (:class:`BambooPipeline`)."""
-    layers = tuple(
-        dataclasses.replace(
-            layer,
-            forward_s=2 * layer.forward_s,
-            param_bytes=2 * layer.param_bytes,
-            optimizer_bytes=2 * layer.optimizer_bytes,
-        )
-        for layer in profile.layers
-    )
-    return ModelProfile(layers, {**profile.fingerprint, "bamboo_redundancy": True})
 
 
 @dataclass(frozen=True)
@@ -347,6 +319,7 @@ class BambooConfigs:
         except PlanningError as e:
             raise PlanningError(f"Bamboo (redundant copies double the static memory): {e}") from None
         self.pipelines: dict[int, BambooPipeline] = {}
+        self.templates: dict[int, PipelineTemplate] = {}
         p = setup.profile
         for depth, template in sorted(templates.items()):
             if depth < 2:
@@ -354,6 +327,7 @@ class BambooConfigs:
             pipe = self._exact(template, p)
             if max(pipe.memory) <= setup.cluster.device_memory_bytes:
                 self.pipelines[depth] = pipe
+                self.templates[depth] = template
         if not self.pipelines:
             raise PlanningError(
                 f"Bamboo: no pipeline of 2..{setup.cluster.nodes} nodes fits its stages plus their successors' "
@@ -388,17 +362,14 @@ class BambooConfigs:
         return self._cache[nodes]
 
     def _best(self, nodes: int) -> BambooConfig | None:
-        best: BambooConfig | None = None
-        total = self.setup.num_microbatches
-        for depth, pipe in self.pipelines.items():
-            replicas = min(nodes // depth, total)
-            if replicas < 1:
-                continue
-            counts = _even_split(total, replicas)
-            step = pipe.step_time(counts[0])
-            if best is None or step < best.step_time_s * (1 - 1e-12):
-                best = BambooConfig(depth, replicas, counts, step, pipe, pipe.step_time(counts[0], redundancy=False))
-        return best
+        plan = best_homogeneous(
+            self.templates, nodes, self.setup.num_microbatches, lambda t, m: self.pipelines[t.num_nodes].step_time(m)
+        )
+        if plan is None:
+            return None
+        pipe = self.pipelines[plan.depth]
+        counts = plan.microbatches
+        return BambooConfig(plan.depth, plan.replicas, counts, plan.step_time_s, pipe, pipe.step_time(counts[0], redundancy=False))
 
     def step_time(self, config: BambooConfig, dead: Sequence[frozenset[int]]) -> float:
         """Step time of ``config`` when pipeline p has taken over the nodes ``dead[p]`` (positions)."""

@@ -31,13 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -48,11 +45,13 @@ from benchmarks.jobs import (
     Job,
     Sample,
     Sampler,
+    bad_flag,
     compare_with_reference,
     launch,
     machine_info,
     matches,
     read_jsonl,
+    run_and_report,
     tiny_gpt,
     train_reference,
     write_config,
@@ -362,31 +361,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the run in this directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
     args = parser.parse_args(argv)
-    for flag, value, ok, rule in (
-        ("--steps", args.steps, args.steps >= 2 * QUIET_TAIL_STEPS, f"must be at least {2 * QUIET_TAIL_STEPS}"),
-        ("--nodes", args.nodes, 4 <= args.nodes <= args.max_nodes, "must be in [4, --max-nodes]"),
-        ("--max-nodes", args.max_nodes, args.max_nodes <= 8, "must be at most 8 on this machine"),
-        ("--min-alive", args.min_alive, 4 <= args.min_alive <= args.nodes, "must be in [4 (n0 * (f + 1)), --nodes]"),
+    if bad_flag(
+        "benchmarks.soak",
+        [
+            ("--steps", args.steps, args.steps >= 2 * QUIET_TAIL_STEPS, f"must be at least {2 * QUIET_TAIL_STEPS}"),
+            ("--nodes", args.nodes, 4 <= args.nodes <= args.max_nodes, "must be in [4, --max-nodes]"),
+            ("--max-nodes", args.max_nodes, args.max_nodes <= 8, "must be at most 8 on this machine"),
+            ("--min-alive", args.min_alive, 4 <= args.min_alive <= args.nodes, "must be in [4 (n0 * (f + 1)), --nodes]"),
+        ],
     ):
-        if not ok:
-            print(f"benchmarks.soak: error: {flag}: got {value}; {rule}", file=sys.stderr)
-            return 2
-    work = args.keep or Path(tempfile.mkdtemp(prefix="oobleck-soak-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"soak: {args.steps} steps on {args.nodes} nodes; runs in {work}", flush=True)
-    try:
-        report = run_soak(args, work)
-    except (RuntimeError, TimeoutError) as e:
-        print(f"benchmarks.soak: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    print(format_summary(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0 if report["passed"] else 1
+        return 2
+    return run_and_report(
+        "benchmarks.soak",
+        "oobleck-soak-",
+        args.keep,
+        args.out,
+        lambda work: run_soak(args, work),
+        format_summary,
+        lambda work: f"soak: {args.steps} steps on {args.nodes} nodes; runs in {work}",
+    )
 
 
 if __name__ == "__main__":

@@ -53,13 +53,10 @@ difference < 1e-9). Writes ``benchmarks/results/trace_replay.json`` (or ``--out`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,11 +64,13 @@ from typing import Any
 
 from benchmarks.jobs import (
     Sampler,
+    bad_flag,
     compare_with_reference,
     launch,
     machine_info,
     matches,
     read_jsonl,
+    run_and_report,
     tiny_gpt,
     train_reference,
     write_config,
@@ -348,31 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the run in this directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
     args = parser.parse_args(argv)
-    for flag, value, ok, rule in (
-        ("--mod", args.mod, args.mod >= 1, "must be at least 1"),
-        ("--residue", args.residue, 0 <= args.residue < args.mod, "must be in [0, --mod)"),
-        ("--cap", args.cap, 2 <= args.cap <= 8, "must be in [2, 8] on this machine"),
-        ("--compression", args.compression, args.compression > 0, "must be positive"),
-        ("--startup-s", args.startup_s, args.startup_s >= 0, "must be at least 0"),
+    if bad_flag(
+        "benchmarks.trace_replay",
+        [
+            ("--mod", args.mod, args.mod >= 1, "must be at least 1"),
+            ("--residue", args.residue, 0 <= args.residue < args.mod, "must be in [0, --mod)"),
+            ("--cap", args.cap, 2 <= args.cap <= 8, "must be in [2, 8] on this machine"),
+            ("--compression", args.compression, args.compression > 0, "must be positive"),
+            ("--startup-s", args.startup_s, args.startup_s >= 0, "must be at least 0"),
+        ],
     ):
-        if not ok:
-            print(f"benchmarks.trace_replay: error: {flag}: got {value}; {rule}", file=sys.stderr)
-            return 2
-    work = args.keep or Path(tempfile.mkdtemp(prefix="oobleck-trace-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run_replay(args, work)
-    except (RuntimeError, TimeoutError) as e:
-        print(f"benchmarks.trace_replay: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    print(format_summary(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0 if report["passed"] else 1
+        return 2
+    return run_and_report(
+        "benchmarks.trace_replay", "oobleck-trace-", args.keep, args.out, lambda work: run_replay(args, work), format_summary
+    )
 
 
 if __name__ == "__main__":

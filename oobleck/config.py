@@ -80,13 +80,23 @@ class ClusterConfig:
     master_port: int = 0
 
 
+#: checkpoint interval (steps) per policy when the config gives none. Oobleck: off (recovery copies layers
+#: from replicas; a user sets an interval for the every-copy-lost case). Varuna: 10, its own example's
+#: ``--save-interval 10``. Bamboo: 100 (its redundancy makes frequent checkpoints unnecessary).
+DEFAULT_CHECKPOINT_EVERY = {"oobleck": 0, "varuna": 10, "bamboo": 100}
+
+
 @dataclass
 class FaultToleranceConfig:
     #: simultaneous node failures the plan must survive
     f: int = 1
+    #: ``oobleck`` (re-plan from surviving replicas), or a baseline of the same engine: ``varuna``
+    #: (homogeneous pipelines, restart from the latest checkpoint on any failure) or ``bamboo`` (homogeneous
+    #: pipelines, each stage shadowed by its predecessor, which takes over when it fails)
     policy: Literal["oobleck", "bamboo", "varuna"] = "oobleck"
-    #: steps between periodic checkpoints; 0 turns them off
-    checkpoint_every: int = 0
+    #: steps between periodic checkpoints; 0 turns them off. Unset: the policy's default
+    #: (:data:`DEFAULT_CHECKPOINT_EVERY`)
+    checkpoint_every: int | None = None
     heartbeat_interval_s: float = 0.1
     #: a node whose agent sent no heartbeat for this long is lost (sub-second: recovery starts fast)
     heartbeat_timeout_s: float = 0.8
@@ -94,6 +104,10 @@ class FaultToleranceConfig:
     worker_timeout_s: float = 5.0
     #: with too few nodes left to train (fewer than n0), how long to wait for nodes to join before failing
     wait_for_nodes_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is None:
+            self.checkpoint_every = DEFAULT_CHECKPOINT_EVERY.get(self.policy, 0)
 
 
 @dataclass
@@ -284,10 +298,10 @@ def validate(c: JobConfig) -> None:
     ft = c.fault_tolerance
     _require(ft.f >= 0, "fault_tolerance.f", ft.f, "must be at least 0")
     _require(
-        ft.policy == "oobleck",
+        ft.policy != "bamboo" or k.devices_per_node == 1,
         "fault_tolerance.policy",
         ft.policy,
-        "only oobleck is available so far (the bamboo and varuna baselines are not built yet)",
+        f"bamboo needs cluster.devices_per_node 1 (got {k.devices_per_node}): its shadows and takeovers are per node",
     )
     _require(ft.checkpoint_every >= 0, "fault_tolerance.checkpoint_every", ft.checkpoint_every, "must be at least 0 (0 turns checkpoints off)")
     _require(ft.heartbeat_interval_s > 0, "fault_tolerance.heartbeat_interval_s", ft.heartbeat_interval_s, "must be positive")

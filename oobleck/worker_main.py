@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import grpc
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher.faults import FaultHook
     from oobleck.config import config_from_dict
-    from oobleck.engine.elastic import run_elastic
+    from oobleck.engine.elastic import RestartRequested, run_elastic
 
     try:
         client = AssignmentClient(args.master, args.token_file, args.node, args.device, args.connect_timeout)
@@ -109,9 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2
+    except RestartRequested as e:
+        client.close()
+        restart(sys.argv[1:] if argv is None else argv, args.heartbeat_fd, str(e))
     finally:
         client.close()
     return 0
+
+
+def restart(argv: list[str], keep_fd: int | None, why: str) -> NoReturn:
+    """Replace this process by a fresh worker with the same arguments (the same pid, so the agent keeps
+    watching it). Every descriptor but the standard streams and the heartbeat pipe is marked close-on-exec
+    first, as if the process had been started anew (closing them here would pull them from under the
+    threads still running until the exec: gRPC aborts on that)."""
+    logging.getLogger(__name__).info("restarting the worker process: %s", why)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep_fd:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # closed meanwhile (the listing's own descriptor is one)
+                pass
+    os.execv(sys.executable, [sys.executable, "-m", "oobleck.worker_main", *argv])
 
 
 if __name__ == "__main__":

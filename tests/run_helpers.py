@@ -1,7 +1,9 @@
-"""Shared by the ``oobleck run`` tests: tiny job configs and a scan for processes a run left behind."""
+"""Shared by the ``oobleck run`` tests: tiny job configs, a scan for processes a run left behind, and the
+comparison of a finished run with the single-process reference."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -10,9 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 import yaml
 
 from benchmarks.jobs import tagged as tagged_by
+from oobleck import checkpoint
+from oobleck.config import config_from_dict
+from oobleck.metrics import RECOVERIES_FILE, read_metrics
+from oobleck.train_local import LocalResult, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG_ENV = "OOBLECK_TEST_RUN_TAG"
@@ -48,3 +55,61 @@ def start_run(config: Path, run_dir: Path, *extra: str) -> tuple[subprocess.Pope
 def tagged(tag: str) -> list[psutil.Process]:
     """Live processes (not zombies) whose environment carries ``tag`` (see :func:`start_run`)."""
     return tagged_by(tag, TAG_ENV)
+
+
+#: simulated device memory that gives the tiny models n0 = 2 (two-stage pipelines at least)
+SMALL_DEVICE_GIB = 0.002
+
+
+def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
+    raw = tiny_gpt(tmp_path / "profiles", nodes=nodes, steps=steps, f=f)
+    raw["cluster"]["device_memory_gib"] = SMALL_DEVICE_GIB
+    raw["fault_tolerance"].update({"heartbeat_timeout_s": 2.0, **ft})
+    raw["faults"] = faults
+    return raw
+
+
+def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
+    """Run ``raw`` to the end (it must succeed and leave no process); returns the run directory and stderr."""
+    run_dir = tmp_path / "run"
+    proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
+    out, err = proc.communicate(timeout=360)
+    assert proc.returncode == 0, err[-3000:]
+    assert not tagged(tag), "processes outlived the run"
+    return run_dir, err
+
+
+def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
+    """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
+    reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
+    # a step re-run after a checkpoint restore is written again; the later row is the one that counts
+    rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
+    assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
+    for row, expected in zip(rows, reference.losses):
+        assert math.isclose(row["loss"], expected, rel_tol=1e-9), (row["step"], row["loss"], expected)
+    final = checkpoint.latest_checkpoint(run_dir)
+    assert final is not None and final.name == f"step_{raw['training']['steps']:08d}"
+    moments = {id(p): s for opt in reference.optimizers for p, s in opt.state.items()}
+    for index, layer in enumerate(reference.layers):
+        saved = checkpoint.load_layer_state(final, index)
+        for name, tensor in layer.state_dict().items():
+            assert_close(saved["params"][name], tensor, f"layer {index} {name}")
+        # optimizer state is keyed by position among the optimizer's parameters, named by param_names
+        by_name = {saved["param_names"][k]: v for k, v in saved["optimizer"]["state"].items()}
+        for name, param in layer.named_parameters(remove_duplicate=False):
+            if name in by_name and id(param) in moments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert_close(by_name[name][key], moments[id(param)][key], f"layer {index} {name} {key}")
+                assert float(by_name[name]["step"]) == float(moments[id(param)]["step"])
+    return reference
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    scale = want.abs().max().item() or 1.0
+    assert (got - want).abs().max().item() <= 1e-9 * scale, what
+
+
+def recoveries(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir, RECOVERIES_FILE)
+
+

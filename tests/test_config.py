@@ -30,10 +30,21 @@ def test_nested_lists_of_faults() -> None:
     assert config.faults[0].nodes == [1, 4] and config.faults[0].phase == "backward"
 
 
+def test_checkpoint_interval_defaults_to_the_policy() -> None:
+    every = {p: config_from_dict({"fault_tolerance": {"policy": p}}).fault_tolerance.checkpoint_every for p in ("oobleck", "varuna", "bamboo")}
+    assert every == {"oobleck": 0, "varuna": 10, "bamboo": 100}
+    assert config_from_dict({"fault_tolerance": {"policy": "varuna", "checkpoint_every": 0}}).fault_tolerance.checkpoint_every == 0
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [
         ({"modle": {}}, "modle: unknown key; allowed keys are"),
+        (
+            {"cluster": {"devices_per_node": 2}, "fault_tolerance": {"policy": "bamboo"}},
+            "fault_tolerance.policy: got 'bamboo'; bamboo needs cluster.devices_per_node 1 (got 2)",
+        ),
+        ({"fault_tolerance": {"policy": "raft"}}, "fault_tolerance.policy: got 'raft'; allowed: oobleck, bamboo, varuna"),
         ({"model": {"family": "rnn"}}, "model.family: got 'rnn'; allowed: gpt, dit, moe"),
         ({"training": {"steps": -1}}, "training.steps: got -1; must be at least 1"),
         ({"training": {"steps": "ten"}}, "training.steps: got 'ten'; expected an integer"),

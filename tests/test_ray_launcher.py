@@ -27,8 +27,7 @@ import pytest
 from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE
 from oobleck.train_local import train_local
-from tests.run_helpers import TAG_ENV, start_run, tagged, tiny_gpt, write_config
-from tests.test_recovery import assert_matches_reference, gpt_job
+from tests.run_helpers import TAG_ENV, assert_matches_reference, gpt_job, start_run, tagged, tiny_gpt, write_config
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,32 +10,15 @@ short: every run exercises several failures in sequence.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from oobleck import checkpoint
-from oobleck.config import config_from_dict
-from oobleck.metrics import RECOVERIES_FILE, read_metrics
-from oobleck.train_local import LocalResult, train_local
-from tests.run_helpers import start_run, tagged, tiny_gpt, write_config
+from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run_job
 
 pytestmark = pytest.mark.timeout(400)
-
-#: simulated device memory that gives the tiny models n0 = 2 (two-stage pipelines at least)
-SMALL_DEVICE_GIB = 0.002
-
-
-def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
-    raw = tiny_gpt(tmp_path / "profiles", nodes=nodes, steps=steps, f=f)
-    raw["cluster"]["device_memory_gib"] = SMALL_DEVICE_GIB
-    raw["fault_tolerance"].update({"heartbeat_timeout_s": 2.0, **ft})
-    raw["faults"] = faults
-    return raw
-
 
 def dit_job(tmp_path: Path, nodes: int, steps: int, faults: list[dict[str, Any]]) -> dict[str, Any]:
     return {
@@ -47,50 +30,6 @@ def dit_job(tmp_path: Path, nodes: int, steps: int, faults: list[dict[str, Any]]
         "profile": {"cache_dir": str(tmp_path / "profiles"), "warmup": 0, "repeats": 1},
         "faults": faults,
     }
-
-
-def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
-    """Run ``raw`` to the end (it must succeed and leave no process); returns the run directory and stderr."""
-    run_dir = tmp_path / "run"
-    proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
-    out, err = proc.communicate(timeout=360)
-    assert proc.returncode == 0, err[-3000:]
-    assert not tagged(tag), "processes outlived the run"
-    return run_dir, err
-
-
-def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
-    """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
-    reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
-    # a step re-run after a checkpoint restore is written again; the later row is the one that counts
-    rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
-    assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
-    for row, expected in zip(rows, reference.losses):
-        assert math.isclose(row["loss"], expected, rel_tol=1e-9), (row["step"], row["loss"], expected)
-    final = checkpoint.latest_checkpoint(run_dir)
-    assert final is not None and final.name == f"step_{raw['training']['steps']:08d}"
-    moments = {id(p): s for opt in reference.optimizers for p, s in opt.state.items()}
-    for index, layer in enumerate(reference.layers):
-        saved = checkpoint.load_layer_state(final, index)
-        for name, tensor in layer.state_dict().items():
-            assert_close(saved["params"][name], tensor, f"layer {index} {name}")
-        # optimizer state is keyed by position among the optimizer's parameters, named by param_names
-        by_name = {saved["param_names"][k]: v for k, v in saved["optimizer"]["state"].items()}
-        for name, param in layer.named_parameters(remove_duplicate=False):
-            if name in by_name and id(param) in moments:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    assert_close(by_name[name][key], moments[id(param)][key], f"layer {index} {name} {key}")
-                assert float(by_name[name]["step"]) == float(moments[id(param)]["step"])
-    return reference
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    scale = want.abs().max().item() or 1.0
-    assert (got - want).abs().max().item() <= 1e-9 * scale, what
-
-
-def recoveries(run_dir: Path) -> list[dict[str, Any]]:
-    return read_metrics(run_dir, RECOVERIES_FILE)
 
 
 def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(tmp_path: Path) -> None:

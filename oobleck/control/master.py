@@ -51,6 +51,7 @@ from oobleck.control import oobleck_pb2_grpc
 from oobleck.control.auth import TokenInterceptor
 from oobleck.control.channel import GRPC_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
+from oobleck.control.policies import shadow_holdings, stage_nodes, takeover
 from oobleck.engine.api import Assignment
 from oobleck.errors import OobleckError
 from planner.errors import PlanningError
@@ -85,6 +86,10 @@ class StepRecord:
     generation: int
     nodes_alive: int
     pipelines: int
+    #: the slowest rank's seconds of redundant work in the step (Bamboo-style baseline; 0 otherwise)
+    redundant_s: float = 0.0
+    #: the slowest rank's seconds of foreground checkpoint writing before the step (the baselines)
+    checkpoint_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class RecoveryRecord:
     """One membership change, from the master's notice to training running again in the new generation.
 
     ``mode``: ``memory`` (layers copied from surviving replicas), ``checkpoint`` (restored from the latest
-    checkpoint) or ``init`` (restarted from step 0: no copy and no checkpoint). Times in seconds:
+    checkpoint), ``init`` (restarted from step 0: no copy and no checkpoint) or ``restart`` (the baselines:
+    every worker process restarted, then the latest checkpoint loaded). Times in seconds:
     ``detect_s`` from the kill to the master's notice (when the kill time is known: injected faults record
     it), ``plan_s`` re-planning, ``rebuild_s`` the slowest worker's join of the new process groups,
     ``transfer_s`` the slowest worker's layer copies, ``resume_s`` from the notice until every worker was
@@ -149,6 +155,8 @@ class _Generation:
     #: the membership change this generation recovers from (reported at its first commit)
     change: "_Change | None" = None
     steps_lost: int = 0
+    #: the workers restart their processes before joining (the baselines' stop-everything restart)
+    restart: bool = False
 
 
 @dataclass
@@ -217,6 +225,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._records: list[StepRecord] = []
         #: (node, device) -> the layers that worker holds at the committed step
         self._holdings: dict[tuple[str, int], frozenset[int]] = {}
+        #: the placement of the last generation that committed a step (what ``_holdings`` describes)
+        self._committed_placement: Placement | None = None
         #: bumped on every loss or join; a re-plan made for an older membership is discarded
         self._membership = 0
         self._replan = False
@@ -503,7 +513,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         started = time.perf_counter()
         first = self._generation is None and not self.recoveries and self._change is None
         try:
-            shapes = self._planner(names)
+            shapes, names, restart = self._layout(names, first)
             used = sum(len(shape.layer_ranges) for shape in shapes) // self._devices
             if used < len(names):
                 # too few nodes for the guarantee, and the templates cannot use them all: the spares wait
@@ -522,7 +532,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         with self._lock:
             if membership != self._membership or self._failure is not None:
                 return  # the membership changed again meanwhile; that change re-plans
-            restore, moves, start = self._sources(placement, first)
+            restore, moves, start = self._sources(placement, first, restart)
             if first:
                 self._committed = start  # a resumed run starts at its checkpoint
             steps_lost = self._committed - start
@@ -531,6 +541,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 self._records = [r for r in self._records if r.step < start]
                 self._committed = start
                 self._holdings = {}
+                self._committed_placement = None
             old = self._generation
             if old is not None:
                 self._end(old)
@@ -543,7 +554,16 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 change = old.change.merged(change)
                 steps_lost += old.steps_lost
             gen = _Generation(
-                number, placement, f"gen{number}/", start, time.monotonic(), restore, moves, change=change, steps_lost=steps_lost
+                number,
+                placement,
+                f"gen{number}/",
+                start,
+                time.monotonic(),
+                restore,
+                moves,
+                change=change,
+                steps_lost=steps_lost,
+                restart=restart,
             )
             self._generation = gen
             self._waiting_since = None
@@ -554,6 +574,43 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         )  # fmt: skip
         plan_s = time.perf_counter() - started
         self._spawn(lambda: self._drive(gen, plan_s), f"master-driver-{number}")
+
+    def _layout(self, names: list[str], first: bool) -> tuple[list[PipelineShape], list[str], bool]:
+        """The next generation's pipelines, its nodes in placement order, and whether its workers restart.
+
+        ``oobleck`` re-plans from the templates. ``varuna`` re-plans homogeneous pipelines and restarts
+        everything from the checkpoint. ``bamboo`` keeps its pipelines when nodes are lost and lets the
+        lost stages' neighbours take them over (:func:`~oobleck.control.policies.takeover`); a fatal loss
+        (adjacent stages) re-plans and restarts from the checkpoint, and joins re-plan from memory."""
+        policy = self.config.fault_tolerance.policy
+        if policy == "oobleck" or first:
+            return self._planner(names), names, False
+        if policy == "varuna":
+            return self._planner(names), names, True
+        with self._lock:
+            # takeovers start from the layout the holdings describe: the last one that committed a step
+            # (two losses seen one after the other must count as adjacent if they are)
+            base = self._committed_placement
+            joins = self._change is not None and bool(self._change.joined)
+        if base is None:  # nothing held since the last restart: restart again
+            return self._planner(names), names, True
+        if not joins:
+            placed = stage_nodes(base).values()
+            taken = takeover(base, set(placed) - set(names))
+            if taken is not None:
+                return taken[0], taken[1], False
+            log.warning("bamboo: a pipeline lost two adjacent stages; restarting from the checkpoint")
+            return self._planner(names), names, True
+        return self._planner(names), names, False
+
+    def _layers_placed(self, placement: Placement) -> dict[tuple[str, int], frozenset[int]]:
+        """(node, device) -> the layers its worker holds under ``placement``: its stage's, and under
+        ``bamboo`` also the shadow of its successor's."""
+        held = _stage_layers(placement)
+        if self.config.fault_tolerance.policy == "bamboo":
+            for key, layers in shadow_holdings(placement).items():
+                held[key] = held[key] | layers
+        return held
 
     def _choose_nodes(self, names: list[str], count: int) -> list[str]:
         """``count`` of ``names`` for a plan that cannot use them all, chosen greedily to keep as many distinct
@@ -576,7 +633,9 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         log.warning("the plan uses %d of %d nodes; idle as spares: %s", count, len(names), ", ".join(idle))
         return [n for n in names if n in chosen]
 
-    def _sources(self, placement: Placement, first: bool) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
+    def _sources(
+        self, placement: Placement, first: bool, restart: bool
+    ) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
         """Where the new generation's layers come from: (restore mode, moves, start step). Lock held."""
         from oobleck.recovery.transfer import LayerLost, plan_transfers
 
@@ -584,11 +643,12 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             if self.config.run.resume:
                 return self._latest_checkpoint("resuming the run")
             return "init", (), 0
+        if restart:
+            return self._latest_checkpoint(f"{self.config.fault_tolerance.policy}: restarting every worker")
         needs: dict[int, set[int]] = {}
         holders: dict[int, set[int]] = {}
-        for pipeline in placement.pipelines:
-            for rank, (a, b) in zip(pipeline.ranks, pipeline.layer_ranges):
-                needs[rank] = set(range(a, b))
+        for key, layers in self._layers_placed(placement).items():
+            needs[placement.ranks[key]] = set(layers)
         for key, rank in placement.ranks.items():
             for layer in self._holdings.get(key, ()):
                 holders.setdefault(layer, set()).add(rank)
@@ -644,14 +704,19 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     gen.committed_any = True
                     self._trained = True
                     if first_commit:
-                        self._holdings = _stage_layers(gen.placement)
+                        self._holdings = self._layers_placed(gen.placement)
+                        self._committed_placement = gen.placement
                     every = self.config.fault_tolerance.checkpoint_every
                     if every and (step + 1) % every == 0 and step + 1 < self.config.training.steps:
                         self._checkpoints.append(step + 1)
-                    if self._joins_ready:
-                        self._end(gen)  # fold joining nodes in at this step boundary
-                        self._replan = True
-                        self._lock.notify_all()
+                    fold = self._joins_ready and self._grows_after(step)
+                if fold:
+                    self._await_checkpoint(step + 1, gen)
+                    with self._lock:
+                        if not self._stale(gen):
+                            self._end(gen)  # fold joining nodes in at this step boundary
+                            self._replan = True
+                            self._lock.notify_all()
                 now = time.monotonic()
                 record = StepRecord(
                     step=report.step,
@@ -663,6 +728,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     generation=gen.number,
                     nodes_alive=self._alive_count(),
                     pipelines=len(gen.placement.pipelines),
+                    redundant_s=report.redundant_s,
+                    checkpoint_s=report.checkpoint_s,
                 )
                 last = now
                 with self._lock:
@@ -675,6 +742,26 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 self._finish_if_done()
         except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
             self._fail(f"step commit failed: {type(e).__name__}: {e}")
+
+    def _grows_after(self, step: int) -> bool:
+        """Whether joining nodes fold in after committed ``step``. Always, except under ``varuna``: it
+        restarts every worker to grow, so it grows only at a checkpoint (the one of ``step + 1``, written in
+        the foreground) and loses no step."""
+        if self.config.fault_tolerance.policy != "varuna":
+            return True
+        every = self.config.fault_tolerance.checkpoint_every
+        return bool(every) and (step + 1) % every == 0 and step + 1 < self.config.training.steps
+
+    def _await_checkpoint(self, step: int, gen: _Generation) -> None:
+        """Under ``varuna``, wait (lock not held) until the foreground checkpoint of ``step`` is complete or
+        ``gen`` has ended, so that the restart that grows the job resumes from it."""
+        if self.config.fault_tolerance.policy != "varuna":
+            return
+        from oobleck import checkpoint
+
+        ckpt = checkpoint.checkpoint_dir(self.config.run.dir, step)
+        while not checkpoint.is_complete(ckpt) and not self._stale(gen):
+            time.sleep(_POLL_S / 4)
 
     def _complete_checkpoints(self) -> None:
         """Mark periodic checkpoints complete (``meta.json``) once all their layer files exist. A checkpoint
@@ -709,7 +796,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             reason="; ".join(change.reasons),
             lost=tuple(change.lost),
             joined=tuple(change.joined),
-            mode=gen.restore,
+            mode="restart" if gen.restart else gen.restore,
             start_step=gen.start_step,
             steps_lost=gen.steps_lost,
             layers_moved=len(gen.moves),
@@ -747,6 +834,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             start_step=gen.start_step,
             restore=gen.restore,
             moves=gen.moves,
+            restart=gen.restart,
+            redundant=self.config.fault_tolerance.policy == "bamboo",
         )
 
     def _store_host(self) -> str:

@@ -9,7 +9,11 @@ from oobleck.config import JobConfig
 from oobleck.control.master import Planner
 from oobleck.control.placement import PipelineShape
 from planner.cluster import ClusterSpec
+from planner.errors import PlanningError
+from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
+from planner.profile import ModelProfile
+from planner.templates import build_templates
 
 GIB = 1024**3
 #: the config gives bandwidths in GB/s; the planner wants bytes per second
@@ -39,16 +43,50 @@ def shapes(plan: Plan) -> list[PipelineShape]:
 def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> Planner:
     """Profile ``config``'s model (reusing a matching cached profile) and plan the full cluster now, so
     that an impossible job fails before any process starts (PlanningError); the returned planner gives
-    that plan for ``cluster.nodes`` nodes and replans from the same templates for any other count."""
+    that plan for ``cluster.nodes`` nodes and replans from the same templates for any other count.
+
+    The baselines plan homogeneous pipelines (:mod:`planner.homogeneous`): Varuna-style on the plain
+    profile's templates, Bamboo-style on its redundant profile's, two nodes deep at least (a stage's shadow
+    lives on the next node)."""
     from oobleck.profiler import ensure_profile
 
     t = config.training
-    full = make_plan(ensure_profile(config, log=log), cluster_spec(config), config.fault_tolerance.f, t.global_batch, t.microbatch)
+    profile = ensure_profile(config, log=log)
+    policy = config.fault_tolerance.policy
+    if policy != "oobleck":
+        return _homogeneous_planner(config, profile, log)
+    full = make_plan(profile, cluster_spec(config), config.fault_tolerance.f, t.global_batch, t.microbatch)
     if log is not None:
         sizes = "+".join(str(template.num_nodes) for template, _ in full.instantiation.pipelines)
         log(f"plan: {len(full.instantiation.pipelines)} pipelines of {sizes} nodes, n0={full.n0}")
 
     def plan(nodes: list[str]) -> list[PipelineShape]:
         return shapes(full if len(nodes) == full.cluster.nodes else full.replan(len(nodes)))
+
+    return plan
+
+
+def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable[[str], None] | None) -> Planner:
+    policy = config.fault_tolerance.policy
+    microbatches = config.training.global_batch // config.training.microbatch
+    if policy == "bamboo":
+        templates = {d: t for d, t in build_templates(redundant_profile(profile), cluster_spec(config), 0).items() if d >= 2}
+    else:
+        templates = build_templates(profile, cluster_spec(config), 0)
+
+    def choose(count: int) -> HomogeneousPlan:
+        best = best_homogeneous(templates, count, microbatches)
+        if best is None:
+            smallest = min(templates, default=config.cluster.nodes + 1)
+            raise PlanningError(f"{policy}: {count} nodes are fewer than the {smallest} its shallowest pipeline needs")
+        return best
+
+    full = choose(config.cluster.nodes)
+    if log is not None:
+        log(f"plan ({policy}): {full.replicas} pipelines of {full.depth} nodes, {config.cluster.nodes - full.nodes_used} idle")
+
+    def plan(nodes: list[str]) -> list[PipelineShape]:
+        best = full if len(nodes) == config.cluster.nodes else choose(len(nodes))
+        return [PipelineShape(best.template.layer_ranges, count) for count in best.microbatches]
 
     return plan

@@ -27,6 +27,13 @@ class PipelinePlan:
     def stage_of(self, rank: int) -> int | None:
         return self.ranks.index(rank) if rank in self.ranks else None
 
+    def shadow_stage(self, stage: int) -> int | None:
+        """Bamboo-style redundancy: the stage whose shadow copy ``stage`` holds, its successor in the ring
+        of the pipeline's stages (the last stage shadows the first); None in a one-stage pipeline."""
+        if len(self.ranks) < 2:
+            return None
+        return (stage + 1) % len(self.ranks)
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -50,6 +57,11 @@ class Assignment:
     #: for ``memory``: ``(layer, source rank, receiver rank)``; each receiver gets the layer's parameters,
     #: optimizer state and step from the source, in this order (see :mod:`oobleck.recovery.layers`)
     moves: tuple[tuple[int, int, int], ...] = ()
+    #: the worker process restarts (a fresh interpreter) before joining this generation: the Varuna-style
+    #: baseline's stop-everything restart (and Bamboo's after a fatal failure)
+    restart: bool = False
+    #: keep a shadow copy of the successor stage and run its forward redundantly (the Bamboo-style baseline)
+    redundant: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

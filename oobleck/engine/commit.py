@@ -4,10 +4,12 @@ Both sides talk through the generation's key-value store (the master hosts the T
 it in the generation's ``PrefixStore``), under these keys of step ``s``:
 
 ``commit/s/r{rank}``
-    written once by each worker when its gradients for step ``s`` are synchronised and clipped: three
-    little-endian float64 values ``(loss_sum, units, grad_norm)``. ``loss_sum`` and ``units`` are the
-    summed main loss and the unit count of the microbatches whose loss this rank computed (a pipeline's last
-    stage), 0 elsewhere; ``grad_norm`` is the global gradient norm (the same on every rank).
+    written once by each worker when its gradients for step ``s`` are synchronised and clipped: five
+    little-endian float64 values ``(loss_sum, units, grad_norm, redundant_s, checkpoint_s)``. ``loss_sum``
+    and ``units`` are the summed main loss and the unit count of the microbatches whose loss this rank
+    computed (a pipeline's last stage), 0 elsewhere; ``grad_norm`` is the global gradient norm (the same on
+    every rank); ``redundant_s`` the seconds this rank spent on the Bamboo-style baseline's redundant work in
+    the step and ``checkpoint_s`` on a foreground checkpoint just before it (0 when there was none).
 ``commit/s/decision``
     written once by the master: ``commit`` or ``abort``.
 ``timing/r{rank}``
@@ -41,7 +43,7 @@ from torch.distributed import Store
 
 COMMIT = b"commit"
 ABORT = b"abort"
-_PAYLOAD = struct.Struct("<3d")
+_PAYLOAD = struct.Struct("<5d")
 
 #: how long a worker waits for the master's decision before giving up (the master or its store is gone
 #: far sooner in practice: a dead store fails the wait at once)
@@ -82,6 +84,8 @@ def report_ready(
     loss_sum: float,
     units: float,
     grad_norm: float,
+    redundant_s: float = 0.0,
+    checkpoint_s: float = 0.0,
     timeout: timedelta = DECISION_TIMEOUT,
 ) -> bool:
     """Report this rank's gradients of ``step`` ready, then block until the master decides.
@@ -89,7 +93,7 @@ def report_ready(
     Returns True when the step is committed; raises :class:`StepAborted` when it is aborted. A store
     failure (the master is gone) or no decision within ``timeout`` raises the store's own error.
     """
-    store.set(ready_key(step, rank), _PAYLOAD.pack(loss_sum, units, grad_norm))
+    store.set(ready_key(step, rank), _PAYLOAD.pack(loss_sum, units, grad_norm, redundant_s, checkpoint_s))
     key = decision_key(step)
     store.wait([key], timeout)
     if store.get(key) == COMMIT:
@@ -103,7 +107,8 @@ class StepReport:
 
     ``loss`` is the mean main loss of the step: the summed losses of the last stages divided by ``units``,
     the step's global unit count (samples or tokens); ``grad_norm`` is the global gradient norm before
-    clipping; ``wait_s`` is how long :meth:`CommitCoordinator.wait_step` waited.
+    clipping; ``wait_s`` is how long :meth:`CommitCoordinator.wait_step` waited; ``redundant_s`` and
+    ``checkpoint_s`` are the largest of the ranks' figures.
     """
 
     step: int
@@ -112,6 +117,8 @@ class StepReport:
     grad_norm: float
     loss_sum: float
     wait_s: float
+    redundant_s: float = 0.0
+    checkpoint_s: float = 0.0
 
 
 class CommitCoordinator:
@@ -155,7 +162,7 @@ class CommitCoordinator:
                 # report only overwrites one, and the decision is already abort)
                 missing = [k for k in keys if not self.store.check([k])]
                 if missing:
-                    self.store.multi_set(missing, [_PAYLOAD.pack(0.0, 0.0, math.nan)] * len(missing))
+                    self.store.multi_set(missing, [_PAYLOAD.pack(0.0, 0.0, math.nan, 0.0, 0.0)] * len(missing))
                 waiter.join()
                 return None
             all_ready.wait(poll_s)
@@ -172,6 +179,8 @@ class CommitCoordinator:
             grad_norm=payloads[0][2],
             loss_sum=loss_sum,
             wait_s=time.perf_counter() - started,
+            redundant_s=max(p[3] for p in payloads),
+            checkpoint_s=max(p[4] for p in payloads),
         )
 
     def commit(self, step: int) -> None:

@@ -8,7 +8,9 @@
    (:class:`~oobleck.engine.worker.StageWorker`);
 3. when the generation ends early, leaves it: whatever operation was blocked fails at once (the watch shuts
    down the generation's sockets), the process group is destroyed, and the next assignment comes from the
-   ``next_assignment`` callback, which blocks until the master has re-planned.
+   ``next_assignment`` callback, which blocks until the master has re-planned. An assignment that restarts
+   every worker (the Varuna- and Bamboo-style baselines) raises :class:`RestartRequested` instead: the
+   process starts over (:mod:`oobleck.worker_main`) and everything it held is gone.
 
 What survives a generation's end, exactly:
 
@@ -36,6 +38,7 @@ import torch.distributed as dist
 
 from models.registry import build_batches, build_model
 from oobleck.config import config_from_dict
+from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment
 from oobleck.engine.commit import ended_key, timing_key
 from oobleck.engine.stage import HeldLayer
@@ -55,6 +58,15 @@ _SWEEP_INTERVAL_S = 0.02
 
 #: blocks until the master has a generation newer than the argument for this worker, and returns it
 NextAssignment = Callable[[int], Assignment]
+
+
+class RestartRequested(Exception):
+    """The next generation restarts every worker process (``Assignment.restart``: the baselines' restart);
+    the process must start afresh, and ask for its assignment again, rather than join it."""
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(f"generation {generation} restarts every worker")
+        self.generation = generation
 
 
 class GenerationWatch:
@@ -126,6 +138,7 @@ def run_elastic(
     assignment = first
     while True:
         watch = GenerationWatch(base, assignment.generation, exclude_ports)
+        interrupt.watch(watch.ended)
         worker: StageWorker | None = None
         started = time.perf_counter()
         try:
@@ -155,10 +168,12 @@ def run_elastic(
             assignment.generation, assignment.rank, assignment.world_size, assignment.start_step,
             assignment.restore, len(assignment.moves),
         )  # fmt: skip
+        if assignment.restart:
+            raise RestartRequested(assignment.generation)
         if worker is not None:
             worker.settle(assignment.start_step)
             if worker.committed_any:
-                pool = {held.index: held for held in worker.layers}
+                pool = {held.index: held for held in worker.held}
         if assignment.restore != "memory":
             pool = {}
 

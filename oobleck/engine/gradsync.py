@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from models.base import TiedGroup
+from oobleck.engine import interrupt
 from oobleck.engine.api import PipelinePlan
 from oobleck.engine.stage import HeldLayer
 
@@ -152,6 +153,7 @@ class GradSync:
         for bucket in self.buckets:
             bucket.pack()
             if bucket.group is not None:
+                interrupt.check()
                 works.append(dist.all_reduce(bucket.flat, group=bucket.group, async_op=True))
             else:
                 works.append(None)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from models.base import Carry
+from oobleck.engine import interrupt
 
 _DTYPES = [
     torch.float32,
@@ -105,6 +106,7 @@ class _Link:
 
     def _isend(self, tensor: torch.Tensor) -> None:
         # the tensor is kept with its handle: it must stay alive until the send completes
+        interrupt.check()
         self._sends.append((dist.isend(tensor, self.peer), tensor))
 
     def flush(self) -> None:
@@ -132,9 +134,11 @@ class FromPrevious(_Link):
         """Post the receive of microbatch ``k``'s carry (the first call first receives the header)."""
         if self.spec is None:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            interrupt.check()
             dist.recv(header, self.peer)
             self.spec = CarrySpec.decode(header)
             self._buffers = [_buffers(list(self.spec.tensors), self.device) for _ in range(self._slots)]
+        interrupt.check()
         self._pending[k] = [dist.irecv(b, self.peer) for b in self._buffers[k % self._slots]]
 
     def take_forward(self, k: int) -> Carry:
@@ -182,6 +186,7 @@ class ToNext(_Link):
 
     def post_backward(self, k: int) -> None:
         """Post the receive of the gradients of microbatch ``k``'s carry."""
+        interrupt.check()
         self._pending[k] = [dist.irecv(b, self.peer) for b in self._buffers[k % self.GRAD_SLOTS]]
 
     def take_backward(self, k: int) -> list[torch.Tensor]:

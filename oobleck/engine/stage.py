@@ -92,8 +92,12 @@ class StageExecutor:
         prev: int | None,
         next_: int | None,
         device: torch.device,
+        redundant: Callable[[Carry | None, MicroBatch], None] | None = None,
     ) -> None:
         self.spec = spec
+        #: called after each forward with what the successor stage gets (the last stage: None, the input
+        #: of the first), for the Bamboo-style redundant forward (:mod:`oobleck.engine.shadow`)
+        self.redundant = redundant
         self.device = device
         self.modules = [h.module for h in layers]
         self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
@@ -153,6 +157,8 @@ class StageExecutor:
             outputs = self.next.send_forward(carry)
             local = [aux] if isinstance(aux, torch.Tensor) and aux.requires_grad else []
             self._saved[k] = _Saved(inputs, outputs + local, local)
+        if self.redundant is not None:
+            self.redundant(carry if self.next is not None else None, self._mbs[k])
 
     def _backward(self, k: int) -> None:
         saved = self._saved.pop(k)

@@ -47,9 +47,11 @@ from models.data import BatchSource
 from models.registry import build_batches, build_model
 from oobleck import checkpoint
 from oobleck.config import JobConfig, config_from_dict
+from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment
 from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
+from oobleck.engine.shadow import Shadow
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
 from oobleck.recovery.layers import export_layer, import_layer, moments_by_param, recv_layer, send_layer
@@ -95,10 +97,18 @@ class StageWorker:
         _, self.plan = assignment.my_pipeline
         stage = self.plan.stage_of(self.rank)
         assert stage is not None
-        started = time.perf_counter()
-        self.layers = self._take_layers(pool or {})
-        self.transfer_s = time.perf_counter() - started
         num_stages = len(self.plan.ranks)
+        shadowed = self.plan.shadow_stage(stage) if assignment.redundant else None
+        started = time.perf_counter()
+        ranges = [self.plan.layer_ranges[stage]] + ([self.plan.layer_ranges[shadowed]] if shadowed is not None else [])
+        held = self._take_layers(pool or {}, [i for a, b in ranges for i in range(a, b)])
+        self.transfer_s = time.perf_counter() - started
+        first, last = self.plan.layer_ranges[stage]
+        self.layers = held[: last - first]
+        #: the Bamboo-style baseline's shadow of the successor stage (None otherwise)
+        self.shadow: Shadow | None = None
+        if shadowed is not None:
+            self.shadow = Shadow(held[last - first :], self.plan.ranks[stage - 1], self.plan.ranks[shadowed])
         self.executor = StageExecutor(
             self.spec,
             self.layers,
@@ -108,6 +118,7 @@ class StageWorker:
             prev=self.plan.ranks[stage - 1] if stage > 0 else None,
             next_=self.plan.ranks[stage + 1] if stage + 1 < num_stages else None,
             device=self.device,
+            redundant=self.shadow.forward if self.shadow is not None else None,
         )
         self.sync = GradSync(
             self.rank,
@@ -131,27 +142,37 @@ class StageWorker:
         self.pending: int | None = None
         #: whether this generation committed a step: then its layers are the ones the master counts on
         self.committed_any = False
+        #: seconds of foreground checkpoint writing to report with the next step
+        self._checkpoint_s = 0.0
 
-    def _take_layers(self, pool: dict[int, HeldLayer]) -> list[HeldLayer]:
-        """This stage's layers at ``start_step``, from where ``assignment.restore`` says (see
-        :class:`~oobleck.engine.api.Assignment`). For ``memory``, layers held already are reused (or copied,
-        when the stage's range changed) and the plan's moves run, in order, on every rank."""
+    @property
+    def held(self) -> list[HeldLayer]:
+        """Every layer this worker holds at the committed step: its stage's, then its shadow's."""
+        return self.layers + (self.shadow.layers if self.shadow is not None else [])
+
+    def _take_layers(self, pool: dict[int, HeldLayer], wanted: list[int]) -> list[HeldLayer]:
+        """Layers ``wanted`` (its stage's, then any shadow's; each a contiguous run) at ``start_step``, from
+        where ``assignment.restore`` says (see :class:`~oobleck.engine.api.Assignment`). For ``memory``,
+        layers held already are reused (or copied, when the stage's range changed) and the plan's moves run,
+        in order, on every rank."""
         a = self.assignment
-        first, last = self.plan.layer_ranges[self.plan.stage_of(self.rank)]
-        wanted = list(range(first, last))
         # layers from an older step (this worker sat out generations as a spare) are not offered or used
         pool = {i: held for i, held in pool.items() if held.step == a.start_step}
-        if a.restore == "memory" and sorted(pool) == wanted:
-            layers = [pool[i] for i in wanted]  # the same stage as before: nothing to copy
+        if a.restore == "memory" and all(i in pool for i in wanted) and _tied_as_built(self.spec, pool, wanted):
+            layers = [pool[i] for i in wanted]  # held already, tied within each run as built: nothing to copy
         else:
             # a layer neither held nor received keeps step -1 and fails the check below
             step = a.start_step if a.restore != "memory" else -1
-            layers = build_stage_layers(self.spec, first, last, self.config.training, self.device, step)
+            layers = [
+                held
+                for first, last in _runs(wanted)
+                for held in build_stage_layers(self.spec, first, last, self.config.training, self.device, step)
+            ]
         if a.restore == "checkpoint":
             self._load_checkpoint(layers, a.start_step)
         elif a.restore == "init":
             self._load_init(layers)
-        elif layers[0] is not pool.get(first):
+        elif layers[0] is not pool.get(wanted[0]):
             moments = moments_by_param(pool.values())
             for held in layers:
                 if held.index in pool:
@@ -210,24 +231,32 @@ class StageWorker:
         self.on_phase(step, "sync")
         squares = self.sync.reduce()
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
+        interrupt.check()
         dist.all_reduce(totals)
         global_squares, global_units = totals.tolist()
         grad_norm = math.sqrt(global_squares) / global_units
         self.sync.scale(clip_coefficient(grad_norm, self.config.training.grad_clip) / global_units)
+        if self.shadow is not None:
+            self.shadow.exchange_gradients(self.layers)
         self.pending = step
-        report_ready(self.store, step, self.rank, loss_sum, units, grad_norm)
+        redundant_s = self.shadow.take_seconds() if self.shadow is not None else 0.0
+        checkpoint_s, self._checkpoint_s = self._checkpoint_s, 0.0
+        report_ready(self.store, step, self.rank, loss_sum, units, grad_norm, redundant_s, checkpoint_s)
         self.apply(step)
 
     def apply(self, step: int) -> None:
-        """Apply the committed ``step``: every layer's optimizer steps at ``lr_at(step)``."""
+        """Apply the committed ``step``: every layer's optimizer steps at ``lr_at(step)`` (a shadow's too;
+        its time counts as redundant work of the next step)."""
         lr = lr_at(step, self.config.training)
         for j, held in enumerate(self.layers):
-            set_lr(held.optimizer, lr)
-            held.optimizer.step()
-            held.optimizer.zero_grad(set_to_none=True)
-            held.step = step + 1
+            _step_layer(held, lr, step)
             if j == 0:
                 self.on_phase(step, "optimizer")  # one layer stepped, the others not yet
+        if self.shadow is not None:
+            started = time.perf_counter()
+            for held in self.shadow.layers:
+                _step_layer(held, lr, step)
+            self.shadow.seconds += time.perf_counter() - started
         self.pending = None
         self.committed_any = True
 
@@ -238,7 +267,7 @@ class StageWorker:
         if self.pending is not None and next_start == self.pending + 1:
             self.apply(self.pending)
             return
-        for held in self.layers:
+        for held in self.held:
             held.optimizer.zero_grad(set_to_none=True)
         self.pending = None
 
@@ -252,6 +281,7 @@ class StageWorker:
                 self.on_phase(step, "checkpoint")  # one layer file written, the others not yet
         if not self.writes:
             self.on_phase(step, "checkpoint")
+        interrupt.check()
         dist.barrier()
         if self.rank == 0:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
@@ -277,16 +307,56 @@ class StageWorker:
         the end."""
         steps = self.config.training.steps
         every = self.config.fault_tolerance.checkpoint_every
+        background = self.config.fault_tolerance.policy == "oobleck"
         for step in range(self.assignment.start_step, steps):
             self.train_step(step)
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                self.save_checkpoint_async(step + 1)
+                if background:
+                    self.save_checkpoint_async(step + 1)
+                else:  # the baselines stall for their checkpoints, as Varuna and Bamboo do
+                    started = time.perf_counter()
+                    self.save_checkpoint(step + 1)
+                    self._checkpoint_s = time.perf_counter() - started
         self.save_checkpoint(steps)
 
     def close(self) -> None:
         """Stop the loader thread (dropping data loaded ahead) and finish the checkpoint writes under way."""
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+
+
+def _step_layer(held: HeldLayer, lr: float, step: int) -> None:
+    set_lr(held.optimizer, lr)
+    held.optimizer.step()
+    held.optimizer.zero_grad(set_to_none=True)
+    held.step = step + 1
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """``indices`` as maximal runs of consecutive layers ``[first, last)``, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _tied_as_built(spec: ModelSpec, pool: dict[int, HeldLayer], wanted: list[int]) -> bool:
+    """Whether ``pool``'s layers for ``wanted`` share tied parameters exactly as :func:`build_stage_layers`
+    shares them within each run of consecutive layers, and nothing across runs. A stage merged from two
+    (a Bamboo takeover) holds two copies where one shared tensor is wanted: it is rebuilt and copied."""
+    runs = _runs(wanted)
+    run_of = {i: r for r, (first, last) in enumerate(runs) for i in range(first, last)}
+    for group in spec.tied:
+        by_run: dict[int, set[int]] = {}
+        for i, name in group:
+            if i in run_of:
+                by_run.setdefault(run_of[i], set()).add(id(pool[i].module.get_parameter(name)))
+        if any(len(ids) > 1 for ids in by_run.values()) or len(set().union(*by_run.values())) != len(by_run):
+            return False
+    return True
 
 
 def _log_failure(done: Future) -> None:

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from oobleck.engine import interrupt
 from oobleck.engine.stage import HeldLayer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -89,6 +90,7 @@ def send_layer(state: LayerState, held: HeldLayer, dst: int, device: torch.devic
     sent = 0
     for tensor in tensors:
         tensor = tensor.detach().to(device).contiguous()
+        interrupt.check()
         dist.send(tensor, dst)
         sent += tensor.numel() * tensor.element_size()
     return sent
@@ -99,11 +101,13 @@ def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
     names = [name for name, param in held.module.named_parameters(remove_duplicate=False)]
     params = dict(held.module.named_parameters(remove_duplicate=False))
     header = torch.empty(1 + 2 * len(names), dtype=torch.int64, device=device)
+    interrupt.check()
     dist.recv(header, src)
     values = header.tolist()
     tensors = {}
     for key, like in held.module.state_dict().items():
         buffer = torch.empty_like(like, device=device)
+        interrupt.check()
         dist.recv(buffer, src)
         tensors[key] = buffer
     moments = {}
@@ -111,6 +115,7 @@ def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
         if values[1 + 2 * j]:
             exp_avg = torch.empty_like(params[name], device=device)
             exp_avg_sq = torch.empty_like(params[name], device=device)
+            interrupt.check()
             dist.recv(exp_avg, src)
             dist.recv(exp_avg_sq, src)
             moments[name] = (float(values[2 + 2 * j]), exp_avg, exp_avg_sq)

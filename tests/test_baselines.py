@@ -1,0 +1,94 @@
+"""The Varuna-style and Bamboo-style baselines (``fault_tolerance.policy``), end to end and in their pure
+parts. Like the recovery tests, every run is real (local agents and worker processes, SIGKILL from the
+fault hooks) and is compared in float64 with ``train_local``: a baseline differs from Oobleck in how it
+survives failures, never in what it computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oobleck.control.placement import PipelineShape, place
+from oobleck.control.policies import shadow_holdings, takeover
+from planner.homogeneous import best_homogeneous, even_split
+from planner.templates import PipelineTemplate
+from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run_job
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def three_deep(pipelines: int) -> object:
+    shapes = [PipelineShape(((0, 2), (2, 4), (4, 6)), 4) for _ in range(pipelines)]
+    return place(shapes, [f"n{i}" for i in range(3 * pipelines)], 1)
+
+
+def test_takeover_merges_a_lost_stage_into_its_neighbour() -> None:
+    placement = three_deep(2)
+    assert shadow_holdings(placement)[("n0", 0)] == frozenset({2, 3})
+    assert shadow_holdings(placement)[("n2", 0)] == frozenset({0, 1})  # the last stage shadows the first
+    shapes, order = takeover(placement, {"n1"})
+    assert order == ["n0", "n2", "n3", "n4", "n5"]
+    assert shapes[0].layer_ranges == ((0, 4), (4, 6)) and shapes[1].layer_ranges == ((0, 2), (2, 4), (4, 6))
+    # the first stage goes to the second (contiguous layers); its layers come from the last stage's shadow
+    shapes, order = takeover(placement, {"n3"})
+    assert order == ["n0", "n1", "n2", "n4", "n5"] and shapes[1].layer_ranges == ((0, 4), (4, 6))
+    assert all(s.num_microbatches == 4 for s in shapes)
+
+
+def test_takeover_of_adjacent_stages_is_fatal() -> None:
+    placement = three_deep(2)
+    assert takeover(placement, {"n1", "n2"}) is None
+    assert takeover(placement, {"n0", "n2"}) is None  # adjacent in the ring
+    assert takeover(placement, {"n0", "n1", "n2"}) is None
+    assert takeover(placement, {"n1", "n4"}) is not None  # one per pipeline
+
+
+def test_best_homogeneous_picks_the_fastest_depth_and_leaves_the_rest_idle() -> None:
+    from planner.templates import Stage
+
+    def template(depth: int, per_stage: float) -> PipelineTemplate:
+        stages = tuple(Stage(i, i + 1, per_stage / 3, 2 * per_stage / 3, 0.0, 0, 0, 0) for i in range(depth))
+        return PipelineTemplate(depth, 1, stages)
+
+    templates = {1: template(1, 4.0), 2: template(2, 2.0), 3: template(3, 1.4)}
+    best = best_homogeneous(templates, 7, 12)
+    assert best is not None
+    # every candidate's step: fill + (m - 1) * bottleneck with m = ceil(12 / replicas)
+    steps = {d: t.iteration_time(even_split(12, min(7 // d, 12))[0]) for d, t in templates.items()}
+    assert best.step_time_s == min(steps.values()) and best.depth == min(steps, key=steps.get)
+    assert best.nodes_used <= 7 and sum(best.microbatches) == 12
+    assert best_homogeneous({3: template(3, 1.0)}, 2, 12) is None
+    assert even_split(12, 5) == (3, 3, 2, 2, 2)
+
+
+def test_varuna_restarts_every_worker_from_its_checkpoint(tmp_path: Path) -> None:
+    """A node lost at step 7 with checkpoints every 5 steps: every worker process restarts, the checkpoint of
+    step 5 is loaded, steps 5 and 6 are lost and re-run."""
+    faults = [{"step": 7, "phase": "backward", "kind": "kill", "target": "node", "nodes": [3]}]
+    raw = gpt_job(tmp_path, nodes=6, steps=12, f=1, faults=faults, policy="varuna", checkpoint_every=5)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    found = recoveries(run_dir)
+    assert found[0]["mode"] == "restart" and found[0]["start_step"] == 5 and found[0]["steps_lost"] == 2, err[-2000:]
+    restarted = [p for p in (run_dir / "logs").glob("node*-0.log") if "restarting the worker process" in p.read_text()]
+    assert len(restarted) == found[0]["nodes_alive"], "every worker placed in the new plan restarts its process"
+
+
+def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(tmp_path: Path) -> None:
+    """Two pipelines of three nodes. Losing node1 (a middle stage): node0 takes its layers over from its
+    shadow, no step is lost and both pipelines go on (copies only re-establish the shadows). Then node4 and node5
+    (adjacent stages) die together: fatal for Bamboo, which restarts from its checkpoint of step 6."""
+    faults = [
+        {"step": 3, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
+        {"step": 8, "phase": "backward", "kind": "kill", "target": "node", "nodes": [4, 5]},
+    ]
+    raw = gpt_job(tmp_path, nodes=6, steps=10, f=1, faults=faults, policy="bamboo", checkpoint_every=6)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw)
+    first, second = recoveries(run_dir)
+    assert first["mode"] == "memory" and first["pipelines"] == 2, err[-2000:]
+    assert first["steps_lost"] == 0 and first["nodes_alive"] == 5
+    assert second["mode"] == "restart" and second["start_step"] == 6 and second["steps_lost"] == 2
+    rows = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    assert rows and all('"redundant_s"' in r for r in rows)
