@@ -8,6 +8,7 @@ the terminal reaches only this process, which then stops them in order) and die 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 from launcher.trace import TraceEvent, load_trace, replay_schedule
 from oobleck.config import JobConfig
@@ -63,20 +64,50 @@ def run(
     names = [e.node for e in schedule if e.at_s == 0] if schedule else [node_name(i) for i in range(config.cluster.nodes)]
     if schedule:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nodes=len(names)))
-    secret_dir = Path(tempfile.mkdtemp(prefix="oobleck-"))  # mkdtemp: mode 0700, only we read the token
-    token = secrets.token_hex(32)
-    token_file = secret_dir / "token"
-    token_file.write_text(token)
-    cluster: LocalCluster | None = None
-    master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery, add_node=lambda n: cluster.add_node(n))  # type: ignore[union-attr]
+    with job_token() as (token, token_file):
+        master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery)
+
+        def start(address: str) -> LocalCluster:
+            cluster = LocalCluster(master, address, token_file, config, log_dir)
+            write_control_file(Path(config.run.dir), address, token_file)
+            phase(f"master at {address}; starting {len(names)} nodes")
+            for name in names:
+                cluster.add_node(name)
+            return cluster
+
+        return supervise(master, start, schedule, phase, log_dir)
+
+
+@contextlib.contextmanager
+def job_token() -> Iterator[tuple[str, Path]]:
+    """A fresh control-plane token and the file holding it (in a mode-0700 directory, removed afterwards;
+    ``oobleck inject`` reads it there)."""
+    secret_dir = Path(tempfile.mkdtemp(prefix="oobleck-"))
+    try:
+        token = secrets.token_hex(32)
+        token_file = secret_dir / "token"
+        token_file.write_text(token)
+        yield token, token_file
+    finally:
+        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def supervise(
+    master: Master,
+    start: Callable[[str], "Cluster"],
+    schedule: list[TraceEvent],
+    phase: Callable[[str], None],
+    log_dir: Path,
+) -> list[StepRecord]:
+    """Start ``master``, then its nodes (``start(address)`` returns the launcher's cluster), replay the
+    trace's later events if there is a ``schedule``, and wait for the job. Whatever happens, the replay, the
+    master and the cluster are stopped before this returns or raises; a failed job's error names the logs."""
+    cluster: Cluster | None = None
     replay: TraceReplay | None = None
     try:
         address = master.start()
-        cluster = LocalCluster(master, address, token_file, config, log_dir)
-        write_control_file(Path(config.run.dir), address, token_file)
-        phase(f"master at {address}; starting {len(names)} nodes")
-        for name in names:
-            cluster.add_node(name)
+        cluster = start(address)
+        master.set_node_adder(cluster.add_node)
         if schedule:
             replay = TraceReplay(cluster, [e for e in schedule if e.at_s > 0], phase)
         records = master.wait()
@@ -94,7 +125,16 @@ def run(
         master.stop()
         if cluster is not None:
             cluster.close()
-        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+class Cluster(Protocol):
+    """What :func:`supervise` and :class:`TraceReplay` need of a launcher's nodes."""
+
+    def add_node(self, name: str) -> None: ...
+
+    def kill_node(self, name: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class LocalCluster:

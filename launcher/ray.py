@@ -48,7 +48,6 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -64,14 +63,15 @@ from launcher.local import (
     AGENT_EXIT_S,
     AGENT_GRACE_S,
     LOG_DIR,
-    TraceReplay,
-    trace_schedule,
+    job_token,
     last_line,
+    supervise,
+    trace_schedule,
     write_control_file,
 )
 from launcher.trace import TraceEvent
 from oobleck.config import ClusterConfig, JobConfig
-from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord, describe_exit
+from oobleck.control.master import Master, Planner, RecoveryRecord, StepRecord, describe_exit
 from oobleck.control.procs import child_env, stop_group
 from oobleck.errors import OobleckError
 
@@ -150,10 +150,6 @@ def _run_job(
     on_recovery: Callable[[RecoveryRecord], None] | None,
 ) -> list[StepRecord]:
     run_dir = Path(config.run.dir)
-    secret_dir = Path(tempfile.mkdtemp(prefix="oobleck-"))  # mode 0700: `oobleck inject` reads the token here
-    token = secrets.token_hex(32)
-    token_file = secret_dir / "token"
-    token_file.write_text(token)
     training = threading.Event()
 
     def step(record: StepRecord) -> None:
@@ -161,36 +157,20 @@ def _run_job(
         if on_step is not None:
             on_step(record)
 
-    cluster: RayCluster | None = None
-    master = Master(config, token, planner, on_step=step, on_recovery=on_recovery, add_node=lambda n: cluster.add_node(n))  # type: ignore[union-attr]
-    replay: TraceReplay | None = None
-    try:
-        address = master.start()
-        cluster = RayCluster(master, address, token, config, log_dir, cuda, session, training, phase)
-        cluster.known(alive)
-        write_control_file(run_dir, address, token_file)
-        phase(f"master at {address}; starting {len(names)} agents on the Ray cluster at {session.address}")
-        cluster.start(list(zip(names, chosen)))
-        if schedule:
-            replay = TraceReplay(cluster, [e for e in schedule if e.at_s > 0], phase)  # type: ignore[arg-type]
-        else:
-            cluster.follow_new_nodes()
-        records = master.wait()
-        if replay is not None:
-            phase(replay.describe())
-        return records
-    except JobFailed as e:
-        raise JobFailed(f"{e} (logs of every agent and worker in {log_dir})") from None
-    except BaseException as e:
-        master.abort(f"the run was interrupted ({type(e).__name__})" if isinstance(e, KeyboardInterrupt) else str(e))
-        raise
-    finally:
-        if replay is not None:
-            replay.stop()
-        master.stop()
-        if cluster is not None:
-            cluster.close()
-        shutil.rmtree(secret_dir, ignore_errors=True)
+    with job_token() as (token, token_file):
+        master = Master(config, token, planner, on_step=step, on_recovery=on_recovery)
+
+        def start(address: str) -> RayCluster:
+            cluster = RayCluster(master, address, token, config, log_dir, cuda, session, training, phase)
+            cluster.known(alive)
+            write_control_file(run_dir, address, token_file)
+            phase(f"master at {address}; starting {len(names)} agents on the Ray cluster at {session.address}")
+            cluster.start(list(zip(names, chosen)))
+            if not schedule:
+                cluster.follow_new_nodes()
+            return cluster
+
+        return supervise(master, start, schedule, phase, log_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
