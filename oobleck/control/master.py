@@ -296,6 +296,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 raise JobFailed(self._failure)
             return list(self._records)
 
+    def set_node_adder(self, add_node: Callable[[str], None]) -> None:
+        """How ``oobleck inject --add`` starts a node: the launcher's, once its cluster exists."""
+        self._add_node = add_node
+
     def abort(self, reason: str) -> None:
         """Fail the job from outside (e.g. Ctrl-C): agents are told to stop their workers."""
         self._fail(reason)
