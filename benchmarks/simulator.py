@@ -341,7 +341,7 @@ def format_tables(model: str, res: dict[str, Any]) -> str:
             if res["bamboo_redundancy_overhead"] is not None
             else ""
         ),
-        "costs: " + ", ".join(f"{k}={v:g}" for k, v in s["costs"].items()),
+        "costs: " + ", ".join(f"{k}={v:g}" for k, v in s["costs"].items() if v is not None),
         "",
         "throughput, samples/s (relative to fault-free Oobleck on all nodes)",
     ]

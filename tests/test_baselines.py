@@ -18,6 +18,9 @@ from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run
 pytestmark = pytest.mark.timeout(400)
 
 
+PLANNED = {(0, 2), (2, 4), (4, 6)}
+
+
 def three_deep(pipelines: int) -> object:
     shapes = [PipelineShape(((0, 2), (2, 4), (4, 6)), 4) for _ in range(pipelines)]
     return place(shapes, [f"n{i}" for i in range(3 * pipelines)], 1)
@@ -27,22 +30,26 @@ def test_takeover_merges_a_lost_stage_into_its_neighbour() -> None:
     placement = three_deep(2)
     assert shadow_holdings(placement)[("n0", 0)] == frozenset({2, 3})
     assert shadow_holdings(placement)[("n2", 0)] == frozenset({0, 1})  # the last stage shadows the first
-    shapes, order = takeover(placement, {"n1"})
+    shapes, order = takeover(placement, {"n1"}, PLANNED)
     assert order == ["n0", "n2", "n3", "n4", "n5"]
     assert shapes[0].layer_ranges == ((0, 4), (4, 6)) and shapes[1].layer_ranges == ((0, 2), (2, 4), (4, 6))
     # the first stage goes to the second (contiguous layers); its layers come from the last stage's shadow
-    shapes, order = takeover(placement, {"n3"})
+    shapes, order = takeover(placement, {"n3"}, PLANNED)
     assert order == ["n0", "n1", "n2", "n4", "n5"] and shapes[1].layer_ranges == ((0, 4), (4, 6))
     assert all(s.num_microbatches == 4 for s in shapes)
 
 
 def test_takeover_of_adjacent_stages_is_fatal() -> None:
     placement = three_deep(2)
-    assert takeover(placement, {"n1", "n2"}) is None
-    assert takeover(placement, {"n0", "n2"}) is None  # adjacent in the ring
-    assert takeover(placement, {"n0", "n1", "n2"}) is None
-    assert takeover(placement, {"n1", "n4"}) is not None  # one per pipeline
-
+    assert takeover(placement, {"n1", "n2"}, PLANNED) is None
+    assert takeover(placement, {"n0", "n2"}, PLANNED) is None  # adjacent in the ring
+    assert takeover(placement, {"n0", "n1", "n2"}, PLANNED) is None
+    assert takeover(placement, {"n1", "n4"}, PLANNED) is not None  # one per pipeline
+    # after n1 was taken over by n0, losing n0 or n2 (next to the first loss) is fatal too: the merged stage
+    # would take over, or be taken over, beyond the one shadow its device has room for
+    merged = place(takeover(placement, {"n1"}, PLANNED)[0], ["n0", "n2", "n3", "n4", "n5"], 1)
+    assert takeover(merged, {"n2"}, PLANNED) is None and takeover(merged, {"n0"}, PLANNED) is None
+    assert takeover(merged, {"n4"}, PLANNED) is not None
 
 def test_best_homogeneous_picks_the_fastest_depth_and_leaves_the_rest_idle() -> None:
     from planner.templates import Stage

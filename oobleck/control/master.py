@@ -227,6 +227,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._holdings: dict[tuple[str, int], frozenset[int]] = {}
         #: the placement of the last generation that committed a step (what ``_holdings`` describes)
         self._committed_placement: Placement | None = None
+        #: bamboo: the stages' layer ranges of the last plan (a stage outside them took another over)
+        self._planned_ranges: set[tuple[int, int]] = set()
         #: bumped on every loss or join; a re-plan made for an older membership is discarded
         self._membership = 0
         self._replan = False
@@ -585,27 +587,39 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         ``oobleck`` re-plans from the templates. ``varuna`` re-plans homogeneous pipelines and restarts
         everything from the checkpoint. ``bamboo`` keeps its pipelines when nodes are lost and lets the
         lost stages' neighbours take them over (:func:`~oobleck.control.policies.takeover`); a fatal loss
-        (adjacent stages) re-plans and restarts from the checkpoint, and joins re-plan from memory."""
+        (next to an earlier one) re-plans and restarts from the checkpoint, and joins re-plan from memory."""
         policy = self.config.fault_tolerance.policy
+        if policy == "bamboo":
+            return self._bamboo_layout(names, first)
         if policy == "oobleck" or first:
             return self._planner(names), names, False
-        if policy == "varuna":
-            return self._planner(names), names, True
+        return self._planner(names), names, True  # varuna
+
+    def _bamboo_layout(self, names: list[str], first: bool) -> tuple[list[PipelineShape], list[str], bool]:
+        """``_layout`` under ``bamboo``: takeovers while they are allowed, else a re-plan."""
+
+        def replan(restart: bool) -> tuple[list[PipelineShape], list[str], bool]:
+            shapes = self._planner(names)
+            self._planned_ranges = {r for shape in shapes for r in shape.layer_ranges}
+            return shapes, names, restart
+
+        if first:
+            return replan(False)
         with self._lock:
             # takeovers start from the layout the holdings describe: the last one that committed a step
             # (two losses seen one after the other must count as adjacent if they are)
             base = self._committed_placement
             joins = self._change is not None and bool(self._change.joined)
         if base is None:  # nothing held since the last restart: restart again
-            return self._planner(names), names, True
+            return replan(True)
         if not joins:
             placed = stage_nodes(base).values()
-            taken = takeover(base, set(placed) - set(names))
+            taken = takeover(base, set(placed) - set(names), self._planned_ranges)
             if taken is not None:
                 return taken[0], taken[1], False
-            log.warning("bamboo: a pipeline lost two adjacent stages; restarting from the checkpoint")
-            return self._planner(names), names, True
-        return self._planner(names), names, False
+            log.warning("bamboo: a lost stage has no neighbour left that may take it over; restarting from the checkpoint")
+            return replan(True)
+        return replan(False)
 
     def _layers_placed(self, placement: Placement) -> dict[tuple[str, int], frozenset[int]]:
         """(node, device) -> the layers its worker holds under ``placement``: its stage's, and under

@@ -7,7 +7,10 @@ nodes are lost, :func:`takeover` keeps every pipeline and hands each lost stage'
 holds them: stage ``i`` to stage ``i - 1`` (its shadow holder), the first stage to the second (the layers
 come from the last stage's shadow, since a stage must hold contiguous layers). Two lost stages adjacent in
 the ring leave some layers with no copy in their pipeline: Bamboo treats that as fatal (restart from the
-checkpoint), even where another pipeline holds them.
+checkpoint), even where another pipeline holds them. So is a takeover by, or of, a stage that already took
+one over: Bamboo's plan reserves device memory for one stage and one shadow per device, and the merged
+stage exceeds it (the engine does not enforce simulated device memory on CPU, so the rule is explicit).
+Taken together, any lost node next to one lost before it (since the last re-plan) is fatal.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ def shadow_holdings(placement: Placement) -> dict[tuple[str, int], frozenset[int
     return out
 
 
-def takeover(placement: Placement, lost: Collection[str]) -> tuple[list[PipelineShape], list[str]] | None:
+def takeover(
+    placement: Placement, lost: Collection[str], planned: Collection[tuple[int, int]]
+) -> tuple[list[PipelineShape], list[str]] | None:
     """The pipelines after the stages on ``lost`` nodes are taken over (see the module notes), and the
-    surviving nodes in placement order; None when a pipeline lost two stages adjacent in its ring."""
+    surviving nodes in placement order; None when a pipeline lost two stages adjacent in its ring, or a
+    takeover would involve a stage whose layer range is not one of the last plan's (``planned``)."""
     node_of = stage_nodes(placement)
     shapes: list[PipelineShape] = []
     order: list[str] = []
@@ -46,6 +52,10 @@ def takeover(placement: Placement, lost: Collection[str]) -> tuple[list[Pipeline
         n = len(nodes)
         dead = {i for i, name in enumerate(nodes) if name in lost}
         if len(dead) == n or any((i - 1) % n in dead for i in dead):
+            return None
+        takers = [i - 1 if i > 0 else 1 for i in dead]
+        involved = set(dead) | set(takers)
+        if len(set(takers)) < len(takers) or any(pipeline.layer_ranges[i] not in planned for i in involved):
             return None
         ranges = []
         for i in range(n):

@@ -1,0 +1,220 @@
+"""The pure parts of the fault-tolerance harness (benchmarks/fault_tolerance.py): commit times from stamped
+metrics rows, the time breakdown of a run from synthetic rows and recovery records, throughput, the
+failure schedules, the measured costs, and the command line's errors. No job runs here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import fault_tolerance as ft
+from benchmarks.jobs import tiny_gpt, write_config
+
+
+def row(step: int, gen: int, commit_at: float, step_time_s: float, **extra: float) -> dict[str, Any]:
+    return {"step": step, "generation": gen, "commit_at": commit_at, "step_time_s": step_time_s,
+            "nodes_alive": 6, "pipelines": 3, **extra}  # fmt: skip
+
+
+def record(gen: int, resume_s: float, lost: tuple[str, ...] = ("node2",), joined: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    return {"generation": gen, "resume_s": resume_s, "detect_s": None, "lost": list(lost), "joined": list(joined),
+            "mode": "memory", "steps_lost": 0, "total_s": resume_s, **extra}  # fmt: skip
+
+
+#: step 2 carries 0.25 s of redundant work; node2 is lost at 3.5 (gen 2 starts at 3.6, ready at 5.0); step 4
+#: writes a 0.25 s checkpoint first; a loss at 7.75 restores the checkpoint of step 4 (gen 3 starts at 8.0,
+#: ready at 10.0), so step 4 is committed twice
+ROWS = [
+    row(0, 1, 1.0, 9.0),
+    row(1, 1, 2.0, 1.0),
+    row(2, 1, 3.0, 1.0, redundant_s=0.25),
+    row(3, 2, 6.0, 2.4),
+    row(4, 2, 7.25, 1.25, checkpoint_s=0.25),
+    row(4, 3, 11.0, 3.0),
+    row(5, 3, 12.0, 1.0),
+]
+RECORDS = [record(2, 1.5), record(3, 2.25, lost=("node5",), mode="restart", steps_lost=1)]
+GEN_STARTS = {1: -8.0, 2: 3.6, 3: 8.0}
+
+
+def test_breakdown_of_a_run_with_a_recovery_a_restore_redundancy_and_a_checkpoint() -> None:
+    seconds = ft.account(ROWS, RECORDS, 0.0, 12.0, GEN_STARTS)
+    assert seconds == pytest.approx(
+        {"useful": 5.75, "redundant": 0.25, "recovery": 3.75, "checkpoint": 0.25, "lost": 1.0, "partial": 1.0}
+    )
+    assert sum(seconds.values()) == pytest.approx(12.0)
+
+
+def test_time_after_the_last_commit_is_partial() -> None:
+    seconds = ft.account(ROWS, RECORDS, 0.0, 14.5, GEN_STARTS)
+    assert seconds["partial"] == pytest.approx(3.5)
+    assert sum(seconds.values()) == pytest.approx(14.5)
+
+
+def test_missing_redundant_and_checkpoint_fields_count_as_zero() -> None:
+    rows = [row(0, 1, 1.0, 5.0), row(1, 1, 2.0, 1.0)]
+    assert ft.account(rows, [], 0.0, 2.0) == pytest.approx(dict.fromkeys(ft.MEASURED, 0.0) | {"useful": 2.0})
+
+
+def test_a_join_noticed_before_the_last_commit_cuts_no_step() -> None:
+    rows = [row(0, 1, 1.0, 5.0), row(1, 1, 2.0, 1.0), row(2, 1, 3.0, 1.0), row(3, 2, 4.5, 1.2)]
+    joined = record(2, 2.0, lost=(), joined=("node7",))
+    assert ft.recovery_moments(rows, [joined], {2: 3.3}) == {2: pytest.approx((1.5, 3.5))}
+    seconds = ft.account(rows, [joined], 0.0, 4.5, {2: 3.3})
+    assert seconds["partial"] == 0.0
+    assert seconds["recovery"] == pytest.approx(0.5)
+    assert seconds["useful"] == pytest.approx(4.0)
+
+
+def test_ready_is_not_before_the_generation_start() -> None:
+    rows = [row(0, 1, 1.0, 5.0), row(1, 1, 2.0, 1.0), row(2, 2, 6.0, 1.5)]
+    # a typical step (1.0) would put ready at 5.0, but the generation started at 5.5
+    assert ft.recovery_moments(rows, [record(2, 2.5)], {2: 5.5}) == {2: pytest.approx((3.0, 5.5))}
+
+
+def test_rows_outside_the_window_are_refused() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        ft.account(ROWS, RECORDS, 0.0, 11.0)
+    with pytest.raises(ValueError, match="before it starts"):
+        ft.account(ROWS, RECORDS, 5.0, 4.0)
+
+
+def test_kept_rows_keep_the_last_commit_of_a_step() -> None:
+    assert ft.kept_rows(ROWS) == [True, True, True, True, False, True, True]
+
+
+def test_commit_times_from_stamps_and_step_times() -> None:
+    rows = [
+        {"generation": 1, "step_time_s": 5.0, "stamp": 10.02},
+        {"generation": 1, "step_time_s": 1.0, "stamp": 11.0},
+        {"generation": 1, "step_time_s": 1.0, "stamp": 12.05},
+        {"generation": 2, "step_time_s": 2.0, "stamp": 15.01},
+    ]
+    times, starts = ft.commit_times(rows)
+    assert times == pytest.approx([10.0, 11.0, 12.0, 15.01])
+    assert starts == pytest.approx({1: 5.0, 2: 13.01})
+
+
+def synthetic_run(policy: str = "oobleck", **overrides: Any) -> ft.Run:
+    fields: dict[str, Any] = dict(
+        policy=policy, faults=True, run_dir=Path("/nonexistent"), config=Path("/nonexistent.yaml"), rows=ROWS,
+        records=RECORDS, replayed=[], start=0.0, end=12.0, gen_starts=GEN_STARTS, timed_out=False, steps=6,
+        global_batch=16, launch_to_start_s=20.0,
+    )  # fmt: skip
+    fields.update(overrides)
+    return ft.Run(**fields)
+
+
+def test_summary_counts_kept_steps_over_the_window() -> None:
+    summary = ft.summarize(synthetic_run())
+    assert summary["samples_per_s"] == pytest.approx(6 * 16 / 12.0)
+    assert summary["steps_lost"] == 1
+    assert summary["recoveries"] == 2
+    assert summary["recovery_modes"] == {"memory": 1, "restart": 1}
+    assert summary["breakdown_share"]["recovery"] == pytest.approx(3.75 / 12.0)
+
+
+def test_recovery_durations_run_from_the_generation_start_to_ready() -> None:
+    durations = ft.recovery_durations(synthetic_run())
+    assert [(r["generation"], d) for r, d in durations] == [(2, pytest.approx(1.4)), (3, pytest.approx(2.0))]
+
+
+def test_node_ready_times_from_joins_and_lower_bounds_for_nodes_that_never_joined() -> None:
+    rows = [row(0, 1, 1.0, 5.0), row(1, 1, 2.0, 1.0), row(2, 1, 3.0, 1.0), row(3, 2, 4.5, 1.2), row(4, 2, 5.5, 1.0)]
+    replayed = [ft.Replayed(0.5, "add", "node7"), ft.Replayed(1.0, "add", "node8"), ft.Replayed(9.0, "add", "node9")]
+    run = synthetic_run(rows=rows, records=[record(2, 2.0, lost=(), joined=("node7",))], replayed=replayed,
+                        end=5.5, gen_starts={1: -4.0, 2: 3.3})  # fmt: skip
+    seen, censored = ft.node_ready_times(run)
+    assert seen == pytest.approx([1.0])  # noticed at 1.5, added at 0.5
+    assert censored == pytest.approx([4.5])  # node8: not joined by 5.5; node9 was added after the window
+    ready, _ = ft.node_ready_s({"oobleck": run, "bamboo": synthetic_run("bamboo", replayed=[ft.Replayed(2.0, "add", "node7")])})
+    assert ready == pytest.approx({"oobleck": 1.0, "bamboo": 10.0})
+
+
+def test_measured_costs_take_medians_of_the_runs(tmp_path: Path) -> None:
+    configs = {}
+    for policy in ("oobleck", "varuna"):
+        raw = tiny_gpt(tmp_path, 6, 10)
+        raw["fault_tolerance"]["policy"] = policy
+        configs[policy] = write_config(tmp_path / f"{policy}.yaml", raw)
+    runs = {
+        "oobleck": synthetic_run(records=[record(2, 1.5), record(3, 2.25, lost=("node5",))], config=configs["oobleck"]),
+        "varuna": synthetic_run("varuna", config=configs["varuna"]),
+    }
+    costs, sources = ft.measured_costs(runs)
+    assert costs.recovery_fixed_s == pytest.approx(1.7)  # median of 1.4 and 2.0
+    assert costs.restart_s == pytest.approx(2.0)  # varuna's generation 3
+    assert costs.checkpoint_write_s == pytest.approx(0.25)
+    assert costs.checkpoint_every == 10 and costs.oobleck_checkpoint_every == ft.NEVER
+    assert costs.bamboo_takeover_s == 0.0 and "none measured" in sources["bamboo_takeover_s"]
+
+
+def test_rolling_throughput_on_a_grid() -> None:
+    xs, ys = ft.rolling_throughput([0.5, 1.0, 1.5, 4.0], 16, 2.0, 4.0, 1.0)
+    assert xs == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert ys == pytest.approx([0.0, 32.0, 24.0, 8.0, 8.0])
+
+
+def test_fixed_schedule_is_seeded_and_counts_its_losses() -> None:
+    a = ft.fixed_schedule(6, 3.0, 3, 1.5, 0)
+    assert a == ft.fixed_schedule(6, 3.0, 3, 1.5, 0)
+    assert a.initial == tuple(f"node{i}" for i in range(1, 7))
+    assert [e.at_s for e in a.events if e.kind == "remove"] == [3.0, 6.0, 9.0]
+    assert [(e.at_s, e.node) for e in a.events if e.kind == "add"] == [(4.5, "node7"), (7.5, "node8"), (10.5, "node9")]
+    assert a.capacity == 6
+    assert ft.fixed_schedule(6, 3.0, 3, 1.5, 1).events != a.events
+    late = ft.fixed_schedule(6, 3.0, 2, 4.0, 0)  # a replacement arrives after the next loss
+    assert [(e.at_s, e.kind) for e in late.events] == [(3.0, "remove"), (6.0, "remove"), (7.0, "add"), (10.0, "add")]
+    assert late.events[0] == a.events[0]  # the same first victim: the RNG draws from the same nodes
+
+
+def test_trace_schedule_compresses_and_checks_the_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("".join(f"0,add,n{i}\n" for i in range(5)) + "20000,remove,n1\n40000,add,n9\n")
+    schedule = ft.trace_schedule(trace, 10.0)
+    assert schedule.initial == ("n0", "n1", "n2", "n3", "n4")
+    assert [(e.at_s, e.kind, e.node) for e in schedule.events] == [(2.0, "remove", "n1"), (4.0, "add", "n9")]
+    trace.write_text("".join(f"0,add,n{i}\n" for i in range(3)))
+    with pytest.raises(ft.OobleckError, match="at least 4"):
+        ft.trace_schedule(trace, 1.0)
+    trace.write_text("".join(f"{1000 * (i > 5)},add,n{i}\n" for i in range(9)))
+    with pytest.raises(ft.OobleckError, match="9 nodes alive"):
+        ft.trace_schedule(trace, 1.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nodes", "3"], "--nodes: got 3"),
+        (["--steps", "5"], "--steps: got 5"),
+        (["--every-s", "0"], "--every-s: got 0.0"),
+        (["--failures", "0"], "--failures: got 0"),
+        (["--replace-after-s", "-1"], "--replace-after-s: got -1.0"),
+        (["--run-timeout-s", "nan"], "--run-timeout-s: got nan"),
+        (["--compression", "2"], "--compression: applies to --trace only"),
+        (["--trace", "t.csv"], "--trace: needs --compression"),
+        (["--trace", "t.csv", "--compression", "2", "--nodes", "5"], "--nodes: applies to the fixed interval only"),
+        (["--trace", "/nonexistent/t.csv", "--compression", "2"], "cannot read it"),
+        (["--trace", "t.csv", "--compression", "0"], "--compression: got 0.0"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_argparse_errors_exit_2() -> None:
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--policies", "deepspeed"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--every-s", "3", "--trace", "t.csv"])
+    assert e.value.code == 2
+
+
+def test_nan_costs_do_not_pass_silently() -> None:
+    assert math.isnan(ft.median([]))
