@@ -387,6 +387,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The closing lines of a checking benchmark's summary: its comparison with train-local
+    (``report["reference"]``, from :func:`compare_with_reference`), the job's failure if any, and the checks."""
+    r = report["reference"]
+    lines = [
+        f"vs train-local: {r['steps_compared']} steps, max relative difference {r['max_loss_rel_diff']:.1e} (losses), "
+        f"{r['max_param_rel_diff']:.1e} (final parameters, {r['tensors_compared']} tensors)"
+    ]
+    if report.get("failure"):
+        lines.append("the job FAILED: " + " | ".join(report["failure"][-3:]))
+    lines.append(
+        "checks: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items())
+        + f" -> {'PASSED' if report['passed'] else 'FAILED'}"
+    )
+    return lines
+
+
 def bad_flag(prog: str, checks: Sequence[tuple[str, Any, bool, str]]) -> bool:
     """Print ``PROG: error: FLAG: got VALUE; RULE`` for the first failed ``(flag, value, ok, rule)`` check
     and return True; False when all pass."""

@@ -714,8 +714,8 @@ class _Bamboo(_Sim):
     def _restart(self, now: float, kind: str = "restart", count: bool = True) -> None:
         if len(self.alive) >= self.configs.n0:
             self.counts["restarts" if kind == "restart" else "reconfigurations"] += int(count)
-            restart = self.costs.bamboo_restart_s if kind == "restart" else None
-            self.start_busy(now, kind, "recovery", self.costs.bamboo_reconfigure_s if restart is None else restart)
+            seconds = self.costs.bamboo_fatal_restart_s if kind == "restart" else self.costs.bamboo_reconfigure_s
+            self.start_busy(now, kind, "recovery", seconds)
         else:
             self.wait(now)
 

@@ -90,6 +90,11 @@ class Costs:
     bamboo_reconfigure_threshold: float = BAMBOO_RECONFIGURE_THRESHOLD
     bamboo_restart_s: float | None = None
 
+    @property
+    def bamboo_fatal_restart_s(self) -> float:
+        """Bamboo's restart after a fatal failure (``bamboo_restart_s``, else its reconfiguration time)."""
+        return self.bamboo_reconfigure_s if self.bamboo_restart_s is None else self.bamboo_restart_s
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

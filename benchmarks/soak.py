@@ -54,6 +54,7 @@ from benchmarks.jobs import (
     run_and_report,
     tiny_gpt,
     train_reference,
+    verdict_lines,
     write_config,
 )
 
@@ -327,17 +328,7 @@ def format_summary(report: dict[str, Any]) -> str:
     )
     per_gen = ", ".join(f"{g['generation']}: {g['sockets_min']}-{g['sockets_max']}" for g in s["per_generation"])
     lines.append(f"  sockets per generation (min-max): {per_gen}")
-    r = report["reference"]
-    lines.append(
-        f"vs train-local: {r['steps_compared']} steps, max relative difference {r['max_loss_rel_diff']:.1e} (losses), "
-        f"{r['max_param_rel_diff']:.1e} (final parameters, {r['tensors_compared']} tensors)"
-    )
-    if report.get("failure"):
-        lines.append("the job FAILED: " + " | ".join(report["failure"][-3:]))
-    lines.append(
-        "checks: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items())
-        + f" -> {'PASSED' if report['passed'] else 'FAILED'}"
-    )
+    lines.extend(verdict_lines(report))
     return "\n".join(lines)
 
 

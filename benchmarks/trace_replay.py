@@ -73,6 +73,7 @@ from benchmarks.jobs import (
     run_and_report,
     tiny_gpt,
     train_reference,
+    verdict_lines,
     write_config,
 )
 from launcher.trace import TraceEvent, load_trace, summary
@@ -314,17 +315,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"nodes alive per step {na['min']}-{na['max']}, pipelines {pp['min']}-{pp['max']}; processes "
         f"{report['processes']['min']}-{report['processes']['max']}, TCP sockets {report['sockets']['min']}-{report['sockets']['max']}"
     )
-    r = report["reference"]
-    lines.append(
-        f"vs train-local: {r['steps_compared']} steps, max relative difference {r['max_loss_rel_diff']:.1e} (losses), "
-        f"{r['max_param_rel_diff']:.1e} (final parameters)"
-    )
-    if report.get("failure"):
-        lines.append("the job FAILED: " + " | ".join(report["failure"][-3:]))
-    lines.append(
-        "checks: " + ", ".join(f"{name} {'ok' if ok else 'FAILED'}" for name, ok in report["checks"].items())
-        + f" -> {'PASSED' if report['passed'] else 'FAILED'}"
-    )
+    lines.extend(verdict_lines(report))
     return "\n".join(lines)
 
 

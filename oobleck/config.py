@@ -168,6 +168,13 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def periodic_checkpoint_after(self, step: int) -> bool:
+        """Whether a periodic checkpoint of the state after ``step`` (that of step ``step + 1``) is due:
+        every ``fault_tolerance.checkpoint_every`` steps, except after the last step (the final checkpoint
+        is written anyway)."""
+        every = self.fault_tolerance.checkpoint_every
+        return bool(every) and (step + 1) % every == 0 and step + 1 < self.training.steps
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loading

@@ -203,8 +203,7 @@ def train_local(
             if metrics is not None:
                 metrics.write(json.dumps(dataclasses.asdict(stats)) + "\n")
                 metrics.flush()
-            every = config.fault_tolerance.checkpoint_every
-            if run_dir is not None and every and (step + 1) % every == 0 and step + 1 < t.steps:
+            if run_dir is not None and config.periodic_checkpoint_after(step):
                 save_checkpoint(run_dir, step + 1, layers, optimizers, config)
             if bar is not None:
                 bar.update(stats)

@@ -724,8 +724,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     if first_commit:
                         self._holdings = self._layers_placed(gen.placement)
                         self._committed_placement = gen.placement
-                    every = self.config.fault_tolerance.checkpoint_every
-                    if every and (step + 1) % every == 0 and step + 1 < self.config.training.steps:
+                    if self.config.periodic_checkpoint_after(step):
                         self._checkpoints.append(step + 1)
                     fold = self._joins_ready and self._grows_after(step)
                 if fold:
@@ -765,10 +764,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         """Whether joining nodes fold in after committed ``step``. Always, except under ``varuna``: it
         restarts every worker to grow, so it grows only at a checkpoint (the one of ``step + 1``, written in
         the foreground) and loses no step."""
-        if self.config.fault_tolerance.policy != "varuna":
-            return True
-        every = self.config.fault_tolerance.checkpoint_every
-        return bool(every) and (step + 1) % every == 0 and step + 1 < self.config.training.steps
+        return self.config.fault_tolerance.policy != "varuna" or self.config.periodic_checkpoint_after(step)
 
     def _await_checkpoint(self, step: int, gen: _Generation) -> None:
         """Under ``varuna``, wait (lock not held) until the foreground checkpoint of ``step`` is complete or

@@ -306,11 +306,10 @@ class StageWorker:
         """Train the generation's steps, with periodic checkpoints in the background and the final one at
         the end."""
         steps = self.config.training.steps
-        every = self.config.fault_tolerance.checkpoint_every
         background = self.config.fault_tolerance.policy == "oobleck"
         for step in range(self.assignment.start_step, steps):
             self.train_step(step)
-            if every and (step + 1) % every == 0 and step + 1 < steps:
+            if self.config.periodic_checkpoint_after(step):
                 if background:
                     self.save_checkpoint_async(step + 1)
                 else:  # the baselines stall for their checkpoints, as Varuna and Bamboo do
