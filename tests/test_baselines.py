@@ -99,3 +99,13 @@ def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(tm
     assert second["mode"] == "restart" and second["start_step"] == 6 and second["steps_lost"] == 2
     rows = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
     assert rows and all('"redundant_s"' in r for r in rows)
+
+
+def test_heterogeneous_benchmark_refuses_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.heterogeneous import main
+
+    assert main(["--nodes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "benchmarks.heterogeneous: error: --nodes: got [2]; each must be in [4, 8] on this machine"
+    assert main(["--steps", "6", "--warmup", "5"]) == 2
+    assert "--warmup: got 5; must leave at least 5 measured steps" in capsys.readouterr().err
