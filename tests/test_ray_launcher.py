@@ -67,21 +67,56 @@ class RayCluster:
         return found
 
 
+#: Ray gives a starting node a fixed 30 s to register with the GCS; a loaded CI machine once missed it while
+#: starting the head ("The current node timed out during startup"), so a cluster start is tried this often
+CLUSTER_START_TRIES = 3
+
+
+def start_cluster() -> tuple[Any, str]:
+    """A Ray cluster of ``RAY_NODES`` nodes whose processes carry a fresh tag (returned with it)."""
+    from ray.cluster_utils import Cluster
+
+    tag = uuid.uuid4().hex
+    os.environ[TAG_ENV] = tag  # every Ray process of the cluster inherits it
+    cluster = Cluster()
+    try:
+        cluster.add_node(**NODE_ARGS, include_dashboard=False)  # the first node is the head
+        for _ in range(RAY_NODES - 1):
+            cluster.add_node(**NODE_ARGS)
+    except BaseException:
+        # a node that failed to start is not in the cluster's lists: end every process of this start by its tag
+        cluster.shutdown()
+        leftovers = tagged(tag)
+        for proc in leftovers:
+            proc.kill()
+        psutil.wait_procs(leftovers, timeout=30)
+        raise
+    return cluster, tag
+
+
+def start_cluster_retrying() -> tuple[Any, str]:
+    """:func:`start_cluster`, tried again (from nothing) when Ray reports a node start timed out."""
+    for attempt in range(1, CLUSTER_START_TRIES):
+        try:
+            return start_cluster()
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            print(f"Ray cluster start {attempt} of {CLUSTER_START_TRIES} timed out ({e}); trying again")
+    return start_cluster()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     saved = {key: os.environ.get(key) for key in [*RAY_ENV, TAG_ENV]}
-    tag = uuid.uuid4().hex
     os.environ.update(RAY_ENV)
-    os.environ[TAG_ENV] = tag  # every Ray process of the cluster inherits it
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={**NODE_ARGS, "include_dashboard": False})
+    cluster = None
     try:
-        for _ in range(RAY_NODES - 1):
-            cluster.add_node(**NODE_ARGS)
+        cluster, tag = start_cluster_retrying()
         yield RayCluster(cluster, tag)
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
