@@ -5,7 +5,9 @@ the agent can tell a hung worker from a busy one), asks the master for its place
 (``GetAssignment`` blocks until the plan exists) and runs :func:`oobleck.engine.elastic.run_elastic`,
 which asks again each time a generation ends. Exit codes: 0 when training finished, 2 with one line on
 stderr for a refused or unreachable master (or a job that failed meanwhile) or bad input, 1 (with a
-traceback) when training raised.
+traceback) when training raised, :data:`~oobleck.engine.api.STUCK_EXIT_CODE` when it could not leave an
+ended generation (under the ``varuna`` policy, whose every new generation restarts the workers anyway, it
+restarts instead).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
 from oobleck.control.procs import die_with_parent
-from oobleck.engine.api import Assignment
+from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
 from oobleck.errors import OobleckError
 
 
@@ -104,15 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     def record(key: str, value: str) -> None:
         dist.TCPStore(first.store_host, first.store_port, is_master=False).set(key, value)
 
-    hook = FaultHook(config_from_dict(first.config).faults, args.node, args.device, record)
+    config = config_from_dict(first.config)
+    hook = FaultHook(config.faults, args.node, args.device, record)
+    own_argv = sys.argv[1:] if argv is None else argv
+
+    def on_stuck(why: str) -> NoReturn:
+        if config.fault_tolerance.policy == "varuna":
+            restart(own_argv, args.heartbeat_fd, why)
+        print(f"worker {args.node}/{args.device}: {why}; exiting so that the master treats this node as lost", file=sys.stderr, flush=True)
+        os._exit(STUCK_EXIT_CODE)
+
     try:
-        run_elastic(first, client.next, on_phase=hook, exclude_ports={_port(args.master)})
+        run_elastic(first, client.next, on_phase=hook, exclude_ports={_port(args.master)}, on_stuck=on_stuck)
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2
     except RestartRequested as e:
         client.close()
-        restart(sys.argv[1:] if argv is None else argv, args.heartbeat_fd, str(e))
+        restart(own_argv, args.heartbeat_fd, str(e))
     finally:
         client.close()
     return 0

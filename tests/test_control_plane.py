@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel
 from oobleck.control.master import JobFailed, Master
 from oobleck.control.placement import PipelineShape, place
-from oobleck.engine.api import Assignment
+from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
 from oobleck.errors import OobleckError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,13 @@ def test_missed_heartbeats_fail_the_job() -> None:
         m.stop(grace_s=0)
 
 
-def test_a_worker_exit_fails_the_job_and_shuts_agents_down(master: Master) -> None:
+@pytest.mark.parametrize(
+    "code, reason",
+    [(-9, "was killed by SIGKILL"), (STUCK_EXIT_CODE, f"exited with code {STUCK_EXIT_CODE} (stuck in an ended generation)")],
+)
+def test_a_worker_exit_fails_the_job_and_shuts_agents_down(master: Master, code: int, reason: str) -> None:
+    """Before the first commit any worker loss fails the job (re-planning would repeat a broken setup), a
+    stuck worker's (which later counts as its node's loss) included."""
     channel, stub = stub_for(master, TOKEN)
     with channel:
         stub.Register(pb.RegisterRequest(node="node0", devices=1), timeout=5)
@@ -191,12 +198,12 @@ def test_a_worker_exit_fails_the_job_and_shuts_agents_down(master: Master) -> No
 
         events = stub.Session(beats())
         assert next(events).kind == pb.MasterEvent.SESSION_OPEN
-        stub.ReportWorkerExit(pb.WorkerExit(node="node0", device=0, exit_code=-9), timeout=5)
+        stub.ReportWorkerExit(pb.WorkerExit(node="node0", device=0, exit_code=code), timeout=5)
         event = next(events)
         stop.set()
         assert event.kind == pb.MasterEvent.SHUTDOWN and event.failed
-        assert event.reason == "worker node0/0 was killed by SIGKILL"
-        with pytest.raises(JobFailed, match="worker node0/0 was killed by SIGKILL"):
+        assert event.reason == f"worker node0/0 {reason}"
+        with pytest.raises(JobFailed, match=re.escape(f"worker node0/0 {reason}")):
             master.wait(timeout_s=5)
 
 

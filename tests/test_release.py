@@ -208,3 +208,45 @@ def torch_tcpstore(is_master: bool, port: int):  # noqa: ANN201 (torch imported 
     import torch.distributed as dist
 
     return dist.TCPStore("127.0.0.1", port, is_master=is_master, timeout=timedelta(seconds=60))
+
+
+def test_generation_watch_hands_a_stuck_worker_to_on_stuck() -> None:
+    """A call the sweep cannot release (here a store wait on a connection opened before the watch, so not
+    the generation's) keeps the worker inside the ended generation: after ``stuck_after_s`` the watch
+    calls ``on_stuck`` once, with an account naming the generation, and not before."""
+    from oobleck.engine.commit import ended_key
+    from oobleck.engine.elastic import GenerationWatch
+
+    host = torch_tcpstore(is_master=True, port=0)
+    base = torch_tcpstore(is_master=False, port=host.port)
+    older = torch_tcpstore(is_master=False, port=host.port)  # not the generation's: never shut down
+    reasons: list[str] = []
+
+    def on_stuck(why: str) -> None:
+        reasons.append(why)
+        host.set("freed", "1")  # what a restart or exit does for the stuck thread here: end its wait
+
+    watch = GenerationWatch(base, 7, on_stuck=on_stuck, stuck_after_s=1.0)
+    host.set(ended_key(7), "1")
+    assert watch.ended.wait(30)
+    ended = time.monotonic()
+    older.wait(["freed"], timedelta(seconds=60))  # blocks until on_stuck: the sweep does not touch it
+    waited = time.monotonic() - ended
+    watch.close()
+    assert 1.0 <= waited < 20, waited
+    assert len(reasons) == 1 and reasons[0].startswith("stuck in generation 7 1 s after its end"), reasons
+
+
+def test_generation_watch_left_in_time_is_never_called_stuck() -> None:
+    from oobleck.engine.commit import ended_key
+    from oobleck.engine.elastic import GenerationWatch
+
+    host = torch_tcpstore(is_master=True, port=0)
+    base = torch_tcpstore(is_master=False, port=host.port)
+    reasons: list[str] = []
+    watch = GenerationWatch(base, 3, on_stuck=reasons.append, stuck_after_s=0.3)
+    host.set(ended_key(3), "1")
+    assert watch.ended.wait(30)
+    watch.close()
+    time.sleep(0.6)  # twice the stuck limit: a watch still running would have called on_stuck by now
+    assert reasons == []

@@ -12,8 +12,9 @@ for each step it waits until every rank reported its gradients ready, commits th
 exited with code 0.
 
 Membership changes go through one path. A node is lost when its agent's stream breaks, its heartbeats
-stop, its agent process exits, or one of its workers is killed (a worker's own error exit, or any loss
-before the first step is committed, fails the job instead: replanning cannot fix a broken setup). A node
+stop, its agent process exits, or one of its workers is killed or gives up on an ended generation it
+cannot leave (``STUCK_EXIT_CODE``); a worker's own error exit, or any loss before the first step is
+committed, fails the job instead: replanning cannot fix a broken setup. A node
 joins when an agent registers after the job started. Either way the master ends the current generation (it
 writes ``ended/gen{g}``, after which it never commits a step of ``g``; a lost node's in-flight step is
 aborted, a joining node waits for the next step boundary), and the recovery thread re-plans:
@@ -52,7 +53,7 @@ from oobleck.control.auth import TokenInterceptor
 from oobleck.control.channel import GRPC_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policies import shadow_holdings, stage_nodes, takeover
-from oobleck.engine.api import Assignment
+from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
 from oobleck.errors import OobleckError
 from planner.errors import PlanningError
 
@@ -189,6 +190,8 @@ def describe_exit(code: int) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
+    if code == STUCK_EXIT_CODE:
+        return f"exited with code {code} (stuck in an ended generation)"
     return f"exited with code {code}"
 
 
@@ -406,9 +409,9 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     self._fail_locked(f"{who} exited before the last step was committed")
                 else:
                     self._finish_if_done()
-            elif request.exit_code > 0 or not self._recoverable():
+            elif (request.exit_code > 0 and request.exit_code != STUCK_EXIT_CODE) or not self._recoverable():
                 # a worker's own error (bad input, a bug) or a death before training started: re-planning
-                # would only repeat it
+                # would only repeat it. A worker stuck in an ended generation is lost like a killed one.
                 self._fail_locked(f"{who} {describe_exit(request.exit_code)}")
             else:
                 self._lose_node(node, f"{who} {describe_exit(request.exit_code)}")

@@ -16,6 +16,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+#: the exit code of a worker that gave up on an ended generation it could not leave (an operation that
+#: shutting the generation's sockets down did not release; see ``oobleck.engine.elastic.STUCK_AFTER_S``).
+#: The master treats it as the loss of the worker's node, like a kill, not as the worker's own error.
+STUCK_EXIT_CODE = 75
+
 
 @dataclass(frozen=True)
 class PipelinePlan:

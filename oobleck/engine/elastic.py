@@ -23,14 +23,21 @@ What survives a generation's end, exactly:
 
 Errors that are not a generation's end (a bad config, a missing checkpoint, a bug) are re-raised: when a
 worker fails without the master ending its generation within ``END_GRACE_S``, it raises the error it saw.
+
+A worker still inside an ended generation ``STUCK_AFTER_S`` after its end is stuck in an operation that
+shutting the sockets down did not release (seen once, a gloo send under the Varuna-style baseline, where it
+waited out the 120 s collective timeout). Nothing frees such a call in-process, so the watch hands the
+worker to its ``on_stuck`` callback, which restarts or ends the process (see :mod:`oobleck.worker_main`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from typing import Callable, Collection
 
@@ -55,6 +62,13 @@ END_GRACE_S = 30.0
 _WATCH_TIMEOUT = timedelta(days=7)
 #: how often an ended generation's watch looks for sockets opened after its first sweep
 _SWEEP_INTERVAL_S = 0.02
+#: how long a worker may stay inside an ended generation before the watch calls it stuck (leaving takes
+#: milliseconds: the blocked operation fails as soon as its sockets are shut down)
+STUCK_AFTER_S = 10.0
+
+#: called, from the watch's thread, with a one-line account when the worker is stuck in an ended generation;
+#: the worker's should restart or end the process (the stuck call cannot be unwound)
+OnStuck = Callable[[str], None]
 
 #: blocks until the master has a generation newer than the argument for this worker, and returns it
 NextAssignment = Callable[[int], Assignment]
@@ -77,13 +91,24 @@ class GenerationWatch:
     (``exclude_ports``, e.g. the control plane's, are never touched; nor is the watch's own connection).
     After the end it keeps sweeping until :meth:`close`: a worker that was between two operations when the
     generation ended (about to connect to the store, or to a gloo peer) opens its socket after the first
-    sweep, and would otherwise block on it until the collective timeout.
+    sweep, and would otherwise block on it until the collective timeout. If :meth:`close` has not come
+    ``stuck_after_s`` after the end, the watch logs where the constructing thread is and calls ``on_stuck``.
     """
 
-    def __init__(self, base: dist.TCPStore, generation: int, exclude_ports: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        base: dist.TCPStore,
+        generation: int,
+        exclude_ports: Collection[int] = (),
+        on_stuck: OnStuck | None = None,
+        stuck_after_s: float = STUCK_AFTER_S,
+    ) -> None:
         self.generation = generation
         self.ended = threading.Event()
         self._exclude = tuple(exclude_ports)
+        self._on_stuck = on_stuck
+        self._stuck_after_s = stuck_after_s
+        self._owner = threading.current_thread()  # the thread that must leave the generation
         self._finished = False
         self._closed = threading.Event()
         self._sweeping = threading.Lock()
@@ -109,6 +134,7 @@ class GenerationWatch:
         if self._finished:
             return
         self.ended.set()
+        ended_at = time.monotonic()
         released: set[int] = set()
         while True:
             with self._sweeping:
@@ -118,8 +144,24 @@ class GenerationWatch:
                 if fresh.release():
                     log.info("generation %d ended: released %d sockets", self.generation, len(fresh.sockets))
                 released.update(s.inode for s in fresh.sockets)
+            if self._on_stuck is not None and time.monotonic() - ended_at > self._stuck_after_s:
+                self._give_up(len(released))
+                return
             if self._closed.wait(_SWEEP_INTERVAL_S):
                 return
+
+    def _give_up(self, released: int) -> None:
+        assert self._on_stuck is not None
+        frame = sys._current_frames().get(self._owner.ident or -1)
+        where = "".join(traceback.format_stack(frame)[-3:]) if frame is not None else "(thread gone)\n"
+        log.warning(
+            "generation %d: still inside it %.0f s after its end; the stuck thread is at:\n%s",
+            self.generation, self._stuck_after_s, where.rstrip(),
+        )  # fmt: skip
+        self._on_stuck(
+            f"stuck in generation {self.generation} {self._stuck_after_s:.0f} s after its end "
+            f"(an operation that shutting its {released} sockets down did not release)"
+        )
 
 
 def run_elastic(
@@ -127,6 +169,7 @@ def run_elastic(
     next_assignment: NextAssignment,
     on_phase: PhaseHook | None = None,
     exclude_ports: Collection[int] = (),
+    on_stuck: OnStuck | None = None,
 ) -> None:
     """Train from ``first`` through every later generation until training finishes (see the module notes)."""
     config = config_from_dict(first.config)
@@ -137,7 +180,7 @@ def run_elastic(
     pool: dict[int, HeldLayer] = {}
     assignment = first
     while True:
-        watch = GenerationWatch(base, assignment.generation, exclude_ports)
+        watch = GenerationWatch(base, assignment.generation, exclude_ports, on_stuck)
         interrupt.watch(watch.ended)
         worker: StageWorker | None = None
         started = time.perf_counter()
