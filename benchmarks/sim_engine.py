@@ -554,6 +554,11 @@ class _Oobleck(_Sim):
 
 
 class _Varuna(_Sim):
+    """The engine's Varuna-style policy: any loss of a node in use stops everything, rolls back to the
+    latest checkpoint and restarts on the nodes alive when the restart begins (a loss during it starts it
+    over). A node that becomes ready later waits for the next periodic checkpoint, after which the job
+    restarts to take it in (the master's ``_grows_after``: growing costs a restart but loses no step)."""
+
     policy = "varuna"
 
     def __init__(self, setup: Setup, changes: Sequence[Change], duration_s: float, step_scale: float, configs: VarunaConfigs) -> None:
@@ -561,7 +566,7 @@ class _Varuna(_Sim):
         self.configs = configs
         self.cfg: HomogeneousConfig | None = None
         self.placed: list[str] = []
-        self.pending_join = False
+        self.restart_nodes: list[str] | None = None  # the nodes the restart under way plans for
         self.restart_after_checkpoint = False
 
     def min_nodes(self) -> int:
@@ -572,24 +577,30 @@ class _Varuna(_Sim):
         assert cfg is not None
         return self.batch / cfg.step_time_s, f"{cfg.replicas}x{cfg.depth} nodes"
 
+    @property
+    def pending_join(self) -> bool:
+        return any(n not in self.placed for n in self.alive)
+
     def begin(self, now: float) -> None:
-        self.pending_join = False
+        planned = self.restart_nodes if self.restart_nodes is not None else list(self.alive)
+        self.restart_nodes = None
         self.restart_after_checkpoint = False
-        cfg = self.configs.config(len(self.alive))
+        nodes = [n for n in planned if n in self.alive]
+        cfg = self.configs.config(len(nodes))
         if cfg is None:
             self.wait(now)
             return
         self.cfg = cfg
-        self.placed = list(self.alive)
+        self.placed = nodes
         self.set_step(cfg.step_time_s)
         self.mode = "run"
         self.t = now
 
     def _restart(self, now: float, count: bool = True) -> None:
-        self.pending_join = False
         self.restart_after_checkpoint = False
         if len(self.alive) >= self.configs.n0:
             self.counts["restarts"] += int(count)
+            self.restart_nodes = list(self.alive)
             self.start_busy(now, "restart", "recovery", self.costs.restart_s)
         else:
             self.wait(now)
@@ -612,7 +623,7 @@ class _Varuna(_Sim):
             if lost:
                 self.counts["node_losses"] += len(lost)
                 self._restart(now, count=False)  # the rendezvous starts over
-            return
+            return  # a node ready now waits for the next checkpoint
         assert self.cfg is not None
         in_use = set(self.placed[: self.cfg.nodes_used])
         hit = [n for n in lost if n in in_use]
@@ -621,9 +632,6 @@ class _Varuna(_Sim):
         self.placed = [n for n in self.placed if n in self.alive]
         if hit:
             self._fail(now)  # a checkpoint being written is lost with it
-            return
-        if ready:
-            self.pending_join = True
 
     def on_busy_done(self, now: float, kind: str) -> None:
         if kind == "restart":
@@ -636,35 +644,16 @@ class _Varuna(_Sim):
             if self.restart_after_checkpoint:
                 self.counts["reconfigurations"] += 1
                 self._restart(now, count=False)
-            else:
-                self.at_boundary(now)  # a join that arrived during the write
             return
         raise AssertionError(kind)
 
     def steps_until_boundary(self) -> float:
-        if self.pending_join:
-            return 1
         k = self.costs.checkpoint_every
         return k - self.step % k if self.step % k else k
 
     def at_boundary(self, now: float) -> None:
-        assert self.cfg is not None
-        due = self.step % self.costs.checkpoint_every == 0 and self.step != self.ckpt.step
-        if self.pending_join:
-            self.pending_join = False
-            new = [n for n in self.alive if n not in self.placed]
-            candidate = self.configs.config(len(self.alive))
-            if candidate is not None and candidate.step_time_s < self.cfg.step_time_s * (1 - 1e-9):
-                # morph: checkpoint now (unless this step's checkpoint is already there), then restart
-                if self.step != self.ckpt.step:
-                    self.restart_after_checkpoint = True
-                    self.start_busy(now, "checkpoint", "checkpoint", self.costs.checkpoint_write_s)
-                else:
-                    self.counts["reconfigurations"] += 1
-                    self._restart(now, count=False)
-                return
-            self.placed.extend(new)
-        if due:
+        if self.step % self.costs.checkpoint_every == 0 and self.step != self.ckpt.step:
+            self.restart_after_checkpoint = self.pending_join
             self.start_busy(now, "checkpoint", "checkpoint", self.costs.checkpoint_write_s)
 
 

@@ -195,6 +195,23 @@ def test_varuna_loses_a_checkpoint_cut_short_and_ignores_a_spare() -> None:
     assert r.steps == 4 and r.breakdown["checkpoint"] == pytest.approx(0.5 + 1.0)  # the cut write counts too
 
 
+def test_varuna_takes_a_node_ready_during_a_restart_in_at_its_next_checkpoint() -> None:
+    """As the engine's master does: a restart plans for the nodes alive when it began; a node ready during
+    it waits for the next periodic checkpoint, after which the job restarts (losing no step) to take it in."""
+    pc = toy()
+    t6, t5 = pc.varuna.config(6).step_time_s, pc.varuna.config(5).step_time_s
+    fail_at = 0.5 * t6
+    join = [TraceEvent(fail_at + 5.0, "add", "node7")]  # during the 10 s restart
+    # restart on node1..node5: steps 1-3, checkpoint (1 s), restart (10 s) on 6 nodes, steps 4-5
+    duration = fail_at + 10.0 + 3 * t5 + 1.0 + 10.0 + 2 * t6
+    r = simulate("varuna", pc, start(6) + lose(fail_at, "node6") + join, duration)
+    assert r.counts["restarts"] == 1 and r.counts["reconfigurations"] == 1 and r.counts["steps_lost"] == 0
+    assert r.steps == 5
+    assert r.breakdown["useful"] == pytest.approx(3 * t5 + 2 * t6)
+    assert r.breakdown["recovery"] == pytest.approx(20.0)
+    assert r.breakdown["checkpoint"] == pytest.approx(1.0)
+
+
 def test_bamboo_takes_over_one_loss_and_restarts_on_two_consecutive() -> None:
     pc = toy(nodes=4, checkpoint_write_s=0.0)
     cfg = pc.bamboo.config(4)
