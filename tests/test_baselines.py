@@ -5,6 +5,8 @@ survives failures, never in what it computes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,30 @@ def test_heterogeneous_benchmark_refuses_bad_flags_in_one_line(capsys: pytest.Ca
     assert err == "benchmarks.heterogeneous: error: --nodes: got [2]; each must be in [4, 8] on this machine"
     assert main(["--steps", "6", "--warmup", "5"]) == 2
     assert "--warmup: got 5; must leave at least 5 measured steps" in capsys.readouterr().err
+
+
+def test_cpu_shares_cap_each_nodes_processes_and_clean_up() -> None:
+    """benchmarks.cpu_shares puts a process naming ``--node X`` into X's cgroup with X's CFS quota, leaves
+    other processes alone, and removes its groups afterwards."""
+    import psutil
+
+    from benchmarks.cpu_shares import PERIOD_US, CpuShares, unavailable
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"per-node CPU caps unavailable here: {why}")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = [subprocess.Popen([*sleeper, "--node", "nodeA"]), subprocess.Popen([*sleeper, "--node", "elsewhere"])]
+    try:
+        with CpuShares(["nodeA", "nodeB"], cpus_each=0.25) as shares:
+            group = shares._groups["nodeA"]
+            assert (group / "cpu.cfs_quota_us").read_text().strip() == str(PERIOD_US // 4)
+            assert shares.place(psutil.Process(procs[0].pid)) is not None
+            assert shares.place(psutil.Process(procs[1].pid)) is None
+            assert (group / "cgroup.procs").read_text().split() == [str(procs[0].pid)]
+        assert not group.exists() and not group.parent.exists()
+        assert procs[0].poll() is None  # moved back, not harmed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,121 @@
+"""Give each local node a fixed share of this machine's CPUs, as if it were a machine of its own.
+
+The local launcher's nodes share the machine's cores, so a node that a plan leaves idle hands its share to
+the nodes that work: a plan using 4 of 5 nodes gets the whole machine, just as one using all 5 does. On a
+cluster an idle machine helps no one. Benchmarks that compare plans using different numbers of nodes (the
+heterogeneous-versus-homogeneous one) therefore cap each node's processes (its agent and workers) at
+``cores / nodes`` CPUs with the cgroup v1 ``cpu`` controller's CFS quota, so the nodes never compete and
+an idle node's share is lost, as on a cluster.
+
+Needs a writable ``/sys/fs/cgroup/cpu`` (root); :func:`unavailable` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+
+from benchmarks.jobs import Job, tagged
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+#: CFS period: short, because a step takes tens of milliseconds and throttling in the default 100 ms
+#: slices would add that much jitter to a step
+PERIOD_US = 10_000
+#: how often :meth:`CpuShares.follow` looks for the job's new processes
+_POLL_S = 0.05
+
+
+def unavailable(root: Path = CGROUP_CPU) -> str | None:
+    """None when per-node CPU shares can be set here, else why not (one line)."""
+    if not (root / "cpu.cfs_quota_us").exists():
+        return f"no cgroup v1 cpu controller at {root}"
+    if not os.access(root, os.W_OK):
+        return f"{root} is not writable (run as root)"
+    return None
+
+
+class CpuShares:
+    """One cgroup per node name, each capped at ``cpus_each`` CPUs; processes whose command line names
+    ``--node NAME`` go into NAME's group. Removes the groups on :meth:`close` (once their processes ended)."""
+
+    def __init__(self, nodes: Sequence[str], cpus_each: float, root: Path = CGROUP_CPU) -> None:
+        why = unavailable(root)
+        if why is not None:
+            raise RuntimeError(why)
+        self.cpus_each = cpus_each
+        self._root = root
+        self._base = root / f"oobleck-bench-{uuid.uuid4().hex[:8]}"
+        self._groups = {name: self._base / name for name in nodes}
+        self._base.mkdir()
+        for group in self._groups.values():
+            group.mkdir()
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(PERIOD_US * cpus_each))))
+        self._placed: set[int] = set()
+
+    def place(self, proc: psutil.Process) -> list[str] | None:
+        """Put ``proc`` (and so the children it starts later) in its node's group and return its command
+        line; None when that names no node of ours or the process has ended."""
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            return None
+        node = next((cmdline[i + 1] for i, arg in enumerate(cmdline[:-1]) if arg == "--node"), None)
+        if node not in self._groups:
+            return None
+        try:
+            (self._groups[node] / "cgroup.procs").write_text(str(proc.pid))
+        except OSError:  # it ended meanwhile
+            return None
+        self._placed.add(proc.pid)
+        return cmdline
+
+    def follow(self, job: Job, workers: int, timeout_s: float = 300) -> threading.Thread:
+        """Place ``job``'s agents and workers as they appear, from a thread that stops once ``workers``
+        workers are placed (or the job ended, or ``timeout_s`` passed)."""
+
+        def loop() -> None:
+            placed_workers = 0
+            deadline = time.monotonic() + timeout_s
+            while placed_workers < workers and job.proc.poll() is None and time.monotonic() < deadline:
+                for proc in tagged(job.tag):
+                    if proc.pid not in self._placed:
+                        cmdline = self.place(proc)
+                        placed_workers += cmdline is not None and "oobleck.worker_main" in cmdline
+                time.sleep(_POLL_S)  # processes appear without an event to wait on
+
+        thread = threading.Thread(target=loop, name="cpu-shares", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        for group in [*self._groups.values(), self._base]:
+            _remove(group, self._root)
+
+    def __enter__(self) -> CpuShares:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove(group: Path, root: Path) -> None:
+    """rmdir a cgroup, first moving any process still in it back to ``root``."""
+    try:
+        for pid in (group / "cgroup.procs").read_text().split():
+            try:
+                (root / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        group.rmdir()
+    except OSError:
+        pass
