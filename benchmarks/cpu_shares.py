@@ -21,7 +21,7 @@ from typing import Sequence
 
 import psutil
 
-from benchmarks.jobs import Job, tagged
+from benchmarks.jobs import Job
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 #: CFS period: short, because a step takes tens of milliseconds and throttling in the default 100 ms
@@ -29,6 +29,18 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 10_000
 #: how often :meth:`CpuShares.follow` looks for the job's new processes
 _POLL_S = 0.05
+
+
+def flag_check(value: str) -> tuple[str, str, bool, str]:
+    """The ``--cpu-share node|shared`` check for :func:`benchmarks.jobs.bad_flag`."""
+    why = unavailable()
+    rule = f"'node' needs per-node CPU caps, but {why}; pass --cpu-share shared to measure without them"
+    return ("--cpu-share", value, value == "shared" or why is None, rule)
+
+
+def cpus_per_node(nodes: int) -> float:
+    """Each of ``nodes`` nodes' share of this machine's cores."""
+    return (os.cpu_count() or 1) / nodes
 
 
 def unavailable(root: Path = CGROUP_CPU) -> str | None:
@@ -76,18 +88,25 @@ class CpuShares:
         self._placed.add(proc.pid)
         return cmdline
 
-    def follow(self, job: Job, workers: int, timeout_s: float = 300) -> threading.Thread:
-        """Place ``job``'s agents and workers as they appear, from a thread that stops once ``workers``
-        workers are placed (or the job ended, or ``timeout_s`` passed)."""
+    def follow(self, job: Job, workers: int | None = None, timeout_s: float = 900) -> threading.Thread:
+        """Place ``job``'s agents and workers (the launcher's descendants) as they appear, from a thread that
+        stops once ``workers`` workers are placed when given, else when the job ends (or after ``timeout_s``).
+        A worker restarted in place (``execv``) keeps its group."""
 
         def loop() -> None:
             placed_workers = 0
             deadline = time.monotonic() + timeout_s
-            while placed_workers < workers and job.proc.poll() is None and time.monotonic() < deadline:
-                for proc in tagged(job.tag):
+            while job.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    procs = psutil.Process(job.proc.pid).children(recursive=True)
+                except psutil.Error:
+                    return
+                for proc in procs:
                     if proc.pid not in self._placed:
                         cmdline = self.place(proc)
                         placed_workers += cmdline is not None and "oobleck.worker_main" in cmdline
+                if workers is not None and placed_workers >= workers:
+                    return
                 time.sleep(_POLL_S)  # processes appear without an event to wait on
 
         thread = threading.Thread(target=loop, name="cpu-shares", daemon=True)

@@ -3,8 +3,9 @@ measured on local nodes with the tiny GPT, and the simulator checked against the
 part 2).
 
 ``python -m benchmarks.fault_tolerance [--nodes 6] [--steps 250] [--every-s 6 --failures 3 --replace-after-s 1.5 |
---trace PATH --compression C] [--policies oobleck bamboo varuna] [--seed 0] [--run-timeout-s 300] [--keep DIR]
-[--out benchmarks/results/fault_tolerance.json] [--plot benchmarks/results/fault_tolerance.png]``
+--trace PATH --compression C] [--policies oobleck bamboo varuna] [--seed 0] [--run-timeout-s 300]
+[--cpu-share node|shared] [--keep DIR] [--out benchmarks/results/fault_tolerance.json]
+[--plot benchmarks/results/fault_tolerance.png]``
 
 What runs
 ---------
@@ -14,6 +15,12 @@ global batch 16 in microbatches of 2) on the same named nodes, one after the oth
 the failure schedule. Float64 keeps n0 = 2: in float32 the model fits one 2 MiB device and every pipeline
 would have one stage. Each policy checkpoints at its own default interval
 (``oobleck.config.DEFAULT_CHECKPOINT_EVERY``).
+
+Each node (its agent and workers) is held to ``cores / capacity`` CPUs (``--cpu-share node``, the default;
+:mod:`benchmarks.cpu_shares`), capacity being the most nodes the schedule has alive at once. The local
+nodes share this machine's cores: without the caps a job that lost a node would hand that node's CPU to the
+survivors and run as fast as before, where a cluster loses the node's compute with it (and a starting
+node would take CPU from the job). ``--cpu-share shared`` measures without the caps.
 
 The failure schedule is the same for every policy, in wall seconds after the job's first committed step:
 
@@ -94,6 +101,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.cpu_shares import CpuShares, cpus_per_node, flag_check
 from benchmarks.jobs import (
     SMALL_DEVICE_GIB,
     TAG_ENV,
@@ -160,6 +168,11 @@ class Schedule:
     initial: tuple[str, ...]
     events: tuple[TraceEvent, ...]
     description: str
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node name the schedule starts or adds."""
+        return list(dict.fromkeys([*self.initial, *(e.node for e in self.events if e.kind == "add")]))
 
     @property
     def capacity(self) -> int:
@@ -381,14 +394,18 @@ def measure_profile(config: Path) -> None:
 
 
 def run_policy(
-    work: Path, policy: str, schedule: Schedule, steps: int, faults: bool, timeout_s: float
+    work: Path, policy: str, schedule: Schedule, steps: int, faults: bool, timeout_s: float, capped: bool
 ) -> Run:
     """``oobleck run`` of the tiny GPT under ``policy`` on the schedule's nodes, with the schedule's events
-    replayed when ``faults``; stopped ``timeout_s`` after its launch if still running."""
+    replayed when ``faults``; stopped ``timeout_s`` after its launch if still running. When ``capped``,
+    each node is held to its share of the cores (see the module notes)."""
     name = f"{policy}-{'failures' if faults else 'fault-free'}"
     config = job_config(work, name, policy, schedule, steps)
     load_at_launch = os.getloadavg()[0]
+    shares = CpuShares(schedule.nodes, cpus_per_node(schedule.capacity)) if capped else None
     job = launch(config, work / name)
+    if shares is not None:
+        shares.follow(job)
     print(f"fault_tolerance: {name}: running in {job.run_dir}", flush=True)
     replayer: Replayer | None = None
     try:
@@ -419,6 +436,8 @@ def run_policy(
         if replayer is not None:
             replayer.stop()
         job.stop()
+        if shares is not None:
+            shares.close()
     if code != 0 and not timed_out:
         lines = [line for line in job.output().splitlines() if not line.startswith("step ")]
         raise HarnessError(f"{name} failed (exit {code}):\n" + "\n".join(lines[-12:]))
@@ -758,6 +777,7 @@ class Options:
     plot: Path | None
     keep: Path | None
     argv: list[str] = field(default_factory=list)
+    cpu_share: str = "node"
 
 
 def run_rows(run: Run, initial: int) -> list[dict[str, Any]]:
@@ -793,8 +813,9 @@ def run_bench(opts: Options, schedule: Schedule, work: Path) -> dict[str, Any]:
     fault_free: dict[str, Run] = {}
     failing: dict[str, Run] = {}
     for policy in opts.policies:  # a policy's pair back to back: the machine's load drifts between pairs
-        fault_free[policy] = run_policy(work, policy, schedule, opts.steps, False, opts.run_timeout_s)
-        failing[policy] = run_policy(work, policy, schedule, opts.steps, True, opts.run_timeout_s)
+        capped = opts.cpu_share == "node"
+        fault_free[policy] = run_policy(work, policy, schedule, opts.steps, False, opts.run_timeout_s, capped)
+        failing[policy] = run_policy(work, policy, schedule, opts.steps, True, opts.run_timeout_s, capped)
     machine["loadavg_1m_at_end"] = os.getloadavg()[0]
     ff = {p: summarize(r)["samples_per_s"] for p, r in fault_free.items()}
     policies: dict[str, Any] = {}
@@ -838,6 +859,7 @@ def run_bench(opts: Options, schedule: Schedule, work: Path) -> dict[str, Any]:
             "initial_nodes": list(schedule.initial),
             "events": [dataclasses.asdict(e) for e in schedule.events],
             "run_timeout_s": opts.run_timeout_s,
+            "cpus_per_node": cpus_per_node(schedule.capacity) if opts.cpu_share == "node" else None,
         },
         "machine": machine,
         "wall_s": time.monotonic() - started,
@@ -864,7 +886,8 @@ def _ratio(x: float | None) -> str:
 def format_report(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
-        f"fault tolerance: tiny GPT (float64, n0=2, f=1), {c['steps']} steps; {c['schedule']}",
+        f"fault tolerance: tiny GPT (float64, n0=2, f=1), {c['steps']} steps; {c['schedule']}; "
+        + (f"{c['cpus_per_node']:.2f} CPUs per node" if c.get("cpus_per_node") else "nodes share the CPUs"),
         f"{'policy':<9}{'samples/s':>10}{'useful':>8}{'redund.':>8}{'recovery':>9}{'ckpt':>7}{'lost':>7}"
         f"{'partial':>8}{'steps lost':>11}{'changes':>8}{'window s':>9}{'fault-free':>11}",
     ]
@@ -980,6 +1003,10 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=["oobleck", "bamboo", "varuna"])
     parser.add_argument("--seed", type=int, default=0, help="which nodes the fixed schedule kills (default 0)")
     parser.add_argument("--run-timeout-s", type=float, default=300.0, help="stop a run this long after its launch (default 300)")
+    parser.add_argument(
+        "--cpu-share", choices=["node", "shared"], default="node",
+        help="node (default): hold each node to cores/capacity CPUs, as separate machines; shared: no caps",
+    )  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fault_tolerance.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "fault_tolerance.png", help="PNG path; 'none' to skip")
@@ -1008,6 +1035,7 @@ def parse_args(argv: list[str]) -> Options:
         plot=None if str(args.plot).lower() == "none" else args.plot,
         keep=args.keep,
         argv=list(argv),
+        cpu_share=args.cpu_share,
     )
 
 
@@ -1023,6 +1051,7 @@ def flag_checks(opts: Options) -> list[tuple[str, Any, bool, str]]:
         ("--compression", opts.compression, finite(opts.compression) and opts.compression > 0, "must be positive"),
         ("--run-timeout-s", opts.run_timeout_s, finite(opts.run_timeout_s) and opts.run_timeout_s > 0, "must be positive"),
         ("--seed", opts.seed, opts.seed >= 0, "must be at least 0"),
+        flag_check(opts.cpu_share),
     ]
 
 

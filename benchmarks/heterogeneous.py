@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_shares import CpuShares, unavailable
+from benchmarks.cpu_shares import CpuShares, cpus_per_node, flag_check
 from benchmarks.jobs import bad_flag, launch, machine_info, median, read_jsonl, tiny_gpt, write_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heterogeneous.json"
 GLOBAL_BATCH = 16
-
-
-def cpus_per_node(nodes: int) -> float:
-    return (os.cpu_count() or 1) / nodes
 
 
 def measure(work: Path, nodes: int, steps: int, warmup: int, policy: str, tag: str, per_node: bool) -> dict[str, Any]:
@@ -117,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--nodes", args.nodes, all(4 <= n <= 8 for n in args.nodes), "each must be in [4, 8] on this machine"),
             ("--warmup", args.warmup, 0 <= args.warmup < args.steps - 4, "must leave at least 5 measured steps"),
             ("--rounds", args.rounds, args.rounds >= 1, "must be at least 1"),
-            (
-                "--cpu-share", args.cpu_share, args.cpu_share == "shared" or unavailable() is None,
-                f"'node' needs per-node CPU caps, but {unavailable()}; pass --cpu-share shared to measure without them",
-            ),
+            flag_check(args.cpu_share),
         ],
     ):
         return 2

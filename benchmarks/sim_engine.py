@@ -282,6 +282,10 @@ class _Sim:
         self.step_s = step_s * self.scale
         self.redundant_s = redundant_s * self.scale
 
+    def steps_to_multiple(self, every: float) -> float:
+        """Steps until the step count is next a multiple of ``every`` (a checkpoint interval)."""
+        return every - self.step % every if self.step % every else every
+
     def interrupt(self, now: float) -> None:
         """A failure cuts the step in progress: its time so far is lost."""
         if self.mode == "run":
@@ -521,8 +525,7 @@ class _Oobleck(_Sim):
     def steps_until_boundary(self) -> float:
         if self.pending_join:
             return 1
-        k = self.costs.oobleck_checkpoint_every
-        return k - self.step % k if self.step % k else k
+        return self.steps_to_multiple(self.costs.oobleck_checkpoint_every)
 
     def at_boundary(self, now: float) -> None:
         self._promote(now)
@@ -553,7 +556,36 @@ class _Oobleck(_Sim):
 # Varuna
 
 
-class _Varuna(_Sim):
+class _Homogeneous(_Sim):
+    """A baseline of homogeneous pipelines: its ``configs`` give n0 and the plan for a node count."""
+
+    configs: VarunaConfigs | BambooConfigs
+
+    def min_nodes(self) -> int:
+        return self.configs.n0
+
+    def fault_free(self) -> tuple[float, str]:
+        cfg = self.configs.config(self.setup.cluster.nodes)
+        assert cfg is not None
+        return self.batch / cfg.step_time_s, f"{cfg.replicas}x{cfg.depth} nodes"
+
+
+    def _restart(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _counted_or_waiting(self, now: float, ready: list[str]) -> bool:
+        """Count the joins; while waiting for nodes, restart once n0 are alive. True when waiting (the
+        changes are handled)."""
+        if ready:
+            self.counts["joins"] += len(ready)
+        if self.mode != "wait":
+            return False
+        if len(self.alive) >= self.configs.n0:
+            self._restart(now)
+        return True
+
+
+class _Varuna(_Homogeneous):
     """The engine's Varuna-style policy: any loss of a node in use stops everything, rolls back to the
     latest checkpoint and restarts on the nodes alive when the restart begins (a loss during it starts it
     over). A node that becomes ready later waits for the next periodic checkpoint, after which the job
@@ -568,14 +600,6 @@ class _Varuna(_Sim):
         self.placed: list[str] = []
         self.restart_nodes: list[str] | None = None  # the nodes the restart under way plans for
         self.restart_after_checkpoint = False
-
-    def min_nodes(self) -> int:
-        return self.configs.n0
-
-    def fault_free(self) -> tuple[float, str]:
-        cfg = self.configs.config(self.setup.cluster.nodes)
-        assert cfg is not None
-        return self.batch / cfg.step_time_s, f"{cfg.replicas}x{cfg.depth} nodes"
 
     @property
     def pending_join(self) -> bool:
@@ -613,11 +637,7 @@ class _Varuna(_Sim):
         self._restart(now)
 
     def on_changes(self, now: float, lost: list[str], ready: list[str]) -> None:
-        if ready:
-            self.counts["joins"] += len(ready)
-        if self.mode == "wait":
-            if len(self.alive) >= self.configs.n0:
-                self._restart(now)
+        if self._counted_or_waiting(now, ready):
             return
         if self.mode == "busy" and self.busy_kind == "restart":
             if lost:
@@ -648,8 +668,7 @@ class _Varuna(_Sim):
         raise AssertionError(kind)
 
     def steps_until_boundary(self) -> float:
-        k = self.costs.checkpoint_every
-        return k - self.step % k if self.step % k else k
+        return self.steps_to_multiple(self.costs.checkpoint_every)
 
     def at_boundary(self, now: float) -> None:
         if self.step % self.costs.checkpoint_every == 0 and self.step != self.ckpt.step:
@@ -661,7 +680,7 @@ class _Varuna(_Sim):
 # Bamboo
 
 
-class _Bamboo(_Sim):
+class _Bamboo(_Homogeneous):
     policy = "bamboo"
 
     def __init__(self, setup: Setup, changes: Sequence[Change], duration_s: float, step_scale: float, configs: BambooConfigs) -> None:
@@ -671,14 +690,6 @@ class _Bamboo(_Sim):
         self.placed: list[str] = []  # positions [0, depth*replicas) are pipelines; lost ones keep their slot
         self.dead: list[set[int]] = []
         self.check = False
-
-    def min_nodes(self) -> int:
-        return self.configs.n0
-
-    def fault_free(self) -> tuple[float, str]:
-        cfg = self.configs.config(self.setup.cluster.nodes)
-        assert cfg is not None
-        return self.batch / cfg.step_time_s, f"{cfg.replicas}x{cfg.depth} nodes"
 
     def _update_step(self) -> None:
         assert self.cfg is not None and self.cfg.pipeline is not None
@@ -709,11 +720,7 @@ class _Bamboo(_Sim):
             self.wait(now)
 
     def on_changes(self, now: float, lost: list[str], ready: list[str]) -> None:
-        if ready:
-            self.counts["joins"] += len(ready)
-        if self.mode == "wait":
-            if len(self.alive) >= self.configs.n0:
-                self._restart(now)
+        if self._counted_or_waiting(now, ready):
             return
         if self.mode == "busy" and self.busy_kind in ("restart", "reconfigure"):
             if lost:  # the rendezvous starts over
@@ -763,8 +770,7 @@ class _Bamboo(_Sim):
     def steps_until_boundary(self) -> float:
         if self.check:
             return 1
-        k = self.costs.bamboo_checkpoint_every
-        return k - self.step % k if self.step % k else k
+        return self.steps_to_multiple(self.costs.bamboo_checkpoint_every)
 
     def at_boundary(self, now: float) -> None:
         assert self.cfg is not None
