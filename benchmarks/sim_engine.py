@@ -586,10 +586,11 @@ class _Homogeneous(_Sim):
 
 
 class _Varuna(_Homogeneous):
-    """The engine's Varuna-style policy: any loss of a node in use stops everything, rolls back to the
-    latest checkpoint and restarts on the nodes alive when the restart begins (a loss during it starts it
-    over). A node that becomes ready later waits for the next periodic checkpoint, after which the job
-    restarts to take it in (the master's ``_grows_after``: growing costs a restart but loses no step)."""
+    """Varuna-style: any loss of a node in use stops everything, rolls back to the latest checkpoint and
+    restarts on the nodes alive when the restart begins (a loss during it starts it over). A node that
+    becomes ready later waits for the next periodic checkpoint, after which the job restarts to take it in
+    if that makes it faster (growing costs a restart but loses no step; the engine's master grows at the same
+    checkpoint boundary, ``_grows_after``, but restarts even when the plan does not improve)."""
 
     policy = "varuna"
 
@@ -670,9 +671,15 @@ class _Varuna(_Homogeneous):
     def steps_until_boundary(self) -> float:
         return self.steps_to_multiple(self.costs.checkpoint_every)
 
+    def _grows_faster(self) -> bool:
+        """Whether the best configuration for every alive node is faster than the current one."""
+        assert self.cfg is not None
+        candidate = self.configs.config(len(self.alive))
+        return candidate is not None and candidate.step_time_s < self.cfg.step_time_s * (1 - 1e-9)
+
     def at_boundary(self, now: float) -> None:
         if self.step % self.costs.checkpoint_every == 0 and self.step != self.ckpt.step:
-            self.restart_after_checkpoint = self.pending_join
+            self.restart_after_checkpoint = self.pending_join and self._grows_faster()
             self.start_busy(now, "checkpoint", "checkpoint", self.costs.checkpoint_write_s)
 
 

@@ -31,9 +31,9 @@ Policies
   n) with the best planner step time. A foreground checkpoint every ``checkpoint_every`` steps. Losing a node
   in use: stop, lose the steps since the latest complete checkpoint (and the partial step, and a checkpoint
   being written), restart (``restart_s``: processes, rendezvous, checkpoint load) on the nodes alive then; a
-  loss during the restart starts it over. A join triggers a checkpoint and a restart when the best
-  configuration for the new count is faster (Varuna morphs on membership change); otherwise the node waits
-  as a spare.
+  loss during the restart starts it over (nodes ready during a restart wait). A joined node waits for the
+  next periodic checkpoint, after which the job restarts to take it in when the best configuration for the
+  new count is faster (Varuna morphs on membership change); otherwise it waits as a spare.
 * **Bamboo-style**: homogeneous pipelines of >= 2 nodes where every stage also holds a shadow of the stage on
   the next node (parameters and optimizer state) and runs its forward redundantly for every microbatch. The cut
   is searched on a profile with doubled forward time and doubled parameter/optimizer bytes (so the extra memory
