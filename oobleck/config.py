@@ -7,6 +7,7 @@ as :class:`ConfigError` with one line of the form ``field: got VALUE; allowed ..
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class FaultToleranceConfig:
     worker_timeout_s: float = 5.0
     #: with too few nodes left to train (fewer than n0), how long to wait for nodes to join before failing
     wait_for_nodes_s: float = 60.0
+    #: a worker still inside an ended generation this long after its end is stuck in a call the socket
+    #: shutdown did not release: it exits and its node counts as lost (under ``varuna`` it restarts).
+    #: Raise it if one step's work between two communications (a foreground checkpoint of a large model,
+    #: say) can take longer; 0 turns the backstop off (the 120 s collective timeout remains)
+    stuck_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_every is None:
@@ -325,6 +331,10 @@ def validate(c: JobConfig) -> None:
         f"must exceed fault_tolerance.heartbeat_interval_s ({ft.heartbeat_interval_s})",
     )
     _require(ft.wait_for_nodes_s >= 0, "fault_tolerance.wait_for_nodes_s", ft.wait_for_nodes_s, "must be at least 0")
+    _require(
+        math.isfinite(ft.stuck_after_s) and ft.stuck_after_s >= 0, "fault_tolerance.stuck_after_s", ft.stuck_after_s,
+        "must be at least 0 seconds (0 turns the stuck-worker backstop off)",
+    )  # fmt: skip
 
     for i, fault in enumerate(c.faults):
         _require(fault.step >= 0, f"faults[{i}].step", fault.step, "must be at least 0")

@@ -52,6 +52,10 @@ def test_checkpoint_interval_defaults_to_the_policy() -> None:
         ({"cluster": {"nodes": 0}}, "cluster.nodes: got 0; must be at least 1"),
         ({"cluster": {"device_memory_gib": -2}}, "cluster.device_memory_gib: got -2.0; must be positive"),
         ({"fault_tolerance": {"f": -1}}, "fault_tolerance.f: got -1; must be at least 0"),
+        (
+            {"fault_tolerance": {"stuck_after_s": -5}},
+            "fault_tolerance.stuck_after_s: got -5.0; must be at least 0 seconds (0 turns the stuck-worker backstop off)",
+        ),
         ({"faults": [{"nodes": [9]}]}, "faults[0].nodes: got [9]; node indices must be in [0, 3]"),
         ({"faults": [{"phase": "lunch"}]}, "faults[0].phase: got 'lunch'; allowed: forward, backward"),
         ({"training": {"betas": [0.9]}}, "training.betas: got [0.9]; expected a list of 2 numbers"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: the exit code of a worker that gave up on an ended generation it could not leave (an operation that
-#: shutting the generation's sockets down did not release; see ``oobleck.engine.elastic.STUCK_AFTER_S``).
+#: shutting the generation's sockets down did not release; after ``fault_tolerance.stuck_after_s``).
 #: The master treats it as the loss of the worker's node, like a kill, not as the worker's own error.
 STUCK_EXIT_CODE = 75
 

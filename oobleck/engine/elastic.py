@@ -24,8 +24,8 @@ What survives a generation's end, exactly:
 Errors that are not a generation's end (a bad config, a missing checkpoint, a bug) are re-raised: when a
 worker fails without the master ending its generation within ``END_GRACE_S``, it raises the error it saw.
 
-A worker still inside an ended generation ``STUCK_AFTER_S`` after its end is stuck in an operation that
-shutting the sockets down did not release (seen once, a gloo send under the Varuna-style baseline, where it
+A worker still inside an ended generation ``fault_tolerance.stuck_after_s`` after its end is stuck in an
+operation that shutting the sockets down did not release (seen once, a gloo send under the Varuna-style baseline, where it
 waited out the 120 s collective timeout). Nothing frees such a call in-process, so the watch hands the
 worker to its ``on_stuck`` callback, which restarts or ends the process (see :mod:`oobleck.worker_main`).
 """
@@ -62,10 +62,6 @@ END_GRACE_S = 30.0
 _WATCH_TIMEOUT = timedelta(days=7)
 #: how often an ended generation's watch looks for sockets opened after its first sweep
 _SWEEP_INTERVAL_S = 0.02
-#: how long a worker may stay inside an ended generation before the watch calls it stuck (leaving takes
-#: milliseconds: the blocked operation fails as soon as its sockets are shut down)
-STUCK_AFTER_S = 10.0
-
 #: called, from the watch's thread, with a one-line account when the worker is stuck in an ended generation;
 #: the worker's should restart or end the process (the stuck call cannot be unwound)
 OnStuck = Callable[[str], None]
@@ -101,7 +97,7 @@ class GenerationWatch:
         generation: int,
         exclude_ports: Collection[int] = (),
         on_stuck: OnStuck | None = None,
-        stuck_after_s: float = STUCK_AFTER_S,
+        stuck_after_s: float = 30.0,
     ) -> None:
         self.generation = generation
         self.ended = threading.Event()
@@ -173,6 +169,8 @@ def run_elastic(
 ) -> None:
     """Train from ``first`` through every later generation until training finishes (see the module notes)."""
     config = config_from_dict(first.config)
+    stuck_after_s = config.fault_tolerance.stuck_after_s
+    stuck = on_stuck if stuck_after_s > 0 else None  # 0: no backstop
     spec = build_model(config.model, config.training.seed)
     batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
     settle_imports()
@@ -180,7 +178,7 @@ def run_elastic(
     pool: dict[int, HeldLayer] = {}
     assignment = first
     while True:
-        watch = GenerationWatch(base, assignment.generation, exclude_ports, on_stuck)
+        watch = GenerationWatch(base, assignment.generation, exclude_ports, stuck, stuck_after_s)
         interrupt.watch(watch.ended)
         worker: StageWorker | None = None
         started = time.perf_counter()
