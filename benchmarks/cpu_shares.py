@@ -12,6 +12,7 @@ Needs a writable ``/sys/fs/cgroup/cpu`` (root); :func:`unavailable` says why not
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
@@ -29,6 +30,14 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 10_000
 #: how often :meth:`CpuShares.follow` looks for the job's new processes
 _POLL_S = 0.05
+
+
+def add_cpu_share_flag(parser: argparse.ArgumentParser, share: str) -> None:
+    """``--cpu-share node|shared``; ``share`` says what a node's cap is (e.g. ``cores/nodes``)."""
+    parser.add_argument(
+        "--cpu-share", choices=["node", "shared"], default="node",
+        help=f"node (default): hold each node to {share} CPUs, as separate machines; shared: no caps",
+    )  # fmt: skip
 
 
 def flag_check(value: str) -> tuple[str, str, bool, str]:
@@ -60,7 +69,6 @@ class CpuShares:
         why = unavailable(root)
         if why is not None:
             raise RuntimeError(why)
-        self.cpus_each = cpus_each
         self._root = root
         self._base = root / f"oobleck-bench-{uuid.uuid4().hex[:8]}"
         self._groups = {name: self._base / name for name in nodes}

@@ -101,7 +101,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.cpu_shares import CpuShares, cpus_per_node, flag_check
+from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check
 from benchmarks.jobs import (
     SMALL_DEVICE_GIB,
     TAG_ENV,
@@ -1003,10 +1003,7 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=["oobleck", "bamboo", "varuna"])
     parser.add_argument("--seed", type=int, default=0, help="which nodes the fixed schedule kills (default 0)")
     parser.add_argument("--run-timeout-s", type=float, default=300.0, help="stop a run this long after its launch (default 300)")
-    parser.add_argument(
-        "--cpu-share", choices=["node", "shared"], default="node",
-        help="node (default): hold each node to cores/capacity CPUs, as separate machines; shared: no caps",
-    )  # fmt: skip
+    add_cpu_share_flag(parser, "cores/capacity")
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fault_tolerance.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "fault_tolerance.png", help="PNG path; 'none' to skip")

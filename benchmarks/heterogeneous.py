@@ -20,13 +20,14 @@ the caps (and needs no root).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_shares import CpuShares, cpus_per_node, flag_check
+from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check
 from benchmarks.jobs import bad_flag, launch, machine_info, median, read_jsonl, tiny_gpt, write_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heterogeneous.json"
@@ -40,15 +41,12 @@ def measure(work: Path, nodes: int, steps: int, warmup: int, policy: str, tag: s
     raw = tiny_gpt(work / "profiles", nodes=nodes, steps=steps)
     raw["fault_tolerance"].update({"policy": policy, "checkpoint_every": 0})
     run_dir = work / f"{tag}-{policy}"
-    shares = CpuShares([f"node{i}" for i in range(1, nodes + 1)], cpus_per_node(nodes)) if per_node else None
-    job = launch(write_config(work / f"{tag}-{policy}.yaml", raw), run_dir)
-    try:
-        if shares is not None:
-            shares.follow(job, workers=nodes)
+    caps = CpuShares([f"node{i}" for i in range(1, nodes + 1)], cpus_per_node(nodes)) if per_node else None
+    with caps or contextlib.nullcontext():
+        job = launch(write_config(work / f"{tag}-{policy}.yaml", raw), run_dir)
+        if caps is not None:
+            caps.follow(job, workers=nodes)
         code = job.wait(900)
-    finally:
-        if shares is not None:
-            shares.close()
     if code != 0:
         raise RuntimeError(f"{policy} on {nodes} nodes failed: {job.output()[-1500:]}")
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -100,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="runs per plan and node count (default 2)")
-    parser.add_argument(
-        "--cpu-share", choices=["node", "shared"], default="node",
-        help="node (default): hold each node to cores/nodes CPUs, as separate machines; shared: no caps",
-    )  # fmt: skip
+    add_cpu_share_flag(parser, "cores/nodes")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
     args = parser.parse_args(argv)
     if bad_flag(

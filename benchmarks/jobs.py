@@ -87,6 +87,19 @@ def tagged(tag: str, env: str = TAG_ENV) -> list[psutil.Process]:
     return found
 
 
+def kill_tagged(tag: str, env: str = TAG_ENV, timeout_s: float = 10) -> list[int]:
+    """SIGKILL every live process whose ``env`` carries ``tag`` and wait up to ``timeout_s`` for them to
+    go; returns their pids."""
+    left = tagged(tag, env)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=timeout_s)
+    return [p.pid for p in left]
+
+
 @dataclass
 class Job:
     """One ``oobleck run`` in the background; its output goes to ``log``."""
@@ -118,14 +131,7 @@ class Job:
 
     def reap(self) -> list[int]:
         """SIGKILL every process of this job still alive (there should be none); returns their pids."""
-        left = tagged(self.tag)
-        for proc in left:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
-        return [p.pid for p in left]
+        return kill_tagged(self.tag)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_stuck(why: str) -> NoReturn:
         if config.fault_tolerance.policy == "varuna":
             restart(own_argv, args.heartbeat_fd, why)
-        print(f"worker {args.node}/{args.device}: {why}; exiting so that the master treats this node as lost", file=sys.stderr, flush=True)
+        who = f"worker {args.node}/{args.device}"
+        print(f"{who}: {why}; exiting so that the master treats this node as lost", file=sys.stderr, flush=True)
         os._exit(STUCK_EXIT_CODE)
 
     try:

@@ -15,6 +15,7 @@ import psutil
 import torch
 import yaml
 
+from benchmarks.jobs import kill_tagged as kill_tagged_by
 from benchmarks.jobs import tagged as tagged_by
 from oobleck import checkpoint
 from oobleck.config import config_from_dict
@@ -55,6 +56,11 @@ def start_run(config: Path, run_dir: Path, *extra: str) -> tuple[subprocess.Pope
 def tagged(tag: str) -> list[psutil.Process]:
     """Live processes (not zombies) whose environment carries ``tag`` (see :func:`start_run`)."""
     return tagged_by(tag, TAG_ENV)
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL and reap the processes :func:`tagged` finds; returns their pids."""
+    return kill_tagged_by(tag, TAG_ENV, timeout_s=30)
 
 
 #: simulated device memory that gives the tiny models n0 = 2 (two-stage pipelines at least)

@@ -27,7 +27,9 @@ import pytest
 from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE
 from oobleck.train_local import train_local
-from tests.run_helpers import TAG_ENV, assert_matches_reference, gpt_job, start_run, tagged, tiny_gpt, write_config
+from tests.run_helpers import (
+    TAG_ENV, assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config,
+)  # fmt: skip
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,10 +88,7 @@ def start_cluster() -> tuple[Any, str]:
     except BaseException:
         # a node that failed to start is not in the cluster's lists: end every process of this start by its tag
         cluster.shutdown()
-        leftovers = tagged(tag)
-        for proc in leftovers:
-            proc.kill()
-        psutil.wait_procs(leftovers, timeout=30)
+        kill_tagged(tag)
         raise
     return cluster, tag
 

@@ -25,9 +25,10 @@ Errors that are not a generation's end (a bad config, a missing checkpoint, a bu
 worker fails without the master ending its generation within ``END_GRACE_S``, it raises the error it saw.
 
 A worker still inside an ended generation ``fault_tolerance.stuck_after_s`` after its end is stuck in an
-operation that shutting the sockets down did not release (seen once, a gloo send under the Varuna-style baseline, where it
-waited out the 120 s collective timeout). Nothing frees such a call in-process, so the watch hands the
-worker to its ``on_stuck`` callback, which restarts or ends the process (see :mod:`oobleck.worker_main`).
+operation that shutting the sockets down did not release (seen once: a gloo send under the Varuna-style
+baseline, which waited out the 120 s collective timeout). Nothing frees such a call in-process, so the
+watch hands the worker to its ``on_stuck`` callback, which restarts or ends the process (see
+:mod:`oobleck.worker_main`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ _WATCH_TIMEOUT = timedelta(days=7)
 #: how often an ended generation's watch looks for sockets opened after its first sweep
 _SWEEP_INTERVAL_S = 0.02
 #: called, from the watch's thread, with a one-line account when the worker is stuck in an ended generation;
-#: the worker's should restart or end the process (the stuck call cannot be unwound)
+#: the worker's callback restarts or ends the process (the stuck call cannot be unwound)
 OnStuck = Callable[[str], None]
 
 #: blocks until the master has a generation newer than the argument for this worker, and returns it
