@@ -8,12 +8,18 @@ heterogeneous-versus-homogeneous one) therefore cap each node's processes (its a
 an idle node's share is lost, as on a cluster.
 
 Needs a writable ``/sys/fs/cgroup/cpu`` (root); :func:`unavailable` says why not otherwise.
+
+The groups outlive a benchmark that is killed (SIGKILL skips every ``finally``), so their name carries the
+owning process's pid (``oobleck-bench-<pid>-<hex>/<node>``) and :func:`remove_stale_groups`, called when a
+benchmark starts, removes those whose owner is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 import threading
 import time
 import uuid
@@ -30,6 +36,14 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 10_000
 #: how often :meth:`CpuShares.follow` looks for the job's new processes
 _POLL_S = 0.05
+#: a benchmark's group: ``PREFIX<owner pid>-<8 hex>``; the hex part keeps a process's successive groups apart
+#: (one it could not remove, e.g. a process still in it, must not block the next)
+PREFIX = "oobleck-bench-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[0-9a-f]{8}")
+
+
+class CpuSharesError(RuntimeError):
+    """The per-node groups cannot be made here; one line, saying which step failed."""
 
 
 def add_cpu_share_flag(parser: argparse.ArgumentParser, share: str) -> None:
@@ -68,16 +82,29 @@ class CpuShares:
     def __init__(self, nodes: Sequence[str], cpus_each: float, root: Path = CGROUP_CPU) -> None:
         why = unavailable(root)
         if why is not None:
-            raise RuntimeError(why)
+            raise CpuSharesError(why)
         self._root = root
-        self._base = root / f"oobleck-bench-{uuid.uuid4().hex[:8]}"
+        self._base = root / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._groups = {name: self._base / name for name in nodes}
-        self._base.mkdir()
-        for group in self._groups.values():
-            group.mkdir()
-            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(PERIOD_US * cpus_each))))
         self._placed: set[int] = set()
+        quota = str(max(1000, round(PERIOD_US * cpus_each)))
+        # all or nothing: the caller gets no object to close when this raises, so a failure part-way (a node
+        # name the cgroupfs refuses, a quota the kernel rejects) must remove what was made already
+        made: list[Path] = []
+        step = self._base
+        try:
+            self._base.mkdir()
+            made.append(self._base)
+            for group in self._groups.values():
+                step = group
+                group.mkdir()
+                made.append(group)
+                for step, value in ((group / "cpu.cfs_period_us", str(PERIOD_US)), (group / "cpu.cfs_quota_us", quota)):
+                    step.write_text(value)
+        except OSError as e:
+            for path in reversed(made):
+                _remove(path, root)
+            raise CpuSharesError(f"cannot make the per-node CPU groups: {step}: {e.strerror or e}") from None
 
     def place(self, proc: psutil.Process) -> list[str] | None:
         """Put ``proc`` (and so the children it starts later) in its node's group and return its command
@@ -130,6 +157,50 @@ class CpuShares:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def remove_stale_groups(root: Path = CGROUP_CPU) -> list[Path]:
+    """Remove the groups left by benchmarks that were killed before they could (see the module notes): each
+    ``PREFIX<pid>-...`` group whose owner pid is no longer alive and that holds no process. A stale group
+    still holding processes (the dead benchmark's nodes still running) is kept as it is, with a one-line
+    warning: moving them out would uncap a job someone may still be measuring. Returns the groups removed."""
+    if unavailable(root) is not None:
+        return []
+    removed = []
+    for base in sorted(root.glob(f"{PREFIX}*")):
+        match = _NAME.fullmatch(base.name)
+        if match is None or not base.is_dir() or _alive(int(match[1])):
+            continue
+        groups = [*(g for g in base.iterdir() if g.is_dir()), base]  # the nodes' groups first: rmdir needs them gone
+        busy = sum(len(_procs(g)) for g in groups)
+        if busy:
+            print(f"cpu_shares: warning: kept {base}: its benchmark (pid {match[1]}) is gone but {busy} of its processes still run in it", file=sys.stderr)  # fmt: skip
+            continue
+        for group in groups:
+            try:
+                group.rmdir()
+            except OSError:  # another benchmark starting now removed it first
+                pass
+        if not base.exists():
+            removed.append(base)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: its groups are as stale as those of a reaped one)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but is not ours to inspect
+        return True
+
+
+def _procs(group: Path) -> list[str]:
+    try:
+        return (group / "cgroup.procs").read_text().split()
+    except OSError:  # removed meanwhile
+        return []
 
 
 def _remove(group: Path, root: Path) -> None:

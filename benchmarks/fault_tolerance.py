@@ -101,7 +101,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check
+from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check, remove_stale_groups
 from benchmarks.jobs import (
     SMALL_DEVICE_GIB,
     TAG_ENV,
@@ -402,13 +402,16 @@ def run_policy(
     name = f"{policy}-{'failures' if faults else 'fault-free'}"
     config = job_config(work, name, policy, schedule, steps)
     load_at_launch = os.getloadavg()[0]
-    shares = CpuShares(schedule.nodes, cpus_per_node(schedule.capacity)) if capped else None
-    job = launch(config, work / name)
-    if shares is not None:
-        shares.follow(job)
-    print(f"fault_tolerance: {name}: running in {job.run_dir}", flush=True)
+    # the groups and the job are made inside the try, so that a launch that fails still removes the groups
+    shares: CpuShares | None = None
+    job: Job | None = None
     replayer: Replayer | None = None
     try:
+        shares = CpuShares(schedule.nodes, cpus_per_node(schedule.capacity)) if capped else None
+        job = launch(config, work / name)
+        if shares is not None:
+            shares.follow(job)
+        print(f"fault_tolerance: {name}: running in {job.run_dir}", flush=True)
         try:
             ready = first_generation_ready(job, timeout_s)
         except RuntimeError as e:
@@ -435,7 +438,8 @@ def run_policy(
     finally:
         if replayer is not None:
             replayer.stop()
-        job.stop()
+        if job is not None:
+            job.stop()
         if shares is not None:
             shares.close()
     if code != 0 and not timed_out:
@@ -807,6 +811,8 @@ def run_bench(opts: Options, schedule: Schedule, work: Path) -> dict[str, Any]:
     """Every policy fault-free and under the schedule, the summaries, ratios and the simulator's check; the
     plot is written too. ``passed``: each acceptance check that applies holds (Oobleck faster than every
     baseline run, when both ran; every simulator error within :data:`MAX_SIM_ERROR`)."""
+    if opts.cpu_share == "node":
+        remove_stale_groups()  # those of an earlier benchmark that was killed
     machine = machine_info()
     started = time.monotonic()
     measure_profile(job_config(work, "profile", opts.policies[0], schedule, opts.steps))

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check
+from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check, remove_stale_groups
 from benchmarks.jobs import bad_flag, launch, machine_info, median, read_jsonl, tiny_gpt, write_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heterogeneous.json"
@@ -56,6 +56,8 @@ def measure(work: Path, nodes: int, steps: int, warmup: int, policy: str, tag: s
 
 
 def run_bench(node_counts: list[int], steps: int, warmup: int, rounds: int, per_node: bool, work: Path) -> dict[str, Any]:
+    if per_node:
+        remove_stale_groups()  # those of an earlier benchmark that was killed
     cases = []
     for nodes in node_counts:
         runs: dict[str, list[dict[str, Any]]] = {"oobleck": [], "varuna": []}
