@@ -438,7 +438,7 @@ def run_and_report(
         print(announce(work), flush=True)
     try:
         report = run(work)
-    except (RuntimeError, TimeoutError) as e:
+    except (RuntimeError, OSError) as e:  # OSError covers TimeoutError and a launch that cannot write its files
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     finally:
