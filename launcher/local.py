@@ -4,6 +4,10 @@
 agent starts its node's workers; agents and workers run in their own process groups (so that a Ctrl-C on
 the terminal reaches only this process, which then stops them in order) and die with their parent
 (PR_SET_PDEATHSIG), so no process outlives the run even if this one is killed.
+
+The job's token, and with TLS on (``cluster.tls``) the master's certificate, are files in a mode-0700
+directory of this user's, removed when the run ends; agents, workers and ``oobleck inject`` get their paths.
+The master's private key stays in this process's memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -29,11 +34,15 @@ from launcher.trace import TraceEvent, load_trace, replay_schedule
 from oobleck.config import JobConfig
 from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord
 from oobleck.control.procs import child_env, stop_group
+from oobleck.control.tls import write_cert
+from oobleck.errors import OobleckError
 
 #: seconds agents get to stop their workers and exit after the master's shutdown, before SIGTERM
 AGENT_EXIT_S = 10.0
 #: seconds between SIGTERM and SIGKILL for an agent (it stops its own workers in between)
 AGENT_GRACE_S = 5.0
+#: seconds the agent-starter thread gets to start an agent process (a fork and exec)
+AGENT_START_S = 60.0
 LOG_DIR = "logs"
 CONTROL_FILE = "control.json"
 
@@ -68,9 +77,10 @@ def run(
         master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery)
 
         def start(address: str) -> LocalCluster:
-            cluster = LocalCluster(master, address, token_file, config, log_dir)
-            write_control_file(Path(config.run.dir), address, token_file)
-            phase(f"master at {address}; starting {len(names)} nodes")
+            cert_file = write_cert(token_file.parent, master.cert_pem) if master.cert_pem else None
+            cluster = LocalCluster(master, address, token_file, config, log_dir, cert_file)
+            write_control_file(Path(config.run.dir), address, token_file, cert_file)
+            phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(names)} nodes")
             for name in names:
                 cluster.add_node(name)
             return cluster
@@ -140,10 +150,19 @@ class Cluster(Protocol):
 class LocalCluster:
     """The nodes of one job on this machine: a node is an agent process (with its workers) named ``name``."""
 
-    def __init__(self, master: Master, address: str, token_file: Path, config: JobConfig, log_dir: Path) -> None:
+    def __init__(
+        self,
+        master: Master,
+        address: str,
+        token_file: Path,
+        config: JobConfig,
+        log_dir: Path,
+        cert_file: Path | None = None,
+    ) -> None:
         self.master = master
         self.address = address
         self.token_file = token_file
+        self.cert_file = cert_file
         self.config = config
         self.log_dir = log_dir
         self._lock = threading.Lock()
@@ -160,13 +179,16 @@ class LocalCluster:
         """Start node ``name``'s agent; it registers with the master (joining a running job)."""
         done: Future[None] = Future()
         self._requests.put((name, done))
-        done.result()
+        try:
+            done.result(AGENT_START_S)
+        except FutureTimeout:
+            raise OobleckError(f"node {name}: its agent process did not start within {AGENT_START_S:g} s") from None
 
     def _starter(self) -> None:
         while True:
             name, done = self._requests.get()
             try:
-                proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir)
+                proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir, self.cert_file)
             except BaseException as e:  # handed to the caller
                 done.set_exception(e)
                 continue
@@ -237,7 +259,7 @@ class TraceReplay:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(AGENT_START_S + 5)  # it may be starting an agent (add_node waits that long)
 
     def describe(self) -> str:
         return f"trace: replayed {self.done} of {len(self.events)} events after the start"
@@ -250,13 +272,17 @@ def trace_schedule(config: JobConfig) -> list[TraceEvent]:
     return replay_schedule(load_trace(config.trace.path), config.trace.compression)
 
 
-def _start_agent(address: str, token_file: Path, node: str, config: JobConfig, log_dir: Path) -> subprocess.Popen:
+def _start_agent(
+    address: str, token_file: Path, node: str, config: JobConfig, log_dir: Path, cert_file: Path | None = None
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "oobleck.control.agent",
         "--master", address, "--token-file", str(token_file),
         "--node", node, "--devices", str(config.cluster.devices_per_node),
         "--log-dir", str(log_dir),
     ]  # fmt: skip
+    if cert_file is not None:
+        cmd += ["--cert-file", str(cert_file)]
     with open(log_dir / f"agent-{node}.log", "ab") as out:
         # the child holds its own copy of the file descriptor
         return subprocess.Popen(
@@ -274,11 +300,14 @@ def worker_threads(config: JobConfig) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
 
-def write_control_file(run_dir: Path, address: str, token_file: Path) -> Path:
-    """``RUN/control.json``: where ``oobleck inject RUN`` finds the running job's master and token (the token
-    file itself stays in a directory only this user can read)."""
+def write_control_file(run_dir: Path, address: str, token_file: Path, cert_file: Path | None = None) -> Path:
+    """``RUN/control.json``: where ``oobleck inject RUN`` finds the running job's master, token and (TLS on)
+    certificate (the files themselves stay in a directory only this user can read)."""
     path = run_dir / CONTROL_FILE
-    path.write_text(json.dumps({"master": address, "token_file": str(token_file)}))
+    info = {"master": address, "token_file": str(token_file)}
+    if cert_file is not None:
+        info["cert_file"] = str(cert_file)
+    path.write_text(json.dumps(info))
     return path
 
 

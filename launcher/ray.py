@@ -29,8 +29,9 @@ the replay alone decides membership (new Ray nodes do not join by themselves).
 
 Addresses: the master binds ``cluster.master_host``; when that is left at its default (loopback) and some
 Ray node is not on loopback, it binds the driver's node IP address (``ray.util.get_node_ip_address()``), which
-the agents and workers then use for the control plane and the TCPStore. Each agent gets the job's token as
-an actor argument and writes it to a private file (mode 0600 in a 0700 directory) on its node. Unless set
+the agents and workers then use for the control plane and the TCPStore. Each agent gets the job's token
+(and, with TLS on, the master's certificate, never its key) as an actor argument and writes it to a private
+file (mode 0600 in a 0700 directory) on its node. Unless set
 already, ``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` are set to the interface that carries the Ray
 node's IP address, so that torch.distributed uses the same network as Ray. Paths in the config (run
 directory, data) are made absolute; the run directory must be on a filesystem every node shares
@@ -73,6 +74,7 @@ from launcher.trace import TraceEvent
 from oobleck.config import ClusterConfig, JobConfig
 from oobleck.control.master import Master, Planner, RecoveryRecord, StepRecord, describe_exit
 from oobleck.control.procs import child_env, stop_group
+from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
 
 #: seconds between looks at the Ray cluster's node list (new nodes join the job)
@@ -162,9 +164,10 @@ def _run_job(
 
         def start(address: str) -> RayCluster:
             cluster = RayCluster(master, address, token, config, log_dir, cuda, session, training, phase)
+            cert_file = write_cert(token_file.parent, master.cert_pem) if master.cert_pem else None
             cluster.known(alive)
-            write_control_file(run_dir, address, token_file)
-            phase(f"master at {address}; starting {len(names)} agents on the Ray cluster at {session.address}")
+            write_control_file(run_dir, address, token_file, cert_file)
+            phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(names)} agents on the Ray cluster at {session.address}")
             cluster.start(list(zip(names, chosen)))
             if not schedule:
                 cluster.follow_new_nodes()
@@ -546,6 +549,7 @@ class RayCluster:
         ).remote(
             argv=argv,
             token=self._token,
+            cert=self.master.cert_pem,
             env=extra,
             workers_on_host=on_host * devices,
             node_ip=ip,
@@ -706,6 +710,7 @@ class _AgentActor:
         self,
         argv: list[str],
         token: str,
+        cert: bytes | None,
         env: dict[str, str],
         workers_on_host: int,
         node_ip: str,
@@ -718,6 +723,8 @@ class _AgentActor:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
+        if cert is not None:  # the master's certificate (public; the key stays with the master)
+            argv = [*argv, "--cert-file", str(write_cert(Path(self._dir), cert))]
         extra = dict(env)
         # Ray sets OMP_NUM_THREADS for its workers; give each of this machine's oobleck workers its share of
         # the cores instead (oversubscribed OpenMP threads spin against each other)

@@ -79,6 +79,13 @@ class ClusterConfig:
     #: address the master's control plane binds; loopback unless told otherwise
     master_host: str = "127.0.0.1"
     master_port: int = 0
+    #: TLS for the control plane (oobleck.control.tls): auto (on unless master_host is loopback), on or off.
+    #: YAML reads a bare on/off (and true/false) as a boolean: taken as on/off
+    tls: Literal["auto", "on", "off", True, False] = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tls, str):  # True/False (1/0 compare equal to them)
+            self.tls = "on" if self.tls else "off"
 
 
 #: checkpoint interval (steps) per policy when the config gives none. Oobleck: off (recovery copies layers

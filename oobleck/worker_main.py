@@ -2,7 +2,8 @@
 
 Started by its node's agent. It beats to the agent through ``--heartbeat-fd`` (from its first moment, so
 the agent can tell a hung worker from a busy one), asks the master for its place in the plan
-(``GetAssignment`` blocks until the plan exists) and runs :func:`oobleck.engine.elastic.run_elastic`,
+(``GetAssignment`` long-polls until the plan exists: each call has a deadline the master answers before,
+with "none yet" if need be, so a master that stops answering ends the worker) and runs :func:`oobleck.engine.elastic.run_elastic`,
 which asks again each time a generation ends. Exit codes: 0 when training finished, 2 with one line on
 stderr for a refused or unreachable master (or a job that failed meanwhile) or bad input, 1 (with a
 traceback) when training raised, :data:`~oobleck.engine.api.STUCK_EXIT_CODE` when it could not leave an
@@ -25,31 +26,48 @@ import grpc
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
 from oobleck.control.procs import die_with_parent
+from oobleck.control.tls import read_cert
 from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
 from oobleck.errors import OobleckError
+
+
+#: the deadline of one GetAssignment call; the master answers "none yet" ASSIGNMENT_ANSWER_MARGIN_S (3 s)
+#: before it, so a call that runs into it means the master stopped answering
+ASSIGNMENT_POLL_S = 15.0
 
 
 class AssignmentClient:
     """Fetches this worker's assignments over one control-plane channel."""
 
-    def __init__(self, master: str, token_file: str, node: str, device: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self, master: str, token_file: str, node: str, device: int, connect_timeout_s: float, cert_file: str | None = None
+    ) -> None:
         self.master = master
         self.node = node
         self.device = device
-        self._channel = open_channel(master, read_token(token_file))
-        wait_ready(self._channel, master, connect_timeout_s)
+        cert = read_cert(cert_file) if cert_file else None
+        self._channel = open_channel(master, read_token(token_file), cert)
+        wait_ready(self._channel, master, connect_timeout_s, tls=cert is not None)
         self._stub = master_stub(self._channel)
 
     def next(self, after_generation: int) -> Assignment:
-        """The first generation newer than ``after_generation`` with a stage for this worker (blocks);
-        OobleckError when the master refuses (the job failed, or this node was removed)."""
-        try:
-            reply = self._stub.GetAssignment(
-                pb.AssignmentRequest(node=self.node, device=self.device, after_generation=after_generation)
-            )
-        except grpc.RpcError as e:
-            raise OobleckError(f"no assignment from {self.master}: {e.details()}") from None
-        return Assignment.from_json(reply.assignment_json)
+        """The first generation newer than ``after_generation`` with a stage for this worker (blocks while
+        the master answers "none yet": a spare may wait for the whole job, which the master ends in bounded
+        time); OobleckError when the master refuses (the job failed, or this node was removed) or stops
+        answering (no reply within ASSIGNMENT_POLL_S)."""
+        request = pb.AssignmentRequest(node=self.node, device=self.device, after_generation=after_generation)
+        while True:
+            try:
+                reply = self._stub.GetAssignment(request, timeout=ASSIGNMENT_POLL_S)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise OobleckError(
+                        f"no assignment from {self.master}: the master did not answer within {ASSIGNMENT_POLL_S:g} s "
+                        "(hung or cut off); check the `oobleck run` process and its machine"
+                    ) from None
+                raise OobleckError(f"no assignment from {self.master}: {e.details()}") from None
+            if reply.generation:
+                return Assignment.from_json(reply.assignment_json)
 
     def close(self) -> None:
         self._channel.close()
@@ -79,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oobleck-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--master", required=True)
     parser.add_argument("--token-file", required=True)
+    parser.add_argument("--cert-file", help="the master's certificate (PEM): connect with TLS")
     parser.add_argument("--node", required=True)
     parser.add_argument("--device", type=int, required=True)
     parser.add_argument("--connect-timeout", type=float, default=20.0)
@@ -97,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from oobleck.engine.elastic import RestartRequested, run_elastic
 
     try:
-        client = AssignmentClient(args.master, args.token_file, args.node, args.device, args.connect_timeout)
+        client = AssignmentClient(
+            args.master, args.token_file, args.node, args.device, args.connect_timeout, args.cert_file
+        )
         first = client.next(0)
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)

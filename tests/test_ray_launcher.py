@@ -275,8 +275,10 @@ def test_unreachable_ray_address_is_a_one_line_error(tmp_path: Path) -> None:
 def test_same_config_runs_with_local_and_ray_launchers(tmp_path: Path) -> None:
     """One config file, run with ``--launcher ray`` (no address: the launcher starts and stops a Ray
     cluster of its own) and ``--launcher local``; both reproduce train_local, and no process survives
-    either run (Ray's own included: they inherit the run's tag)."""
+    either run (Ray's own included: they inherit the run's tag). The config forces TLS on (it would be off on
+    loopback): both launchers hand the master's certificate to their agents, which must use it."""
     raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=4, f=1)
+    raw["cluster"]["tls"] = "on"
     config = write_config(tmp_path / "job.yaml", raw)
     reference = train_local(config_from_dict(raw)).losses
     for launcher in ("ray", "local"):
@@ -284,6 +286,7 @@ def test_same_config_runs_with_local_and_ray_launchers(tmp_path: Path) -> None:
         proc, tag = start_run(config, run_dir, "--launcher", launcher)
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
+        assert "(TLS)" in err, err[-3000:]
         assert not tagged(tag), f"processes outlived the {launcher} run"
         losses = [row["loss"] for row in rows(run_dir, "metrics.jsonl")]
         assert len(losses) == len(reference)

@@ -1,6 +1,7 @@
 """Inject failures into a running job, or add nodes to it: ``oobleck inject RUN_DIR --kill node2``.
 
-The job is found through ``RUN_DIR/control.json``, which ``oobleck run`` writes when its master starts.
+The job is found through ``RUN_DIR/control.json``, which ``oobleck run`` writes when its master starts (its
+address, token file and, with TLS on, the certificate file to trust).
 ``--kill`` and ``--hang`` act on whole nodes (the agent and its workers: SIGKILL, or SIGSTOP so that the
 master sees missed heartbeats), or on one worker with ``--worker D`` (a hung worker is killed by its agent's
 watchdog). ``--add`` starts new nodes that join at the next step boundary (the local launcher starts them
@@ -33,14 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from oobleck.control import oobleck_pb2 as pb
     from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
+    from oobleck.control.tls import read_cert
 
-    master, token_file = _find_job(Path(args.run_dir))
+    master, token_file, cert_file = _find_job(Path(args.run_dir))
     action, nodes = next((name, getattr(args, name)) for name in ("kill", "hang", "add") if getattr(args, name))
     if args.worker is not None and action == "add":
         raise OobleckError("--worker: applies to --kill and --hang only")
-    channel = open_channel(master, read_token(token_file))
+    cert = read_cert(cert_file) if cert_file else None
+    channel = open_channel(master, read_token(token_file), cert)
     try:
-        wait_ready(channel, master, args.timeout)
+        wait_ready(channel, master, args.timeout, tls=cert is not None)
         request = pb.InjectRequest(nodes=nodes, action=action, device=-1 if args.worker is None else args.worker)
         try:
             reply = master_stub(channel).Inject(request, timeout=args.timeout)
@@ -53,13 +56,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_job(run_dir: Path) -> tuple[str, str]:
+def _find_job(run_dir: Path) -> tuple[str, str, str | None]:
+    """The job's master address, token file and certificate file (None: plaintext)."""
     from launcher.local import CONTROL_FILE
 
     path = run_dir / CONTROL_FILE
     try:
         info = json.loads(path.read_text())
-        return str(info["master"]), str(info["token_file"])
+        cert = info.get("cert_file")
+        return str(info["master"]), str(info["token_file"]), None if cert is None else str(cert)
     except FileNotFoundError:
         raise OobleckError(f"RUN_DIR: no {path}; pass the run directory of a job `oobleck run` is running") from None
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -1,12 +1,15 @@
-"""The node agent: ``python -m oobleck.control.agent --master HOST:PORT --token-file F --node NAME --devices G``.
+"""The node agent: ``python -m oobleck.control.agent --master HOST:PORT --token-file F --node NAME --devices G``
+(and ``--cert-file C``, the job's certificate, when the control plane runs TLS).
 
 It registers its node with the master, starts one worker process per device
 (``python -m oobleck.worker_main``), reports each worker's exit to the master the moment it happens, and
 keeps a heartbeat stream open. Each worker beats back through a pipe; a worker silent for the master's
 ``worker_timeout_s`` (hung, e.g. stopped) is killed with SIGKILL and reported like any other death. It
 stops every worker (SIGTERM to the worker's process group, SIGKILL after a grace period) when the master
-says so, when the master goes away, or when the agent itself is asked to stop (SIGTERM/SIGINT); workers
-also die with the agent through PR_SET_PDEATHSIG.
+says so, when the master goes away (its stream breaks, or it stays silent: the master sends an event at
+least every heartbeat interval, and a stream silent for the master's ``master_timeout_s`` means a hung or
+cut-off master), or when the agent itself is asked to stop (SIGTERM/SIGINT); workers also die with the agent
+through PR_SET_PDEATHSIG.
 
 Failure injection (``oobleck inject``) reaches the agent as an INJECT event: it kills (SIGKILL) or hangs
 (SIGSTOP) one worker, or the whole node (its workers and the agent itself).
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -32,6 +36,7 @@ import grpc
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
 from oobleck.control.procs import child_env, die_with_parent, stop_group
+from oobleck.control.tls import read_cert
 from oobleck.errors import OobleckError
 
 #: seconds a worker gets between SIGTERM and SIGKILL
@@ -41,9 +46,12 @@ WORKER_GRACE_S = 2.0
 class Agent:
     """One node's agent; :meth:`run` returns the process exit code."""
 
-    def __init__(self, master: str, token_file: str, node: str, devices: int, log_dir: str | None) -> None:
+    def __init__(
+        self, master: str, token_file: str, node: str, devices: int, log_dir: str | None, cert_file: str | None = None
+    ) -> None:
         self.master = master
         self.token_file = token_file
+        self.cert_file = cert_file
         self.node = node
         self.devices = devices
         self.log_dir = Path(log_dir) if log_dir else None
@@ -56,12 +64,15 @@ class Agent:
         #: device -> read end of the pipe its worker beats into
         self._beats_from: dict[int, int] = {}
         self._logs: list[IO[bytes]] = []
+        #: time.monotonic() of the last event from the master on the Session stream
+        self._last_event = time.monotonic()
 
     def run(self, connect_timeout_s: float) -> int:
         token = read_token(self.token_file)
-        channel = open_channel(self.master, token)
+        cert = read_cert(self.cert_file) if self.cert_file else None
+        channel = open_channel(self.master, token, cert)
         try:
-            wait_ready(channel, self.master, connect_timeout_s)
+            wait_ready(channel, self.master, connect_timeout_s, tls=cert is not None)
             stub = master_stub(channel)
             try:
                 reply = stub.Register(
@@ -70,6 +81,7 @@ class Agent:
             except grpc.RpcError as e:
                 raise OobleckError(f"registration refused by {self.master}: {e.details()}") from None
             self._start_workers(reply.heartbeat_interval_s)
+            self._last_event = time.monotonic()
             session = threading.Thread(
                 target=self._session, args=(stub, reply.heartbeat_interval_s), name="session", daemon=True
             )
@@ -84,9 +96,19 @@ class Agent:
                     name=f"watchdog-{device}",
                     daemon=True,
                 ).start()
-            while not self._stop.wait(0.5):  # a timed wait keeps signal handlers responsive
+            # a master that sent no reply field (an older one) gets a generous limit
+            silence_s = reply.master_timeout_s or 60.0
+            while not self._stop.wait(min(0.5, silence_s / 4)):  # a timed wait keeps signal handlers responsive
                 if self._stop_requested is not None:
                     self._finish(1, self._stop_requested)
+                silent = time.monotonic() - self._last_event
+                if silent > silence_s:
+                    self._finish(
+                        1,
+                        f"the master {self.master} sent nothing for {silent:.1f} s (limit {silence_s:g} s): it is hung "
+                        "or cut off; stopped the workers. Check the `oobleck run` process and its machine, then "
+                        "rerun (run.resume: true continues from the last checkpoint)",
+                    )
         finally:
             self._stop_workers()
             channel.close()
@@ -116,6 +138,8 @@ class Agent:
                 "--node", self.node, "--device", str(device),
                 "--heartbeat-fd", str(beats_to), "--heartbeat-interval", str(heartbeat_interval_s),
             ]  # fmt: skip
+            if self.cert_file:
+                cmd += ["--cert-file", self.cert_file]
             out: IO[bytes] | None = None
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +207,7 @@ class Agent:
     def _session(self, stub: object, interval_s: float) -> None:
         try:
             for event in stub.Session(self._beats(interval_s)):  # type: ignore[attr-defined]
+                self._last_event = time.monotonic()
                 if event.kind == pb.MasterEvent.SHUTDOWN:
                     self._finish(1 if event.failed else 0, f"stopped by the master: {event.reason}")
                     return
@@ -204,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oobleck-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--master", required=True, help="the master's HOST:PORT")
     parser.add_argument("--token-file", required=True, help="file holding the job's shared secret")
+    parser.add_argument("--cert-file", help="the master's certificate (PEM): connect with TLS, trusting it alone")
     parser.add_argument("--node", required=True, help="this node's unique name")
     parser.add_argument("--devices", type=int, required=True, help="devices (workers) on this node")
     parser.add_argument("--log-dir", help="write each worker's output to LOG_DIR/NODE-DEVICE.log")
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices < 1:
         print(f"agent {args.node}: error: --devices: got {args.devices}; must be at least 1", file=sys.stderr)
         return 2
-    agent = Agent(args.master, args.token_file, args.node, args.devices, args.log_dir)
+    agent = Agent(args.master, args.token_file, args.node, args.devices, args.log_dir, args.cert_file)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: agent.request_stop(f"stopped by {signal.Signals(signum).name}"))
     try:

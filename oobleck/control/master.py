@@ -50,7 +50,8 @@ from oobleck.config import JobConfig
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control import oobleck_pb2_grpc
 from oobleck.control.auth import TokenInterceptor
-from oobleck.control.channel import GRPC_OPTIONS
+from oobleck.control import tls
+from oobleck.control.channel import SERVER_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policies import shadow_holdings, stage_nodes, takeover
 from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
@@ -63,6 +64,18 @@ log = logging.getLogger(__name__)
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 #: how often blocking handlers re-check whether their client is still there
 _POLL_S = 0.2
+#: a GetAssignment with a deadline is answered "none yet" (generation 0) this long before it, so that only a
+#: master that stopped answering lets a worker's call run into its deadline
+ASSIGNMENT_ANSWER_MARGIN_S = 3.0
+#: how long stop() waits for each background thread (they all watch the stopping flag; one stuck in a
+#: callback or a store call is left behind as a daemon rather than hanging the caller)
+_JOIN_S = 5.0
+
+
+def master_timeout_s(heartbeat_timeout_s: float) -> float:
+    """How long an agent waits for a sign of life from the master on its Session stream before it gives the
+    master up (hung or cut off) and stops its workers: a few heartbeat timeouts, at least 5 s."""
+    return max(3 * heartbeat_timeout_s, 5.0)
 
 #: the node names (in placement order) -> the planned pipelines
 Planner = Callable[[list[str]], list[PipelineShape]]
@@ -252,13 +265,16 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._stopping = False
         self._cuda = False
         self.address = ""
+        #: the job's certificate (PEM) when the control plane runs TLS; the launcher hands it to the agents
+        self.cert_pem: bytes | None = None
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
 
     def start(self) -> str:
         """Bind ``cluster.master_host:cluster.master_port`` (0 = a free port), start the TCPStore and
-        the heartbeat monitor; return the address agents connect to. OobleckError if the port is taken."""
+        the heartbeat monitor; return the address agents connect to. OobleckError if the port is taken.
+        With TLS on (``cluster.tls``) it serves TLS with a fresh key and certificate (:attr:`cert_pem`)."""
         host, port = self.config.cluster.master_host, self.config.cluster.master_port
         self._cuda = _use_cuda(self.config.cluster.device)
         # one thread per agent stream and per waiting worker, with room for many nodes joining later
@@ -267,11 +283,18 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="master-rpc"),
             interceptors=[TokenInterceptor(self._token)],
             # SO_REUSEPORT would let two masters share a port silently
-            options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
+            options=SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
         )
         oobleck_pb2_grpc.add_MasterServicer_to_server(self, server)
+        material = tls.make_material(host) if tls.wanted(self.config.cluster.tls, host) else None
+        if material is None and not tls.is_loopback(host):
+            log.warning("cluster.tls is off: the control plane (and its token) to %s travels in plaintext", host)
         try:
-            bound = server.add_insecure_port(_join(host, port))
+            if material is None:
+                bound = server.add_insecure_port(_join(host, port))
+            else:
+                credentials = grpc.ssl_server_credentials([(material.key_pem, material.cert_pem)])
+                bound = server.add_secure_port(_join(host, port), credentials)
         except RuntimeError:
             raise OobleckError(
                 f"cluster.master_port: cannot bind {_join(host, port)} (in use or not a local address); "
@@ -280,6 +303,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._store = _start_store(host)
         server.start()
         self._server = server
+        self.cert_pem = material.cert_pem if material is not None else None
         self.address = _join(host, bound)
         self._spawn(self._monitor, "master-heartbeats")
         self._spawn(self._replanner, "master-replanner")
@@ -328,10 +352,13 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             self._fail_locked("the master stopped")
             self._lock.notify_all()
         if self._server is not None:
-            self._server.stop(grace_s).wait()
+            # the event is set once the grace has passed and every handler was cancelled; bounded anyway
+            self._server.stop(grace_s).wait(grace_s + _JOIN_S)
             self._server = None
         for thread in self._threads:
-            thread.join()
+            thread.join(_JOIN_S)
+            if thread.is_alive():
+                log.warning("master thread %s did not stop within %g s; leaving it behind", thread.name, _JOIN_S)
         self._store = None
 
     # ------------------------------------------------------------------------------------------
@@ -367,6 +394,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             nodes_expected=self._expected,
             heartbeat_interval_s=ft.heartbeat_interval_s,
             worker_timeout_s=ft.worker_timeout_s,
+            master_timeout_s=master_timeout_s(ft.heartbeat_timeout_s),
         )
 
     def Session(self, requests: Iterator[pb.Heartbeat], context: grpc.ServicerContext) -> Iterator[pb.MasterEvent]:
@@ -385,14 +413,24 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         )
         reader.start()
         yield pb.MasterEvent(kind=pb.MasterEvent.SESSION_OPEN)
+        # a quiet stream still carries an ALIVE event every heartbeat interval: the agent's sign that the
+        # master is there (it gives the master up after RegisterReply.master_timeout_s of silence)
+        interval = self.config.fault_tolerance.heartbeat_interval_s
+        last_sent = time.monotonic()
         while True:
             with self._lock:
-                while not node.events and node.session_open and context.is_active():
-                    self._lock.wait(_POLL_S)
+                while node.session_open and context.is_active() and not node.events:
+                    left = last_sent + interval - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(min(_POLL_S, left))
                 events, node.events = node.events, []
                 open_ = node.session_open and context.is_active()
+            if open_ and not events:
+                events = [pb.MasterEvent(kind=pb.MasterEvent.ALIVE)]
             for event in events:
                 yield event
+            last_sent = time.monotonic()
             if not open_ or any(e.kind == pb.MasterEvent.SHUTDOWN for e in events):
                 return
 
@@ -428,8 +466,13 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     f"after_generation: got {request.after_generation}; the current generation is {current}",
                 )
             key = (node.name, request.device)
+            # a worker asks again after each "none yet" answer; only its first call is news
+            newly = request.device not in node.waiting
             node.waiting.add(request.device)
-            if not node.in_job and node.alive and len(node.waiting) == self._devices and self._generation is not None:
+            if (
+                newly and not node.in_job and node.alive
+                and len(node.waiting) == self._devices and self._generation is not None
+            ):  # fmt: skip
                 self._note_change(f"node {node.name} joined", joined=node.name)
                 self._joins_ready = True
                 if self._generation is None or self._generation.ended:
@@ -440,14 +483,19 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 gen = self._generation
                 return gen is not None and gen.number > request.after_generation and key in gen.placement.ranks
 
-            while self._failure is None and node.alive and not ready() and context.is_active():
+            def answer_now() -> bool:  # without a deadline, time_remaining() is practically infinite
+                return context.time_remaining() <= ASSIGNMENT_ANSWER_MARGIN_S
+
+            while self._failure is None and node.alive and not ready() and context.is_active() and not answer_now():
                 self._lock.wait(_POLL_S)
             if self._failure is not None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self._failure}")
             if not node.alive:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {node.name} was removed from the job")
-            if not context.is_active() or self._generation is None:
+            if not context.is_active():
                 context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
+            if not ready():
+                return pb.AssignmentReply(generation=0)  # none yet: the worker asks again
             gen = self._generation
             assignment = self._assignment(gen, gen.placement.ranks[key], request.device)
         return pb.AssignmentReply(generation=gen.number, assignment_json=assignment.to_json())

@@ -73,7 +73,9 @@ class MasterServicer:
 
     def Session(self, request_iterator, context):
         """An agent's liveness: it sends a Heartbeat every heartbeat interval for as long as it lives; the
-        master answers with events (shutdown). A broken stream or missed heartbeats mean the node is lost.
+        master answers with events (shutdown), and with an ALIVE event whenever it has sent nothing for a
+        heartbeat interval. A broken stream or missed heartbeats mean the node is lost; an event stream silent
+        for master_timeout_s means the master is lost (hung or cut off): the agent stops its workers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +90,8 @@ class MasterServicer:
 
     def GetAssignment(self, request, context):
         """A worker asks for its place in the plan; blocks until a generation newer than after_generation
-        exists.
+        exists. A call with a deadline is answered shortly before it with generation 0 (none yet: ask again),
+        so that a call that runs into its deadline means the master stopped answering.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
