@@ -278,6 +278,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 "choose a free port, or 0 for any free port"
             ) from None
         self._store = _start_store(host)
+        from oobleck import checkpoint
+
+        # no writer of this run has started yet: every temporary checkpoint file is a dead writer's
+        checkpoint.remove_stale_temporaries(self.config.run.dir, older_than=time.time())
         server.start()
         self._server = server
         self.address = _join(host, bound)
@@ -685,14 +689,14 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         from oobleck import checkpoint
 
         # a periodic checkpoint whose layer files are all written but not yet marked complete by the
-        # background completer counts: complete it now rather than fall back to an older one
+        # background completer counts: complete it now rather than fall back to an older one. The newest
+        # checkpoint that verifies is chosen and the folders of later steps are removed (a re-run must not
+        # complete a checkpoint that mixes their files with its own)
         gen = self._generation
-        if gen is not None:
-            num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges)
-            for step in self._checkpoints:
-                ckpt_dir = checkpoint.checkpoint_dir(self.config.run.dir, step)
-                checkpoint.complete_if_written(ckpt_dir, step, num_layers, self.config.to_dict())
-        ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
+        num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges) if gen is not None else 0
+        pending = self._checkpoints if gen is not None else []
+        ckpt = checkpoint.restore_latest(self.config.run.dir, pending, num_layers, self.config.to_dict())
+        self._checkpoints = []  # older ones are superseded, later ones were removed
         if ckpt is None:
             log.warning("%s; no checkpoint exists: starting from step 0", why)
             return "init", (), 0
@@ -800,6 +804,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     log.info("checkpoint of step %d complete", step)
                     with self._lock:
                         self._checkpoints = [s for s in self._checkpoints if s > step]
+                    restored = checkpoint.checkpoint_dir(self.config.run.dir, gen.start_step)
+                    checkpoint.prune(self.config.run.dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt, protect=[restored])
 
     def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
         from oobleck.engine.commit import timing_key
