@@ -279,7 +279,7 @@ def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[st
         _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()), create_parent=False)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: the folder was removed while meta.json was written") from None
-    remove_stale_temporaries(ckpt_dir)
+    _remove_stale_in(ckpt_dir, None)
     return path
 
 
@@ -511,45 +511,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str | Path, *, older_than: float | None = None) -> list[Path]:
-    """Remove the temporary files of dead writers under ``path`` (a run directory, or one checkpoint folder):
-    those written on this host by a process that no longer runs, and with ``older_than`` (a time.time(),
-    e.g. the start of the run) every temporary file last modified before it, and leftovers of interrupted
-    deletions. Returns what was removed."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        root, folders = path / "checkpoints", [entry for _, entry in _step_dirs(path)]
-    elif path.is_dir():
-        root, folders = None, [path]
-    else:
-        return []
+def remove_stale_temporaries(run_dir: str | Path, *, older_than: float | None = None) -> list[Path]:
+    """Remove the temporary files of dead writers in the checkpoint folders of ``run_dir``: those written on
+    this host by a process that no longer runs, and with ``older_than`` (a time.time(), e.g. the start of
+    the run) every temporary file last modified before it and the leftovers of interrupted deletions.
+    Returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
     removed = []
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            m = _TMP.match(name)
-            if not m:
-                continue
-            file = folder / name
-            try:
-                mtime = file.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            dead = m.group("host") == _HOST and not _alive(int(m.group("pid")))
-            old = older_than is not None and mtime < older_than
-            if dead or old:
-                file.unlink(missing_ok=True)
-                removed.append(file)
-    if root is not None and older_than is not None:
+    for _, folder in _step_dirs(run_dir):
+        removed += _remove_stale_in(folder, older_than)
+    if older_than is not None and root.is_dir():
         for entry in root.iterdir():
             if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     if removed:
-        log.info("removed %d stale temporary checkpoint files under %s", len(removed), path)
+        log.info("removed %d stale temporary checkpoint files under %s", len(removed), root)
+    return removed
+
+
+def _remove_stale_in(folder: Path, older_than: float | None) -> list[Path]:
+    """:func:`remove_stale_temporaries` for one checkpoint folder."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TMP.match(name)
+        if not m:
+            continue
+        file = folder / name
+        try:
+            mtime = file.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m.group("host") == _HOST and not _alive(int(m.group("pid")))
+        if dead or (older_than is not None and mtime < older_than):
+            file.unlink(missing_ok=True)
+            removed.append(file)
     return removed
 
 

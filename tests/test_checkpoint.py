@@ -433,7 +433,7 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> No
     }
     for name in names.values():
         (ckpt / name).write_bytes(b"partial")
-    assert {p.name for p in ck.remove_stale_temporaries(ckpt)} == {names["dead"]}
+    assert {p.name for p in ck.remove_stale_temporaries(tmp_path)} == {names["dead"]}
     # at the start of a run every temporary file older than the run is a dead writer's
     removed = ck.remove_stale_temporaries(tmp_path, older_than=9e18)
     assert {p.name for p in removed} == {names["alive"], names["other_host"], names["old_format"]}

@@ -695,8 +695,14 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         gen = self._generation
         num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges) if gen is not None else 0
         pending = self._checkpoints if gen is not None else []
+        started = time.monotonic()
         ckpt = checkpoint.restore_latest(self.config.run.dir, pending, num_layers, self.config.to_dict())
         self._checkpoints = []  # older ones are superseded, later ones were removed
+        if time.monotonic() - started > self.config.fault_tolerance.heartbeat_interval_s:
+            # hashing a large checkpoint held the lock: heartbeats that arrived meanwhile could not be
+            # recorded, and must not make the monitor lose every node (a closed stream still does)
+            for node in self._nodes.values():
+                node.last_heartbeat = max(node.last_heartbeat, time.monotonic())
         if ckpt is None:
             log.warning("%s; no checkpoint exists: starting from step 0", why)
             return "init", (), 0
