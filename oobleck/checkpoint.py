@@ -270,7 +270,8 @@ def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[st
         try:
             size, sha256 = file_digest(layer_file(ckpt_dir, i))
         except OSError as e:
-            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot hash {layer_file(ckpt_dir, i).name} ({_one_line(e)})") from None
+            name = layer_file(ckpt_dir, i).name
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot hash {name} ({_one_line(e)})") from None
         layers.append({"size": size, "sha256": sha256})
     meta = {"format": FORMAT, "step": step, "num_layers": num_layers, "config": config, "layers": layers}
     _check_meta(meta, ckpt_dir)
@@ -337,7 +338,9 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: no {META}; the checkpoint is incomplete, use an earlier one") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: unreadable {META} ({_one_line(e)}); the checkpoint is damaged, use an earlier one") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: unreadable {META} ({_one_line(e)}); the checkpoint is damaged, use an earlier one"
+        ) from None
     return _check_meta(meta, ckpt_dir)
 
 
@@ -561,7 +564,9 @@ def load_layer_state(ckpt_dir: str | Path, index: int) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: layer {index} missing ({path.name})") from None
     except Exception as e:  # a foreign or damaged file: torch raises many kinds, often with multi-line text
-        raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {path.name} ({type(e).__name__}: {_error_summary(e)})") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: cannot read {path.name} ({type(e).__name__}: {_error_summary(e)})"
+        ) from None
 
 
 def restore_layer(

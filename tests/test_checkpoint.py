@@ -339,6 +339,20 @@ def test_digest_streams_and_sees_every_change(tmp_path: Path, monkeypatch: pytes
     assert ck.file_digest(path)[1] == hashlib.sha256(b"y" * 100).hexdigest()
 
 
+def test_digest_cache_is_keyed_by_the_file_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ck, "_RACY_NS", -(10**18))  # treat every file as settled, so that it is cached
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 10)
+    first = ck.file_digest(path)
+    real_sha256 = ck.hashlib.sha256
+    monkeypatch.setattr(ck.hashlib, "sha256", lambda: pytest.fail("hashed again"))
+    assert ck.file_digest(path) == first  # unchanged: from the cache
+    monkeypatch.setattr(ck.hashlib, "sha256", real_sha256)
+    (tmp_path / "g").write_bytes(b"b" * 10)
+    os.replace(tmp_path / "g", path)  # another file (inode) at the same path
+    assert ck.file_digest(path) == (10, hashlib.sha256(b"b" * 10).hexdigest())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Retention, discarding later steps, stale temporary files
 
