@@ -5,13 +5,24 @@ Layout of one checkpoint (step ``N`` = number of optimizer steps applied when it
     RUN/checkpoints/step_{N:08d}/
         layer_{i:04d}.pt   {"step": N, "params": layer.state_dict(), "optimizer": optimizer.state_dict() or None,
                             "param_names": names of the optimizer's parameters in its own order}
-        meta.json          {"format": 1, "step": N, "num_layers": L, "config": job config dict}
+        meta.json          {"format": 2, "step": N, "num_layers": L, "config": job config dict,
+                            "layers": [{"size": bytes, "sha256": hex digest} for each layer file]}
 
-Every file is written to a temporary name in the same folder, fsynced and renamed into place, so a file
-that exists is whole. ``meta.json`` is written last, after every layer file (by whoever knows that all
-holders have finished, e.g. the master after every worker reported); a checkpoint counts only when its
-``meta.json`` and all ``L`` layer files exist. A writer killed half way therefore leaves the previous
-checkpoint as the latest complete one.
+Every file is written to a temporary name in the same folder (unique per host, process, thread and call),
+fsynced and renamed into place, so a file that exists is whole. ``meta.json`` is written last, after every
+layer file (by whoever knows that all holders have finished, e.g. the master after every worker reported),
+with each layer file's size and SHA-256; completing is idempotent, so any number of threads and processes
+may complete the same checkpoint at once. A checkpoint counts only when its ``meta.json`` is valid and every
+layer file matches it: :func:`latest_checkpoint` verifies the newest candidates and falls back (with one
+warning line per skipped checkpoint) to the newest one that verifies, so a writer killed half way or a
+damaged file leaves the previous checkpoint as the latest. Format-1 checkpoints (no sizes or digests) are
+still read, unverified, with a warning.
+
+Housekeeping: :func:`prune` keeps the newest ``keep`` complete checkpoints, :func:`discard_after` removes the
+folders of steps after a restored one (so a re-run cannot complete a mix of two runs' files), and
+:func:`remove_stale_temporaries` removes the temporary files of writers that died. A checkpoint is removed by
+renaming its folder out of the ``step_*`` namespace first (one atomic step), so a half-deleted folder never
+counts as a checkpoint.
 
 ``param_names`` lets a reader match optimizer state to parameters by name: the optimizer's
 ``state_dict()`` numbers parameters by position across its groups, which is only meaningful next to the
@@ -20,24 +31,61 @@ list of names in that order.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
+import secrets
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from oobleck.errors import OobleckError
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+#: formats this version reads; format 1 has no sizes or digests and is used unverified
+READABLE_FORMATS = (1, 2)
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: ``.NAME.HOST.PID.TID.RANDOM.tmp`` (this version) or ``.NAME.PID.tmp`` (format-1 writers)
+_TMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.\d+\.[0-9a-f]+|(?P<oldpid>\d+))\.tmp$")
+#: a folder being deleted: renamed out of the ``step_*`` namespace first
+_TRASH_PREFIX = ".deleting-"
+_CHUNK = 1 << 20
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 class CheckpointError(OobleckError):
-    """A checkpoint that is missing, incomplete or does not fit the model."""
+    """A checkpoint that is missing, incomplete, damaged or does not fit the model."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    """``text`` without terminal escapes and with all whitespace (newlines included) collapsed, cut to
+    ``limit`` characters."""
+    flat = " ".join(_ANSI.sub("", str(text)).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _error_summary(e: BaseException) -> str:
+    """One line for an exception whose text may span many lines (torch's weights-only unpickler explains
+    itself in a paragraph): the line that names the error when there is one, else the first line."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return _one_line(next((line for line in lines if "error:" in line.lower()), lines[0]))
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -49,10 +97,23 @@ def layer_file(ckpt_dir: str | Path, index: int) -> Path:
     return Path(ckpt_dir) / f"layer_{index:04d}.pt"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync it and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any, *, create_parent: bool = True) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync it and rename it into place.
+
+    The temporary name is unique per host, process, thread and call, so concurrent writers of the same
+    ``path`` never touch each other's file: the last rename wins and every rename succeeds. Without
+    ``create_parent`` a missing folder (e.g. removed meanwhile) raises FileNotFoundError."""
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -62,12 +123,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # make the rename itself durable
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def optimizer_param_names(layer: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -119,65 +175,385 @@ def _cloned(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------------------------------
+# Digests
+
+#: path -> ((dev, inode, size, mtime_ns, ctime_ns), sha256) of files hashed in this process
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+_DIGESTS_MAX = 4096
+#: a digest is cached only when the file's last change is this much older than the start of its hashing, so
+#: that a change within one file-system timestamp tick after the hashing still shows in (mtime, ctime)
+#: (git's "racily clean" rule); a checkpoint just written is therefore hashed again when verified
+_RACY_NS = 2_000_000_000
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_digest(path: str | Path) -> tuple[int, str]:
+    """(size, SHA-256 hex digest) of ``path``, read in 1 MiB chunks. Cached per process by (device, inode,
+    size, mtime, ctime) for files whose last change is clearly older than the hashing (see ``_RACY_NS``);
+    any later write or replacement changes that key and the file is hashed again."""
+    key = str(Path(path).absolute())
+    started = time.time_ns()
+    with open(path, "rb") as f:
+        before = _stat_key(os.fstat(f.fileno()))
+        cached = _DIGESTS.get(key)
+        if cached is not None and cached[0] == before:
+            return before[2], cached[1]
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        after = _stat_key(os.fstat(f.fileno()))
+    hexdigest = digest.hexdigest()
+    if after == before and size == before[2] and before[4] < started - _RACY_NS:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[key] = (before, hexdigest)
+    return size, hexdigest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Completion and verification
+
+_LOCKS_GUARD = threading.Lock()
+_LOCKS: dict[str, threading.RLock] = {}
+
+
+def _lock_for(checkpoints_root: Path) -> threading.RLock:
+    """One lock per ``checkpoints`` folder in this process: completion, pruning and the choice of the
+    checkpoint to restore do not interleave (other processes are safe through atomic renames)."""
+    key = str(checkpoints_root.absolute())
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.RLock())
+
+
 def complete_if_written(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[str, Any]) -> bool:
     """Write ``meta.json`` when every layer file of the checkpoint exists (the writers are separate processes
-    that write their layers in the background); returns whether the checkpoint is complete now."""
-    if not all(layer_file(ckpt_dir, i).exists() for i in range(num_layers)):
-        return False
-    if not (Path(ckpt_dir) / META).exists():
-        write_meta(ckpt_dir, step, num_layers, config)
-    return True
+    that write their layers in the background); returns whether the checkpoint is complete now.
+
+    Idempotent and safe to call from any number of threads and processes at once. An existing ``meta.json``
+    is never rewritten: if it is valid and its sizes match the files the checkpoint is complete, otherwise
+    it is damaged and stays incomplete (rewriting it would bless whatever the files hold now)."""
+    ckpt_dir = Path(ckpt_dir)
+    with _lock_for(ckpt_dir.parent):
+        if not all(layer_file(ckpt_dir, i).exists() for i in range(num_layers)):
+            return False
+        if (ckpt_dir / META).exists():
+            try:
+                verify(ckpt_dir, deep=False)
+            except CheckpointError:
+                return False
+            return True
+        try:
+            write_meta(ckpt_dir, step, num_layers, config)
+        except CheckpointError:
+            if (ckpt_dir / META).exists():  # another process completed it meanwhile
+                return is_complete(ckpt_dir)
+            return False
+        return True
 
 
 def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[str, Any]) -> Path:
-    """Atomically write ``meta.json``, which marks the checkpoint complete; call it after every layer file
-    has been written."""
+    """Atomically write ``meta.json``, with each layer file's size and SHA-256, which marks the checkpoint
+    complete; call it after every layer file has been written. Removes the temporary files of dead writers
+    in the folder."""
     ckpt_dir = Path(ckpt_dir)
     missing = [i for i in range(num_layers) if not layer_file(ckpt_dir, i).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_dir}: layer files {missing} not written yet; write them before meta.json")
-    meta = {"format": FORMAT, "step": step, "num_layers": num_layers, "config": config}
+    layers = []
+    for i in range(num_layers):
+        try:
+            size, sha256 = file_digest(layer_file(ckpt_dir, i))
+        except OSError as e:
+            name = layer_file(ckpt_dir, i).name
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot hash {name} ({_one_line(e)})") from None
+        layers.append({"size": size, "sha256": sha256})
+    meta = {"format": FORMAT, "step": step, "num_layers": num_layers, "config": config, "layers": layers}
+    _check_meta(meta, ckpt_dir)
     path = ckpt_dir / META
-    _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    try:
+        _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()), create_parent=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: the folder was removed while meta.json was written") from None
+    _remove_stale_in(ckpt_dir, None)
     return path
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(meta: Any, ckpt_dir: Path) -> dict[str, Any]:
+    """``meta`` when every field is valid; else CheckpointError naming the first bad one (one line)."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {ckpt_dir}: {META} {what}; the checkpoint is damaged, use an earlier one")
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds {type(meta).__name__}, not an object")
+    fmt = meta.get("format")
+    if not _is_int(fmt) or fmt not in READABLE_FORMATS:
+        raise bad(f"format {_one_line(repr(fmt), 40)} is not one of {list(READABLE_FORMATS)}")
+    for name in ("step", "num_layers", "config") + (("layers",) if fmt >= 2 else ()):
+        if name not in meta:
+            raise bad(f"lacks {name!r}")
+    step, num_layers = meta["step"], meta["num_layers"]
+    if not _is_int(step) or step < 0:
+        raise bad(f"step {_one_line(repr(step), 40)} is not an integer >= 0")
+    if not _is_int(num_layers) or num_layers < 1:
+        raise bad(f"num_layers {_one_line(repr(num_layers), 40)} is not an integer >= 1")
+    if not isinstance(meta["config"], dict):
+        raise bad("config is not an object")
+    m = _STEP_DIR.match(ckpt_dir.name)
+    if m and int(m.group(1)) != step:
+        raise bad(f"step {step} does not match the folder name")
+    if fmt >= 2:
+        layers = meta["layers"]
+        if not isinstance(layers, list) or len(layers) != num_layers:
+            raise bad(f"layers is not a list of {num_layers} entries")
+        for i, entry in enumerate(layers):
+            if (
+                not isinstance(entry, dict)
+                or not _is_int(entry.get("size"))
+                or entry["size"] < 0
+                or not isinstance(entry.get("sha256"), str)
+                or not _SHA256.match(entry["sha256"])
+            ):
+                raise bad(f"layers[{i}] is not {{size: bytes, sha256: 64 hex digits}}")
+    return meta
+
+
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The ``meta.json`` of a checkpoint; raises :class:`CheckpointError` if it is missing or unreadable."""
-    path = Path(ckpt_dir) / META
+    """The validated ``meta.json`` of a checkpoint; raises :class:`CheckpointError` (one line) if it is
+    missing, unreadable, or any field is missing or of the wrong type."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / META
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: no {META}; the checkpoint is incomplete, use an earlier one") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: unreadable {META} ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("num_layers"), int):
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} is not a format-{FORMAT} checkpoint description")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: unreadable {META} ({_one_line(e)}); the checkpoint is damaged, use an earlier one"
+        ) from None
+    return _check_meta(meta, ckpt_dir)
+
+
+_WARNED_FORMAT1: set[str] = set()
+
+
+def verify(ckpt_dir: str | Path, *, deep: bool = True) -> dict[str, Any]:
+    """The checkpoint's validated ``meta.json`` when every layer file matches it: present and of the recorded
+    size, and with ``deep`` also of the recorded SHA-256. Raises :class:`CheckpointError` (one line) naming
+    the first problem. A format-1 checkpoint (no sizes or digests) only needs its files present; it is used
+    unverified, with a warning (once per process)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    if meta["format"] == 1:
+        missing = [i for i in range(meta["num_layers"]) if not layer_file(ckpt_dir, i).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: layer files {missing} missing; the checkpoint is incomplete")
+        if str(ckpt_dir) not in _WARNED_FORMAT1:
+            _WARNED_FORMAT1.add(str(ckpt_dir))
+            log.warning("checkpoint %s is format 1 (no file digests): using it unverified", ckpt_dir)
+        return meta
+    for i, entry in enumerate(meta["layers"]):
+        path = layer_file(ckpt_dir, i)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {path.name} missing; the checkpoint is incomplete") from None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot stat {path.name} ({_one_line(e)})") from None
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir}: {path.name} has {size} bytes, {META} records {entry['size']} (truncated or damaged)"
+            )
+    if deep:
+        for i, entry in enumerate(meta["layers"]):
+            path = layer_file(ckpt_dir, i)
+            try:
+                size, sha256 = file_digest(path)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {path.name} ({_one_line(e)})") from None
+            if size != entry["size"] or sha256 != entry["sha256"]:
+                raise CheckpointError(f"checkpoint {ckpt_dir}: {path.name} does not match its SHA-256 in {META} (damaged)")
     return meta
 
 
 def is_complete(ckpt_dir: str | Path) -> bool:
-    """True when ``meta.json`` is readable and every layer file it counts exists."""
+    """True when ``meta.json`` is valid and every layer file it counts exists with the recorded size (a cheap
+    check; :func:`verify` also compares digests)."""
     try:
-        meta = read_meta(ckpt_dir)
+        verify(ckpt_dir, deep=False)
     except CheckpointError:
         return False
-    return all(layer_file(ckpt_dir, i).exists() for i in range(meta["num_layers"]))
+    return True
+
+
+def _step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step_*`` folder under ``run_dir/checkpoints``, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return sorted(found, reverse=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``run_dir``, or None if there is none."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted(
-        ((int(m.group(1)), entry) for entry in root.iterdir() if (m := _STEP_DIR.match(entry.name)) and entry.is_dir()),
-        reverse=True,
-    )
-    for _, entry in steps:
-        if is_complete(entry):
+    """The newest checkpoint under ``run_dir`` that verifies (:func:`verify`), or None if there is none.
+    Each newer one that does not is skipped with one warning line naming it and why."""
+    with _lock_for(Path(run_dir) / "checkpoints"):
+        for _, entry in _step_dirs(run_dir):
+            try:
+                verify(entry)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s: %s", entry.name, _one_line(e, 400))
+                continue
             return entry
     return None
+
+
+def restore_latest(
+    run_dir: str | Path, pending: Iterable[int] = (), num_layers: int = 0, config: dict[str, Any] | None = None
+) -> Path | None:
+    """The checkpoint to restore a run from, with its bookkeeping done in one step (under the lock of
+    :func:`complete_if_written`): complete the ``pending`` steps whose layer files are all written, choose
+    :func:`latest_checkpoint`, then :func:`discard_after` it (every folder of a later step, or all of them
+    when none verifies), so that the re-run cannot complete a checkpoint mixing files of two runs."""
+    with _lock_for(Path(run_dir) / "checkpoints"):
+        for step in pending:
+            complete_if_written(checkpoint_dir(run_dir, step), step, num_layers, config or {})
+        ckpt = latest_checkpoint(run_dir)
+        discard_after(run_dir, read_meta(ckpt)["step"] if ckpt is not None else -1)
+        return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Housekeeping
+
+
+def _remove_folder(folder: Path) -> bool:
+    """Remove a checkpoint folder crash-safely: rename it out of the ``step_*`` namespace (one atomic step,
+    after which it never counts as a checkpoint), then delete it. False if it was already gone."""
+    trash = folder.with_name(f"{_TRASH_PREFIX}{folder.name}.{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)  # a leftover is removed by remove_stale_temporaries
+    return True
+
+
+def discard_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Remove the checkpoint folders of steps after ``step`` (complete or not); returns them."""
+    removed = []
+    with _lock_for(Path(run_dir) / "checkpoints"):
+        for s, entry in _step_dirs(run_dir):
+            if s > step and _remove_folder(entry):
+                removed.append(entry)
+    if removed:
+        log.warning("removed the checkpoint folders after step %d: %s", step, ", ".join(p.name for p in removed))
+    return removed
+
+
+def prune(run_dir: str | Path, keep: int, *, verified: Path | None = None, protect: Iterable[Path] = ()) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints (0 keeps all) and every folder newer than the oldest of
+    them; remove the older folders. ``verified``: a checkpoint known to verify (e.g. just completed). One
+    of the kept checkpoints must verify; when none does, the newest older one that does is kept too, so the
+    only good checkpoint is never removed. ``protect`` (e.g. the one being restored from) is never removed."""
+    if keep <= 0:
+        return []
+    protected = {Path(p).absolute() for p in protect}
+    removed = []
+    with _lock_for(Path(run_dir) / "checkpoints"):
+        folders = _step_dirs(run_dir)
+        complete = [entry for _, entry in folders if is_complete(entry)]
+        if len(complete) <= keep:
+            return []
+        kept, oldest_kept = complete[:keep], complete[keep - 1]
+        older = [entry for _, entry in folders if entry.name < oldest_kept.name]
+
+        def verifies(entry: Path) -> bool:
+            try:
+                verify(entry)
+            except CheckpointError:
+                return False
+            return True
+
+        good = verified is not None and Path(verified).absolute() in {k.absolute() for k in kept}
+        if not good and not any(verifies(entry) for entry in kept):
+            fallback = next((entry for entry in older if entry in complete and verifies(entry)), None)
+            if fallback is not None:
+                older.remove(fallback)
+        for entry in older:
+            if entry.absolute() not in protected and _remove_folder(entry):
+                removed.append(entry)
+    if removed:
+        log.info("checkpoint retention (keep %d): removed %s", keep, ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(run_dir: str | Path, *, older_than: float | None = None) -> list[Path]:
+    """Remove the temporary files of dead writers in the checkpoint folders of ``run_dir``: those written on
+    this host by a process that no longer runs, and with ``older_than`` (a time.time(), e.g. the start of
+    the run) every temporary file last modified before it and the leftovers of interrupted deletions.
+    Returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    for _, folder in _step_dirs(run_dir):
+        removed += _remove_stale_in(folder, older_than)
+    if older_than is not None and root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    if removed:
+        log.info("removed %d stale temporary checkpoint files under %s", len(removed), root)
+    return removed
+
+
+def _remove_stale_in(folder: Path, older_than: float | None) -> list[Path]:
+    """:func:`remove_stale_temporaries` for one checkpoint folder."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TMP.match(name)
+        if not m:
+            continue
+        file = folder / name
+        try:
+            mtime = file.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m.group("host") == _HOST and not _alive(int(m.group("pid")))
+        if dead or (older_than is not None and mtime < older_than):
+            file.unlink(missing_ok=True)
+            removed.append(file)
+    return removed
 
 
 def load_layer_state(ckpt_dir: str | Path, index: int) -> dict[str, Any]:
@@ -187,8 +563,10 @@ def load_layer_state(ckpt_dir: str | Path, index: int) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: layer {index} missing ({path.name})") from None
-    except Exception as e:  # a foreign or damaged file: torch raises many kinds
-        raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {path.name} ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a foreign or damaged file: torch raises many kinds, often with multi-line text
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: cannot read {path.name} ({type(e).__name__}: {_error_summary(e)})"
+        ) from None
 
 
 def restore_layer(

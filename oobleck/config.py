@@ -92,6 +92,8 @@ class ClusterConfig:
 #: from replicas; a user sets an interval for the every-copy-lost case). Varuna: 10, its own example's
 #: ``--save-interval 10``. Bamboo: 100 (its redundancy makes frequent checkpoints unnecessary).
 DEFAULT_CHECKPOINT_EVERY = {"oobleck": 0, "varuna": 10, "bamboo": 100}
+#: upper bound of ``fault_tolerance.checkpoint_keep`` (a larger count is almost surely a typo; 0 keeps all)
+MAX_CHECKPOINT_KEEP = 1000
 
 
 @dataclass
@@ -105,6 +107,8 @@ class FaultToleranceConfig:
     #: steps between periodic checkpoints; 0 turns them off. Unset: the policy's default
     #: (:data:`DEFAULT_CHECKPOINT_EVERY`)
     checkpoint_every: int | None = None
+    #: complete checkpoints to keep (the newest; older folders are removed once a new one completes); 0 keeps all
+    checkpoint_keep: int = 3
     heartbeat_interval_s: float = 0.1
     #: a node whose agent sent no heartbeat for this long is lost (sub-second: recovery starts fast)
     heartbeat_timeout_s: float = 0.8
@@ -324,6 +328,10 @@ def validate(c: JobConfig) -> None:
         f"bamboo needs cluster.devices_per_node 1 (got {k.devices_per_node}): its shadows and takeovers are per node",
     )
     _require(ft.checkpoint_every >= 0, "fault_tolerance.checkpoint_every", ft.checkpoint_every, "must be at least 0 (0 turns checkpoints off)")
+    _require(
+        0 <= ft.checkpoint_keep <= MAX_CHECKPOINT_KEEP, "fault_tolerance.checkpoint_keep", ft.checkpoint_keep,
+        f"must be an integer in [0, {MAX_CHECKPOINT_KEEP}] (the newest complete checkpoints to keep; 0 keeps all)",
+    )  # fmt: skip
     _require(ft.heartbeat_interval_s > 0, "fault_tolerance.heartbeat_interval_s", ft.heartbeat_interval_s, "must be positive")
     _require(
         ft.heartbeat_timeout_s > ft.heartbeat_interval_s,

@@ -140,6 +140,7 @@ def save_checkpoint(
     for index, (layer, optimizer) in enumerate(zip(layers, optimizers)):
         checkpoint.save_layer(ckpt, step, index, layer, optimizer)
     checkpoint.write_meta(ckpt, step, len(layers), config.to_dict())
+    checkpoint.prune(run_dir, config.fault_tolerance.checkpoint_keep, verified=ckpt)
     return ckpt
 
 

@@ -36,6 +36,11 @@ def test_checkpoint_interval_defaults_to_the_policy() -> None:
     assert config_from_dict({"fault_tolerance": {"policy": "varuna", "checkpoint_every": 0}}).fault_tolerance.checkpoint_every == 0
 
 
+def test_checkpoint_keep_defaults_to_3_and_0_keeps_all() -> None:
+    assert config_from_dict({}).fault_tolerance.checkpoint_keep == 3
+    assert config_from_dict({"fault_tolerance": {"checkpoint_keep": 0}}).fault_tolerance.checkpoint_keep == 0
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [
@@ -56,6 +61,14 @@ def test_checkpoint_interval_defaults_to_the_policy() -> None:
             {"fault_tolerance": {"stuck_after_s": -5}},
             "fault_tolerance.stuck_after_s: got -5.0; must be at least 0 seconds (0 turns the stuck-worker backstop off)",
         ),
+        (
+            {"fault_tolerance": {"checkpoint_keep": -1}},
+            "fault_tolerance.checkpoint_keep: got -1; must be an integer in [0, 1000] (the newest complete checkpoints to keep; 0 keeps all)",
+        ),
+        ({"fault_tolerance": {"checkpoint_keep": 1001}}, "fault_tolerance.checkpoint_keep: got 1001; must be an integer in [0, 1000]"),
+        ({"fault_tolerance": {"checkpoint_keep": "3"}}, "fault_tolerance.checkpoint_keep: got '3'; expected an integer"),
+        ({"fault_tolerance": {"checkpoint_keep": 2.5}}, "fault_tolerance.checkpoint_keep: got 2.5; expected an integer"),
+        ({"fault_tolerance": {"checkpoint_keep": True}}, "fault_tolerance.checkpoint_keep: got True; expected an integer"),
         ({"faults": [{"nodes": [9]}]}, "faults[0].nodes: got [9]; node indices must be in [0, 3]"),
         ({"faults": [{"phase": "lunch"}]}, "faults[0].phase: got 'lunch'; allowed: forward, backward"),
         ({"training": {"betas": [0.9]}}, "training.betas: got [0.9]; expected a list of 2 numbers"),

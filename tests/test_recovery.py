@@ -10,13 +10,22 @@ short: every run exercises several failures in sequence.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from oobleck import checkpoint
-from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run_job
+from tests.run_helpers import (
+    assert_matches_reference,
+    gpt_job,
+    recoveries,
+    run_job,
+    start_run,
+    tagged,
+    tiny_gpt,
+)
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -106,3 +115,31 @@ def test_dit_node_kill_worker_kill_and_hung_node(tmp_path: Path) -> None:
     found = recoveries(run_dir)
     assert [r["lost"] for r in found] == [["node1"], ["node2"], ["node4"]], err[-2000:]
     assert "node node4 lost: no heartbeat" in err
+
+
+def test_resume_skips_damaged_newest_checkpoints_and_keeps_the_newest_three(tmp_path: Path) -> None:
+    """A checkpoint every step, default retention (3): the run leaves steps 4-6. With step 6 truncated and
+    step 5 overwritten by random bytes of the same size, ``--resume`` restores step 4 (one warning line per
+    skipped checkpoint), re-runs steps 4 and 5 and ends where the single-process reference does."""
+    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=6)
+    raw["fault_tolerance"]["checkpoint_every"] = 1
+    run_dir, _ = run_job(tmp_path, raw)
+    names = lambda: sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # noqa: E731
+    assert names() == ["step_00000004", "step_00000005", "step_00000006"]
+    newest, damaged = checkpoint.checkpoint_dir(run_dir, 6), checkpoint.layer_file(checkpoint.checkpoint_dir(run_dir, 5), 0)
+    checkpoint.layer_file(newest, 1).write_bytes(checkpoint.layer_file(newest, 1).read_bytes()[:64])
+    damaged.write_bytes(os.urandom(damaged.stat().st_size))
+
+    proc, tag = start_run(tmp_path / "job.yaml", run_dir, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert not tagged(tag), "processes outlived the run"
+    skipped = [line for line in err.splitlines() if "skipping checkpoint" in line]
+    assert any("step_00000006" in line and "truncated" in line for line in skipped), err[-3000:]
+    assert any("step_00000005" in line and "SHA-256" in line for line in skipped), err[-3000:]
+    assert "restoring the checkpoint of step 4" in err
+    assert "removed the checkpoint folders after step 4: step_00000006, step_00000005" in err
+    assert_matches_reference(run_dir, raw)
+    assert names() == ["step_00000004", "step_00000005", "step_00000006"]
+    for step in (5, 6):  # written again by the re-run, whole
+        assert checkpoint.verify(checkpoint.checkpoint_dir(run_dir, step))["step"] == step

@@ -301,6 +301,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 "choose a free port, or 0 for any free port"
             ) from None
         self._store = _start_store(host)
+        from oobleck import checkpoint
+
+        # no writer of this run has started yet: every temporary checkpoint file is a dead writer's
+        checkpoint.remove_stale_temporaries(self.config.run.dir, older_than=time.time())
         server.start()
         self._server = server
         self.cert_pem = material.cert_pem if material is not None else None
@@ -733,14 +737,20 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         from oobleck import checkpoint
 
         # a periodic checkpoint whose layer files are all written but not yet marked complete by the
-        # background completer counts: complete it now rather than fall back to an older one
+        # background completer counts: complete it now rather than fall back to an older one. The newest
+        # checkpoint that verifies is chosen and the folders of later steps are removed (a re-run must not
+        # complete a checkpoint that mixes their files with its own)
         gen = self._generation
-        if gen is not None:
-            num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges)
-            for step in self._checkpoints:
-                ckpt_dir = checkpoint.checkpoint_dir(self.config.run.dir, step)
-                checkpoint.complete_if_written(ckpt_dir, step, num_layers, self.config.to_dict())
-        ckpt = checkpoint.latest_checkpoint(self.config.run.dir)
+        num_layers = max(b for p in gen.placement.pipelines for _, b in p.layer_ranges) if gen is not None else 0
+        pending = self._checkpoints if gen is not None else []
+        started = time.monotonic()
+        ckpt = checkpoint.restore_latest(self.config.run.dir, pending, num_layers, self.config.to_dict())
+        self._checkpoints = []  # older ones are superseded, later ones were removed
+        if time.monotonic() - started > self.config.fault_tolerance.heartbeat_interval_s:
+            # hashing a large checkpoint held the lock: heartbeats that arrived meanwhile could not be
+            # recorded, and must not make the monitor lose every node (a closed stream still does)
+            for node in self._nodes.values():
+                node.last_heartbeat = max(node.last_heartbeat, time.monotonic())
         if ckpt is None:
             log.warning("%s; no checkpoint exists: starting from step 0", why)
             return "init", (), 0
@@ -848,6 +858,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     log.info("checkpoint of step %d complete", step)
                     with self._lock:
                         self._checkpoints = [s for s in self._checkpoints if s > step]
+                    restored = checkpoint.checkpoint_dir(self.config.run.dir, gen.start_step)
+                    checkpoint.prune(self.config.run.dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt, protect=[restored])
 
     def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
         from oobleck.engine.commit import timing_key

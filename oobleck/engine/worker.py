@@ -285,6 +285,7 @@ class StageWorker:
         dist.barrier()
         if self.rank == 0:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
+            checkpoint.prune(self.run_dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt)
         return ckpt
 
     def save_checkpoint_async(self, step: int) -> None:
