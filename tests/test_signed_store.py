@@ -134,6 +134,23 @@ def test_step_commit_survives_forged_reports_and_decisions(server) -> None:
     assert outcome == {0: True, 1: True}
 
 
+def test_generation_watch_ignores_a_forged_end(server) -> None:
+    """A forged ``ended/gen1`` present before the watch starts does not end the generation (no socket is
+    shut down); the master's signed end then does."""
+    from oobleck.engine.elastic import GenerationWatch
+
+    _attacker(server).set(ended_key(1), b"1")
+    base = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+    watch = GenerationWatch(base, 1, KEY)
+    try:
+        assert not watch.ended.wait(0.5)
+        base.set("still", "usable")  # a generation's connection, not shut down
+        SignedStore(server, KEY).set(ended_key(1), b"1")
+        assert watch.ended.wait(30)
+    finally:
+        watch.close()
+
+
 def test_pin_gloo_picks_the_interface_toward_the_store(monkeypatch) -> None:
     from oobleck.worker_main import interface_of, pin_gloo
 
@@ -141,7 +158,6 @@ def test_pin_gloo_picks_the_interface_toward_the_store(monkeypatch) -> None:
     loopback = interface_of("127.0.0.1")
     assert loopback is not None
     assert pin_gloo("127.0.0.1", 29500) == loopback
-
 
     assert os.environ["GLOO_SOCKET_IFNAME"] == loopback
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "chosen0")
