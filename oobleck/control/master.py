@@ -2,7 +2,8 @@
 
 It serves the ``Master`` gRPC service (see ``oobleck.proto``) behind the token gate of
 :mod:`oobleck.control.auth`, and hosts the torch.distributed TCPStore every generation's workers meet
-in, so that no worker is the store's host.
+in, so that no worker is the store's host. The store listens on ``cluster.master_host`` only, and every
+value of the job's own protocol in it carries a MAC under the job token (:mod:`oobleck.engine.signed_store`).
 
 Life of a job: agents ``Register`` until ``cluster.nodes`` have joined; the master then plans (through
 the ``planner`` callable), places the pipelines on the nodes (:mod:`oobleck.control.placement`), bumps
