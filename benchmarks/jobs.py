@@ -318,19 +318,25 @@ def first_generation_ready(job: Job, timeout_s: float = 600) -> dict[str, Any]:
     the process group and taken its layers (the same timestamp a recovery record's ``resume_s`` ends at). The
     store is the one TCP port the ``oobleck run`` process listens on besides the master's gRPC port
     (``RUN/control.json``). The keys are read once step 0 is committed (then every rank has written its key),
-    so the job must run a few steps more than that."""
-    from torch.distributed import PrefixStore, TCPStore
+    so the job must run a few steps more than that. Their values are signed: they are verified with the job's
+    token (the file ``RUN/control.json`` names)."""
+    from torch.distributed import TCPStore
 
+    from oobleck.control.channel import read_token
     from oobleck.engine.commit import timing_key
+    from oobleck.engine.signed_store import SignedStore, store_key
 
     deadline = time.monotonic() + timeout_s
     control = job.run_dir / "control.json"
     store_port = None
+    token_file = ""
     committed_at = None
     while time.monotonic() < deadline and job.proc.poll() is None:
         if store_port is None and control.exists():
             try:
-                grpc_port = int(json.loads(control.read_text())["master"].rsplit(":", 1)[1])
+                written = json.loads(control.read_text())
+                grpc_port = int(written["master"].rsplit(":", 1)[1])
+                token_file = written["token_file"]
                 ports = {
                     c.laddr.port
                     for c in psutil.Process(job.proc.pid).net_connections(kind="tcp")
@@ -347,11 +353,12 @@ def first_generation_ready(job: Job, timeout_s: float = 600) -> dict[str, Any]:
         time.sleep(0.01)
     if store_port is None or committed_at is None:
         raise RuntimeError(f"the job's first step was not committed within {timeout_s:g} s (log: {job.log})")
-    store = PrefixStore("gen1/", TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=10)))
+    base = TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=10))
+    store = SignedStore(base, store_key(read_token(token_file)), "gen1/")
     timings = []
     rank = 0
-    while store.check([timing_key(rank)]):
-        timings.append(json.loads(store.get(timing_key(rank))))
+    while (raw := store.get(timing_key(rank))) is not None:
+        timings.append(json.loads(raw))
         rank += 1
     if not timings:
         raise RuntimeError("no gen1 timing keys in the master's store")

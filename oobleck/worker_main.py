@@ -3,8 +3,12 @@
 Started by its node's agent. It beats to the agent through ``--heartbeat-fd`` (from its first moment, so
 the agent can tell a hung worker from a busy one), asks the master for its place in the plan
 (``GetAssignment`` long-polls until the plan exists: each call has a deadline the master answers before,
-with "none yet" if need be, so a master that stops answering ends the worker) and runs :func:`oobleck.engine.elastic.run_elastic`,
-which asks again each time a generation ends. Exit codes: 0 when training finished, 2 with one line on
+with "none yet" if need be, so a master that stops answering ends the worker) and runs
+:func:`oobleck.engine.elastic.run_elastic`, which asks again each time a generation ends. The job's token
+(``--token-file``) authenticates it to the master and signs its values in the master's TCPStore (:mod:`oobleck.engine.signed_store`). Before joining
+a process group it pins gloo to the network interface it reaches the master's store through (loopback for a
+local job), so that its gloo sockets listen on that address only; a ``GLOO_SOCKET_IFNAME`` already set (the
+Ray launcher sets it to the Ray node's interface) wins. Exit codes: 0 when training finished, 2 with one line on
 stderr for a refused or unreachable master (or a job that failed meanwhile) or bad input, 1 (with a
 traceback) when training raised, :data:`~oobleck.engine.api.STUCK_EXIT_CODE` when it could not leave an
 ended generation (under the ``varuna`` policy, whose every new generation restarts the workers anyway, it
@@ -17,6 +21,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import NoReturn
@@ -92,6 +97,40 @@ def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+def local_address_toward(host: str, port: int) -> str | None:
+    """This machine's address on the route to ``host:port`` (a UDP connect sends nothing), or None."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(addr)
+            return str(probe.getsockname()[0]).split("%")[0]
+    except OSError:
+        return None
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface that carries ``ip`` on this machine, or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == ip for a in addresses):
+            return name
+    return None
+
+
+def pin_gloo(store_host: str, store_port: int) -> str | None:
+    """Set ``GLOO_SOCKET_IFNAME`` (unless set) to the interface this worker reaches the master's store through,
+    so that gloo's listening sockets are bound to that interface's address rather than to whatever the
+    hostname resolves to; returns the interface in force (None: gloo's default)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    local = local_address_toward(store_host, store_port)
+    nic = interface_of(local) if local is not None else None
+    if nic is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = nic
+    return nic
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent(signal.SIGKILL)  # a worker without its agent must not keep training
     parser = argparse.ArgumentParser(prog="oobleck-worker", description=__doc__.splitlines()[0])
@@ -114,18 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.faults import FaultHook
     from oobleck.config import config_from_dict
     from oobleck.engine.elastic import RestartRequested, run_elastic
+    from oobleck.engine.signed_store import SignedStore, store_key
 
     try:
         client = AssignmentClient(
             args.master, args.token_file, args.node, args.device, args.connect_timeout, args.cert_file
         )
         first = client.next(0)
+        key = store_key(read_token(args.token_file))
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2
+    pin_gloo(first.store_host, first.store_port)
 
-    def record(key: str, value: str) -> None:
-        dist.TCPStore(first.store_host, first.store_port, is_master=False).set(key, value)
+    def record(name: str, value: str) -> None:
+        SignedStore(dist.TCPStore(first.store_host, first.store_port, is_master=False), key).set(name, value)
 
     config = config_from_dict(first.config)
     hook = FaultHook(config.faults, args.node, args.device, record)
@@ -139,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(STUCK_EXIT_CODE)
 
     try:
-        run_elastic(first, client.next, on_phase=hook, exclude_ports={_port(args.master)}, on_stuck=on_stuck)
+        run_elastic(
+            first, client.next, on_phase=hook, exclude_ports={_port(args.master)}, on_stuck=on_stuck, store_key=key
+        )
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from oobleck import checkpoint
 from oobleck.config import JobConfig
 from oobleck.engine.api import Assignment, PipelinePlan
 from oobleck.engine.commit import CommitCoordinator, StepReport
+from oobleck.engine.signed_store import SignedStore, store_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +80,10 @@ def run_engine(
     world = sum(len(p.ranks) for p in pipelines)
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     prefix = "gen0/"
-    coordinator = CommitCoordinator(dist.PrefixStore(prefix, server), world)
+    token = secrets.token_hex(16)
+    token_file = workdir / "token"
+    token_file.write_text(token)
+    coordinator = CommitCoordinator(SignedStore(server, store_key(token), prefix), world)
     config_dict = config.to_dict()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     procs: list[subprocess.Popen] = []
@@ -103,7 +108,8 @@ def run_engine(
             logs.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "oobleck.engine.worker", "--assignment-file", str(path)],
+                    [sys.executable, "-m", "oobleck.engine.worker", "--assignment-file", str(path),
+                     "--token-file", str(token_file)],  # fmt: skip
                     cwd=REPO,
                     env=env,
                     stdout=log,

@@ -16,6 +16,9 @@ from oobleck.engine.commit import CommitCoordinator, StepAborted, ready_key, rep
 from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
 from oobleck.engine.schedule import max_in_flight, one_f_one_b
+from oobleck.engine.signed_store import SignedStore, store_key
+
+KEY = store_key("engine-units-token")
 
 
 @pytest.mark.parametrize("stages,microbatches", [(1, 3), (2, 1), (3, 2), (3, 7), (4, 4), (5, 12)])
@@ -81,15 +84,15 @@ def server() -> dist.TCPStore:
 
 
 @pytest.fixture
-def store(server: dist.TCPStore) -> dist.PrefixStore:
-    return dist.PrefixStore("gen7/", server)
+def store(server: dist.TCPStore) -> SignedStore:
+    return SignedStore(server, KEY, "gen7/")
 
 
 def _workers(port: int, step: int, ranks: list[int], outcome: dict) -> list[threading.Thread]:
     """Threads acting as workers (each with its own store connection) reporting ``step`` ready."""
 
     def work(rank: int) -> None:
-        client = dist.PrefixStore("gen7/", dist.TCPStore("127.0.0.1", port, is_master=False))
+        client = SignedStore(dist.TCPStore("127.0.0.1", port, is_master=False), KEY, "gen7/")
         try:
             outcome[rank] = report_ready(client, step, rank, loss_sum=2.0 * rank, units=rank, grad_norm=0.5,
                                          timeout=timedelta(seconds=30))  # fmt: skip
@@ -120,7 +123,8 @@ def test_abort_before_everyone_is_ready_raises_in_the_workers(server, store) -> 
     outcome: dict = {}
     threads = _workers(server.port, 0, [0, 2], outcome)  # rank 1 never reports: it died
     # abort once the survivors wait for the decision
-    assert coordinator.wait_step(0, lambda: store.check([ready_key(0, 0), ready_key(0, 2)]), poll_s=0.01) is None
+    ready = [ready_key(0, 0), ready_key(0, 2)]
+    assert coordinator.wait_step(0, lambda: all(store.get(k) is not None for k in ready), poll_s=0.01) is None
     for t in threads:
         t.join(10)
     assert sorted(outcome) == [0, 2] and all(isinstance(v, StepAborted) and v.step == 0 for v in outcome.values())
@@ -130,7 +134,7 @@ def test_worker_cli_refuses_a_bad_assignment_file_in_one_line(tmp_path) -> None:
     bad = tmp_path / "assignment.json"
     bad.write_text("{not json")
     proc = subprocess.run(
-        [sys.executable, "-m", "oobleck.engine.worker", "--assignment-file", str(bad)],
+        [sys.executable, "-m", "oobleck.engine.worker", "--assignment-file", str(bad), "--token-file", str(bad)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2

@@ -184,13 +184,12 @@ def test_generation_watch_releases_a_store_wait_begun_after_the_end() -> None:
     """The race CI once hit: a worker connects to the store (to join the next rendezvous) just after its
     generation ended. The watch keeps sweeping until closed, so that wait fails at once instead of after
     the collective timeout; after close, new sockets are left alone."""
-    from oobleck.engine.commit import ended_key
     from oobleck.engine.elastic import GenerationWatch
 
     host = torch_tcpstore(is_master=True, port=0)
     base = torch_tcpstore(is_master=False, port=host.port)
-    watch = GenerationWatch(base, 1)
-    host.set(ended_key(1), "1")
+    watch = GenerationWatch(base, 1, store_key())
+    end_generation(host, 1)
     assert watch.ended.wait(30)
     late = torch_tcpstore(is_master=False, port=host.port)  # opened after the first sweep
     started = time.monotonic()
@@ -204,6 +203,24 @@ def test_generation_watch_releases_a_store_wait_begun_after_the_end() -> None:
     assert after.get("k") == b"v"
 
 
+#: the token of these tests' "job": the master signs ``ended/genN`` with its store key, the watch verifies it
+TOKEN = "release-test-token"
+
+
+def store_key() -> bytes:
+    from oobleck.engine.signed_store import store_key
+
+    return store_key(TOKEN)
+
+
+def end_generation(host, generation: int) -> None:  # noqa: ANN001 (torch imported lazily)
+    """What the master does: write the signed ``ended/gen{generation}``."""
+    from oobleck.engine.commit import ended_key
+    from oobleck.engine.signed_store import SignedStore
+
+    SignedStore(host, store_key()).set(ended_key(generation), "1")
+
+
 def torch_tcpstore(is_master: bool, port: int):  # noqa: ANN201 (torch imported lazily, as in the ranks)
     import torch.distributed as dist
 
@@ -214,7 +231,6 @@ def test_generation_watch_hands_a_stuck_worker_to_on_stuck() -> None:
     """A call the sweep cannot release (here a store wait on a connection opened before the watch, so not
     the generation's) keeps the worker inside the ended generation: after ``stuck_after_s`` the watch
     calls ``on_stuck`` once, with an account naming the generation, and not before."""
-    from oobleck.engine.commit import ended_key
     from oobleck.engine.elastic import GenerationWatch
 
     host = torch_tcpstore(is_master=True, port=0)
@@ -226,8 +242,8 @@ def test_generation_watch_hands_a_stuck_worker_to_on_stuck() -> None:
         reasons.append(why)
         host.set("freed", "1")  # what a restart or exit does for the stuck thread here: end its wait
 
-    watch = GenerationWatch(base, 7, on_stuck=on_stuck, stuck_after_s=1.0)
-    host.set(ended_key(7), "1")
+    watch = GenerationWatch(base, 7, store_key(), on_stuck=on_stuck, stuck_after_s=1.0)
+    end_generation(host, 7)
     assert watch.ended.wait(30)
     ended = time.monotonic()
     older.wait(["freed"], timedelta(seconds=60))  # blocks until on_stuck: the sweep does not touch it
@@ -238,14 +254,13 @@ def test_generation_watch_hands_a_stuck_worker_to_on_stuck() -> None:
 
 
 def test_generation_watch_left_in_time_is_never_called_stuck() -> None:
-    from oobleck.engine.commit import ended_key
     from oobleck.engine.elastic import GenerationWatch
 
     host = torch_tcpstore(is_master=True, port=0)
     base = torch_tcpstore(is_master=False, port=host.port)
     reasons: list[str] = []
-    watch = GenerationWatch(base, 3, on_stuck=reasons.append, stuck_after_s=0.3)
-    host.set(ended_key(3), "1")
+    watch = GenerationWatch(base, 3, store_key(), on_stuck=reasons.append, stuck_after_s=0.3)
+    end_generation(host, 3)
     assert watch.ended.wait(30)
     watch.close()
     time.sleep(0.6)  # twice the stuck limit: a watch still running would have called on_stuck by now

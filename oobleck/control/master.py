@@ -2,7 +2,8 @@
 
 It serves the ``Master`` gRPC service (see ``oobleck.proto``) behind the token gate of
 :mod:`oobleck.control.auth`, and hosts the torch.distributed TCPStore every generation's workers meet
-in, so that no worker is the store's host.
+in, so that no worker is the store's host. The store listens on ``cluster.master_host`` only, and every
+value of the job's own protocol in it carries a MAC under the job token (:mod:`oobleck.engine.signed_store`).
 
 Life of a job: agents ``Register`` until ``cluster.nodes`` have joined; the master then plans (through
 the ``planner`` callable), places the pipelines on the nodes (:mod:`oobleck.control.placement`), bumps
@@ -55,6 +56,7 @@ from oobleck.control.channel import SERVER_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policies import shadow_holdings, stage_nodes, takeover
 from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
+from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.errors import OobleckError
 from planner.errors import PlanningError
 
@@ -261,6 +263,9 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self.recoveries: list[RecoveryRecord] = []
         self._server: grpc.Server | None = None
         self._store: Any = None
+        #: the store's values the master writes and reads, MAC'd under the job token (signed_store)
+        self._store_key = store_key(token)
+        self._signed: SignedStore | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._cuda = False
@@ -301,6 +306,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 "choose a free port, or 0 for any free port"
             ) from None
         self._store = _start_store(host)
+        self._signed = SignedStore(self._store, self._store_key)
+        log.info("store listening on %s", _join(host, self._store.port))
         from oobleck import checkpoint
 
         # no writer of this run has started yet: every temporary checkpoint file is a dead writer's
@@ -363,7 +370,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             thread.join(_JOIN_S)
             if thread.is_alive():
                 log.warning("master thread %s did not stop within %g s; leaving it behind", thread.name, _JOIN_S)
-        self._store = None
+        self._store = self._signed = None
 
     # ------------------------------------------------------------------------------------------
     # Service methods
@@ -760,12 +767,11 @@ class Master(oobleck_pb2_grpc.MasterServicer):
 
     def _drive(self, gen: _Generation, plan_s: float) -> None:
         """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends."""
-        from torch.distributed import PrefixStore
-
         from oobleck.engine.commit import CommitCoordinator
 
         try:
-            coordinator = CommitCoordinator(PrefixStore(gen.store_prefix, self._store), gen.placement.world_size)
+            store = SignedStore(self._store, self._store_key, gen.store_prefix)
+            coordinator = CommitCoordinator(store, gen.placement.world_size)
             last = gen.started_at
             samples = self.config.training.global_batch
             for step in range(gen.start_step, self.config.training.steps):
@@ -861,10 +867,15 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     restored = checkpoint.checkpoint_dir(self.config.run.dir, gen.start_step)
                     checkpoint.prune(self.config.run.dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt, protect=[restored])
 
-    def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: Any) -> None:
+    def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: SignedStore) -> None:
         from oobleck.engine.commit import timing_key
 
-        timings = [json.loads(raw) for raw in store.multi_get([timing_key(r) for r in range(gen.placement.world_size)])]
+        # every rank wrote its timing before its first ready report; one overwritten by a forged value since
+        # is left out (its own line was logged)
+        raws = [store.get(timing_key(r)) for r in range(gen.placement.world_size)]
+        timings = [json.loads(raw) for raw in raws if raw is not None]
+        if not timings:
+            timings = [{"resumed_at": time.time(), "join_s": float("nan"), "transfer_s": float("nan")}]
         resumed_at = max(t["resumed_at"] for t in timings)
         detect = change.noticed_at - min(change.kill_times) if change.kill_times else None
         resume = resumed_at - change.noticed_at
@@ -954,7 +965,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._change.reasons.append(reason)
         if lost is not None:
             self._change.lost.append(lost)
-            kill_time = self._store.get(f"faults/{lost}") if self._store.check([f"faults/{lost}"]) else None
+            kill_time = self._signed.get(f"faults/{lost}") if self._signed is not None else None
             if kill_time is not None:
                 self._change.kill_times.append(float(kill_time))
         if joined is not None:
@@ -967,7 +978,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         from oobleck.engine.commit import ended_key
 
         gen.ended = True
-        self._store.set(ended_key(gen.number), b"1")
+        if self._signed is not None:  # None once the master stopped
+            self._signed.set(ended_key(gen.number), b"1")
 
     def _finish_if_done(self) -> None:
         gen = self._generation
@@ -1080,7 +1092,24 @@ def _use_cuda(device: str) -> bool:
 
 
 def _start_store(host: str) -> Any:
-    """The job's TCPStore on a free port of ``host``; workers of every generation meet under prefixes."""
+    """The job's TCPStore on a free port of ``host``, listening on that address only (torch's own bind
+    would take every interface); workers of every generation meet under prefixes. The socket is bound
+    here and handed over: the store owns (and closes) it from then on."""
     from torch.distributed import TCPStore
 
-    return TCPStore(host, 0, is_master=True, wait_for_workers=False)
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+        store = TCPStore(
+            host, listener.getsockname()[1], is_master=True, wait_for_workers=False,
+            master_listen_fd=listener.fileno(), use_libuv=True,
+        )  # fmt: skip
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store closes the descriptor when it is destroyed
+    return store

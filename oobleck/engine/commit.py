@@ -1,7 +1,8 @@
 """The step-commit protocol: a worker applies its optimizer step only after the master commits the step.
 
-Both sides talk through the generation's key-value store (the master hosts the TCPStore; each side wraps
-it in the generation's ``PrefixStore``), under these keys of step ``s``:
+Both sides talk through the generation's key-value store (the master hosts the TCPStore; each side views
+it under the generation's prefix through a :class:`~oobleck.engine.signed_store.SignedStore`, so every value
+below carries a MAC under the job's token and a forged one is ignored), under these keys of step ``s``:
 
 ``commit/s/r{rank}``
     written once by each worker when its gradients for step ``s`` are synchronised and clipped: five
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
-from torch.distributed import Store
+from oobleck.engine.signed_store import SignedStore
 
 COMMIT = b"commit"
 ABORT = b"abort"
@@ -78,7 +79,7 @@ def decision_key(step: int) -> str:
 
 
 def report_ready(
-    store: Store,
+    store: SignedStore,
     step: int,
     rank: int,
     loss_sum: float,
@@ -91,12 +92,13 @@ def report_ready(
     """Report this rank's gradients of ``step`` ready, then block until the master decides.
 
     Returns True when the step is committed; raises :class:`StepAborted` when it is aborted. A store
-    failure (the master is gone) or no decision within ``timeout`` raises the store's own error.
+    failure (the master is gone) or no authentic decision within ``timeout`` raises the store's own error.
+    A decision without a valid MAC is ignored: the wait goes on for the master's.
     """
     store.set(ready_key(step, rank), _PAYLOAD.pack(loss_sum, units, grad_norm, redundant_s, checkpoint_s))
-    key = decision_key(step)
-    store.wait([key], timeout)
-    if store.get(key) == COMMIT:
+    decision = store.wait([decision_key(step)], timeout)
+    assert decision is not None  # no stop condition: None is never returned
+    if decision[0] == COMMIT:
         return True
     raise StepAborted(step)
 
@@ -130,7 +132,7 @@ class CommitCoordinator:
     to ``poll_s`` of latency to every step, or flood the log with the store's timeout warnings).
     """
 
-    def __init__(self, store: Store, world_size: int) -> None:
+    def __init__(self, store: SignedStore, world_size: int) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.store = store
@@ -144,11 +146,13 @@ class CommitCoordinator:
         keys = [ready_key(step, r) for r in range(self.world_size)]
         started = time.perf_counter()
         all_ready = threading.Event()
+        aborted = threading.Event()
         failure: list[BaseException] = []
+        payloads: list[bytes] = []
 
         def wait_all() -> None:
             try:
-                self._waiter_store.wait(keys, DECISION_TIMEOUT)
+                payloads.extend(self._waiter_store.wait(keys, DECISION_TIMEOUT, stop=aborted.is_set) or ())
             except BaseException as e:  # handed to the caller's thread below
                 failure.append(e)
             all_ready.set()
@@ -158,9 +162,10 @@ class CommitCoordinator:
         while not all_ready.is_set():
             if should_abort():
                 self.abort(step)
-                # release the waiter: the ready keys it still lacks are written here (a late rank's own
-                # report only overwrites one, and the decision is already abort)
-                missing = [k for k in keys if not self.store.check([k])]
+                aborted.set()
+                # release the waiter: the ready keys it still lacks (absent, or not authentic) are written
+                # here (a late rank's own report only overwrites one, and the decision is already abort)
+                missing = [k for k in keys if self.store.get(k) is None]
                 if missing:
                     self.store.multi_set(missing, [_PAYLOAD.pack(0.0, 0.0, math.nan, 0.0, 0.0)] * len(missing))
                 waiter.join()
@@ -169,18 +174,18 @@ class CommitCoordinator:
         waiter.join()
         if failure:
             raise failure[0]
-        payloads = [_PAYLOAD.unpack(raw) for raw in self.store.multi_get(keys)]
-        loss_sum = sum(p[0] for p in payloads)
-        units = sum(p[1] for p in payloads)
+        reports = [_PAYLOAD.unpack(raw) for raw in payloads]
+        loss_sum = sum(p[0] for p in reports)
+        units = sum(p[1] for p in reports)
         return StepReport(
             step=step,
             loss=loss_sum / units if units else math.nan,
             units=units,
-            grad_norm=payloads[0][2],
+            grad_norm=reports[0][2],
             loss_sum=loss_sum,
             wait_s=time.perf_counter() - started,
-            redundant_s=max(p[3] for p in payloads),
-            checkpoint_s=max(p[4] for p in payloads),
+            redundant_s=max(p[3] for p in reports),
+            checkpoint_s=max(p[4] for p in reports),
         )
 
     def commit(self, step: int) -> None:

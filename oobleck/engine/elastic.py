@@ -49,6 +49,7 @@ from oobleck.config import config_from_dict
 from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment
 from oobleck.engine.commit import ended_key, timing_key
+from oobleck.engine.signed_store import SignedStore
 from oobleck.engine.stage import HeldLayer
 from oobleck.engine.worker import COLLECTIVE_TIMEOUT, PhaseHook, StageWorker, join_world, settle_imports
 from oobleck.errors import OobleckError
@@ -86,6 +87,8 @@ class GenerationWatch:
 
     Construct it just before joining the generation: the sockets opened after that are the generation's
     (``exclude_ports``, e.g. the control plane's, are never touched; nor is the watch's own connection).
+    Only the master's authentic end counts (a value with a valid MAC under ``store_key``, see
+    :mod:`oobleck.engine.signed_store`): a forged ``ended/gen{g}`` is ignored until the master writes its own.
     After the end it keeps sweeping until :meth:`close`: a worker that was between two operations when the
     generation ended (about to connect to the store, or to a gloo peer) opens its socket after the first
     sweep, and would otherwise block on it until the collective timeout. If :meth:`close` has not come
@@ -96,6 +99,7 @@ class GenerationWatch:
         self,
         base: dist.TCPStore,
         generation: int,
+        store_key: bytes,
         exclude_ports: Collection[int] = (),
         on_stuck: OnStuck | None = None,
         stuck_after_s: float = 30.0,
@@ -109,7 +113,8 @@ class GenerationWatch:
         self._finished = False
         self._closed = threading.Event()
         self._sweeping = threading.Lock()
-        self._store = base.clone()  # before the snapshot, so the watch's own connection stays open
+        # before the snapshot, so the watch's own connection stays open
+        self._store = SignedStore(base.clone(), store_key)
         self._before = SocketSnapshot.take(self._exclude)
         threading.Thread(target=self._watch, name=f"watch-gen{generation}", daemon=True).start()
 
@@ -125,10 +130,12 @@ class GenerationWatch:
 
     def _watch(self) -> None:
         try:
-            self._store.wait([ended_key(self.generation)], _WATCH_TIMEOUT)
+            ended = self._store.wait(
+                [ended_key(self.generation)], _WATCH_TIMEOUT, stop=lambda: self._finished or self._closed.is_set()
+            )
         except Exception:  # the master's store is gone: the job is over, and so is this process soon
             return
-        if self._finished:
+        if ended is None or self._finished:
             return
         self.ended.set()
         ended_at = time.monotonic()
@@ -167,8 +174,12 @@ def run_elastic(
     on_phase: PhaseHook | None = None,
     exclude_ports: Collection[int] = (),
     on_stuck: OnStuck | None = None,
+    *,
+    store_key: bytes,
 ) -> None:
-    """Train from ``first`` through every later generation until training finishes (see the module notes)."""
+    """Train from ``first`` through every later generation until training finishes (see the module notes).
+    ``store_key`` signs and verifies this worker's store values (:func:`~oobleck.engine.signed_store.store_key`
+    of the job's token)."""
     config = config_from_dict(first.config)
     stuck_after_s = config.fault_tolerance.stuck_after_s
     stuck = on_stuck if stuck_after_s > 0 else None  # 0: no backstop
@@ -179,12 +190,12 @@ def run_elastic(
     pool: dict[int, HeldLayer] = {}
     assignment = first
     while True:
-        watch = GenerationWatch(base, assignment.generation, exclude_ports, stuck, stuck_after_s)
+        watch = GenerationWatch(base, assignment.generation, store_key, exclude_ports, stuck, stuck_after_s)
         interrupt.watch(watch.ended)
         worker: StageWorker | None = None
         started = time.perf_counter()
         try:
-            store = join_world(assignment)
+            store = join_world(assignment, store_key)
             joined = time.perf_counter()
             worker = StageWorker(assignment, config, store, spec, batches, pool, on_phase)
             timing = {"join_s": joined - started, "transfer_s": worker.transfer_s, "resumed_at": time.time()}

@@ -1,6 +1,6 @@
 """A worker: runs one pipeline stage of the current generation's plan.
 
-``run_worker(assignment)`` joins the generation's world through the master's store, builds its stage's
+``run_worker(assignment, store_key)`` joins the generation's world through the master's store, builds its stage's
 layers, creates the gradient-sync groups and trains steps ``[assignment.start_step, training.steps)``.
 One step on a worker:
 
@@ -17,7 +17,8 @@ One step on a worker:
 
 After the last step the final checkpoint is written: each layer by its lowest-rank holder, then (after a
 barrier) ``meta.json`` by rank 0. ``fault_tolerance.checkpoint_every`` adds periodic checkpoints the same
-way. ``python -m oobleck.engine.worker --assignment-file PATH`` runs a worker from an assignment's JSON.
+way. ``python -m oobleck.engine.worker --assignment-file PATH --token-file TOKEN`` runs a worker from an
+assignment's JSON (the token signs its store values, see :mod:`oobleck.engine.signed_store`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from oobleck.engine.api import Assignment
 from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
 from oobleck.engine.shadow import Shadow
+from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
 from oobleck.recovery.layers import export_layer, import_layer, moments_by_param, recv_layer, send_layer
@@ -80,7 +82,7 @@ class StageWorker:
         self,
         assignment: Assignment,
         config: JobConfig,
-        store: dist.Store,
+        store: SignedStore,
         spec: ModelSpec,
         batches: BatchSource,
         pool: dict[int, HeldLayer] | None = None,
@@ -371,30 +373,31 @@ def settle_imports() -> None:
     gc.freeze()
 
 
-def join_world(assignment: Assignment) -> dist.Store:
-    """Join the generation's process group through the master's store; returns the prefixed store."""
+def join_world(assignment: Assignment, store_key: bytes) -> SignedStore:
+    """Join the generation's process group through the master's store; returns the generation's view of the
+    store, whose values are signed with ``store_key`` (torch's own rendezvous keys are not)."""
     base = dist.TCPStore(assignment.store_host, assignment.store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
-    store = dist.PrefixStore(assignment.store_prefix, base)
+    signed = SignedStore(base, store_key, assignment.store_prefix)
     if assignment.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(assignment.device))
     dist.init_process_group(
         assignment.backend,
-        store=store,
+        store=signed.raw,
         rank=assignment.rank,
         world_size=assignment.world_size,
         timeout=COLLECTIVE_TIMEOUT,
     )
-    return store
+    return signed
 
 
-def run_worker(assignment: Assignment) -> None:
+def run_worker(assignment: Assignment, store_key: bytes) -> None:
     """Run this worker's stage for the assignment's generation until training ends; raises on failure
     (including :class:`~oobleck.engine.commit.StepAborted` when the master aborts a step)."""
     config = config_from_dict(assignment.config)
     spec = build_model(config.model, config.training.seed)
     batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
     settle_imports()
-    store = join_world(assignment)
+    store = join_world(assignment, store_key)
     try:
         worker = StageWorker(assignment, config, store, spec, batches)
         try:
@@ -408,6 +411,7 @@ def run_worker(assignment: Assignment) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oobleck.engine.worker", description="Run one worker.")
     parser.add_argument("--assignment-file", required=True, help="JSON of an oobleck.engine.api.Assignment")
+    parser.add_argument("--token-file", required=True, help="the job's token: the store's values are signed with it")
     args = parser.parse_args(argv)
     try:
         assignment = Assignment.from_json(Path(args.assignment_file).read_text())
@@ -415,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --assignment-file {args.assignment_file}: {e}; pass an Assignment's JSON", file=sys.stderr)
         return 2
     try:
-        run_worker(assignment)
+        key = store_key(Path(args.token_file).read_text().strip())
+    except (OSError, ValueError) as e:
+        print(f"error: --token-file {args.token_file}: {e}; pass the job's token file", file=sys.stderr)
+        return 2
+    try:
+        run_worker(assignment, key)
     except OobleckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
