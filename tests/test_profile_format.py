@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
+from tests.budget import examples
 
 FP = {"model": {"family": "gpt", "n_layer": 2, "widths": (4, 8)}, "microbatch": 4, "dtype": "float32", "device": "cpu"}
 
@@ -45,7 +46,7 @@ layer_strategy = st.builds(
 )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(layers=st.lists(layer_strategy, min_size=1, max_size=6), microbatch=st.integers(1, 64))
 def test_round_trip(tmp_path_factory: pytest.TempPathFactory, layers: list[LayerProfile], microbatch: int) -> None:
     path = tmp_path_factory.mktemp("p") / "profile.json"
