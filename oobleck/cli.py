@@ -41,6 +41,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message as one line: a wrapped error from a library (torch's unpickling errors span several
+    lines) is joined with "; ", and an absurdly long one is cut."""
+    text = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def available() -> list[str]:
     """The commands of :data:`COMMANDS` whose module exists in this build (found without importing it)."""
     return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(f"{PACKAGE}.{module}")]
@@ -80,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(command).parse_args(argv)
         return int(args.handler(args) or 0)
     except USER_ERRORS as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed as one line
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130

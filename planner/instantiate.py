@@ -178,7 +178,7 @@ def _as_list(templates: Templates) -> list[PipelineTemplate]:
 #: branch-and-bound nodes one instantiation may visit (about a second of pure Python): large clusters
 #: of many template sizes (thousands of nodes, one device each) would otherwise search for minutes. Past
 #: it the best multiset found so far is used; the search stays exact on every smaller problem.
-SEARCH_BUDGET = 200_000
+SEARCH_BUDGET = 100_000
 
 
 class _OutOfBudget(Exception):

@@ -87,4 +87,4 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 
 def test_user_error_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["plan", "--model", "gpt2", "--nodes", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "oobleck plan: error: --nodes: got 0; must be at least 1"
+    assert capsys.readouterr().err.strip() == "oobleck plan: error: argument --nodes: got 0; must be in [1, 4096] (see --help)"

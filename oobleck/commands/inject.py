@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from oobleck.bounds import MAX_DEVICES_PER_NODE, MIN_INTERVAL_S, float_flag, int_flag
 from oobleck.errors import OobleckError
 
 HELP = "kill, hang or add nodes of a running job"
@@ -26,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action.add_argument("--kill", nargs="+", metavar="NODE", help="SIGKILL these nodes (or one worker of each)")
     action.add_argument("--hang", nargs="+", metavar="NODE", help="SIGSTOP these nodes (or one worker of each)")
     action.add_argument("--add", nargs="+", metavar="NODE", help="start these new nodes")
-    parser.add_argument("--worker", type=int, metavar="D", help="act on the worker of device D only")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master")
+    parser.add_argument("--worker", type=int_flag(0, MAX_DEVICES_PER_NODE - 1), metavar="D", help="act on the worker of device D only")
+    parser.add_argument("--timeout", type=float_flag(MIN_INTERVAL_S, 3600.0), default=10.0, help="seconds to wait for the master")
 
 
 def run(args: argparse.Namespace) -> int:
