@@ -89,8 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"{prefix}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed as one line
-        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130

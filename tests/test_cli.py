@@ -86,5 +86,9 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 
 
 def test_user_error_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["plan", "--model", "gpt2", "--nodes", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse checks the flag's range
+        cli.main(["plan", "--model", "gpt2", "--nodes", "0"])
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "oobleck plan: error: argument --nodes: got 0; must be in [1, 4096] (see --help)"
+    assert cli.main(["plan", "--model", "gpt2", "--nodes", "2", "--f", "4"]) == 2
+    assert capsys.readouterr().err.strip().startswith("oobleck plan: error: f=4 needs at least")
