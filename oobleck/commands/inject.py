@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 from pathlib import Path
 
 import grpc
@@ -55,13 +57,45 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _find_job(run_dir: Path) -> tuple[str, str]:
+    """The master's address and token file from ``RUN_DIR/control.json``, after checking that nobody else
+    could have written them: whoever controls the control file chooses where inject sends the token."""
     from launcher.local import CONTROL_FILE
 
     path = run_dir / CONTROL_FILE
+    _check_private(run_dir, "RUN_DIR", "the run directory", folder=True)
+    _check_private(path, "RUN_DIR", "the control file")
     try:
         info = json.loads(path.read_text())
-        return str(info["master"]), str(info["token_file"])
+        master, token_file = str(info["master"]), str(info["token_file"])
     except FileNotFoundError:
         raise OobleckError(f"RUN_DIR: no {path}; pass the run directory of a job `oobleck run` is running") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise OobleckError(f"RUN_DIR: {path} is unreadable ({e}); is this a run directory of oobleck run?") from None
+    token = Path(token_file)
+    if not token.is_absolute():
+        raise OobleckError(f"RUN_DIR: {path} names the token file {token_file!r}, not an absolute path; restart the job")
+    _check_private(token.parent, "RUN_DIR", "the token file's folder", folder=True)
+    _check_private(token, "RUN_DIR", "the token file", secret=True)
+    return master, token_file
+
+
+def _check_private(path: Path, flag: str, what: str, folder: bool = False, secret: bool = False) -> None:
+    """Refuse ``path`` unless it is this user's and nobody else can write it (``secret``: nor read it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if folder or what == "the token file":
+            raise OobleckError(f"{flag}: {what} {path} does not exist; is the job still running?") from None
+        return  # the control file: reported when read
+    except OSError as e:
+        raise OobleckError(f"{flag}: cannot inspect {what} {path} ({e.strerror})") from None
+    kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    if not kind:
+        raise OobleckError(f"{flag}: {what} {path} is not a {'directory' if folder else 'regular file'}; refusing it")
+    if st.st_uid != os.getuid():
+        raise OobleckError(f"{flag}: {what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing it")
+    mode = stat.S_IMODE(st.st_mode)
+    if secret and mode & 0o077:
+        raise OobleckError(f"{flag}: {what} {path} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 it)")
+    if mode & 0o022:
+        raise OobleckError(f"{flag}: {what} {path} has mode {mode:04o}, writable by others; chmod go-w it")
