@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,10 @@ class _Parser(argparse.ArgumentParser):
 
 def one_line(message: str, limit: int = 1000) -> str:
     """A message as one line: a wrapped error from a library (torch's unpickling errors span several
-    lines) is joined with "; ", and an absurdly long one is cut."""
+    lines) is joined with "; ", terminal escapes and control characters are dropped, and an absurdly
+    long one is cut."""
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)  # terminal colours (torch bolds its advice)
+    message = "".join(c if c.isprintable() or c in "\n\r" else " " for c in message)
     text = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
