@@ -222,6 +222,38 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: PyYAML's scanner takes time quadratic in the nesting of flow collections ([...] and {...}): 3000
+#: levels take seconds. A job config nests a few; refuse deep ones before parsing
+MAX_FLOW_DEPTH = 64
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside quotes and comments (an upper bound of YAML's flow depth)."""
+    depth = deepest = 0
+    quote = ""
+    previous = "\n"
+    chars = iter(text)
+    for c in chars:
+        if quote:
+            if c == "\\" and quote == '"':
+                next(chars, None)
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and previous in " \t\n":
+            for c in chars:  # a comment runs to the end of the line
+                if c == "\n":
+                    break
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        previous = c
+    return deepest
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a YAML job config."""
     path = Path(path)
@@ -238,6 +270,8 @@ def load_config(path: str | Path) -> JobConfig:
         raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start}); pass a YAML job config") from None
     if "\0" in text:
         raise ConfigError(f"config {path}: holds NUL bytes (a binary file?); pass a YAML job config")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"config {path}: nested too deeply (over {MAX_FLOW_DEPTH} levels of [ or {{); a job config is a few levels deep")
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as e:
