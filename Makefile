@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup test demo clean
+.PHONY: setup test fuzz demo clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# CI sets CI=true: tests/conftest.py then loads the derandomized Hypothesis profile (same examples every run)
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Property and fuzz tests with fresh randomness and 20x the examples; run it once a session
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m hypothesis
 
 demo: setup
 	$(BIN)/oobleck demo

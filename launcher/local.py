@@ -96,7 +96,9 @@ def job_token() -> Iterator[tuple[str, Path]]:
     try:
         token = secrets.token_hex(32)
         token_file = secret_dir / "token"
-        token_file.write_text(token)
+        # 0600: `oobleck inject` refuses a token file that others can read
+        with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(token)
         yield token, token_file
     finally:
         shutil.rmtree(secret_dir, ignore_errors=True)
@@ -307,7 +309,10 @@ def write_control_file(run_dir: Path, address: str, token_file: Path, cert_file:
     info = {"master": address, "token_file": str(token_file)}
     if cert_file is not None:
         info["cert_file"] = str(cert_file)
-    path.write_text(json.dumps(info))
+    path.unlink(missing_ok=True)
+    # never group/world-writable whatever the umask: `oobleck inject` refuses a control file others can write
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as out:
+        out.write(json.dumps(info))
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,16 @@ PACKAGE = "oobleck.commands"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's usage dump is not one line; keep the exit code
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message as one line: a wrapped error from a library (torch's unpickling errors span several
+    lines) is joined with "; ", terminal escapes and control characters are dropped, and an absurdly
+    long one is cut."""
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)  # terminal colours (torch bolds its advice)
+    message = "".join(c if c.isprintable() or c in "\n\r" else " " for c in message)
+    text = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def available() -> list[str]:
@@ -80,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(command).parse_args(argv)
         return int(args.handler(args) or 0)
     except USER_ERRORS as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

@@ -16,6 +16,18 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from oobleck.bounds import (
+    MAX_BANDWIDTH_GBPS,
+    MAX_BATCH,
+    MAX_DEVICES_PER_NODE,
+    MAX_INTERVAL_S,
+    MAX_MEMORY_GIB,
+    MAX_NODES,
+    MAX_SEED,
+    MAX_STEPS,
+    MIN_BANDWIDTH_GBPS,
+    MIN_INTERVAL_S,
+)
 from oobleck.errors import ConfigError
 
 Family = Literal["gpt", "dit", "moe"]
@@ -197,15 +209,86 @@ class JobConfig:
 # Loading
 
 
+#: a config is a few hundred bytes; anything past this is not one
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}; give each key once"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+#: PyYAML's scanner takes time quadratic in the nesting of flow collections ([...] and {...}): 3000
+#: levels take seconds. A job config nests a few; refuse deep ones before parsing
+MAX_FLOW_DEPTH = 64
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside quotes and comments (an upper bound of YAML's flow depth)."""
+    depth = deepest = 0
+    quote = ""
+    previous = "\n"
+    chars = iter(text)
+    for c in chars:
+        if quote:
+            if c == "\\" and quote == '"':
+                next(chars, None)
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and previous in " \t\n":
+            for c in chars:  # a comment runs to the end of the line
+                if c == "\n":
+                    break
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        previous = c
+    return deepest
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a YAML job config."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"config {path}: cannot read ({e.strerror}); pass an existing YAML file") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; pass a YAML job config")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path}: not UTF-8 text (byte {e.start}); pass a YAML job config") from None
+    if "\0" in text:
+        raise ConfigError(f"config {path}: holds NUL bytes (a binary file?); pass a YAML job config")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"config {path}: nested too deeply (over {MAX_FLOW_DEPTH} levels of [ or {{); a job config is a few levels deep")
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: nested too deeply; a job config is a few levels deep") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -217,7 +300,10 @@ def load_config(path: str | Path) -> JobConfig:
 
 
 def config_from_dict(raw: Any) -> JobConfig:
-    config = _build(JobConfig, raw, "")
+    try:
+        config = _build(JobConfig, raw, "")
+    except RecursionError:
+        raise ConfigError("config: nested too deeply; a job config is a few levels deep") from None
     validate(config)
     return config
 
@@ -267,31 +353,63 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: got {value!r}; expected an integer")
+            raise ConfigError(f"{name}: got {_show(value)}; expected an integer")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{name}: got {_show(value)}; out of range (at most {MAX_INT})")
         return value
     if tp is float:
         if isinstance(value, str):
             try:  # YAML reads 1e-3 (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: got {value!r}; expected a number")
-        return float(value)
+            raise ConfigError(f"{name}: got {_show(value)}; expected a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: got {_show(value)}; expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}: got {value!r}; expected a string")
+            raise ConfigError(f"{name}: got {_show(value)}; expected a string")
         return value
     return value
 
 
+#: no integer field needs more (the per-field bounds of :func:`validate` are far tighter)
+MAX_INT = 2**63 - 1
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a value for a one-line message, cut to ``limit`` characters."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints past Python's digit limit; deep structures
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{name}: got {value!r}; {allowed}")
+        raise ConfigError(f"{name}: got {_show(value)}; {allowed}")
+
+
+def _in_range(c: JobConfig, name: str, lo: float, hi: float, what: str = "") -> None:
+    section, field_name = name.split(".")
+    value = getattr(getattr(c, section), field_name)
+    _require(lo <= value <= hi, name, value, f"must be in [{lo:g}, {hi:g}]{what}")
+
+
+def _non_empty(value: Optional[str], name: str, what: str) -> None:
+    _require(value is None or bool(value.strip()), name, value, f"must not be empty; {what}")
 
 
 def validate(c: JobConfig) -> None:
     """Checks that span more than one field's type."""
+    _bounds(c)
     t = c.training
     _require(t.steps >= 1, "training.steps", t.steps, "must be at least 1")
     _require(t.microbatch >= 1, "training.microbatch", t.microbatch, "must be at least 1")
@@ -376,3 +494,53 @@ def validate(c: JobConfig) -> None:
         c.model.difffit,
         "DiffFit applies to family dit only",
     )
+
+
+def _bounds(c: JobConfig) -> None:
+    """Finite, bounded numbers and non-empty strings (checked before the relations between fields)."""
+    for name, hi in (
+        ("training.steps", MAX_STEPS),
+        ("training.global_batch", MAX_BATCH),
+        ("training.microbatch", MAX_BATCH),
+        ("training.warmup_steps", MAX_STEPS),
+        ("cluster.nodes", MAX_NODES),
+        ("cluster.devices_per_node", MAX_DEVICES_PER_NODE),
+        ("fault_tolerance.f", MAX_NODES - 1),
+        ("fault_tolerance.checkpoint_every", MAX_STEPS),
+        ("profile.warmup", 1000),
+        ("profile.repeats", 1000),
+        ("run.log_every", MAX_STEPS),
+    ):
+        section, field_name = name.split(".")
+        value = getattr(getattr(c, section), field_name)
+        _require(value <= hi, name, value, f"must be at most {hi}")
+    t = c.training
+    _require(t.lr <= 10, "training.lr", t.lr, "must be at most 10")
+    _require(t.weight_decay <= 10, "training.weight_decay", t.weight_decay, "must be at most 10")
+    _require(t.grad_clip is None or t.grad_clip <= 1e9, "training.grad_clip", t.grad_clip, "must be at most 1e9 (null turns clipping off)")
+    _require(0 <= t.seed <= MAX_SEED, "training.seed", t.seed, f"must be in [0, {MAX_SEED}]")
+    k = c.cluster
+    _require(k.device_memory_gib <= MAX_MEMORY_GIB, "cluster.device_memory_gib", k.device_memory_gib, f"must be at most {MAX_MEMORY_GIB} GiB")
+    for name in ("intra_node_bandwidth_gbps", "inter_node_bandwidth_gbps"):
+        _in_range(c, f"cluster.{name}", MIN_BANDWIDTH_GBPS, MAX_BANDWIDTH_GBPS, " GB/s")
+    _non_empty(k.master_host, "cluster.master_host", "give a host name or address (127.0.0.1 by default)")
+    _non_empty(k.ray_address, "cluster.ray_address", "give an address or null for a local Ray instance")
+    ft = c.fault_tolerance
+    for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "worker_timeout_s"):
+        _in_range(c, f"fault_tolerance.{name}", MIN_INTERVAL_S, MAX_INTERVAL_S, " seconds")
+    _in_range(c, "fault_tolerance.wait_for_nodes_s", 0, MAX_INTERVAL_S, " seconds")
+    _require(
+        ft.stuck_after_s <= 0 or MIN_INTERVAL_S <= ft.stuck_after_s <= MAX_INTERVAL_S, "fault_tolerance.stuck_after_s",
+        ft.stuck_after_s, f"must be 0 (off) or in [{MIN_INTERVAL_S:g}, {MAX_INTERVAL_S:g}] seconds",
+    )  # fmt: skip
+    for i, fault in enumerate(c.faults):
+        _require(fault.step <= MAX_STEPS, f"faults[{i}].step", fault.step, f"must be at most {MAX_STEPS}")
+    if c.trace is not None:
+        _require(c.trace.compression <= 1e6, "trace.compression", c.trace.compression, "must be at most 1e6")
+    if c.data.classes is not None:
+        _require(all(0 <= x < MAX_BATCH for x in c.data.classes), "data.classes", c.data.classes, "labels must be integers >= 0")
+    _non_empty(c.model.preset, "model.preset", "name a preset of the model family")
+    _non_empty(c.model.init_checkpoint, "model.init_checkpoint", "name a checkpoint or use null")
+    _non_empty(c.data.path, "data.path", "name a file or folder, or use null")
+    _non_empty(c.profile.cache_dir, "profile.cache_dir", "name a folder for cached profiles")
+    _non_empty(c.run.dir, "run.dir", "name the run directory (runs/latest by default)")

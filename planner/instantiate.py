@@ -65,16 +65,35 @@ class Instantiation:
 
 def _capacity(fill: float, bottleneck: float, t: float) -> int:
     """How many microbatches a pipeline finishes within t: the largest m with fill + (m-1)*M <= t
-    (bottleneck M > 0, which every template of a profile with nonzero compute has)."""
+    (bottleneck M > 0, which every template of a profile with nonzero compute has).
+
+    ``fill + (m-1)*M`` is non-decreasing in m, so the answer is found by a search over integers around
+    the estimate: it ends after O(log) steps even where floats cannot tell m from m+1 (beyond 2^53)."""
     if t < fill:
         return 0
-    m = int((t - fill) / bottleneck) + 1
-    # the division rounds; settle the boundary with the same expression iteration_time uses
-    while m > 1 and fill + (m - 1) * bottleneck > t:
-        m -= 1
-    while fill + m * bottleneck <= t:
-        m += 1
-    return m
+
+    def within(m: int) -> bool:  # the same expression iteration_time uses
+        return fill + (m - 1) * bottleneck <= t
+
+    estimate = (t - fill) / bottleneck
+    if not math.isfinite(estimate):
+        raise PlanningError(f"a step time of {t} s over a bottleneck of {bottleneck} s is out of range")
+    lo = max(1, int(estimate))  # within(lo) unless the estimate rounded up: walk down by doubling
+    step = 1
+    while lo > 1 and not within(lo):
+        lo = max(1, lo - step)
+        step *= 2
+    hi, step = lo + 1, 1  # first m known not within: up by doubling
+    while within(hi):
+        lo, hi = hi, hi + step
+        step *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _makespan(kinds: Sequence[tuple[float, float, int]], total: int) -> float:
@@ -156,10 +175,22 @@ def _as_list(templates: Templates) -> list[PipelineTemplate]:
     return sorted(values, key=lambda t: t.num_nodes)
 
 
+#: branch-and-bound nodes one instantiation may visit (about a second of pure Python): large clusters
+#: of many template sizes (thousands of nodes, one device each) would otherwise search for minutes. Past
+#: it the best multiset found so far is used; the search stays exact on every smaller problem.
+SEARCH_BUDGET = 100_000
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
 class _Search:
     """Branch and bound over template counts for one node count (see the module docstring)."""
 
-    def __init__(self, kinds: list[PipelineTemplate], total: int, min_pipelines: int) -> None:
+    def __init__(self, kinds: list[PipelineTemplate], total: int, min_pipelines: int, budget: int = SEARCH_BUDGET) -> None:
+        self.budget = budget
+        self.exhausted = False
         # best per-node throughput first: the first complete multiset is then a good incumbent
         self.kinds = sorted(kinds, key=lambda t: (t.num_nodes * t.bottleneck_s, t.num_nodes))
         self.total = total
@@ -195,7 +226,12 @@ class _Search:
                 shift *= 2
             self.reach[i] = r
         self.best = None
-        self._dfs(0, nodes, [0] * k, 0)
+        if self.exhausted:
+            return None
+        try:
+            self._dfs(0, nodes, [0] * k, 0)
+        except _OutOfBudget:
+            self.exhausted = True
         return self.best
 
     def _improve(self, span: float, counts: list[int]) -> None:
@@ -209,6 +245,9 @@ class _Search:
             self.density[j] = max(self.density[j + 1], self.caps[j] / self.size[j])
 
     def _dfs(self, i: int, left: int, counts: list[int], pipelines: int) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _OutOfBudget
         if not (self.reach[i] >> left) & 1:
             return
         # pipeline count must be able to end in [min_pipelines, total]
@@ -272,9 +311,14 @@ def instantiate(
     search = _Search(kinds, num_microbatches, need)
     for used in range(nodes, need * n0 - 1, -1):
         found = search.run(used)
-        if found is not None:
+        if found is not None or search.exhausted:
             break
-    else:
+    if found is None:
+        if search.exhausted:
+            raise PlanningError(
+                f"instantiation on {nodes} nodes gave up after {SEARCH_BUDGET} search steps without a plan; "
+                "use fewer nodes or more devices per node"
+            )
         raise PlanningError(
             f"no set of at least {need} pipelines fits {nodes} nodes with {num_microbatches} microbatches; "
             "raise the global batch or lower the microbatch size"

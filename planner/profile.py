@@ -45,6 +45,17 @@ _NUMERIC_FIELDS = (
 )
 
 
+#: a profile file is tens of kilobytes; a model has at most this many layers (template search is
+#: quadratic in layers), a layer at most a day per microbatch and a petabyte
+MAX_PROFILE_BYTES = 64 << 20
+MAX_LAYERS = 4096
+_LIMITS = {field: 86400.0 if field.endswith("_s") else float(2**50) for field in _NUMERIC_FIELDS}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"holds {name}, not a finite number")
+
+
 @dataclass(frozen=True)
 class LayerProfile:
     """Costs of one layer for one microbatch.
@@ -68,8 +79,15 @@ class LayerProfile:
     def __post_init__(self) -> None:
         for field in _NUMERIC_FIELDS:
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ProfileError(f"layer {self.name!r}: {field} got {value!r}; must be a finite number >= 0")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not 0 <= value <= _LIMITS[field]
+            ):
+                raise ProfileError(
+                    f"layer {self.name[:40]!r}: {field} got {value!r:.40}; must be a finite number in [0, {_LIMITS[field]:g}]"
+                )
 
     @property
     def static_bytes(self) -> int:
@@ -130,12 +148,21 @@ class ModelProfile:
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            with open(path, "rb") as file:
+                data = file.read(MAX_PROFILE_BYTES + 1)
         except OSError as e:
             raise ProfileError(f"profile {path}: cannot read ({e.strerror}); rerun `oobleck profile`") from None
+        if len(data) > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path}: larger than {MAX_PROFILE_BYTES >> 20} MiB; rerun `oobleck profile`")
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
+            raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except UnicodeDecodeError as e:
+            raise ProfileError(f"profile {path}: not UTF-8 text (byte {e.start}); rerun `oobleck profile`") from None
+        except RecursionError:
+            raise ProfileError(f"profile {path}: nested too deeply; rerun `oobleck profile`") from None
+        except ValueError as e:
+            if not isinstance(e, json.JSONDecodeError):  # NaN/Infinity, or an integer of too many digits
+                raise ProfileError(f"profile {path}: {e}; rerun `oobleck profile`") from None
             raise ProfileError(
                 f"profile {path}: truncated or malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
                 "delete it and rerun `oobleck profile`"
@@ -170,6 +197,8 @@ class ModelProfile:
         layers = raw.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ProfileError("layers missing or empty; rerun `oobleck profile`")
+        if len(layers) > MAX_LAYERS:
+            raise ProfileError(f"{len(layers)} layers; at most {MAX_LAYERS} are supported")
         return cls(tuple(_layer_from_dict(entry, i) for i, entry in enumerate(layers)), fingerprint)
 
 

@@ -86,5 +86,33 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 
 
 def test_user_error_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["plan", "--model", "gpt2", "--nodes", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "oobleck plan: error: --nodes: got 0; must be at least 1"
+    with pytest.raises(SystemExit) as e:  # argparse checks the flag's range
+        cli.main(["plan", "--model", "gpt2", "--nodes", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "oobleck plan: error: argument --nodes: got 0; must be in [1, 4096] (see --help)"
+    assert cli.main(["plan", "--model", "gpt2", "--nodes", "2", "--f", "4"]) == 2
+    assert capsys.readouterr().err.strip().startswith("oobleck plan: error: f=4 needs at least")
+
+
+def test_multi_line_errors_print_as_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """torch's refusal of a pickled layer file spans several lines; the CLI still prints one."""
+    import torch
+
+    from oobleck import checkpoint
+
+    layer = checkpoint.layer_file(tmp_path, 0)
+    layer.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": Path("/")}, layer)  # a PosixPath: weights_only loading refuses it
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_layer_state(tmp_path, 0)
+    assert "\n" in str(info.value)  # the message the CLI has to fold
+    plan = importlib.import_module(f"{cli.PACKAGE}.plan")
+
+    def fails(args: object) -> int:
+        raise info.value
+
+    monkeypatch.setattr(plan, "run", fails)
+    assert cli.main(["plan", "--model", "gpt2", "--nodes", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("oobleck plan: error: checkpoint "), err
+    assert "\x1b" not in err and "Weights only load failed" in err

@@ -20,7 +20,7 @@ OOBLECK = Path(sys.executable).with_name("oobleck")
 GIB = 2**30
 
 ERROR_CASES = {
-    "negative nodes": (["--model", "gpt3-175b", "--nodes", "-4"], "--nodes: got -4; must be at least 1"),
+    "negative nodes": (["--model", "gpt3-175b", "--nodes", "-4"], "argument --nodes: got -4; must be in [1, 4096]"),
     "f too large": (["--model", "gpt3-175b", "--nodes", "64", "--f", "40"], "f=40 needs at least"),
     "unknown model": (["--model", "gpt5", "--nodes", "8"], "model: got 'gpt5'; known analytic shapes: gpt3-125m"),
     "batch not divisible": (
@@ -28,7 +28,7 @@ ERROR_CASES = {
         "global_batch 10 is not a multiple of microbatch 3; use 9 or 12",
     ),
     "no config": (["--nodes", "8"], "CONFIG: missing"),
-    "not a number": (["--model", "gpt2", "--nodes", "many"], "argument --nodes: invalid int value: 'many'"),
+    "not a number": (["--model", "gpt2", "--nodes", "many"], "argument --nodes: got 'many'; expected an integer in [1, 4096]"),
     "truncated profile": (["--model", "gpt2", "--nodes", "8", "--profile", "{truncated}"], "truncated or malformed JSON"),
     "stale profile": (["--model", "gpt2", "--nodes", "8", "--microbatch", "1", "--profile", "{stale}"], "is stale: fingerprint differs in microbatch"),
 }

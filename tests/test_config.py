@@ -115,3 +115,87 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "training.steps: got 0" in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounds: every number finite and bounded, every interval with a floor, no empty hosts or folders
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"training": {"lr": float("inf")}}, "training.lr: got inf; expected a finite number"),
+        ({"training": {"lr": "nan"}}, "training.lr: got nan; expected a finite number"),
+        ({"training": {"lr": 10**400}}, "training.lr: got 1000000000"),
+        ({"cluster": {"device_memory_gib": float("inf")}}, "cluster.device_memory_gib: got inf; expected a finite number"),
+        ({"cluster": {"device_memory_gib": 1e29}}, "cluster.device_memory_gib: got 1e+29; must be at most 1048576 GiB"),
+        ({"training": {"seed": 2**70}}, "training.seed: got 1180591620717411303424; out of range"),
+        ({"training": {"seed": 2**40}}, "training.seed: got 1099511627776; must be in [0, 4294967295]"),
+        ({"fault_tolerance": {"heartbeat_interval_s": 1e-300}}, "fault_tolerance.heartbeat_interval_s: got 1e-300; must be in [0.01, 604800] seconds"),
+        ({"fault_tolerance": {"stuck_after_s": 1e-9}}, "fault_tolerance.stuck_after_s: got 1e-09; must be 0 (off) or in [0.01"),
+        ({"cluster": {"master_host": ""}}, "cluster.master_host: got ''; must not be empty"),
+        ({"cluster": {"master_host": "  "}}, "cluster.master_host: got '  '; must not be empty"),
+        ({"run": {"dir": ""}}, "run.dir: got ''; must not be empty"),
+        ({"profile": {"cache_dir": ""}}, "profile.cache_dir: got ''; must not be empty"),
+        ({"cluster": {"nodes": 10**29}}, "cluster.nodes: got 100000000000000000000000000000; out of range"),
+        ({"cluster": {"nodes": 1e29}}, "cluster.nodes: got 1e+29; expected an integer"),
+        ({"cluster": {"nodes": 1000000}}, "cluster.nodes: got 1000000; must be at most 4096"),
+        ({"training": {"global_batch": 2**40, "microbatch": 1}}, "training.global_batch: got 1099511627776; must be at most 2147483648"),
+        ({"cluster": {"inter_node_bandwidth_gbps": 1e-30}}, "cluster.inter_node_bandwidth_gbps: got 1e-30; must be in [0.001, 1e+06] GB/s"),
+    ],
+)
+def test_numbers_are_finite_and_bounded(raw: object, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    message = str(err.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_largest_accepted_values_load() -> None:
+    config_from_dict(
+        {
+            "cluster": {"nodes": 4096, "devices_per_node": 64, "device_memory_gib": 2**20},
+            "training": {"global_batch": 2**31, "microbatch": 1, "seed": 2**32 - 1, "lr": 10},
+            "fault_tolerance": {"heartbeat_interval_s": 0.01, "heartbeat_timeout_s": 0.02, "worker_timeout_s": 0.02},
+        }
+    )
+
+
+def _load_text(tmp_path: Path, text: str | bytes) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message
+    return message
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    message = _load_text(tmp_path, "cluster:\n  nodes: 4\n  nodes: 8\n")
+    assert "duplicate key 'nodes' at line 3" in message
+    assert "duplicate key 'cluster' at line 3" in _load_text(tmp_path, "cluster: {}\nmodel: {}\ncluster: {nodes: 2}\n")
+
+
+def test_binary_and_deeply_nested_files_are_one_line(tmp_path: Path) -> None:
+    assert "not UTF-8 text" in _load_text(tmp_path, bytes(range(256)) * 4)
+    assert "NUL bytes" in _load_text(tmp_path, "model: {}\n\0\0")
+    assert "nested too deeply" in _load_text(tmp_path, "[" * 3000 + "]" * 3000)
+    assert "nested too deeply" in _load_text(tmp_path, "model: {overrides: " + "{a: " * 3000 + "1" + "}" * 3001)
+
+
+def test_cli_config_errors_are_one_line_and_fast(tmp_path: Path) -> None:
+    """The real entry point: a deep, a binary and a duplicate-key config each give exit 2 and one line."""
+    files = {
+        "deep": "[" * 3000 + "]" * 3000,
+        "dup": "cluster:\n  nodes: 4\n  nodes: 8\n",
+        "nodes": "cluster:\n  nodes: 1.0e+29\n",
+        "lr": "training:\n  lr: .inf\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "oobleck.cli", "plan", str(path)], capture_output=True, text=True, timeout=30)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr[-500:])

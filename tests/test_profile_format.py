@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
+from tests.budget import examples
 
 FP = {"model": {"family": "gpt", "n_layer": 2, "widths": (4, 8)}, "microbatch": 4, "dtype": "float32", "device": "cpu"}
 
@@ -45,7 +46,7 @@ layer_strategy = st.builds(
 )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(layers=st.lists(layer_strategy, min_size=1, max_size=6), microbatch=st.integers(1, 64))
 def test_round_trip(tmp_path_factory: pytest.TempPathFactory, layers: list[LayerProfile], microbatch: int) -> None:
     path = tmp_path_factory.mktemp("p") / "profile.json"
@@ -122,3 +123,47 @@ def test_malformed_fields(tmp_path: Path, edit, expected: str) -> None:
 def test_all_zero_timings_rejected() -> None:
     with pytest.raises(ProfileError, match="holds no timings"):
         ModelProfile((LayerProfile("x", 0, 0, 1, 1, 1, 1, 1),), FP)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile files: binary, non-finite or absurd numbers, too many layers, deep nesting
+
+
+def _edited(tmp_path: Path, edit) -> Path:
+    raw = _profile().to_dict()
+    text = edit(raw) if edit is not None else json.dumps(raw)
+    path = tmp_path / "profile.json"
+    path.write_bytes(text if isinstance(text, bytes) else str(text).encode())
+    return path
+
+
+def _set_layer(field: str, literal: str):
+    def edit(raw: dict) -> str:
+        raw["layers"][1][field] = "@@"
+        return json.dumps(raw).replace('"@@"', literal)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda raw: bytes(range(256)) * 8, "not UTF-8 text"),
+        (_set_layer("forward_s", "NaN"), "holds NaN, not a finite number"),
+        (_set_layer("param_bytes", "Infinity"), "holds Infinity, not a finite number"),
+        (_set_layer("activation_bytes", "1e309"), "activation_bytes got inf"),
+        (_set_layer("param_bytes", "1e300"), "param_bytes got 1e+300; must be a finite number in [0, 1.1259e+15]"),
+        (_set_layer("backward_s", "1e12"), "backward_s got 1000000000000.0; must be a finite number in [0, 86400]"),
+        (_set_layer("output_bytes", "9" * 5000), "profile"),
+        (lambda raw: json.dumps({**raw, "layers": raw["layers"] * 2000}), "6000 layers; at most 4096"),
+        (lambda raw: "[" * 100000 + "]" * 100000, "nested too deeply"),
+    ],
+    ids=["binary", "nan", "infinity", "overflow", "absurd bytes", "absurd seconds", "huge integer", "too many layers", "deep"],
+)
+def test_hostile_profile_files_are_one_line(tmp_path: Path, edit, expected: str) -> None:
+    message = _one_line_error(_edited(tmp_path, edit))
+    assert expected in message and len(message) < 400, message
+
+
+def test_largest_numbers_still_load(tmp_path: Path) -> None:
+    ModelProfile.load(_edited(tmp_path, _set_layer("param_bytes", str(2**50))))

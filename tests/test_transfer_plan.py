@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oobleck.recovery.transfer import LayerLost, Transfer, plan_transfers
+from tests.budget import examples
 
 
 @st.composite
@@ -37,7 +38,7 @@ def fractional_lower_bound(
     return best
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(scenarios())
 def test_every_needed_layer_arrives_once_from_a_holder(case: tuple) -> None:
     holders, needs, layer_bytes = case
@@ -52,7 +53,7 @@ def test_every_needed_layer_arrives_once_from_a_holder(case: tuple) -> None:
     assert {t.source for t in plan.transfers} <= set(plan.source_bytes)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(scenarios())
 def test_busiest_source_within_one_layer_of_the_lower_bound(case: tuple) -> None:
     holders, needs, layer_bytes = case
@@ -66,7 +67,7 @@ def test_busiest_source_within_one_layer_of_the_lower_bound(case: tuple) -> None
     assert plan.max_source_bytes <= math.ceil(bound) + biggest
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(scenarios())
 def test_plan_does_not_depend_on_iteration_order(case: tuple) -> None:
     holders, needs, layer_bytes = case

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 from pathlib import Path
 
 import grpc
 
+from oobleck.bounds import MAX_DEVICES_PER_NODE, MIN_INTERVAL_S, float_flag, int_flag
 from oobleck.errors import OobleckError
 
 HELP = "kill, hang or add nodes of a running job"
@@ -27,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action.add_argument("--kill", nargs="+", metavar="NODE", help="SIGKILL these nodes (or one worker of each)")
     action.add_argument("--hang", nargs="+", metavar="NODE", help="SIGSTOP these nodes (or one worker of each)")
     action.add_argument("--add", nargs="+", metavar="NODE", help="start these new nodes")
-    parser.add_argument("--worker", type=int, metavar="D", help="act on the worker of device D only")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master")
+    parser.add_argument("--worker", type=int_flag(0, MAX_DEVICES_PER_NODE - 1), metavar="D", help="act on the worker of device D only")
+    parser.add_argument("--timeout", type=float_flag(MIN_INTERVAL_S, 3600.0), default=10.0, help="seconds to wait for the master")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,15 +60,50 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _find_job(run_dir: Path) -> tuple[str, str, str | None]:
-    """The job's master address, token file and certificate file (None: plaintext)."""
+    """The master's address, token file and certificate file (None: plaintext) from ``RUN_DIR/control.json``,
+    after checking that nobody else could have written them: whoever controls the control file chooses where
+    inject sends the token, and whoever controls the certificate file chooses whom the client trusts."""
     from launcher.local import CONTROL_FILE
 
     path = run_dir / CONTROL_FILE
+    _check_private(run_dir, "RUN_DIR", "the run directory", folder=True)
+    _check_private(path, "RUN_DIR", "the control file")
     try:
         info = json.loads(path.read_text())
+        master, token_file = str(info["master"]), str(info["token_file"])
         cert = info.get("cert_file")
-        return str(info["master"]), str(info["token_file"]), None if cert is None else str(cert)
+        cert_file = None if cert is None else str(cert)
     except FileNotFoundError:
         raise OobleckError(f"RUN_DIR: no {path}; pass the run directory of a job `oobleck run` is running") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise OobleckError(f"RUN_DIR: {path} is unreadable ({e}); is this a run directory of oobleck run?") from None
+    token = Path(token_file)
+    if not token.is_absolute():
+        raise OobleckError(f"RUN_DIR: {path} names the token file {token_file!r}, not an absolute path; restart the job")
+    _check_private(token.parent, "RUN_DIR", "the token file's folder", folder=True)
+    _check_private(token, "RUN_DIR", "the token file", secret=True)
+    if cert_file is not None:
+        _check_private(Path(cert_file), "RUN_DIR", "the certificate file")
+    return master, token_file, cert_file
+
+
+def _check_private(path: Path, flag: str, what: str, folder: bool = False, secret: bool = False) -> None:
+    """Refuse ``path`` unless it is this user's and nobody else can write it (``secret``: nor read it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if folder or what == "the token file":
+            raise OobleckError(f"{flag}: {what} {path} does not exist; is the job still running?") from None
+        return  # the control file: reported when read
+    except OSError as e:
+        raise OobleckError(f"{flag}: cannot inspect {what} {path} ({e.strerror})") from None
+    kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    if not kind:
+        raise OobleckError(f"{flag}: {what} {path} is not a {'directory' if folder else 'regular file'}; refusing it")
+    if st.st_uid != os.getuid():
+        raise OobleckError(f"{flag}: {what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); refusing it")
+    mode = stat.S_IMODE(st.st_mode)
+    if secret and mode & 0o077:
+        raise OobleckError(f"{flag}: {what} {path} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 it)")
+    if mode & 0o022:
+        raise OobleckError(f"{flag}: {what} {path} has mode {mode:04o}, writable by others; chmod go-w it")

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from oobleck.bounds import MAX_BATCH, MAX_DEVICES_PER_NODE, MAX_NODES, int_flag
 from oobleck.errors import OobleckError
 from planner.analytic import DEVICES, SHAPES, DeviceSpec, analytic_profile, device_named, shape_named
 from planner.cluster import ClusterSpec
@@ -40,17 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", metavar="NAME", help=f"plan an analytic profile of this shape instead: {', '.join(SHAPES)}"
     )
     parser.add_argument("--profile", metavar="PATH", help="plan from this profile file (checked against CONFIG or --model)")
-    parser.add_argument("--nodes", type=int, metavar="N", help="nodes in the cluster (required with --model and no CONFIG)")
-    parser.add_argument("--devices-per-node", type=int, metavar="G", help="devices per node (--model default: 8)")
-    parser.add_argument("--f", type=int, metavar="F", help="simultaneous node failures to survive (--model default: 1)")
+    parser.add_argument("--nodes", type=int_flag(1, MAX_NODES), metavar="N", help="nodes in the cluster (required with --model and no CONFIG)")
+    parser.add_argument("--devices-per-node", type=int_flag(1, MAX_DEVICES_PER_NODE), metavar="G", help="devices per node (--model default: 8)")
+    parser.add_argument("--f", type=int_flag(0, MAX_NODES - 1), metavar="F", help="simultaneous node failures to survive (--model default: 1)")
     parser.add_argument(
         "--device-spec",
         metavar="NAME",
         help=f"device for analytic timings, and its memory and link bandwidths: {', '.join(DEVICES)} "
         "(default a100-80g; with CONFIG, memory and bandwidths come from the config unless this is given)",
     )
-    parser.add_argument("--global-batch", type=int, metavar="B", help="samples per step (--model default: 512)")
-    parser.add_argument("--microbatch", type=int, metavar="M", help="samples per microbatch (--model default: 1)")
+    parser.add_argument("--global-batch", type=int_flag(1, MAX_BATCH), metavar="B", help="samples per step (--model default: 512)")
+    parser.add_argument("--microbatch", type=int_flag(1, MAX_BATCH), metavar="M", help="samples per microbatch (--model default: 1)")
     parser.add_argument(
         "--recompute",
         choices=("auto", "none", "full"),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from oobleck.bounds import MAX_NODES, MAX_STEPS, int_flag
 from oobleck.config import JobConfig, load_config, validate
 from oobleck.errors import OobleckError
 
@@ -21,8 +22,8 @@ HELP = "train a job on a cluster (local processes by default)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="job config (YAML)")
-    parser.add_argument("--nodes", type=int, help="override cluster.nodes")
-    parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--nodes", type=int_flag(1, MAX_NODES), help="override cluster.nodes")
+    parser.add_argument("--steps", type=int_flag(1, MAX_STEPS), help="override training.steps")
     parser.add_argument("--run-dir", help="override run.dir (metrics, TensorBoard, checkpoints, logs)")
     parser.add_argument(
         "--launcher", choices=("local", "ray"), help="override cluster.launcher: processes on this machine, or a Ray cluster"

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from oobleck.bounds import MAX_STEPS, int_flag
 from oobleck.config import load_config
 from oobleck.errors import ConfigError
 from oobleck.train_local import train_local, write_samples
@@ -17,7 +18,7 @@ HELP = "train in a single process (the reference run)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="job config (YAML)")
-    parser.add_argument("--steps", type=int, metavar="N", help="override training.steps")
+    parser.add_argument("--steps", type=int_flag(1, MAX_STEPS), metavar="N", help="override training.steps")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (default: run.dir of the config)")
     parser.add_argument("--samples", metavar="PNG", help="DiT/MoE: write a grid of generated samples at the end")
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, steps=args.steps))
     if args.samples and config.model.family == "gpt":
         raise ConfigError("--samples: a sample grid needs a diffusion model (family dit or moe); drop --samples")
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise ConfigError("--run-dir: got ''; must not be empty; name the run directory")
     run_dir = Path(args.run_dir or config.run.dir)
     result = train_local(config, run_dir=run_dir, progress=True)
     last = result.stats[-1]
