@@ -129,8 +129,8 @@ def _in_process(argv: list[str]) -> tuple[int, str, str, float]:
     return code, out.getvalue(), err.getvalue(), time.monotonic() - start
 
 
-def _check(argv: list[str], code: int, err: str, elapsed: float) -> None:
-    assert elapsed < TIME_BOUND_S, f"{argv}: took {elapsed:.1f} s"
+def _check(argv: list[str], code: int, err: str, elapsed: float, bound: float = TIME_BOUND_S) -> None:
+    assert elapsed < bound, f"{argv}: took {elapsed:.1f} s"
     assert "Traceback" not in err, err[-2000:]
     if code == 0:
         return
@@ -139,10 +139,14 @@ def _check(argv: list[str], code: int, err: str, elapsed: float) -> None:
     assert len(lines) == 1 and lines[0].startswith("oobleck"), f"{argv}: {err!r}"
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
+def _run(argv: list[str], bound: float = TIME_BOUND_S) -> tuple[int, str]:
     code, _, err, elapsed = _in_process(argv)
-    _check(argv, code, err, elapsed)
+    _check(argv, code, err, elapsed, bound)
     return code, err
+
+
+#: commands whose module imports torch: the first import takes seconds on a loaded machine
+TORCH_IMPORT_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def test_any_plan_command_line_plans_or_fails_in_one_line(argv: list[str]) -> No
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_of_every_command(command: str) -> None:
-    code, err = _run([command, "--help"])
+    code, err = _run([command, "--help"], TORCH_IMPORT_S)
     assert code == 0 and err == ""
 
 
@@ -219,7 +223,7 @@ def test_help_of_every_command(command: str) -> None:
     ],
 )
 def test_commands_that_would_train_fail_before_training(argv: list[str]) -> None:
-    code, _ = _run(argv)
+    code, _ = _run(argv, TORCH_IMPORT_S)
     assert code == 2
 
 
