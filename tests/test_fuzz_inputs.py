@@ -164,7 +164,8 @@ TORCH_IMPORT_S = 60.0
 def test_any_config_plans_or_fails_in_one_line(tmp_path_factory: pytest.TempPathFactory, text: bytes) -> None:
     path = tmp_path_factory.mktemp("cfg") / "job.yaml"
     path.write_bytes(text)
-    _run(["plan", str(path), "--json"])
+    # --model: an analytic profile whatever the config says (a measured one would profile with torch)
+    _run(["plan", str(path), "--model", "gpt2", "--json"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,6 +195,7 @@ def plan_lines(draw: st.DrawFn) -> list[str]:
 @settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(argv=["plan", "--model", "gpt3-1.3b", "--nodes", "4", "--global-batch", "99999999999999999999999", "--json"])
 @example(argv=["plan", "--model", "gpt3-1.3b", "--nodes", "1000000", "--json"])
+@example(argv=["plan", "--model", "gpt2", "--nodes=--", "--json"])
 @example(argv=["plan", "--model", "gpt3-1.3b", "--nodes", "4096", "--devices-per-node", "1", "--json"])
 @example(argv=["plan", "--model", "gpt3-1.3b", "--nodes", "4", "--global-batch", "2147483648", "--json"])
 @given(argv=plan_lines())
