@@ -38,6 +38,7 @@ def int_flag(lo: int, hi: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"got {_cut(text)}; must be in [{lo}, {hi}]")
         return value
 
+    parse.produces = int  # type: ignore[attr-defined]  # checked by oobleck.cli
     return parse
 
 
@@ -53,4 +54,5 @@ def float_flag(lo: float, hi: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"got {_cut(text)}; must be a number in [{lo:g}, {hi:g}]")
         return value
 
+    parse.produces = float  # type: ignore[attr-defined]  # checked by oobleck.cli
     return parse

@@ -83,12 +83,26 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _check_flag_types(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse hands a flag whose value is ``--`` (``--nodes=--``) an empty list without calling its
+    type: refuse any value of a bounded flag (:mod:`oobleck.bounds`) that its type did not produce."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    chosen = sub.choices.get(getattr(args, "command", None)) if sub is not None else None
+    for action in chosen._actions if chosen is not None else ():
+        kind = getattr(action.type, "produces", None)
+        value = getattr(args, action.dest, None)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            chosen.error(f"argument {'/'.join(action.option_strings)}: expected one value")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
     prefix = f"oobleck {command}" if command in COMMANDS else "oobleck"
     try:
-        args = build_parser(command).parse_args(argv)
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        _check_flag_types(parser, args)
         return int(args.handler(args) or 0)
     except USER_ERRORS as e:
         print(f"{prefix}: error: {one_line(str(e))}", file=sys.stderr)
