@@ -40,7 +40,7 @@ from torch import nn
 from models.base import Carry, Layer, LayerMeta, MicroBatch, ModelSpec, layer_generator
 from models.difffit import POS_EMBED_NAME, ScaleFactor, apply_difffit
 from models.diffusion import NoiseSchedule, draw_diffusion_randomness, sincos_pos_embed_2d, timestep_embedding
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 #: size of the sinusoidal timestep features fed to the timestep MLP (as in DiT)
 FREQ_DIM = 256
@@ -398,15 +398,15 @@ def check_patch_config(c: PatchConfig, positive: Sequence[str]) -> None:
     the 2-D sin-cos table cannot split, and a ``class_dropout`` outside [0, 1)."""
     for name in positive:
         if getattr(c, name) < 1:
-            raise ConfigError(f"model.overrides.{name}: got {getattr(c, name)}; must be >= 1")
+            raise ModelConfigError(f"model.overrides.{name}: got {getattr(c, name)}; must be >= 1")
     if c.image_size % c.patch:
-        raise ConfigError(f"model.overrides.patch: got {c.patch}; must divide image_size {c.image_size}")
+        raise ModelConfigError(f"model.overrides.patch: got {c.patch}; must divide image_size {c.image_size}")
     if c.d_model % c.n_head:
-        raise ConfigError(f"model.overrides.n_head: got {c.n_head}; must divide d_model {c.d_model}")
+        raise ModelConfigError(f"model.overrides.n_head: got {c.n_head}; must divide d_model {c.d_model}")
     if c.d_model % 4:
-        raise ConfigError(f"model.overrides.d_model: got {c.d_model}; must be a multiple of 4 (2-D sin-cos positions)")
+        raise ModelConfigError(f"model.overrides.d_model: got {c.d_model}; must be a multiple of 4 (2-D sin-cos positions)")
     if not 0.0 <= c.class_dropout < 1.0:
-        raise ConfigError(f"model.overrides.class_dropout: got {c.class_dropout}; must be in [0, 1)")
+        raise ModelConfigError(f"model.overrides.class_dropout: got {c.class_dropout}; must be in [0, 1)")
 
 
 #: the config fields of every patch transformer that must be at least 1
