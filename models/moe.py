@@ -45,20 +45,8 @@ from torch import nn
 
 from models.base import Carry, Layer, MicroBatch
 from models.diffusion import NoiseSchedule
-from models.dit import (
-    PATCH_POSITIVE,
-    Attention,
-    DiTHead,
-    LabelEmbedder,
-    Mlp,
-    PatchConfig,
-    PatchDiffusionSpec,
-    PatchStem,
-    check_patch_config,
-    init_modulation,
-    modulate,
-    xavier_init,
-)
+from models.dit import PATCH_POSITIVE, DiTHead, PatchConfig, PatchDiffusionSpec, PatchStem, check_patch_config
+from models.dit_blocks import Attention, LabelEmbedder, Mlp, init_modulation, modulate, xavier_init
 from models.errors import ModelConfigError
 
 
