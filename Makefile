@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # CI sets CI=true: tests/conftest.py then loads the derandomized Hypothesis profile (same examples every run)
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Property and fuzz tests with fresh randomness and 20x the examples; run it once a session

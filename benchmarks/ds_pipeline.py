@@ -187,8 +187,8 @@ def worker_main(run: DSRun, out_path: Path) -> None:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from models.registry import build_batches, build_model
     from oobleck.config import config_from_dict
+    from oobleck.model_building import build_batches, build_model
     from oobleck.training import lr_at, make_optimizer, set_lr
 
     ds_logger.setLevel(logging.WARNING)

@@ -260,7 +260,7 @@ def machine_info() -> dict[str, Any]:
 def run_bench(bench: Bench) -> dict[str, Any]:
     """Run every engine ``bench.rounds`` times (engines alternating within each round, so slow drift in
     the machine's load hits all of them) and return the report that :func:`main` writes."""
-    from models.registry import build_model
+    from oobleck.model_building import build_model
 
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="oobleck-bench-") as run_dir:

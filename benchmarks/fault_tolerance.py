@@ -118,9 +118,10 @@ from benchmarks.jobs import (
 )
 from benchmarks.sim_engine import CATEGORIES, fixed_interval_trace
 from benchmarks.sim_model import POLICIES, Costs
-from launcher.trace import TraceEvent, load_trace, nodes_alive, replay_schedule
 from oobleck.config import load_config
 from oobleck.errors import OobleckError
+from oobleck.nodes import node_name
+from oobleck.trace import TraceEvent, load_trace, peak_nodes, replay_schedule
 
 PROG = "benchmarks.fault_tolerance"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -178,7 +179,7 @@ class Schedule:
     def capacity(self) -> int:
         """The most nodes alive at once."""
         timeline = [TraceEvent(0.0, "add", n) for n in self.initial] + list(self.events)
-        return max(count for _, count in nodes_alive(timeline))
+        return peak_nodes(timeline)
 
 
 def fixed_schedule(nodes: int, every_s: float, failures: int, replace_after_s: float, seed: int) -> Schedule:
@@ -190,7 +191,7 @@ def fixed_schedule(nodes: int, every_s: float, failures: int, replace_after_s: f
     events = tuple(
         e for e in timeline if 0 < e.at_s <= (last if e.kind == "remove" else last + replace_after_s)
     )
-    initial = tuple(f"node{i}" for i in range(1, nodes + 1))
+    initial = tuple(node_name(i) for i in range(1, nodes + 1))
     text = f"{nodes} nodes; a node lost every {every_s:g} s ({failures} in all), each replaced {replace_after_s:g} s later; seed {seed}"
     return Schedule(initial, events, text)
 
@@ -720,7 +721,7 @@ def validate_simulator(runs: dict[str, Run], fault_free: dict[str, Run], schedul
     (:func:`steady_samples_per_s`); as a check on the machine's drift (other work shares it), the prediction
     is also made with the throughput of the run's own first generation, before its first failure."""
     from benchmarks.simulator import MeasuredRun, predict
-    from oobleck.control.planning import cluster_spec
+    from oobleck.cluster_spec import cluster_spec
     from oobleck.profiler import ensure_profile
 
     costs, sources = measured_costs(runs)
@@ -734,7 +735,7 @@ def validate_simulator(runs: dict[str, Run], fault_free: dict[str, Run], schedul
         for key, calibration in (("", steady_samples_per_s(fault_free[policy])), ("_in_run", steady_samples_per_s(run))):
             measured_run = MeasuredRun(
                 profile=ensure_profile(config),
-                cluster=cluster_spec(config).with_nodes(schedule.capacity),
+                cluster=cluster_spec(config.cluster).with_nodes(schedule.capacity),
                 f=config.fault_tolerance.f,
                 global_batch=t.global_batch,
                 microbatch=t.microbatch,

@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.cpu_shares import CpuShares, add_cpu_share_flag, cpus_per_node, flag_check, remove_stale_groups
 from benchmarks.jobs import bad_flag, launch, machine_info, median, read_jsonl, tiny_gpt, write_config
+from oobleck.nodes import node_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heterogeneous.json"
 GLOBAL_BATCH = 16
@@ -41,7 +42,7 @@ def measure(work: Path, nodes: int, steps: int, warmup: int, policy: str, tag: s
     raw = tiny_gpt(work / "profiles", nodes=nodes, steps=steps)
     raw["fault_tolerance"].update({"policy": policy, "checkpoint_every": 0})
     run_dir = work / f"{tag}-{policy}"
-    caps = CpuShares([f"node{i}" for i in range(1, nodes + 1)], cpus_per_node(nodes)) if per_node else None
+    caps = CpuShares([node_name(i) for i in range(1, nodes + 1)], cpus_per_node(nodes)) if per_node else None
     with caps or contextlib.nullcontext():
         job = launch(write_config(work / f"{tag}-{policy}.yaml", raw), run_dir)
         if caps is not None:

@@ -323,8 +323,8 @@ def first_generation_ready(job: Job, timeout_s: float = 600) -> dict[str, Any]:
     from torch.distributed import TCPStore
 
     from oobleck.control.channel import read_token
-    from oobleck.engine.commit import timing_key
     from oobleck.engine.signed_store import SignedStore, store_key
+    from oobleck.engine.store_keys import timing_key
 
     deadline = time.monotonic() + timeout_s
     control = job.run_dir / "control.json"

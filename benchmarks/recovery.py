@@ -59,6 +59,7 @@ from benchmarks.jobs import (
     train_reference,
     write_config,
 )
+from oobleck.nodes import node_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
 PHASES = ("detect_s", "plan_s", "rebuild_s", "transfer_s", "resume_s", "total_s")
@@ -97,7 +98,7 @@ def recovery_round(work: Path, nodes: int, steps: int, index: int, reference: Pa
     if code != 0:
         raise RuntimeError(f"the recovery run failed ({code}):\n{job.output()[-3000:]}")
     records = read_jsonl(job.run_dir / "recoveries.jsonl")
-    by_node = {f"node{n}": (s, p) for s, p, n in kills}
+    by_node = {node_name(n): (s, p) for s, p, n in kills}
     for record in records:
         lost = record["lost"]
         record["killed_at"] = [{"node": n, "step": by_node[n][0], "phase": by_node[n][1]} for n in lost if n in by_node]
@@ -105,7 +106,7 @@ def recovery_round(work: Path, nodes: int, steps: int, index: int, reference: Pa
     return {
         "config": str(config),
         "run_dir": str(job.run_dir),
-        "kills": [{"step": s, "phase": p, "node": f"node{n}"} for s, p, n in kills],
+        "kills": [{"step": s, "phase": p, "node": node_name(n)} for s, p, n in kills],
         "records": records,
         "reference": comparison,
         "processes_left": leftover,

@@ -38,7 +38,8 @@ from benchmarks.sim_model import (
     VarunaConfigs,
     describe_config,
 )
-from launcher.trace import TraceEvent
+from oobleck.nodes import node_name
+from oobleck.trace import TraceEvent
 
 CATEGORIES = ("useful", "redundant", "recovery", "checkpoint", "lost", "waiting")
 
@@ -77,8 +78,8 @@ def fixed_interval_trace(
     if not (math.isfinite(replacement_delay_s) and replacement_delay_s >= 0):
         raise SimulatorError(f"replacement delay: got {replacement_delay_s!r}; must be >= 0 seconds")
     rng = random.Random(seed)
-    events = [TraceEvent(0.0, "add", f"node{i}") for i in range(1, nodes + 1)]
-    alive = [f"node{i}" for i in range(1, nodes + 1)]
+    events = [TraceEvent(0.0, "add", node_name(i)) for i in range(1, nodes + 1)]
+    alive = [node_name(i) for i in range(1, nodes + 1)]
     arrivals: list[tuple[float, int, str]] = []
     next_id = nodes + 1
     k = 1
@@ -92,7 +93,7 @@ def fixed_interval_trace(
             victim = alive.pop(rng.randrange(len(alive)))
             events.append(TraceEvent(now, "remove", victim))
             if now + replacement_delay_s < duration_s:
-                heapq.heappush(arrivals, (now + replacement_delay_s, next_id, f"node{next_id}"))
+                heapq.heappush(arrivals, (now + replacement_delay_s, next_id, node_name(next_id)))
                 next_id += 1
         k += 1
     events.extend(TraceEvent(at, "add", name) for at, _, name in sorted(arrivals))
@@ -102,7 +103,7 @@ def fixed_interval_trace(
 
 def write_trace(events: Sequence[TraceEvent], path: Any) -> None:
     """Write ``events`` in the trace file format (``milliseconds,add|remove,node``) that
-    :func:`launcher.trace.load_trace` reads, so that the measured harness can replay the same schedule."""
+    :func:`oobleck.trace.load_trace` reads, so that the measured harness can replay the same schedule."""
     with open(path, "w", encoding="utf-8") as out:
         for e in events:
             out.write(f"{round(e.at_s * 1000)},{e.kind},{e.node}\n")

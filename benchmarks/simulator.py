@@ -114,8 +114,8 @@ from benchmarks.sim_model import (
     describe_config,
     published_costs,
 )
-from launcher.trace import TraceEvent, load_trace, summary
 from oobleck.errors import OobleckError
+from oobleck.trace import TraceEvent, load_trace, summary
 from planner.analytic import DEVICES, DeviceSpec, analytic_profile, shape_named
 from planner.cluster import ClusterSpec
 from planner.errors import PlanningError

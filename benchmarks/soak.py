@@ -57,6 +57,7 @@ from benchmarks.jobs import (
     verdict_lines,
     write_config,
 )
+from oobleck.nodes import node_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 #: no event starts in the last fifth of the steps (at least 10): training should end with a settled cluster,
@@ -89,7 +90,7 @@ class Controller:
         self.job = job
         self.args = args
         self.rng = random.Random(args.seed)
-        self.in_job = {f"node{i}" for i in range(args.nodes)}
+        self.in_job = {node_name(i) for i in range(args.nodes)}
         self.killed: list[str] = []  # every node killed so far (names that may join again)
         self.kill_pending: str | None = None
         self.joins_pending: set[str] = set()
@@ -169,7 +170,7 @@ class Controller:
         if reusable and self.rng.random() < 0.5:
             node = self.rng.choice(reusable)
         else:
-            node = f"node{self.next_name}"
+            node = node_name(self.next_name)
             self.next_name += 1
         self.joins_pending.add(node)
         self._log(step, "add", node, inject(self.job.run_dir, "add", node))

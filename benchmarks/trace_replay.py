@@ -76,7 +76,7 @@ from benchmarks.jobs import (
     verdict_lines,
     write_config,
 )
-from launcher.trace import TraceEvent, load_trace, summary
+from oobleck.trace import TraceEvent, load_trace, summary
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace_replay.json"
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "p3-trace.csv"

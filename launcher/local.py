@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import queue
 import secrets
@@ -30,12 +29,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from launcher.trace import TraceEvent, load_trace, replay_schedule
 from oobleck.config import JobConfig
 from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord
 from oobleck.control.procs import child_env, stop_group
+from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
+from oobleck.nodes import node_name
+from oobleck.trace import TraceEvent, load_trace, replay_schedule
 
 #: seconds agents get to stop their workers and exit after the master's shutdown, before SIGTERM
 AGENT_EXIT_S = 10.0
@@ -44,12 +45,6 @@ AGENT_GRACE_S = 5.0
 #: seconds the agent-starter thread gets to start an agent process (a fork and exec)
 AGENT_START_S = 60.0
 LOG_DIR = "logs"
-CONTROL_FILE = "control.json"
-
-
-def node_name(index: int) -> str:
-    """The name of the local launcher's node ``index``."""
-    return f"node{index}"
 
 
 def run(
@@ -300,20 +295,6 @@ def worker_threads(config: JobConfig) -> dict[str, str]:
         return {}
     workers = config.cluster.nodes * config.cluster.devices_per_node
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-
-
-def write_control_file(run_dir: Path, address: str, token_file: Path, cert_file: Path | None = None) -> Path:
-    """``RUN/control.json``: where ``oobleck inject RUN`` finds the running job's master, token and (TLS on)
-    certificate (the files themselves stay in a directory only this user can read)."""
-    path = run_dir / CONTROL_FILE
-    info = {"master": address, "token_file": str(token_file)}
-    if cert_file is not None:
-        info["cert_file"] = str(cert_file)
-    path.unlink(missing_ok=True)
-    # never group/world-writable whatever the umask: `oobleck inject` refuses a control file others can write
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as out:
-        out.write(json.dumps(info))
-    return path
 
 
 def last_line(path: Path) -> str:

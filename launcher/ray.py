@@ -68,14 +68,16 @@ from launcher.local import (
     last_line,
     supervise,
     trace_schedule,
-    write_control_file,
 )
-from launcher.trace import TraceEvent
 from oobleck.config import ClusterConfig, JobConfig
 from oobleck.control.master import Master, Planner, RecoveryRecord, StepRecord, describe_exit
 from oobleck.control.procs import child_env, stop_group
+from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
+from oobleck.devices import wants_cuda
 from oobleck.errors import OobleckError
+from oobleck.nodes import node_name
+from oobleck.trace import TraceEvent, peak_nodes
 
 #: seconds between looks at the Ray cluster's node list (new nodes join the job)
 POLL_S = 0.5
@@ -114,8 +116,8 @@ def run(
     names = [e.node for e in schedule if e.at_s == 0] if schedule else [node_name(i) for i in range(config.cluster.nodes)]
     if schedule:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nodes=len(names)))
-    cuda = _wants_cuda(config.cluster.device)
-    session = RaySession.open(config, cuda, local_nodes=_peak_nodes(len(names), schedule), phase=phase)
+    cuda = wants_cuda(config.cluster.device, visible_here=False)
+    session = RaySession.open(config, cuda, local_nodes=peak_nodes(schedule) if schedule else len(names), phase=phase)
     try:
         usable, alive = session.usable_nodes(cuda, config.cluster.devices_per_node)
         if len(usable) < len(names):
@@ -130,11 +132,6 @@ def run(
         return _run_job(config, planner, names, chosen, alive, schedule, session, cuda, log_dir, on_step, phase, on_recovery)
     finally:
         session.close()
-
-
-def node_name(index: int) -> str:
-    """The name of the ``index``-th Ray node the launcher takes."""
-    return f"node{index}"
 
 
 def _run_job(
@@ -357,16 +354,6 @@ def _master_host(configured: str, nodes: list[dict[str, Any]], driver_ip: str) -
     return driver_ip
 
 
-def _wants_cuda(device: str) -> bool:
-    if device == "cpu":
-        return False
-    if device == "cuda":
-        return True
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _absolute_paths(config: JobConfig) -> JobConfig:
     """The config with its relative paths made absolute: workers run in other directories (and machines)."""
 
@@ -380,16 +367,6 @@ def _absolute_paths(config: JobConfig) -> JobConfig:
         model=dataclasses.replace(config.model, init_checkpoint=absolute(config.model.init_checkpoint)),
         profile=dataclasses.replace(config.profile, cache_dir=absolute(config.profile.cache_dir)),
     )
-
-
-def _peak_nodes(initial: int, schedule: list[TraceEvent]) -> int:
-    """The most nodes alive at once under ``schedule`` (at least ``initial``): a local cluster's size."""
-    alive, peak = initial, initial
-    for event in schedule:
-        if event.at_s > 0:
-            alive += 1 if event.kind == "add" else -1
-            peak = max(peak, alive)
-    return peak
 
 
 # ---------------------------------------------------------------------------------------------------

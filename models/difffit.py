@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import ModelSpec
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -109,7 +109,7 @@ def _check_class_count(layer: nn.Module, index: int, new_num_classes: int) -> No
     for name, module in layer.named_modules():
         have = getattr(module, "num_classes", None)
         if isinstance(have, int) and have != new_num_classes:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"model.overrides.num_classes: layer {index} ({name or 'root'}) has {have} classes but fine-tuning "
                 f"asks for {new_num_classes}; set model.overrides.num_classes to {new_num_classes}"
             )
@@ -132,7 +132,7 @@ def load_pretrained(
       fresh initialisation (re-initialised), allowed only when ``new_num_classes`` is given;
     * a learned ``pos_embed`` table whose token count differs: resampled bicubically onto the new grid;
     * a DiffFit ``gamma`` absent from the checkpoint: kept at its initial 1 (identity);
-    * anything else missing or of another shape: ConfigError naming the layer and the entry.
+    * anything else missing or of another shape: ModelConfigError naming the layer and the entry.
 
     An entry of the checkpoint that the layer lacks is an error too (the model would silently compute
     something else). If ``new_num_classes`` is given, every module with a ``num_classes`` attribute must
@@ -142,7 +142,7 @@ def load_pretrained(
     for j, layer in enumerate(layers):
         index = first_index + j
         if index not in state_by_layer:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"model.init_checkpoint: holds no layer {index}; it must come from the same model family and depth"
             )
         source = state_by_layer[index]
@@ -151,7 +151,7 @@ def load_pretrained(
         target = layer.state_dict()
         extra = sorted(set(source) - set(target))
         if extra:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"model.init_checkpoint: layer {index} has entries {extra} this model lacks; "
                 "the checkpoint comes from a different architecture (check model.preset and overrides)"
             )
@@ -162,7 +162,7 @@ def load_pretrained(
                 if name in scales:
                     report.kept_init.append((index, name))
                     continue
-                raise ConfigError(
+                raise ModelConfigError(
                     f"model.init_checkpoint: layer {index} lacks {name!r}; the checkpoint is from another architecture"
                 )
             value = source[name]
@@ -176,7 +176,7 @@ def load_pretrained(
                 report.regridded.append((index, name))
             else:
                 hint = " (pass new_num_classes to re-initialise the class table)" if name in embeddings else ""
-                raise ConfigError(
+                raise ModelConfigError(
                     f"model.init_checkpoint: layer {index} {name!r} has shape {tuple(value.shape)} in the checkpoint "
                     f"but {tuple(current.shape)} in the model{hint}"
                 )

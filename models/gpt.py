@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Carry, Layer, LayerMeta, MicroBatch, ModelSpec, TiedGroup, layer_generator, run_layers
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 INIT_STD = 0.02
 
@@ -104,20 +104,20 @@ def _validate(c: GPTConfig) -> None:
     for name in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"model.overrides.{name}: got {value!r}; must be a positive integer")
+            raise ModelConfigError(f"model.overrides.{name}: got {value!r}; must be a positive integer")
     if c.d_model % c.n_head:
-        raise ConfigError(
+        raise ModelConfigError(
             f"model.overrides.d_model: got {c.d_model} with n_head {c.n_head}; d_model must be a multiple of n_head"
         )
     if c.dropout != 0:
         # Dropout masks would come from each worker's running RNG, so re-running a step under a new plan
         # after a failure would not reproduce the same numbers.
-        raise ConfigError(
+        raise ModelConfigError(
             f"model.overrides.dropout: got {c.dropout!r}; GPT supports only 0 (dropout breaks exact replay of "
             "a step after recovery); remove the override"
         )
     if not isinstance(c.bias, bool):
-        raise ConfigError(f"model.overrides.bias: got {c.bias!r}; expected true or false")
+        raise ModelConfigError(f"model.overrides.bias: got {c.bias!r}; expected true or false")
 
 
 def _token_embedding(c: GPTConfig, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Generator]:
@@ -227,7 +227,7 @@ class GPTHead(Layer):
 class GPTSpec(ModelSpec):
     """A GPT as ``n_layer + 2`` independently buildable layers (see the module docstring).
 
-    Raises :class:`ConfigError` for a config that cannot be built: non-positive sizes, ``d_model`` not a
+    Raises :class:`ModelConfigError` for a config that cannot be built: non-positive sizes, ``d_model`` not a
     multiple of ``n_head``, or ``dropout != 0`` (not supported, because dropout masks are not a function
     of (seed, step, sample) and would break exact replay of a step under a new plan).
     """
@@ -235,7 +235,7 @@ class GPTSpec(ModelSpec):
     def __init__(self, config: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         _validate(config)
         if not dtype.is_floating_point:
-            raise ConfigError(f"model.dtype: got {dtype}; expected a floating-point dtype")
+            raise ModelConfigError(f"model.dtype: got {dtype}; expected a floating-point dtype")
         self.config = config
         self.seed = seed
         self.dtype = dtype

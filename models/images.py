@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 #: where Debian's ``dataset-fashion-mnist`` package puts the IDX files
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -57,14 +57,14 @@ class ImageDataset:
     def select_classes(self, classes: list[int] | None) -> "ImageDataset":
         """The samples whose label is in ``classes`` (all of them for None), labels unchanged.
 
-        Raises ConfigError naming ``data.classes`` if the list is empty or names a label the dataset
+        Raises ModelConfigError naming ``data.classes`` if the list is empty or names a label the dataset
         does not have."""
         if classes is None:
             return self
         present = sorted(set(self.labels.tolist()))
         unknown = [c for c in classes if c not in present]
         if not classes or unknown:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"data.classes: got {classes!r}; allowed: a non-empty list of labels from {present[0]}..{present[-1]}"
             )
         keep = torch.isin(self.labels, torch.tensor(sorted(set(classes)), dtype=torch.int64))
@@ -91,7 +91,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """The array stored in an IDX file (the MNIST format), gzip-compressed or not.
 
     Layout: two zero bytes, a type byte, a dimension count ``d``, ``d`` big-endian uint32 sizes, then
-    the big-endian data. Raises ConfigError naming the file for a missing file, bad magic, an unknown
+    the big-endian data. Raises ModelConfigError naming the file for a missing file, bad magic, an unknown
     type byte, or a file shorter or longer than its header says."""
     path = Path(path)
     try:
@@ -101,24 +101,24 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         with opener(path, "rb") as f:
             blob = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"data.path: {path} does not exist; pass an existing IDX file") from None
+        raise ModelConfigError(f"data.path: {path} does not exist; pass an existing IDX file") from None
     except IsADirectoryError:
-        raise ConfigError(f"data.path: {path} is a folder; pass an IDX file inside it") from None
+        raise ModelConfigError(f"data.path: {path} is a folder; pass an IDX file inside it") from None
     except (OSError, EOFError) as exc:  # a truncated gzip stream ends in EOFError
-        raise ConfigError(f"data.path: cannot read {path} ({exc}); the file is damaged, fetch it again") from None
+        raise ModelConfigError(f"data.path: cannot read {path} ({exc}); the file is damaged, fetch it again") from None
     if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] not in _IDX_DTYPES:
-        raise ConfigError(
+        raise ModelConfigError(
             f"data.path: {path} is not an IDX file (magic {blob[:4].hex() or 'empty'}); "
             "expected 0000 followed by a type byte (08, 09, 0b, 0c, 0d, 0e) and a dimension count"
         )
     dtype, ndim = _IDX_DTYPES[blob[2]], blob[3]
     header = 4 + 4 * ndim
     if len(blob) < header:
-        raise ConfigError(f"data.path: {path} is truncated inside its header; fetch the file again")
+        raise ModelConfigError(f"data.path: {path} is truncated inside its header; fetch the file again")
     shape = tuple(int(n) for n in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(blob) != expected:
-        raise ConfigError(
+        raise ModelConfigError(
             f"data.path: {path} holds {len(blob)} bytes but its header {shape} needs {expected}; "
             "the file is truncated or damaged, fetch it again"
         )
@@ -126,11 +126,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
-    """``stem`` or ``stem.gz`` in ``folder``; ConfigError with the install hint if neither exists."""
+    """``stem`` or ``stem.gz`` in ``folder``; ModelConfigError with the install hint if neither exists."""
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
-    raise ConfigError(
+    raise ModelConfigError(
         f"data.path: no {stem}[.gz] in {folder}; run `apt-get install dataset-fashion-mnist` "
         f"(installs {FASHION_MNIST_DIR}) or set data.path to a folder holding the Fashion-MNIST IDX files"
     )
@@ -147,7 +147,7 @@ def fashion_mnist_dataset(path: str | None = None, train: bool = True, classes: 
     images = read_idx(_find_idx(folder, f"{split}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(folder, f"{split}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ConfigError(
+        raise ModelConfigError(
             f"data.path: {folder} holds images {images.shape} and labels {labels.shape}; "
             "expected [N, H, W] images and [N] labels of the same split"
         )

@@ -45,21 +45,9 @@ from torch import nn
 
 from models.base import Carry, Layer, MicroBatch
 from models.diffusion import NoiseSchedule
-from models.dit import (
-    PATCH_POSITIVE,
-    Attention,
-    DiTHead,
-    LabelEmbedder,
-    Mlp,
-    PatchConfig,
-    PatchDiffusionSpec,
-    PatchStem,
-    check_patch_config,
-    init_modulation,
-    modulate,
-    xavier_init,
-)
-from oobleck.errors import ConfigError
+from models.dit import PATCH_POSITIVE, DiTHead, PatchConfig, PatchDiffusionSpec, PatchStem, check_patch_config
+from models.dit_blocks import Attention, LabelEmbedder, Mlp, init_modulation, modulate, xavier_init
+from models.errors import ModelConfigError
 
 
 @dataclass(frozen=True)
@@ -318,11 +306,11 @@ def _check_config(c: MoEConfig) -> None:
     """One-line ConfigErrors for shapes the model cannot take."""
     check_patch_config(c, (*PATCH_POSITIVE, "n_prompt", "num_time_experts", "num_space_experts"))
     if c.top_k not in (1, 2) or c.top_k > c.num_space_experts:
-        raise ConfigError(f"model.overrides.top_k: got {c.top_k}; must be 1 or 2 and at most num_space_experts ({c.num_space_experts})")
+        raise ModelConfigError(f"model.overrides.top_k: got {c.top_k}; must be 1 or 2 and at most num_space_experts ({c.num_space_experts})")
     if c.mlp_hidden < 1:
-        raise ConfigError(f"model.overrides.mlp_ratio: got {c.mlp_ratio}; d_model * mlp_ratio must be >= 1")
+        raise ModelConfigError(f"model.overrides.mlp_ratio: got {c.mlp_ratio}; d_model * mlp_ratio must be >= 1")
     if c.aux_coef < 0:
-        raise ConfigError(f"model.overrides.aux_coef: got {c.aux_coef}; must be >= 0")
+        raise ModelConfigError(f"model.overrides.aux_coef: got {c.aux_coef}; must be >= 0")
 
 
 class MoESpec(PatchDiffusionSpec):

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from models.data import Dataset
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 VOCAB_SIZE = 256
 
@@ -26,18 +26,18 @@ def pydoc_corpus() -> str:
 
 
 def read_text_file(path: str | Path) -> str:
-    """The contents of a UTF-8 text file. Raises :class:`ConfigError` naming ``data.path`` when the file
+    """The contents of a UTF-8 text file. Raises :class:`ModelConfigError` naming ``data.path`` when the file
     is missing, not a regular file, empty, or not valid UTF-8."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data.path: got {str(path)!r}; no such file; give the path of a UTF-8 text file")
+        raise ModelConfigError(f"data.path: got {str(path)!r}; no such file; give the path of a UTF-8 text file")
     raw = p.read_bytes()
     if not raw:
-        raise ConfigError(f"data.path: got {str(path)!r}; the file is empty; give a file with text in it")
+        raise ModelConfigError(f"data.path: got {str(path)!r}; the file is empty; give a file with text in it")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(
+        raise ModelConfigError(
             f"data.path: got {str(path)!r}; not valid UTF-8 at byte {err.start}; convert the file to UTF-8"
         ) from None
 
@@ -62,12 +62,12 @@ class TokenWindows(Dataset):
 
     def __init__(self, text: str, seq_len: int) -> None:
         if seq_len <= 0:
-            raise ConfigError(f"model.overrides.seq_len: got {seq_len}; must be a positive integer")
+            raise ModelConfigError(f"model.overrides.seq_len: got {seq_len}; must be a positive integer")
         data = text.encode("utf-8")
         self.seq_len = seq_len
         self.num_windows = len(data) // (seq_len + 1)
         if self.num_windows == 0:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"data: the text has {len(data)} bytes, fewer than one window of seq_len + 1 = {seq_len + 1}; "
                 "use a longer text or a smaller model.overrides.seq_len"
             )

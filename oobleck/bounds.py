@@ -12,6 +12,8 @@ MAX_NODES = 4096
 MAX_DEVICES_PER_NODE = 64
 MAX_BATCH = 2**31
 MAX_STEPS = 10**9
+#: upper bound of ``fault_tolerance.checkpoint_keep`` (a larger count is almost surely a typo; 0 keeps all)
+MAX_CHECKPOINT_KEEP = 1000
 #: layer seeds are seed * 1_000_003 + index, which must stay within torch's 64-bit seeds
 MAX_SEED = 2**32 - 1
 #: 1 PiB per device

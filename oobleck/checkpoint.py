@@ -8,7 +8,7 @@ Layout of one checkpoint (step ``N`` = number of optimizer steps applied when it
         meta.json          {"format": 2, "step": N, "num_layers": L, "config": job config dict,
                             "layers": [{"size": bytes, "sha256": hex digest} for each layer file]}
 
-Every file is written to a temporary name in the same folder (unique per host, process, thread and call),
+Every file is written to a temporary name in the same folder (:mod:`oobleck.durable_files`),
 fsynced and renamed into place, so a file that exists is whole. ``meta.json`` is written last, after every
 layer file (by whoever knows that all holders have finished, e.g. the master after every worker reported),
 with each layer file's size and SHA-256; completing is idempotent, so any number of threads and processes
@@ -31,22 +31,18 @@ list of names in that order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import secrets
 import shutil
-import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from oobleck.durable_files import TRASH_PREFIX, atomic_write, file_digest, remove_folder, remove_stale_in
 from oobleck.errors import OobleckError
 
 log = logging.getLogger(__name__)
@@ -57,12 +53,6 @@ READABLE_FORMATS = (1, 2)
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-#: ``.NAME.HOST.PID.TID.RANDOM.tmp`` (this version) or ``.NAME.PID.tmp`` (format-1 writers)
-_TMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.\d+\.[0-9a-f]+|(?P<oldpid>\d+))\.tmp$")
-#: a folder being deleted: renamed out of the ``step_*`` namespace first
-_TRASH_PREFIX = ".deleting-"
-_CHUNK = 1 << 20
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 class CheckpointError(OobleckError):
@@ -97,35 +87,6 @@ def layer_file(ckpt_dir: str | Path, index: int) -> Path:
     return Path(ckpt_dir) / f"layer_{index:04d}.pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any, *, create_parent: bool = True) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync it and rename it into place.
-
-    The temporary name is unique per host, process, thread and call, so concurrent writers of the same
-    ``path`` never touch each other's file: the last rename wins and every rename succeeds. Without
-    ``create_parent`` a missing folder (e.g. removed meanwhile) raises FileNotFoundError."""
-    if create_parent:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
 def optimizer_param_names(layer: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Names (in ``layer``) of the optimizer's parameters, in the order its ``state_dict()`` numbers them."""
     names = {id(p): name for name, p in layer.named_parameters(remove_duplicate=False)}
@@ -154,7 +115,7 @@ def layer_payload(
 def write_layer(ckpt_dir: str | Path, index: int, payload: dict[str, Any]) -> Path:
     """Atomically write layer ``index``'s :func:`layer_payload`."""
     path = layer_file(ckpt_dir, index)
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 
@@ -177,44 +138,6 @@ def _cloned(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------
 # Digests
-
-#: path -> ((dev, inode, size, mtime_ns, ctime_ns), sha256) of files hashed in this process
-_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
-_DIGESTS_MAX = 4096
-#: a digest is cached only when the file's last change is this much older than the start of its hashing, so
-#: that a change within one file-system timestamp tick after the hashing still shows in (mtime, ctime)
-#: (git's "racily clean" rule); a checkpoint just written is therefore hashed again when verified
-_RACY_NS = 2_000_000_000
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def file_digest(path: str | Path) -> tuple[int, str]:
-    """(size, SHA-256 hex digest) of ``path``, read in 1 MiB chunks. Cached per process by (device, inode,
-    size, mtime, ctime) for files whose last change is clearly older than the hashing (see ``_RACY_NS``);
-    any later write or replacement changes that key and the file is hashed again."""
-    key = str(Path(path).absolute())
-    started = time.time_ns()
-    with open(path, "rb") as f:
-        before = _stat_key(os.fstat(f.fileno()))
-        cached = _DIGESTS.get(key)
-        if cached is not None and cached[0] == before:
-            return before[2], cached[1]
-        digest = hashlib.sha256()
-        size = 0
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        after = _stat_key(os.fstat(f.fileno()))
-    hexdigest = digest.hexdigest()
-    if after == before and size == before[2] and before[4] < started - _RACY_NS:
-        if len(_DIGESTS) >= _DIGESTS_MAX:
-            _DIGESTS.clear()
-        _DIGESTS[key] = (before, hexdigest)
-    return size, hexdigest
-
 
 # ---------------------------------------------------------------------------------------------------
 # Completion and verification
@@ -277,10 +200,10 @@ def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[st
     _check_meta(meta, ckpt_dir)
     path = ckpt_dir / META
     try:
-        _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()), create_parent=False)
+        atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()), create_parent=False)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir}: the folder was removed while meta.json was written") from None
-    _remove_stale_in(ckpt_dir, None)
+    remove_stale_in(ckpt_dir, None)
     return path
 
 
@@ -442,25 +365,12 @@ def restore_latest(
 # Housekeeping
 
 
-def _remove_folder(folder: Path) -> bool:
-    """Remove a checkpoint folder crash-safely: rename it out of the ``step_*`` namespace (one atomic step,
-    after which it never counts as a checkpoint), then delete it. False if it was already gone."""
-    trash = folder.with_name(f"{_TRASH_PREFIX}{folder.name}.{secrets.token_hex(4)}")
-    try:
-        os.rename(folder, trash)
-    except FileNotFoundError:
-        return False
-    _fsync_dir(folder.parent)
-    shutil.rmtree(trash, ignore_errors=True)  # a leftover is removed by remove_stale_temporaries
-    return True
-
-
 def discard_after(run_dir: str | Path, step: int) -> list[Path]:
     """Remove the checkpoint folders of steps after ``step`` (complete or not); returns them."""
     removed = []
     with _lock_for(Path(run_dir) / "checkpoints"):
         for s, entry in _step_dirs(run_dir):
-            if s > step and _remove_folder(entry):
+            if s > step and remove_folder(entry):
                 removed.append(entry)
     if removed:
         log.warning("removed the checkpoint folders after step %d: %s", step, ", ".join(p.name for p in removed))
@@ -497,21 +407,11 @@ def prune(run_dir: str | Path, keep: int, *, verified: Path | None = None, prote
             if fallback is not None:
                 older.remove(fallback)
         for entry in older:
-            if entry.absolute() not in protected and _remove_folder(entry):
+            if entry.absolute() not in protected and remove_folder(entry):
                 removed.append(entry)
     if removed:
         log.info("checkpoint retention (keep %d): removed %s", keep, ", ".join(p.name for p in removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(run_dir: str | Path, *, older_than: float | None = None) -> list[Path]:
@@ -522,37 +422,14 @@ def remove_stale_temporaries(run_dir: str | Path, *, older_than: float | None = 
     root = Path(run_dir) / "checkpoints"
     removed = []
     for _, folder in _step_dirs(run_dir):
-        removed += _remove_stale_in(folder, older_than)
+        removed += remove_stale_in(folder, older_than)
     if older_than is not None and root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(_TRASH_PREFIX) and entry.is_dir():
+            if entry.name.startswith(TRASH_PREFIX) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     if removed:
         log.info("removed %d stale temporary checkpoint files under %s", len(removed), root)
-    return removed
-
-
-def _remove_stale_in(folder: Path, older_than: float | None) -> list[Path]:
-    """:func:`remove_stale_temporaries` for one checkpoint folder."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        m = _TMP.match(name)
-        if not m:
-            continue
-        file = folder / name
-        try:
-            mtime = file.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        dead = m.group("host") == _HOST and not _alive(int(m.group("pid")))
-        if dead or (older_than is not None and mtime < older_than):
-            file.unlink(missing_ok=True)
-            removed.append(file)
     return removed
 
 

@@ -29,10 +29,10 @@ import torch
 
 from models.base import Carry, MicroBatch, ModelSpec
 from models.data import BatchSource
-from models.registry import build_batches, build_model
 from oobleck.config import JobConfig
+from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
-from oobleck.training import resolve_device
+from oobleck.model_building import build_batches, build_model
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 

@@ -28,17 +28,17 @@ import torch
 
 from models.base import Layer, MicroBatch, ModelSpec, run_layers
 from models.data import BatchSource
-from models.difffit import LoadReport, load_pretrained
-from models.registry import build_batches, build_model
+from models.difffit import LoadReport
 from oobleck import checkpoint
 from oobleck.config import JobConfig, TrainingConfig
+from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
+from oobleck.model_building import build_batches, build_model, load_pretrained_layers
 from oobleck.training import (
     clip_coefficient,
     grad_square_sum,
+    layer_optimizers,
     lr_at,
-    make_optimizer,
-    resolve_device,
     scale_grads,
     set_lr,
 )
@@ -67,18 +67,6 @@ class LocalResult:
     spec: ModelSpec
     stats: list[StepStats] = field(default_factory=list)
     checkpoint: Path | None = None
-
-
-def layer_optimizers(layers: list[Layer], cfg: TrainingConfig) -> list[torch.optim.AdamW]:
-    """One AdamW per layer. A Parameter that several layers share (a tied group under ``build_all``)
-    belongs to the first layer holding it; later layers' optimizers leave it out, so it steps once."""
-    owned: set[int] = set()
-    optimizers = []
-    for layer in layers:
-        named = [(name, p) for name, p in layer.named_parameters() if id(p) not in owned]
-        owned.update(id(p) for _, p in named)
-        optimizers.append(make_optimizer(named, cfg))
-    return optimizers
 
 
 def trainable_parameters(layers: list[Layer]) -> list[torch.nn.Parameter]:
@@ -163,7 +151,7 @@ def load_init_checkpoint(path: str | Path, spec: ModelSpec, layers: list[Layer])
             "use a checkpoint of the same model depth"
         )
     states = {i: checkpoint.load_layer_state(ckpt, i)["params"] for i in range(len(layers))}
-    return load_pretrained(layers, states, new_num_classes=getattr(getattr(spec, "config", None), "num_classes", None))
+    return load_pretrained_layers(layers, states, new_num_classes=getattr(getattr(spec, "config", None), "num_classes", None))
 
 
 def train_local(

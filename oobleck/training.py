@@ -28,28 +28,26 @@ Clipping
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from oobleck.config import TrainingConfig
+from models.base import Layer
+from oobleck.config import DType, TrainingConfig
 from oobleck.errors import ConfigError
 
-#: config dtype names -> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+#: config dtype names -> torch dtypes: the names :data:`oobleck.config.DType` allows, each torch's dtype of that name
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in typing.get_args(DType)}
 
 #: the denominator guard torch.nn.utils.clip_grad_norm_ uses
 CLIP_EPS = 1e-6
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a config dtype name (``float32``, ``float64``, ``float16``, ``bfloat16``)."""
+    """The torch dtype for a config dtype name (a key of :data:`DTYPES`); ConfigError naming ``model.dtype``
+    and the allowed names for any other."""
     try:
         return DTYPES[name]
     except KeyError:
@@ -80,6 +78,18 @@ def make_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Traini
         eps=1e-8,
         foreach=False,
     )
+
+
+def layer_optimizers(layers: list[Layer], cfg: TrainingConfig) -> list[torch.optim.AdamW]:
+    """One AdamW per layer. A Parameter that several layers share (a tied group under ``build_all``)
+    belongs to the first layer holding it; later layers' optimizers leave it out, so it steps once."""
+    owned: set[int] = set()
+    optimizers = []
+    for layer in layers:
+        named = [(name, p) for name, p in layer.named_parameters() if id(p) not in owned]
+        owned.update(id(p) for _, p in named)
+        optimizers.append(make_optimizer(named, cfg))
+    return optimizers
 
 
 def lr_at(step: int, cfg: TrainingConfig) -> float:
@@ -146,14 +156,3 @@ def scale_grads(params: Iterable[nn.Parameter], coefficient: float) -> None:
             continue
         seen.add(id(p))
         p.grad.mul_(coefficient)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``cluster.device``: ``cpu``, ``cuda``, or ``auto`` (``cuda`` when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("cluster.device: got 'cuda' but no CUDA device is visible; use cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"cluster.device: got {name!r}; allowed: cpu, cuda, auto")
-    return torch.device(name)

@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     # joining a running job would otherwise hold up everyone's rendezvous while it imports)
     import torch.distributed as dist
 
-    from launcher.faults import FaultHook
     from oobleck.config import config_from_dict
     from oobleck.engine.elastic import RestartRequested, run_elastic
     from oobleck.engine.signed_store import SignedStore, store_key
+    from oobleck.engine.store_keys import fault_key
+    from oobleck.faults import FaultHook
 
     try:
         client = AssignmentClient(
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pin_gloo(first.store_host, first.store_port)
 
-    def record(name: str, value: str) -> None:
-        SignedStore(dist.TCPStore(first.store_host, first.store_port, is_master=False), key).set(name, value)
+    def record(at: float) -> None:
+        store = SignedStore(dist.TCPStore(first.store_host, first.store_port, is_master=False), key)
+        store.set(fault_key(args.node), repr(at))
 
     config = config_from_dict(first.config)
     hook = FaultHook(config.faults, args.node, args.device, record)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from oobleck import checkpoint as ck
+from oobleck import durable_files
 from oobleck.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -240,7 +241,7 @@ def test_racing_completers_in_threads_and_processes_all_succeed(tmp_path: Path) 
 def test_temporary_names_are_unique_per_thread_and_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names: list[str] = []
     real_replace = os.replace
-    monkeypatch.setattr(ck.os, "replace", lambda src, dst: (names.append(Path(src).name), real_replace(src, dst)))
+    monkeypatch.setattr(durable_files.os, "replace", lambda src, dst: (names.append(Path(src).name), real_replace(src, dst)))
     threads = [threading.Thread(target=ck.write_layer, args=(tmp_path, 0, {"step": 0})) for _ in range(4)]
     for t in threads:
         t.start()
@@ -329,28 +330,28 @@ def test_unreadable_layer_file_error_is_one_line(tmp_path: Path) -> None:
 
 
 def test_digest_streams_and_sees_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ck, "_CHUNK", 7)
+    monkeypatch.setattr(durable_files, "_CHUNK", 7)
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
-    assert ck.file_digest(path) == (100, hashlib.sha256(b"x" * 100).hexdigest())
+    assert durable_files.file_digest(path) == (100, hashlib.sha256(b"x" * 100).hexdigest())
     old = os.stat(path)
     os.utime(path, ns=(old.st_atime_ns - 10**10, old.st_mtime_ns - 10**10))  # ctime stays new: not cached yet
     path.write_bytes(b"y" * 100)  # same size, same second
-    assert ck.file_digest(path)[1] == hashlib.sha256(b"y" * 100).hexdigest()
+    assert durable_files.file_digest(path)[1] == hashlib.sha256(b"y" * 100).hexdigest()
 
 
 def test_digest_cache_is_keyed_by_the_file_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ck, "_RACY_NS", -(10**18))  # treat every file as settled, so that it is cached
+    monkeypatch.setattr(durable_files, "_RACY_NS", -(10**18))  # treat every file as settled, so that it is cached
     path = tmp_path / "f"
     path.write_bytes(b"a" * 10)
-    first = ck.file_digest(path)
-    real_sha256 = ck.hashlib.sha256
-    monkeypatch.setattr(ck.hashlib, "sha256", lambda: pytest.fail("hashed again"))
-    assert ck.file_digest(path) == first  # unchanged: from the cache
-    monkeypatch.setattr(ck.hashlib, "sha256", real_sha256)
+    first = durable_files.file_digest(path)
+    real_sha256 = durable_files.hashlib.sha256
+    monkeypatch.setattr(durable_files.hashlib, "sha256", lambda: pytest.fail("hashed again"))
+    assert durable_files.file_digest(path) == first  # unchanged: from the cache
+    monkeypatch.setattr(durable_files.hashlib, "sha256", real_sha256)
     (tmp_path / "g").write_bytes(b"b" * 10)
     os.replace(tmp_path / "g", path)  # another file (inode) at the same path
-    assert ck.file_digest(path) == (10, hashlib.sha256(b"b" * 10).hexdigest())
+    assert durable_files.file_digest(path) == (10, hashlib.sha256(b"b" * 10).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,13 +423,13 @@ def test_a_removed_folder_is_not_recreated_by_a_late_completer(tmp_path: Path, m
     completer must not create it again holding only a meta.json for files a re-run writes later."""
     (ckpt,) = _checkpoints(tmp_path, [1])
     (ckpt / "meta.json").unlink()
-    real = ck._atomic_write
+    real = ck.atomic_write
 
     def vanish(path: Path, write, **kw) -> None:
-        ck._remove_folder(ckpt)
+        durable_files.remove_folder(ckpt)
         real(path, write, **kw)
 
-    monkeypatch.setattr(ck, "_atomic_write", vanish)
+    monkeypatch.setattr(ck, "atomic_write", vanish)
     with pytest.raises(CheckpointError, match="removed while meta.json was written"):
         ck.write_meta(ckpt, 1, 1, {})
     assert not ckpt.exists()
@@ -438,7 +439,7 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> No
     (ckpt,) = _checkpoints(tmp_path, [1])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    host = ck._HOST
+    host = durable_files.HOST
     names = {
         "dead": f".layer_0000.pt.{host}.{dead_pid}.1.abcd.tmp",
         "alive": f".layer_0000.pt.{host}.{os.getpid()}.1.abcd.tmp",

@@ -12,7 +12,7 @@ from models.data import BatchSource
 from models.difffit import difffit_trainable_names, load_pretrained, regrid_positions, trainable_fraction
 from models.diffusion import sincos_pos_embed_2d
 from models.dit import PRESETS, DiTConfig, DiTSpec
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 TINY = PRESETS["tiny"]  # 4 blocks: DiffFit scales blocks 0 and 1
 
@@ -91,12 +91,12 @@ def test_load_pretrained_into_higher_resolution_with_new_classes() -> None:
     assert torch.equal(layers[0].x_embedder.proj.weight, source[0]["x_embedder.proj.weight"])
     # the fixed sin-cos table is the 14x14 grid's, not the 7x7 one of the checkpoint
     assert torch.equal(layers[0].pos_embed, sincos_pos_embed_2d(64, 14, 14).float())
-    with pytest.raises(ConfigError, match="new_num_classes"):
+    with pytest.raises(ModelConfigError, match="new_num_classes"):
         load_pretrained(DiTSpec(high).build_all(), source)
-    with pytest.raises(ConfigError, match="model.overrides.num_classes"):
+    with pytest.raises(ModelConfigError, match="model.overrides.num_classes"):
         load_pretrained(DiTSpec(high).build_all(), source, new_num_classes=5)
     wide = DiTSpec(dataclasses.replace(low, d_model=32, n_head=2)).build_all()
-    with pytest.raises(ConfigError, match="shape"):
+    with pytest.raises(ModelConfigError, match="shape"):
         load_pretrained(wide, source)
 
 

@@ -13,8 +13,8 @@ from models.base import MicroBatch
 from models.data import BatchSource
 from models.diffusion import NoiseSchedule, draw_diffusion_randomness, sincos_pos_embed_2d, timestep_embedding
 from models.dit import PRESETS, DiTConfig, DiTSpec
+from models.errors import ModelConfigError
 from models.sampling import sample_images, save_grid
-from oobleck.errors import ConfigError
 from tests.model_checks import assert_split_equivalent, held_out_loss_before_after, whole_model_grads
 
 # small enough for float64 autograd in milliseconds; plain adaLN so that every gradient is non-zero
@@ -100,9 +100,9 @@ def test_layer_meta_counts_match_built_layers() -> None:
 
 
 def test_bad_shapes_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="model.overrides.patch"):
+    with pytest.raises(ModelConfigError, match="model.overrides.patch"):
         DiTSpec(dataclasses.replace(SMALL, patch=3))
-    with pytest.raises(ConfigError, match="model.overrides.n_head"):
+    with pytest.raises(ModelConfigError, match="model.overrides.n_head"):
         DiTSpec(dataclasses.replace(SMALL, n_head=3))
 
 

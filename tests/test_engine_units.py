@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 from oobleck.engine.api import PipelinePlan
-from oobleck.engine.commit import CommitCoordinator, StepAborted, ready_key, report_ready
+from oobleck.engine.commit import CommitCoordinator, StepAborted, report_ready
 from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
 from oobleck.engine.schedule import max_in_flight, one_f_one_b
 from oobleck.engine.signed_store import SignedStore, store_key
+from oobleck.engine.store_keys import ready_key
 
 KEY = store_key("engine-units-token")
 

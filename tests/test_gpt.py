@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.base import MicroBatch, run_layers
 from models.data import BatchSource
+from models.errors import ModelConfigError
 from models.gpt import PRESETS, GPTConfig, GPTHead, GPTSpec, generate
 from models.text import TokenWindows, encode, pydoc_corpus
-from oobleck.errors import ConfigError
 from tests.model_checks import assert_split_equivalent
 
 TINY = PRESETS["tiny"]
@@ -130,8 +130,20 @@ def test_loss_units_and_initial_loss() -> None:
     [("dropout", 0.1), ("d_model", 130), ("n_layer", 0), ("seq_len", -4)],
 )
 def test_bad_config_is_a_config_error_naming_the_field(field: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=f"model.overrides.{field}: got {value}"):
+    with pytest.raises(ModelConfigError, match=f"model.overrides.{field}: got {value}"):
         GPTSpec(dataclasses.replace(TINY, **{field: value}))
+
+
+def test_building_from_a_config_turns_the_models_error_into_a_config_error() -> None:
+    from oobleck.config import ModelConfig
+    from oobleck.errors import ConfigError
+    from oobleck.model_building import build_model
+
+    with pytest.raises(ModelConfigError) as direct:
+        GPTSpec(dataclasses.replace(TINY, d_model=130))
+    with pytest.raises(ConfigError) as built:
+        build_model(ModelConfig(family="gpt", preset="tiny", overrides={"d_model": 130}), seed=0)
+    assert str(built.value) == str(direct.value) and isinstance(built.value.__cause__, ModelConfigError)
 
 
 def test_fingerprint_is_json_and_tracks_what_changes_numbers() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import images
-from oobleck.errors import ConfigError
+from models.errors import ModelConfigError
 
 HAVE_FASHION = Path(images.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file() or Path(
     images.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte"
@@ -57,7 +57,7 @@ def test_digits_class_subset_keeps_labels() -> None:
 
 @pytest.mark.parametrize("classes", [[], [3, 12]])
 def test_digits_bad_classes_name_the_field(classes: list[int]) -> None:
-    with pytest.raises(ConfigError, match=r"data\.classes: got .*0\.\.9"):
+    with pytest.raises(ModelConfigError, match=r"data\.classes: got .*0\.\.9"):
         images.digits_dataset(classes=classes)
 
 
@@ -76,10 +76,10 @@ def test_read_idx_round_trips(tmp_path: Path, dtype: type, type_byte: int, compr
 def test_read_idx_rejects_bad_magic(tmp_path: Path) -> None:
     path = tmp_path / "bad"
     path.write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x05")
-    with pytest.raises(ConfigError, match=r"not an IDX file \(magic 01020801\)"):
+    with pytest.raises(ModelConfigError, match=r"not an IDX file \(magic 01020801\)"):
         images.read_idx(path)
     path.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x05")  # unknown type byte
-    with pytest.raises(ConfigError, match="not an IDX file"):
+    with pytest.raises(ModelConfigError, match="not an IDX file"):
         images.read_idx(path)
 
 
@@ -88,10 +88,10 @@ def test_read_idx_rejects_truncated_data(tmp_path: Path, compress: bool) -> None
     full = write_idx(tmp_path / "full", np.zeros((4, 6), np.uint8), 0x08).read_bytes()
     path = tmp_path / "cut"
     path.write_bytes(gzip.compress(full[:-3]) if compress else full[:-3])
-    with pytest.raises(ConfigError, match=r"holds 33 bytes but its header \(4, 6\) needs 36"):
+    with pytest.raises(ModelConfigError, match=r"holds 33 bytes but its header \(4, 6\) needs 36"):
         images.read_idx(path)
     path.write_bytes(full[:9])
-    with pytest.raises(ConfigError, match="truncated inside its header"):
+    with pytest.raises(ModelConfigError, match="truncated inside its header"):
         images.read_idx(path)
 
 
@@ -99,19 +99,19 @@ def test_read_idx_rejects_truncated_gzip_stream(tmp_path: Path) -> None:
     blob = gzip.compress(write_idx(tmp_path / "full", np.arange(400, dtype=np.uint8).reshape(20, 20) % 251, 0x08).read_bytes())
     path = tmp_path / "cut.gz"
     path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ConfigError, match="damaged"):
+    with pytest.raises(ModelConfigError, match="damaged"):
         images.read_idx(path)
 
 
 def test_read_idx_missing_file_and_folder(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ModelConfigError, match="does not exist"):
         images.read_idx(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="is a folder"):
+    with pytest.raises(ModelConfigError, match="is a folder"):
         images.read_idx(tmp_path)
 
 
 def test_fashion_mnist_missing_folder_says_how_to_get_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"apt-get install dataset-fashion-mnist.*data\.path"):
+    with pytest.raises(ModelConfigError, match=r"apt-get install dataset-fashion-mnist.*data\.path"):
         images.fashion_mnist_dataset(str(tmp_path))
 
 
@@ -128,7 +128,7 @@ def test_fashion_mnist_reads_a_user_folder(tmp_path: Path) -> None:
 def test_fashion_mnist_mismatched_split_is_an_error(tmp_path: Path) -> None:
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 2, 2), np.uint8), 0x08)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2, np.uint8), 0x08)
-    with pytest.raises(ConfigError, match="of the same split"):
+    with pytest.raises(ModelConfigError, match="of the same split"):
         images.fashion_mnist_dataset(str(tmp_path))
 
 

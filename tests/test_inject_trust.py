@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.local import job_token
 from oobleck import cli
-from launcher.local import job_token, write_control_file
+from oobleck.control.run_files import write_control_file
 
 OTHER_UID = 4242
 

@@ -11,10 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.base import MicroBatch, run_layers
 from models.data import BatchSource
+from models.errors import ModelConfigError
 from models.images import ImageDataset
 from models.moe import PRESETS, MoEBlockLayer, MoEConfig, MoESpec, load_balancing_loss, trace_routing
 from models.sampling import sample_images
-from oobleck.errors import ConfigError
 from tests.model_checks import assert_split_equivalent, held_out_loss_before_after
 
 # small enough for float64 checks in milliseconds, with several experts of each kind
@@ -165,13 +165,13 @@ def test_layers_are_a_function_of_seed_and_index() -> None:
     [({"top_k": 3}, "top_k"), ({"top_k": 2, "num_space_experts": 1}, "top_k"), ({"patch": 3}, "patch"), ({"n_head": 3}, "n_head"), ({"aux_coef": -1.0}, "aux_coef")],
 )
 def test_bad_config_names_the_field(change: dict, field: str) -> None:
-    with pytest.raises(ConfigError, match=rf"model\.overrides\.{field}: got"):
+    with pytest.raises(ModelConfigError, match=rf"model\.overrides\.{field}: got"):
         MoESpec(dataclasses.replace(SMALL, **change))
 
 
 def test_registry_builds_moe_for_digits() -> None:
-    from models.registry import build_dataset, build_model
     from oobleck.config import DataConfig, ModelConfig
+    from oobleck.model_building import build_dataset, build_model
 
     spec = build_model(ModelConfig(family="moe", preset="tiny", overrides={"n_layer": 2}), seed=0)
     assert isinstance(spec, MoESpec) and spec.num_layers == 4

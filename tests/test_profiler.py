@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import build_model
 from oobleck.config import JobConfig, config_from_dict
+from oobleck.model_building import build_model
 from oobleck.profiler import ensure_profile, expected_fingerprint, profile_path
 from planner.errors import ProfileError
 from planner.profile import ModelProfile
@@ -45,9 +45,9 @@ def test_tiny_preset_profile_loads_with_its_fingerprint_and_plans(tmp_path: Path
     assert profile.layers[-1].output_bytes == 0
 
     plan_module = pytest.importorskip("planner.plan")
-    from oobleck.control.planning import cluster_spec
+    from oobleck.cluster_spec import cluster_spec
 
-    plan = plan_module.make_plan(profile, cluster_spec(config), 1, config.training.global_batch, config.training.microbatch)
+    plan = plan_module.make_plan(profile, cluster_spec(config.cluster), 1, config.training.global_batch, config.training.microbatch)
     assert sum(t.num_nodes for t, _ in plan.instantiation.pipelines) == 4
 
 

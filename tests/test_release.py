@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import pytest
 
-from oobleck.recovery.release import SocketSnapshot, gloo_sockets, release_blocked_collectives, tcp_connections
+from oobleck.engine.release import SocketSnapshot, gloo_sockets, release_blocked_collectives, tcp_connections
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -215,8 +215,8 @@ def store_key() -> bytes:
 
 def end_generation(host, generation: int) -> None:  # noqa: ANN001 (torch imported lazily)
     """What the master does: write the signed ``ended/gen{generation}``."""
-    from oobleck.engine.commit import ended_key
     from oobleck.engine.signed_store import SignedStore
+    from oobleck.engine.store_keys import ended_key
 
     SignedStore(host, store_key()).set(ended_key(generation), "1")
 

@@ -13,8 +13,9 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from oobleck.engine.commit import ABORT, COMMIT, CommitCoordinator, decision_key, ended_key, ready_key, report_ready
+from oobleck.engine.commit import ABORT, COMMIT, CommitCoordinator, report_ready
 from oobleck.engine.signed_store import TAG, SignedStore, sign, store_key, verify
+from oobleck.engine.store_keys import decision_key, ended_key, ready_key
 
 KEY = store_key("a-job-token")
 OTHER = store_key("another-job-token")

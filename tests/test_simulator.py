@@ -21,7 +21,7 @@ from benchmarks.sim_engine import (
 )
 from benchmarks.sim_model import Costs, Setup, SimulatorError, redundant_profile
 from benchmarks.simulator import MeasuredRun, build_setup, main, predict_throughput
-from launcher.trace import TraceEvent, load_trace
+from oobleck.trace import TraceEvent, load_trace
 from planner.cluster import ClusterSpec
 from planner.profile import LayerProfile, ModelProfile
 

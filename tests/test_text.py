@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.errors import ModelConfigError
 from models.text import TokenWindows, decode, encode, pydoc_corpus, read_text_file
-from oobleck.errors import ConfigError
 
 
 def test_pydoc_corpus_is_real_documentation() -> None:
@@ -49,7 +49,7 @@ def test_token_windows_are_non_overlapping_shifted_pairs() -> None:
 
 
 def test_text_shorter_than_one_window_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="fewer than one window of seq_len \\+ 1 = 65"):
+    with pytest.raises(ModelConfigError, match="fewer than one window of seq_len \\+ 1 = 65"):
         TokenWindows("short", 64)
 
 
@@ -63,5 +63,5 @@ def test_read_text_file(tmp_path: Path) -> None:
     bad.write_bytes("café".encode("latin-1"))
     for path, why in [(tmp_path / "missing.txt", "no such file"), (tmp_path, "no such file"),
                       (empty, "the file is empty"), (bad, "not valid UTF-8 at byte 3")]:
-        with pytest.raises(ConfigError, match=f"data.path: got .*; {why}"):
+        with pytest.raises(ModelConfigError, match=f"data.path: got .*; {why}"):
             read_text_file(path)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.trace import TraceEvent, load_trace, nodes_alive, replay_schedule, summary
 from oobleck.errors import ConfigError
+from oobleck.trace import TraceEvent, load_trace, nodes_alive, replay_schedule, summary
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 needs_traces = pytest.mark.skipif(not (TRACES / "p3-trace.csv").exists(), reason="shared traces not present")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oobleck.recovery.transfer import LayerLost, Transfer, plan_transfers
+from oobleck.engine.transfer import LayerLost, Transfer, plan_transfers
 from tests.budget import examples
 
 

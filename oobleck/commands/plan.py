@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oobleck.bounds import MAX_BATCH, MAX_DEVICES_PER_NODE, MAX_NODES, int_flag
+from oobleck.cluster_spec import GIB, cluster_spec
 from oobleck.errors import OobleckError
 from planner.analytic import DEVICES, SHAPES, DeviceSpec, analytic_profile, device_named, shape_named
 from planner.cluster import ClusterSpec
@@ -22,10 +23,11 @@ from planner.errors import PlanningError, ProfileError
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
 
+if TYPE_CHECKING:
+    from oobleck.config import ClusterConfig
+
 HELP = "plan pipelines for a model and cluster (templates, instantiation, batch split, memory)"
 
-GiB = 2**30
-GB = 10**9
 
 #: values used with --model and no CONFIG when a flag is left out
 ANALYTIC_DEFAULTS = {"devices_per_node": 8, "f": 1, "global_batch": 512, "microbatch": 1}
@@ -70,7 +72,8 @@ class _Inputs:
     global_batch: int
     microbatch: int
     device: DeviceSpec
-    cluster_overrides: dict[str, float]
+    #: the config's cluster (its memory and bandwidths), unless --device-spec names the device
+    cluster: ClusterConfig | None
 
 
 def _pick(flag: Any, from_config: Any, default: Any, name: str) -> Any:
@@ -83,13 +86,6 @@ def _pick(flag: Any, from_config: Any, default: Any, name: str) -> Any:
 def _inputs(args: argparse.Namespace, config: Any) -> _Inputs:
     c = config
     device = device_named(args.device_spec or "a100-80g")
-    overrides: dict[str, float] = {}
-    if c is not None and args.device_spec is None:
-        overrides = {
-            "device_memory_bytes": c.cluster.device_memory_gib * GiB,
-            "intra_node_bandwidth": c.cluster.intra_node_bandwidth_gbps * GB,
-            "inter_node_bandwidth": c.cluster.inter_node_bandwidth_gbps * GB,
-        }
     d = ANALYTIC_DEFAULTS
     inputs = _Inputs(
         nodes=_pick(args.nodes, c and c.cluster.nodes, None, "--nodes"),
@@ -98,7 +94,7 @@ def _inputs(args: argparse.Namespace, config: Any) -> _Inputs:
         global_batch=_pick(args.global_batch, c and c.training.global_batch, d["global_batch"], "--global-batch"),
         microbatch=_pick(args.microbatch, c and c.training.microbatch, d["microbatch"], "--microbatch"),
         device=device,
-        cluster_overrides=overrides,
+        cluster=c.cluster if c is not None and args.device_spec is None else None,
     )
     for flag, value, least in (
         ("--nodes", inputs.nodes, 1),
@@ -113,13 +109,10 @@ def _inputs(args: argparse.Namespace, config: Any) -> _Inputs:
 
 
 def _cluster(i: _Inputs) -> ClusterSpec:
-    spec = {
-        "device_memory_bytes": i.device.memory_bytes,
-        "intra_node_bandwidth": i.device.intra_node_bandwidth,
-        "inter_node_bandwidth": i.device.inter_node_bandwidth,
-        **i.cluster_overrides,
-    }
-    return ClusterSpec(i.nodes, i.devices_per_node, **spec)
+    if i.cluster is not None:
+        return cluster_spec(i.cluster, i.nodes, i.devices_per_node)
+    d = i.device
+    return ClusterSpec(i.nodes, i.devices_per_node, d.memory_bytes, d.intra_node_bandwidth, d.inter_node_bandwidth)
 
 
 def _analytic_plan(name: str, i: _Inputs, recompute: str, profile_file: str | None) -> tuple[Plan, str]:
@@ -175,7 +168,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
+    return f"{n / GIB:.2f}"
 
 
 def _ranges(ranges: tuple[tuple[int, int], ...], limit: int = 4) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from types import FrameType
 
 from oobleck.bounds import MAX_NODES, MAX_STEPS, int_flag
-from oobleck.config import JobConfig, load_config, validate
+from oobleck.config import JobConfig, load_config
+from oobleck.config_checks import validate
 from oobleck.errors import OobleckError
 
 HELP = "train a job on a cluster (local processes by default)"

@@ -21,7 +21,7 @@ writes ``ended/gen{g}``, after which it never commits a step of ``g``; a lost no
 aborted, a joining node waits for the next step boundary), and the recovery thread re-plans:
 
 * the surviving nodes get the same templates instantiated again (:mod:`oobleck.control.planning`);
-* each layer a worker now needs comes from a surviving holder (:mod:`oobleck.recovery.transfer`); the
+* each layer a worker now needs comes from a surviving holder (:mod:`oobleck.engine.transfer`); the
   master tracks who holds which layer at the committed step, updated when a generation commits its first
   step (then every worker of it holds its stage);
 * if some layer has no surviving copy, the generation restores the latest complete checkpoint (the steps
@@ -55,8 +55,10 @@ from oobleck.control import tls
 from oobleck.control.channel import SERVER_OPTIONS
 from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policies import shadow_holdings, stage_nodes, takeover
-from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
+from oobleck.devices import wants_cuda
+from oobleck.engine.api import STUCK_EXIT_CODE, Assignment, Restore
 from oobleck.engine.signed_store import SignedStore, store_key
+from oobleck.engine.store_keys import fault_key, generation_prefix
 from oobleck.errors import OobleckError
 from planner.errors import PlanningError
 
@@ -163,7 +165,7 @@ class _Generation:
     store_prefix: str
     start_step: int
     started_at: float
-    restore: str = "init"
+    restore: Restore = Restore.INIT
     moves: tuple[tuple[int, int, int], ...] = ()
     #: set when the generation ends early (a node lost or joining); no step of it commits after that
     ended: bool = False
@@ -281,7 +283,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         the heartbeat monitor; return the address agents connect to. OobleckError if the port is taken.
         With TLS on (``cluster.tls``) it serves TLS with a fresh key and certificate (:attr:`cert_pem`)."""
         host, port = self.config.cluster.master_host, self.config.cluster.master_port
-        self._cuda = _use_cuda(self.config.cluster.device)
+        self._cuda = wants_cuda(self.config.cluster.device)
         # one thread per agent stream and per waiting worker, with room for many nodes joining later
         workers = 8 * self._expected * (self._devices + 1) + 64
         server = grpc.server(
@@ -624,7 +626,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             gen = _Generation(
                 number,
                 placement,
-                f"gen{number}/",
+                generation_prefix(number),
                 start,
                 time.monotonic(),
                 restore,
@@ -715,14 +717,14 @@ class Master(oobleck_pb2_grpc.MasterServicer):
 
     def _sources(
         self, placement: Placement, first: bool, restart: bool
-    ) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
+    ) -> tuple[Restore, tuple[tuple[int, int, int], ...], int]:
         """Where the new generation's layers come from: (restore mode, moves, start step). Lock held."""
-        from oobleck.recovery.transfer import LayerLost, plan_transfers
+        from oobleck.engine.transfer import LayerLost, plan_transfers
 
         if first:
             if self.config.run.resume:
                 return self._latest_checkpoint("resuming the run")
-            return "init", (), 0
+            return Restore.INIT, (), 0
         if restart:
             return self._latest_checkpoint(f"{self.config.fault_tolerance.policy}: restarting every worker")
         needs: dict[int, set[int]] = {}
@@ -737,9 +739,9 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             plan = plan_transfers(holders, needs, dict(enumerate(sizes)))
         except LayerLost as e:
             return self._latest_checkpoint(str(e))
-        return "memory", tuple((t.layer, t.source, t.receiver) for t in plan.transfers), self._committed
+        return Restore.MEMORY, tuple((t.layer, t.source, t.receiver) for t in plan.transfers), self._committed
 
-    def _latest_checkpoint(self, why: str) -> tuple[str, tuple[tuple[int, int, int], ...], int]:
+    def _latest_checkpoint(self, why: str) -> tuple[Restore, tuple[tuple[int, int, int], ...], int]:
         """Restore the run's latest complete checkpoint (or restart from step 0 when there is none)."""
         from oobleck import checkpoint
 
@@ -760,10 +762,10 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                 node.last_heartbeat = max(node.last_heartbeat, time.monotonic())
         if ckpt is None:
             log.warning("%s; no checkpoint exists: starting from step 0", why)
-            return "init", (), 0
+            return Restore.INIT, (), 0
         step = int(checkpoint.read_meta(ckpt)["step"])
         log.warning("%s; restoring the checkpoint of step %d", why, step)
-        return "checkpoint", (), step
+        return Restore.CHECKPOINT, (), step
 
     def _drive(self, gen: _Generation, plan_s: float) -> None:
         """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends."""
@@ -868,7 +870,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     checkpoint.prune(self.config.run.dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt, protect=[restored])
 
     def _report_recovery(self, gen: _Generation, change: _Change, plan_s: float, store: SignedStore) -> None:
-        from oobleck.engine.commit import timing_key
+        from oobleck.engine.store_keys import timing_key
 
         # every rank wrote its timing before its first ready report; one overwritten by a forged value since
         # is left out (its own line was logged)
@@ -965,7 +967,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._change.reasons.append(reason)
         if lost is not None:
             self._change.lost.append(lost)
-            kill_time = self._signed.get(f"faults/{lost}") if self._signed is not None else None
+            kill_time = self._signed.get(fault_key(lost)) if self._signed is not None else None
             if kill_time is not None:
                 self._change.kill_times.append(float(kill_time))
         if joined is not None:
@@ -975,7 +977,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         """End ``gen``: its workers leave it (they watch this key); none of its steps commits after this."""
         if gen.ended:
             return
-        from oobleck.engine.commit import ended_key
+        from oobleck.engine.store_keys import ended_key
 
         gen.ended = True
         if self._signed is not None:  # None once the master stopped
@@ -1079,16 +1081,6 @@ def _join(host: str, port: int) -> str:
 def _natural_key(name: str) -> list[Any]:
     """node2 before node10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _use_cuda(device: str) -> bool:
-    if device == "cpu":
-        return False
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OobleckError("cluster.device: got 'cuda' but no CUDA device is visible; use cpu or auto")
-    return device == "cuda" or torch.cuda.is_available()
 
 
 def _start_store(host: str) -> Any:

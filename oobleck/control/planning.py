@@ -5,32 +5,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from oobleck.cluster_spec import cluster_spec
 from oobleck.config import JobConfig
 from oobleck.control.master import Planner
 from oobleck.control.placement import PipelineShape
-from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
 from planner.templates import build_templates
-
-GIB = 1024**3
-#: the config gives bandwidths in GB/s; the planner wants bytes per second
-GB = 1e9
-
-
-def cluster_spec(config: JobConfig) -> ClusterSpec:
-    """The planner's view of the configured cluster."""
-    c = config.cluster
-    return ClusterSpec(
-        nodes=c.nodes,
-        devices_per_node=c.devices_per_node,
-        device_memory_bytes=c.device_memory_gib * GIB,
-        intra_node_bandwidth=c.intra_node_bandwidth_gbps * GB,
-        inter_node_bandwidth=c.inter_node_bandwidth_gbps * GB,
-    )
-
 
 def shapes(plan: Plan) -> list[PipelineShape]:
     """The plan's pipelines in plan order."""
@@ -55,7 +38,7 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
     policy = config.fault_tolerance.policy
     if policy != "oobleck":
         return _homogeneous_planner(config, profile, log)
-    full = make_plan(profile, cluster_spec(config), config.fault_tolerance.f, t.global_batch, t.microbatch)
+    full = make_plan(profile, cluster_spec(config.cluster), config.fault_tolerance.f, t.global_batch, t.microbatch)
     if log is not None:
         sizes = "+".join(str(template.num_nodes) for template, _ in full.instantiation.pipelines)
         log(f"plan: {len(full.instantiation.pipelines)} pipelines of {sizes} nodes, n0={full.n0}")
@@ -70,9 +53,9 @@ def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable
     policy = config.fault_tolerance.policy
     microbatches = config.training.global_batch // config.training.microbatch
     if policy == "bamboo":
-        templates = {d: t for d, t in build_templates(redundant_profile(profile), cluster_spec(config), 0).items() if d >= 2}
+        templates = {d: t for d, t in build_templates(redundant_profile(profile), cluster_spec(config.cluster), 0).items() if d >= 2}
     else:
-        templates = build_templates(profile, cluster_spec(config), 0)
+        templates = build_templates(profile, cluster_spec(config.cluster), 0)
 
     def choose(count: int) -> HomogeneousPlan:
         best = best_homogeneous(templates, count, microbatches)

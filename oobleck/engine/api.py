@@ -12,6 +12,7 @@ pipelines together cover each step's global batch exactly once.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,21 @@ from typing import Any
 #: shutting the generation's sockets down did not release; after ``fault_tolerance.stuck_after_s``).
 #: The master treats it as the loss of the worker's node, like a kill, not as the worker's own error.
 STUCK_EXIT_CODE = 75
+
+
+class Restore(str, enum.Enum):
+    """Where a generation's layers come from. A ``str`` whose text is its value, so JSON (assignments,
+    ``RUN/recoveries.jsonl``) and logs show ``init``, ``checkpoint`` or ``memory`` as before."""
+
+    #: fresh layers, or ``model.init_checkpoint``'s
+    INIT = "init"
+    #: the run's checkpoint of the generation's start step
+    CHECKPOINT = "checkpoint"
+    #: the layers the workers already hold, plus the moves from surviving replicas
+    MEMORY = "memory"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -56,11 +72,10 @@ class Assignment:
     config: dict[str, Any]
     #: first step this generation runs (steps before it are committed)
     start_step: int = 0
-    #: where the layers' state comes from: ``init`` (fresh, or ``model.init_checkpoint``), ``checkpoint``
-    #: (the run's checkpoint of ``start_step``) or ``memory`` (the layers workers already hold, plus ``moves``)
-    restore: str = "init"
+    #: where the layers' state comes from (``start_step``'s checkpoint for :attr:`Restore.CHECKPOINT`)
+    restore: Restore = Restore.INIT
     #: for ``memory``: ``(layer, source rank, receiver rank)``; each receiver gets the layer's parameters,
-    #: optimizer state and step from the source, in this order (see :mod:`oobleck.recovery.layers`)
+    #: optimizer state and step from the source, in this order (see :mod:`oobleck.engine.layer_moves`)
     moves: tuple[tuple[int, int, int], ...] = ()
     #: the worker process restarts (a fresh interpreter) before joining this generation: the Varuna-style
     #: baseline's stop-everything restart (and Bamboo's after a fatal failure)
@@ -84,6 +99,7 @@ class Assignment:
             for p in raw["pipelines"]
         )
         raw["moves"] = tuple(tuple(m) for m in raw.get("moves", ()))
+        raw["restore"] = Restore(raw.get("restore", Restore.INIT))
         return cls(**raw)
 
     @property

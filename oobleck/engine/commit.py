@@ -14,7 +14,7 @@ below carries a MAC under the job's token and a forged one is ignored), under th
 ``commit/s/decision``
     written once by the master: ``commit`` or ``abort``.
 ``timing/r{rank}``
-    written once per generation by each worker when it is ready to train (see :func:`timing_key`).
+    written once per generation by each worker when it is ready to train (see :func:`~oobleck.engine.store_keys.timing_key`).
 
 One key lives outside the generation prefixes, in the master's store itself:
 
@@ -41,6 +41,7 @@ from datetime import timedelta
 from typing import Callable
 
 from oobleck.engine.signed_store import SignedStore
+from oobleck.engine.store_keys import decision_key, ready_key
 
 COMMIT = b"commit"
 ABORT = b"abort"
@@ -57,25 +58,6 @@ class StepAborted(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"step {step} was aborted by the master")
         self.step = step
-
-
-def ended_key(generation: int) -> str:
-    return f"ended/gen{generation}"
-
-
-def timing_key(rank: int) -> str:
-    """Where a worker of a generation reports how long it took to join it (JSON, under the generation's
-    prefix): ``join_s``, ``transfer_s`` and ``resumed_at`` (seconds since the epoch). The master reads it
-    when the generation commits its first step, for the recovery report."""
-    return f"timing/r{rank}"
-
-
-def ready_key(step: int, rank: int) -> str:
-    return f"commit/{step}/r{rank}"
-
-
-def decision_key(step: int) -> str:
-    return f"commit/{step}/decision"
 
 
 def report_ready(

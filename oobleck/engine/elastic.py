@@ -44,16 +44,16 @@ from typing import Callable, Collection
 
 import torch.distributed as dist
 
-from models.registry import build_batches, build_model
 from oobleck.config import config_from_dict
 from oobleck.engine import interrupt
-from oobleck.engine.api import Assignment
-from oobleck.engine.commit import ended_key, timing_key
+from oobleck.engine.api import Assignment, Restore
+from oobleck.engine.release import SocketSnapshot
 from oobleck.engine.signed_store import SignedStore
 from oobleck.engine.stage import HeldLayer
+from oobleck.engine.store_keys import ended_key, timing_key
 from oobleck.engine.worker import COLLECTIVE_TIMEOUT, PhaseHook, StageWorker, join_world, settle_imports
 from oobleck.errors import OobleckError
-from oobleck.recovery.release import SocketSnapshot
+from oobleck.model_building import build_batches, build_model
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def run_elastic(
             worker.settle(assignment.start_step)
             if worker.committed_any:
                 pool = {held.index: held for held in worker.held}
-        if assignment.restore != "memory":
+        if assignment.restore != Restore.MEMORY:
             pool = {}
 
 

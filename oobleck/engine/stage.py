@@ -19,7 +19,7 @@ from oobleck import checkpoint
 from oobleck.config import TrainingConfig
 from oobleck.engine.p2p import FromPrevious, ToNext
 from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
-from oobleck.train_local import layer_optimizers
+from oobleck.training import layer_optimizers
 
 
 @dataclass

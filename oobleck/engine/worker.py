@@ -45,18 +45,18 @@ import torch.distributed.nn  # noqa: F401
 
 from models.base import MicroBatch, ModelSpec
 from models.data import BatchSource
-from models.registry import build_batches, build_model
 from oobleck import checkpoint
 from oobleck.config import JobConfig, config_from_dict
 from oobleck.engine import interrupt
-from oobleck.engine.api import Assignment
+from oobleck.engine.api import Assignment, Restore
 from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
+from oobleck.engine.layer_moves import export_layer, import_layer, moments_by_param, recv_layer, send_layer
 from oobleck.engine.shadow import Shadow
 from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
-from oobleck.recovery.layers import export_layer, import_layer, moments_by_param, recv_layer, send_layer
+from oobleck.model_building import build_batches, build_model
 from oobleck.training import clip_coefficient, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -160,26 +160,26 @@ class StageWorker:
         a = self.assignment
         # layers from an older step (this worker sat out generations as a spare) are not offered or used
         pool = {i: held for i, held in pool.items() if held.step == a.start_step}
-        if a.restore == "memory" and all(i in pool for i in wanted) and _tied_as_built(self.spec, pool, wanted):
+        if a.restore == Restore.MEMORY and all(i in pool for i in wanted) and _tied_as_built(self.spec, pool, wanted):
             layers = [pool[i] for i in wanted]  # held already, tied within each run as built: nothing to copy
         else:
             # a layer neither held nor received keeps step -1 and fails the check below
-            step = a.start_step if a.restore != "memory" else -1
+            step = a.start_step if a.restore != Restore.MEMORY else -1
             layers = [
                 held
                 for first, last in _runs(wanted)
                 for held in build_stage_layers(self.spec, first, last, self.config.training, self.device, step)
             ]
-        if a.restore == "checkpoint":
+        if a.restore == Restore.CHECKPOINT:
             self._load_checkpoint(layers, a.start_step)
-        elif a.restore == "init":
+        elif a.restore == Restore.INIT:
             self._load_init(layers)
         elif layers[0] is not pool.get(wanted[0]):
             moments = moments_by_param(pool.values())
             for held in layers:
                 if held.index in pool:
                     import_layer(export_layer(pool[held.index], moments), held)
-        if a.restore == "memory" and a.moves:
+        if a.restore == Restore.MEMORY and a.moves:
             self.on_phase(a.start_step, "recovery")
             by_index = {h.index: h for h in layers}
             moments = moments_by_param(pool.values())

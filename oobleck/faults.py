@@ -2,8 +2,8 @@
 
 Each worker gets a :class:`FaultHook` as its engine's phase hook (see
 :data:`oobleck.engine.worker.PhaseHook`). When a step reaches a fault's phase on a worker the fault targets,
-the worker records the time of the kill in the master's store (``faults/NODE``, read by the master for the
-recovery report's detection time) and then:
+the worker records the time of the kill (the worker's ``record`` callback writes it to the master's store,
+where the master reads it for the recovery report's detection time) and then:
 
 * ``kill`` ``worker``: SIGKILL itself;
 * ``kill`` ``node``: SIGKILL its agent and itself; the node's other workers die with the agent
@@ -12,8 +12,8 @@ recovery report's detection time) and then:
 * ``hang`` ``node``: SIGSTOP its agent and itself (the master then misses the agent's heartbeats).
 
 A node fault is carried out by the node's worker on device ``worker`` (default 0). Node ``i`` of a fault is
-the launcher's ``node{i}``. A fault fires at most once per process; after recovery the step is re-run
-without its victims, so it does not fire again.
+the launcher's node ``i`` (:func:`oobleck.nodes.node_name`). A fault fires at most once per process; after
+recovery the step is re-run without its victims, so it does not fire again.
 """
 
 from __future__ import annotations
@@ -24,21 +24,18 @@ import time
 from typing import Callable
 
 from oobleck.config import FaultConfig
-
-
-def fault_key(node: str) -> str:
-    """The store key where a killed node's last moment is written (seconds since the epoch)."""
-    return f"faults/{node}"
+from oobleck.nodes import node_name
 
 
 class FaultHook:
-    """The phase hook of worker ``device`` on ``node``; ``record(key, value)`` writes to the master's store."""
+    """The phase hook of worker ``device`` on ``node``; ``record(at)`` is called with the moment of a kill or
+    stop (seconds since the epoch) just before it happens."""
 
-    def __init__(self, faults: list[FaultConfig], node: str, device: int, record: Callable[[str, str], None]) -> None:
+    def __init__(self, faults: list[FaultConfig], node: str, device: int, record: Callable[[float], None]) -> None:
         self.node = node
         self.device = device
         self._record = record
-        self._faults = [f for f in faults if node in {f"node{i}" for i in f.nodes} and f.worker == device]
+        self._faults = [f for f in faults if node in {node_name(i) for i in f.nodes} and f.worker == device]
 
     def __call__(self, step: int, phase: str) -> None:
         for fault in self._faults:
@@ -48,7 +45,7 @@ class FaultHook:
     def _fire(self, fault: FaultConfig) -> None:
         sig = signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP
         try:
-            self._record(fault_key(self.node), repr(time.time()))
+            self._record(time.time())
         except Exception:  # the report is for timing only; the fault must happen regardless
             pass
         if fault.target == "node":

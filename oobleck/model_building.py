@@ -2,22 +2,29 @@
 
 This is the one place that knows which module implements which model family and dataset, so the
 engine, the profiler and the reference trainer all build exactly the same things from a config.
+
+The models raise their own :class:`~models.errors.ModelConfigError`; every function here turns it into a
+:class:`~oobleck.errors.ConfigError` with the same message, so a bad shape or dataset reaches the user as the
+CLI's one-line error (exit 2) like any other config error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import torch
-
-from models.base import ModelSpec
+from models.base import Layer, ModelSpec
 from models.data import BatchSource, Dataset
+from models.difffit import LoadReport, load_pretrained
+from models.errors import ModelConfigError
 from oobleck.config import DataConfig, JobConfig, ModelConfig
 from oobleck.errors import ConfigError
+from oobleck.training import torch_dtype
 
-#: family -> (module, spec class, config class)
+#: family -> (module, spec class)
 FAMILIES: dict[str, tuple[str, str]] = {
     "gpt": ("models.gpt", "GPTSpec"),
     "dit": ("models.dit", "DiTSpec"),
@@ -27,7 +34,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
 #: override fields for which 0 is a meaningful value (turns a feature off)
 ZERO_ALLOWED = {"dropout", "class_dropout", "aux_coef"}
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Re-raise a :class:`ModelConfigError` from the block as a :class:`ConfigError` with the same message
+    (the models' error is chained as the cause)."""
+    try:
+        yield
+    except ModelConfigError as e:
+        raise ConfigError(str(e)) from e
 
 
 def presets(family: str) -> dict[str, Any]:
@@ -61,14 +76,20 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
         raise ConfigError(f"model.family: got {cfg.family!r}; allowed: {', '.join(FAMILIES)}")
     module_name, class_name = FAMILIES[cfg.family]
     spec_class = getattr(importlib.import_module(module_name), class_name)
-    kwargs: dict[str, Any] = {"seed": seed, "dtype": DTYPES[cfg.dtype]}
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": torch_dtype(cfg.dtype)}
     if cfg.family == "dit":
         kwargs["difffit"] = cfg.difffit
-    return spec_class(model_config(cfg), **kwargs)
+    with config_errors():
+        return spec_class(model_config(cfg), **kwargs)
 
 
 def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
     """The dataset a config names, shaped for ``model`` (sequence length, image size)."""
+    with config_errors():
+        return _dataset(cfg, model)
+
+
+def _dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
     mcfg = model.config  # type: ignore[attr-defined]
     if cfg.dataset in ("pydoc", "text-file"):
         if not hasattr(mcfg, "seq_len"):
@@ -111,3 +132,11 @@ def build_batches(job: JobConfig, model: ModelSpec) -> BatchSource:
         seed=t.seed,
         randomness=model.sample_randomness,
     )
+
+
+def load_pretrained_layers(
+    layers: list[Layer], states: dict[int, dict[str, Any]], new_num_classes: int | None
+) -> LoadReport:
+    """:func:`models.difffit.load_pretrained` (same arguments and report), its refusals as ConfigErrors."""
+    with config_errors():
+        return load_pretrained(layers, states, new_num_classes=new_num_classes)

@@ -4,7 +4,8 @@ A trace file has one event per line, ``milliseconds_since_start,add|remove,nodeN
 ignored). :func:`load_trace` checks that the file describes a possible history (times never go backwards, a
 node is added only while absent and removed only while present) and raises a one-line
 :class:`~oobleck.errors.ConfigError` naming the file, the line and the problem otherwise. A launcher replays a
-trace faster than real time with :func:`replay_schedule`.
+trace faster than real time with :func:`replay_schedule`. Pure Python: the simulator reads traces without the
+control plane.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def nodes_alive(events: Sequence[TraceEvent]) -> list[tuple[float, int]]:
     return steps
 
 
+def peak_nodes(events: Sequence[TraceEvent]) -> int:
+    """The most nodes alive at once under the time-ordered ``events`` (0 for none), events at the same time
+    applied together as in :func:`nodes_alive`."""
+    return max((n for _, n in nodes_alive(events)), default=0)
+
+
 def summary(events: Sequence[TraceEvent]) -> TraceSummary:
     """Counts, duration and alive-node extremes of a non-empty, time-ordered trace."""
     if not events:
@@ -143,7 +150,7 @@ def summary(events: Sequence[TraceEvent]) -> TraceSummary:
         adds=adds,
         removes=len(events) - adds,
         duration_s=events[-1].at_s,
-        peak_nodes=max(counts),
+        peak_nodes=peak_nodes(events),
         min_nodes=min(counts),
         final_nodes=counts[-1],
     )
