@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 
 from benchmarks.cpu_shares import CpuShares, cpus_per_node
 from benchmarks.fault_tolerance.schedule import Schedule, write_initial_trace
-from benchmarks.jobs import TAG_ENV, Job, first_generation_ready, launch, read_jsonl, tiny_gpt, write_config
+from benchmarks.jobs import TAG_ENV, Job, cli_command, first_generation_ready, launch, read_jsonl, tiny_gpt, write_config
 from launcher.trace import TraceEvent
 from oobleck.config import load_config
 
@@ -85,7 +84,7 @@ class Replayer:
         self._record(Replayed(time.time(), "remove", node))
 
     def _add(self, node: str) -> None:
-        cmd = [sys.executable, "-m", "oobleck.cli", "inject", str(self.job.run_dir), "--add", node]
+        cmd = cli_command("inject", str(self.job.run_dir), "--add", node)
         env = dict(os.environ, **{TAG_ENV: self.job.tag})
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with self._lock:
