@@ -192,6 +192,12 @@ def train_reference(config: Path, run_dir: Path, timeout_s: float = 1800) -> Pat
     return run_dir
 
 
+def non_step_lines(output: str, last: int) -> list[str]:
+    """The last ``last`` lines of a run's output without its per-step lines (those starting ``step ``): what
+    the launcher, the master and the agents said."""
+    return [line for line in output.splitlines() if not line.startswith("step ")][-last:]
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from benchmarks.cpu_shares import CpuShares, cpus_per_node
 from benchmarks.fault_tolerance.schedule import Schedule, write_initial_trace
-from benchmarks.jobs import TAG_ENV, Job, cli_command, first_generation_ready, launch, read_jsonl, tiny_gpt, write_config
+from benchmarks.jobs import TAG_ENV, Job, cli_command, first_generation_ready, launch, non_step_lines, read_jsonl, tiny_gpt, write_config
 from launcher.trace import TraceEvent
 from oobleck.config import load_config
 
@@ -259,8 +259,7 @@ def run_policy(
         if shares is not None:
             shares.close()
     if code != 0 and not timed_out:
-        lines = [line for line in job.output().splitlines() if not line.startswith("step ")]
-        raise HarnessError(f"{name} failed (exit {code}):\n" + "\n".join(lines[-12:]))
+        raise HarnessError(f"{name} failed (exit {code}):\n" + "\n".join(non_step_lines(job.output(), 12)))
     rows = tail.rows
     if not rows:
         raise HarnessError(f"{name}: no step was committed")

@@ -9,16 +9,15 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from benchmarks.sim.core import SimResult
-from benchmarks.sim.model import POLICIES, Costs, Setup, SimulatorError
+from benchmarks.sim.model import POLICIES, Setup, SimulatorError
 from benchmarks.sim.simulate import PolicyConfigs, check_policies, simulate
 from launcher.trace import TraceEvent
-from planner.cluster import ClusterSpec
-from planner.profile import ModelProfile
 
 
 @dataclass(frozen=True)
-class MeasuredRun:
-    """A measured run's inputs, as the simulator needs them to predict its throughput.
+class MeasuredRun(Setup):
+    """A measured run's inputs, as the simulator needs them to predict its throughput: the :class:`Setup`
+    it ran with (its fields first, in their order) and its timeline.
 
     ``profile``: the profile the run was planned with (e.g. the tiny GPT's measured profile);
     ``cluster.nodes``: the nodes in the job; ``costs``: the run's measured recovery, restart and checkpoint
@@ -28,12 +27,6 @@ class MeasuredRun:
     policy's step times so that its fault-free prediction equals the measurement (the cost model's absolute
     step time is then not part of the error)."""
 
-    profile: ModelProfile
-    cluster: ClusterSpec
-    f: int
-    global_batch: int
-    microbatch: int
-    costs: Costs
     events: Sequence[TraceEvent]
     duration_s: float
     node_ready_s: float = 0.0
