@@ -13,7 +13,7 @@ import psutil
 import torch
 
 from benchmarks import jobs
-from benchmarks.jobs import ROOT, step_losses, write_config
+from benchmarks.jobs import ROOT, write_config
 from oobleck import checkpoint
 from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE, read_metrics
@@ -83,10 +83,10 @@ def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
     """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
     reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
     # a step re-run after a checkpoint restore is written again; the later row is the one that counts
-    losses = step_losses(run_dir)
-    assert list(losses) == list(range(raw["training"]["steps"])), "a step is missing"
-    for (step, loss), expected in zip(losses.items(), reference.losses):
-        assert math.isclose(loss, expected, rel_tol=1e-9), (step, loss, expected)
+    rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
+    assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
+    for row, expected in zip(rows, reference.losses):
+        assert math.isclose(row["loss"], expected, rel_tol=1e-9), (row["step"], row["loss"], expected)
     final = checkpoint.latest_checkpoint(run_dir)
     assert final is not None and final.name == f"step_{raw['training']['steps']:08d}"
     moments = {id(p): s for opt in reference.optimizers for p, s in opt.state.items()}
