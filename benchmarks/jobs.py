@@ -1,6 +1,7 @@
-"""Shared by the recovery, soak and trace-replay benchmarks: the tiny float64 GPT job, ``oobleck run`` and
-``oobleck train-local`` as tagged subprocesses, the comparison of a run with the single-process reference,
-and a sampler of the job's processes and TCP sockets.
+"""The one home of job launching for the benchmarks and the tests (``tests/run_helpers.py`` adds only
+its assertions): the tiny float64 GPT job, its config file, ``oobleck run`` and ``oobleck train-local`` as
+tagged subprocesses, the comparison of a run with the single-process reference, and a sampler of the job's
+processes and TCP sockets.
 
 Every process a job starts inherits ``OOBLECK_BENCH_TAG`` (a fresh value per job), which is how the
 benchmarks find them (to sample them, to kill one node's agent, and to check that none outlives the run),
@@ -47,8 +48,11 @@ def tiny_gpt(
     init_checkpoint: str | None = None,
     heartbeat_timeout_s: float = 5.0,
 ) -> dict[str, Any]:
-    """The tiny float64 GPT of ``tests/run_helpers.py`` (d_model 32, 2 heads, seq_len 16, global batch 16
-    in microbatches of 2). With ``layers_move`` the planner sees 2 MiB devices and picks n0 = 2."""
+    """The tiny float64 GPT job of the benchmarks and the ``oobleck run`` tests, small enough for 5 CPU
+    processes on 2 cores: 6 layers (d_model 32, 2 heads, seq_len 16), global batch 16 in microbatches of 2
+    (8 a step), on ``nodes`` CPU nodes of one device each. With ``layers_move`` the planner sees 2 MiB
+    devices (:data:`SMALL_DEVICE_GIB`) and picks n0 = 2. ``faults``, ``trace`` and ``init_checkpoint`` are
+    set only when given."""
     cluster: dict[str, Any] = {"nodes": nodes, "devices_per_node": 1, "device": "cpu"}
     if layers_move:
         cluster["device_memory_gib"] = SMALL_DEVICE_GIB
@@ -148,27 +152,50 @@ class Job:
         return None
 
 
-def launch(config: Path, run_dir: Path, *extra: str) -> Job:
-    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` in the background, tagged."""
+def cli_command(*args: str) -> list[str]:
+    """``python -m oobleck.cli ARGS...`` with this interpreter."""
+    return [sys.executable, "-m", "oobleck.cli", *args]
+
+
+def start_tagged(cmd: Sequence[str], env: str = TAG_ENV, **popen: Any) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` in the repository root with a fresh tag (a uuid4 hex) in the environment variable
+    ``env``; every process it starts inherits it, which is how :func:`tagged` finds them. ``popen`` goes to
+    :class:`subprocess.Popen` (output redirection, ``text``). Returns the process and its tag."""
     tag = uuid.uuid4().hex
-    env = dict(os.environ, **{TAG_ENV: tag})
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=dict(os.environ, **{env: tag}), **popen)
+    return proc, tag
+
+
+def run_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` as a command line."""
+    return cli_command("run", str(config), "--run-dir", str(run_dir), *extra)
+
+
+def launch(config: Path, run_dir: Path, *extra: str) -> Job:
+    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` in the background, tagged (:data:`TAG_ENV`), its
+    output in ``RUN_DIR.out`` beside the run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.out"
-    cmd = [sys.executable, "-m", "oobleck.cli", "run", str(config), "--run-dir", str(run_dir), *extra]
     with open(log, "w") as out:
         launched_at = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc, tag = start_tagged(run_command(config, run_dir, *extra), stdout=out, stderr=subprocess.STDOUT)
     return Job(proc, tag, run_dir, log, launched_at)
 
 
 def train_reference(config: Path, run_dir: Path, timeout_s: float = 1800) -> Path:
     """``oobleck train-local CONFIG --run-dir RUN_DIR`` (one torch thread); returns the run directory."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "oobleck.cli", "train-local", str(config), "--run-dir", str(run_dir)]
+    cmd = cli_command("train-local", str(config), "--run-dir", str(run_dir))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"oobleck train-local failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return run_dir
+
+
+def non_step_lines(output: str, last: int) -> list[str]:
+    """The last ``last`` lines of a run's output without its per-step lines (those starting ``step ``): what
+    the launcher, the master and the agents said."""
+    return [line for line in output.splitlines() if not line.startswith("step ")][-last:]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -249,13 +276,6 @@ def matches(comparison: dict[str, Any], tol: float = 1e-9) -> bool:
         and comparison["max_loss_rel_diff"] < tol
         and comparison["max_param_rel_diff"] < tol
     )
-
-
-def _tcp_sockets(proc: psutil.Process) -> int:
-    try:
-        return len(proc.net_connections(kind="tcp"))
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return 0
 
 
 @dataclass

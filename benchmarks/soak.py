@@ -50,6 +50,7 @@ from benchmarks.jobs import (
     launch,
     machine_info,
     matches,
+    non_step_lines,
     read_jsonl,
     run_and_report,
     tiny_gpt,
@@ -232,7 +233,7 @@ def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     output = job.output()
     failure = None
     if code != 0:
-        failure = [line for line in output.splitlines() if not line.startswith("step ")][-12:]
+        failure = non_step_lines(output, 12)
         print(f"soak: the job failed ({code}):\n" + "\n".join(failure), flush=True)
         comparison = {"steps_compared": 0, "missing_steps": list(range(args.steps)), "max_loss_rel_diff": math.inf,
                       "max_param_rel_diff": math.inf, "tensors_compared": 0, "final_checkpoint": None}
@@ -299,7 +300,7 @@ def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "checks": checks,
         "passed": all(checks.values()),
         "failure": failure,
-        "trace_lines": [line for line in output.splitlines() if not line.startswith("step ")][-80:],
+        "trace_lines": non_step_lines(output, 80),
     }
 
 

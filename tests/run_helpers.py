@@ -1,76 +1,70 @@
-"""Shared by the ``oobleck run`` tests: tiny job configs, a scan for processes a run left behind, and the
-comparison of a finished run with the single-process reference."""
+"""Shared by the ``oobleck run`` tests: the test-specific bindings of :mod:`benchmarks.jobs` (the one home
+of the tiny job, config writing and tagged launches; the tests' processes carry their own tag variable)
+and the assertions a finished run must pass."""
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
-import yaml
 
-from benchmarks.jobs import kill_tagged as kill_tagged_by
-from benchmarks.jobs import tagged as tagged_by
+from benchmarks import jobs
+from benchmarks.jobs import ROOT, write_config
 from oobleck import checkpoint
 from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE, read_metrics
 from oobleck.train_local import LocalResult, train_local
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = [
+    "ROOT",
+    "TAG_ENV",
+    "assert_close",
+    "assert_matches_reference",
+    "gpt_job",
+    "kill_tagged",
+    "recoveries",
+    "run_job",
+    "start_run",
+    "tagged",
+    "tiny_gpt",
+    "write_config",
+]
+
 TAG_ENV = "OOBLECK_TEST_RUN_TAG"
 
 
 def tiny_gpt(profile_dir: Path, nodes: int, steps: int, f: int = 1) -> dict[str, Any]:
-    """A float64 GPT small enough for 5 CPU processes on 2 cores: 6 layers, 8 microbatches a step."""
-    return {
-        "model": {"family": "gpt", "preset": "tiny", "dtype": "float64", "overrides": {"d_model": 32, "n_head": 2, "seq_len": 16}},
-        "data": {"dataset": "pydoc"},
-        "training": {"steps": steps, "global_batch": 16, "microbatch": 2, "lr": 1e-3, "seed": 3},
-        "cluster": {"nodes": nodes, "devices_per_node": 1, "device": "cpu"},
-        "fault_tolerance": {"f": f, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 5.0},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1},
-    }
-
-
-def write_config(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """:func:`benchmarks.jobs.tiny_gpt` on devices of unbounded memory (the planner picks its own n0)."""
+    return jobs.tiny_gpt(profile_dir, nodes, steps, layers_move=False, f=f)
 
 
 def start_run(config: Path, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` in the background, tagged so that every process
-    it starts can be found later (children inherit the environment)."""
-    tag = uuid.uuid4().hex
-    env = dict(os.environ, **{TAG_ENV: tag})
-    cmd = [sys.executable, "-m", "oobleck.cli", "run", str(config), "--run-dir", str(run_dir), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, tag
+    """``oobleck run CONFIG --run-dir RUN_DIR EXTRA...`` in the background, its output in pipes (text),
+    tagged in :data:`TAG_ENV` so that every process it starts can be found later."""
+    return jobs.start_tagged(
+        jobs.run_command(config, run_dir, *extra), TAG_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def tagged(tag: str) -> list[psutil.Process]:
     """Live processes (not zombies) whose environment carries ``tag`` (see :func:`start_run`)."""
-    return tagged_by(tag, TAG_ENV)
+    return jobs.tagged(tag, TAG_ENV)
 
 
 def kill_tagged(tag: str) -> list[int]:
     """SIGKILL and reap the processes :func:`tagged` finds; returns their pids."""
-    return kill_tagged_by(tag, TAG_ENV, timeout_s=30)
-
-
-#: simulated device memory that gives the tiny models n0 = 2 (two-stage pipelines at least)
-SMALL_DEVICE_GIB = 0.002
+    return jobs.kill_tagged(tag, TAG_ENV, timeout_s=30)
 
 
 def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
-    raw = tiny_gpt(tmp_path / "profiles", nodes=nodes, steps=steps, f=f)
-    raw["cluster"]["device_memory_gib"] = SMALL_DEVICE_GIB
-    raw["fault_tolerance"].update({"heartbeat_timeout_s": 2.0, **ft})
+    """:func:`benchmarks.jobs.tiny_gpt` on 2 MiB devices (n0 = 2), a 2 s heartbeat timeout, the
+    ``fault_tolerance`` settings ``ft`` and the list ``faults`` (written even when empty)."""
+    raw = jobs.tiny_gpt(tmp_path / "profiles", nodes, steps, f=f, heartbeat_timeout_s=2.0)
+    raw["fault_tolerance"].update(ft)
     raw["faults"] = faults
     return raw
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from benchmarks import fault_tolerance as ft
-from benchmarks.jobs import tiny_gpt, write_config
+from benchmarks.jobs import median, tiny_gpt, write_config
+from oobleck.errors import OobleckError
 
 
 def row(step: int, gen: int, commit_at: float, step_time_s: float, **extra: float) -> dict[str, Any]:
@@ -178,10 +179,10 @@ def test_trace_schedule_compresses_and_checks_the_trace(tmp_path: Path) -> None:
     assert schedule.initial == ("n0", "n1", "n2", "n3", "n4")
     assert [(e.at_s, e.kind, e.node) for e in schedule.events] == [(2.0, "remove", "n1"), (4.0, "add", "n9")]
     trace.write_text("".join(f"0,add,n{i}\n" for i in range(3)))
-    with pytest.raises(ft.OobleckError, match="at least 4"):
+    with pytest.raises(OobleckError, match="at least 4"):
         ft.trace_schedule(trace, 1.0)
     trace.write_text("".join(f"{1000 * (i > 5)},add,n{i}\n" for i in range(9)))
-    with pytest.raises(ft.OobleckError, match="9 nodes alive"):
+    with pytest.raises(OobleckError, match="9 nodes alive"):
         ft.trace_schedule(trace, 1.0)
 
 
@@ -217,4 +218,4 @@ def test_argparse_errors_exit_2() -> None:
 
 
 def test_nan_costs_do_not_pass_silently() -> None:
-    assert math.isnan(ft.median([]))
+    assert math.isnan(median([]))

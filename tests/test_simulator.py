@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sim_engine import (
-    Change,
-    PolicyConfigs,
-    fixed_interval_trace,
-    parse_interval,
-    simulate,
-    usable_timeline,
-)
-from benchmarks.sim_model import Costs, Setup, SimulatorError, redundant_profile
-from benchmarks.simulator import MeasuredRun, build_setup, main, predict_throughput
+from benchmarks.sim.experiment import build_setup
+from benchmarks.sim.measured import MeasuredRun, predict_throughput
+from benchmarks.sim.model import Costs, Setup, SimulatorError, redundant_profile
+from benchmarks.sim.simulate import PolicyConfigs, simulate
+from benchmarks.sim.timeline import Change, fixed_interval_trace, parse_interval, usable_timeline
+from benchmarks.simulator import main
 from oobleck.trace import TraceEvent, load_trace
 from planner.cluster import ClusterSpec
 from planner.profile import LayerProfile, ModelProfile

@@ -1,8 +1,8 @@
 """What the simulator knows about each policy's configuration: step times from the planner's cost model,
 bytes from the profile, and the published or measured costs of recovery, restart and checkpoints.
 
-Pure Python (never imports torch), like ``planner/``. Used by :mod:`benchmarks.simulator`; see its
-docstring for the policies' rules and the sources of every figure.
+Pure Python (never imports torch), like ``planner/``. Used by the simulator's other modules; see
+:mod:`benchmarks.sim`'s docstring for the policies' rules and the sources of every figure.
 
 * :class:`Costs` holds the overheads (seconds, bytes per second, steps) that are not in the planner's cost
   model; :func:`published_costs` fills them for GPU-scale runs from published figures.
