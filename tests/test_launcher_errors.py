@@ -38,4 +38,5 @@ def test_bad_command_line_values_are_one_line_errors(tmp_path: Path) -> None:
     proc, _ = start_run(config, tmp_path / "run", "--nodes", "0")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert err.strip().splitlines() == ["oobleck run: error: --nodes: got 0; must be at least 1"]
+    # argparse bounds the flag (oobleck.bounds), so it is worded as a usage error
+    assert err.strip().splitlines() == ["oobleck run: error: argument --nodes: got 0; must be in [1, 4096] (see --help)"]
