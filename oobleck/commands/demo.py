@@ -85,7 +85,7 @@ def _explain_recovery(config: JobConfig, victims: list[int]) -> bool:
     moved = sum(len(layers) for _, layers, _ in copies)
     if copies:
         listed = "; ".join(f"{node} gets {_span(layers)} from {' or '.join(held)}" for node, layers, held in copies)
-        print(f"demo: {moved} layers to copy from surviving replicas: {listed}")
+        print(f"demo: the re-plan needs {moved} layers copied from surviving replicas: {listed}")
 
     records = read_metrics(config.run.dir, RECOVERIES_FILE)
     if len(records) != 1:
