@@ -1,5 +1,5 @@
 """Fault-free cost of heterogeneous pipelines: Oobleck's plan against the best homogeneous one on the same
-nodes (issue 7: Oobleck may lose at most 5%).
+nodes (the target: Oobleck loses at most 5% to the homogeneous plan).
 
 ``python -m benchmarks.heterogeneous [--nodes 5 7] [--steps 40] [--rounds 2] [--cpu-share node|shared] [--out PATH]``
 

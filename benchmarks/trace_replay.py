@@ -9,7 +9,7 @@ rest (a ``remove`` SIGKILLs the node's agent and workers, an ``add`` starts a no
 
 Scaling. The default trace, ``p3-trace.csv`` (AWS p3 spot instances over 11.4 h, 344 events, peak 32 nodes),
 does not fit this machine: 32 nodes are 64 processes of which 32 import torch and train (~300 MB each) on 2
-cores shared with other work, and the brief keeps local runs at 8 nodes or fewer. The replay keeps the real
+cores shared with other work, where local runs stay at 8 nodes or fewer. The replay keeps the real
 timings of a subset of the trace's nodes: the nodes whose number is ``residue`` modulo ``mod`` (default
 every 4th: 2, 6, 10, ...), and of those, an ``add`` that would make more than ``cap`` (8) nodes alive is
 dropped together with the same node's later ``remove`` (4 of the subset's 44 nodes with the defaults). With

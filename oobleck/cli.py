@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("profile", "profile the model's layers and cache the result"),
     "train-local": ("train_local", "train in a single process (the reference run)"),
     "run": ("run", "train a job on a cluster (local processes by default)"),
-    "demo": ("demo", "train a tiny GPT on 4 local nodes, end to end"),
+    "demo": ("demo", "train a tiny GPT on 5 local nodes, kill one, recover and check the losses"),
     "inject": ("inject", "kill, hang or add nodes of a running job"),
 }
 

@@ -42,7 +42,7 @@ class Instantiation:
 
     ``step_time_s``: predicted time of one training step (the slowest pipeline). ``idle_nodes``: nodes
     left unused because no multiset of templates covers the available count exactly (0 whenever the
-    template range is contiguous and wide enough, see DESIGN section 3).
+    template range is contiguous and wide enough, see "Coverage" in docs/design.md).
     """
 
     pipelines: tuple[tuple[PipelineTemplate, int], ...]

@@ -30,8 +30,8 @@ BLOCKED_WINDOW_S = 0.2
 
 
 def _rank_main(rank: int, store_port: int) -> None:
-    # both must be imported before the first group exists, or gloo sockets leak (DESIGN section 6); the fork
-    # server preloads them, so these imports only make that requirement visible here
+    # both must be imported before the first group exists, or gloo sockets leak (docs/design.md, "Releasing a
+    # blocked worker"); the fork server preloads them, so these imports only make that requirement visible here
     import torch._dynamo  # noqa: F401
     import torch.distributed.nn  # noqa: F401
 

@@ -3,7 +3,8 @@ leave and join by name) and the job still computes exactly what one process comp
 
 The trace's removes must show up as lost nodes. The node it adds (node6) is not required to stay: the local
 launcher starts it from the replay thread, and its agent's PR_SET_PDEATHSIG (SIGTERM) fires when that thread
-ends after the last event, so node6 may be lost then too (a launcher issue, reported apart)."""
+ends after the last event, so node6 may be lost then too (a limitation of the local launcher, which
+benchmarks/trace_replay.py works around with a sentinel event)."""
 
 from __future__ import annotations
 

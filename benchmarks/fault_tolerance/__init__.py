@@ -1,6 +1,6 @@
 """Throughput under failures: Oobleck against the Bamboo-style and Varuna-style baselines of the same engine,
-measured on local nodes with the tiny GPT, and the simulator checked against the measurements (issue 7,
-part 2).
+measured on local nodes with the tiny GPT, and the simulator checked against the measurements
+(docs/benchmarks.md, "Throughput under failures, against the baselines").
 
 ``python -m benchmarks.fault_tolerance [--nodes 6] [--steps 250] [--every-s 6 --failures 3 --replace-after-s 1.5 |
 --trace PATH --compression C] [--policies oobleck bamboo varuna] [--seed 0] [--run-timeout-s 300]

@@ -1,5 +1,5 @@
 """Cluster-scale simulator: Oobleck against Varuna-style and Bamboo-style fault tolerance on the same model,
-cluster and node-availability timeline (issue 7, part 3).
+cluster and node-availability timeline (docs/benchmarks.md, "Cluster scale, simulated").
 
 ``python -m benchmarks.simulator [--models gpt3-2.7b gpt3-6.7b] [--nodes 30] [--intervals 6h 1h 30m 10m 5m]
 [--trace PATH] [--out benchmarks/results/simulator.json] [--plot benchmarks/results/simulator.png]``

@@ -2,9 +2,9 @@
 
 Gloo never gives up on a peer that is alive but silent, and ``abort()``, ``shutdown()``, ``set_timeout()`` or
 ``destroy_process_group()`` called from another thread do not release an operation already blocked
-(DESIGN section 6). What does: ``shutdown(SHUT_RDWR)`` on the group's TCP sockets, after which the blocked
-call raises RuntimeError within a millisecond and the caller can destroy the group and join the next
-generation's.
+(docs/design.md, "Releasing a blocked worker"). What does: ``shutdown(SHUT_RDWR)`` on the group's TCP
+sockets, after which the blocked call raises RuntimeError within a millisecond and the caller can destroy
+the group and join the next generation's.
 
 Which sockets are the group's? Take a :class:`SocketSnapshot` just before ``init_process_group`` (and any
 ``new_group`` calls) and one just after; :meth:`SocketSnapshot.since` gives the difference. Listening sockets

@@ -1,4 +1,4 @@
-"""Which surviving replica sends each layer a worker needs after a re-plan (DESIGN section 5, step 4).
+"""Which surviving replica sends each layer a worker needs after a re-plan (docs/design.md, "Copying layers").
 
 Pure Python and deterministic: every process computes the same plan from the same inputs, whatever order its
 dicts and sets iterate in, so no process has to broadcast it.
