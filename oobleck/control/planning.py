@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from oobleck.config import JobConfig
-from oobleck.control.master import Planner
+from oobleck.control.policy import Planner
 from oobleck.control.placement import PipelineShape
 from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
