@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from oobleck import cli
-from launcher.local import job_token, write_control_file
+from launcher.job import job_token, write_control_file
 
 OTHER_UID = 4242
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from launcher.local import LOG_DIR
+from launcher.job import LOG_DIR
 from oobleck.engine.commit import ABORT, COMMIT, decision_key, ended_key, ready_key, timing_key
 from oobleck.metrics import read_metrics
 from tests.run_helpers import assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config

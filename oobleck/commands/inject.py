@@ -63,7 +63,7 @@ def _find_job(run_dir: Path) -> tuple[str, str, str | None]:
     """The master's address, token file and certificate file (None: plaintext) from ``RUN_DIR/control.json``,
     after checking that nobody else could have written them: whoever controls the control file chooses where
     inject sends the token, and whoever controls the certificate file chooses whom the client trusts."""
-    from launcher.local import CONTROL_FILE
+    from launcher.job import CONTROL_FILE
 
     path = run_dir / CONTROL_FILE
     _check_private(run_dir, "RUN_DIR", "the run directory", folder=True)
