@@ -8,7 +8,7 @@ import pytest
 
 from launcher.ray_nodes import actor_resources, fits, master_host, placement_order
 from oobleck.control.placement import Placement, PipelineShape, place
-from oobleck.control.policy import Bamboo, Policy, Varuna, choose_nodes, policy_for, stage_layers
+from oobleck.control.policy import Bamboo, Membership, Policy, Varuna, choose_nodes, policy_for, stage_layers
 from oobleck.control.records import Change, recovery_record
 from oobleck.control.sources import layer_moves
 from oobleck.recovery.transfer import LayerLost
@@ -43,7 +43,7 @@ def test_policy_for_names_each_policy_and_its_traits() -> None:
 def test_oobleck_replans_every_generation_and_never_restarts(first: bool) -> None:
     planner = Recorder()
     names = [f"n{i}" for i in range(6)]
-    layout = policy_for("oobleck").layout(planner, names, first, three_deep(2), False, PLANNED)
+    layout = policy_for("oobleck").layout(planner, Membership(names, first, three_deep(2), False, PLANNED))
     assert planner.calls == [names]
     assert layout.nodes == names and len(layout.shapes) == 2 and not layout.restart and layout.planned is None
 
@@ -52,21 +52,21 @@ def test_oobleck_replans_every_generation_and_never_restarts(first: bool) -> Non
 def test_varuna_replans_and_restarts_after_the_first_generation(first: bool) -> None:
     planner = Recorder()
     names = [f"n{i}" for i in range(3)]
-    layout = policy_for("varuna").layout(planner, names, first, None, False, PLANNED)
+    layout = policy_for("varuna").layout(planner, Membership(names, first, None, False, PLANNED))
     assert planner.calls == [names] and layout.nodes == names
     assert layout.restart is (not first) and layout.planned is None
 
 
 def test_bamboo_first_generation_plans_and_records_the_planned_ranges() -> None:
     planner = Recorder()
-    layout = policy_for("bamboo").layout(planner, [f"n{i}" for i in range(3)], True, None, False, set())
+    layout = policy_for("bamboo").layout(planner, Membership([f"n{i}" for i in range(3)], True))
     assert len(planner.calls) == 1 and not layout.restart and layout.planned == PLANNED
 
 
 def test_bamboo_loss_is_taken_over_by_a_neighbour_without_a_plan() -> None:
     planner = Recorder()
     survivors = ["n0", "n2", "n3", "n4", "n5"]
-    layout = policy_for("bamboo").layout(planner, survivors, False, three_deep(2), False, PLANNED)
+    layout = policy_for("bamboo").layout(planner, Membership(survivors, False, three_deep(2), False, PLANNED))
     assert planner.calls == [] and not layout.restart and layout.planned is None
     assert layout.nodes == survivors
     assert [s.layer_ranges for s in layout.shapes] == [((0, 4), (4, 6)), THREE]
@@ -75,20 +75,20 @@ def test_bamboo_loss_is_taken_over_by_a_neighbour_without_a_plan() -> None:
 def test_bamboo_fatal_loss_replans_and_restarts() -> None:
     planner = Recorder()
     # n0 and n1 are adjacent in their ring: no neighbour holds both stages
-    layout = policy_for("bamboo").layout(planner, ["n2", "n3", "n4", "n5"], False, three_deep(2), False, PLANNED)
+    layout = policy_for("bamboo").layout(planner, Membership(["n2", "n3", "n4", "n5"], False, three_deep(2), False, PLANNED))
     assert planner.calls == [["n2", "n3", "n4", "n5"]] and layout.restart and layout.planned == PLANNED
 
 
 def test_bamboo_without_a_committed_layout_restarts_again() -> None:
     planner = Recorder()
-    layout = policy_for("bamboo").layout(planner, ["n0", "n1", "n2"], False, None, False, PLANNED)
+    layout = policy_for("bamboo").layout(planner, Membership(["n0", "n1", "n2"], False, None, False, PLANNED))
     assert len(planner.calls) == 1 and layout.restart
 
 
 def test_bamboo_joins_replan_from_memory() -> None:
     planner = Recorder()
     names = [f"n{i}" for i in range(6)]
-    layout = policy_for("bamboo").layout(planner, names, False, three_deep(1), True, PLANNED)
+    layout = policy_for("bamboo").layout(planner, Membership(names, False, three_deep(1), True, PLANNED))
     assert planner.calls == [names] and not layout.restart and layout.planned == PLANNED
 
 
@@ -137,14 +137,15 @@ def test_recovery_record_takes_the_slowest_rank_and_the_earliest_kill() -> None:
     ]
     record = recovery_record(
         generation=2, change=change, mode="memory", start_step=5, steps_lost=0, layers_moved=3,
-        nodes_alive=2, pipelines=1, plan_s=0.01, timings=timings,
+        placement=three_deep(2), plan_s=0.01, timings=timings,
     )  # fmt: skip
     assert (record.detect_s, record.resume_s, record.total_s) == (1.0, 4.0, 5.0)
     assert (record.rebuild_s, record.transfer_s) == (0.75, 0.25)
     assert record.lost == ("n1",) and record.joined == () and record.reason == "node n1 lost"
+    assert (record.nodes_alive, record.pipelines) == (6, 2)
     unknown = recovery_record(
         generation=2, change=Change(noticed_at=100.0), mode="init", start_step=0, steps_lost=0, layers_moved=0,
-        nodes_alive=1, pipelines=1, plan_s=0.0, timings=timings[:1],
+        placement=three_deep(1), plan_s=0.0, timings=timings[:1],
     )  # fmt: skip
     assert unknown.detect_s is None and unknown.total_s == unknown.resume_s == 3.0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from oobleck.control.policy import Policy
@@ -19,23 +20,17 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 
 
+@dataclass
 class CommitDriver:
-    """Commits the steps of one generation; :meth:`run` on a thread of its own. ``open_store(prefix)`` gives
-    the job's signed store under a generation's prefix."""
+    """Commits the steps of the job's generations; :meth:`run` on a thread of its own per generation.
+    ``open_store(prefix)`` gives the job's signed store under a generation's prefix; ``on_step`` and
+    ``on_recovery`` get every record as it is made."""
 
-    def __init__(
-        self,
-        state: JobState,
-        policy: Policy,
-        open_store: Callable[[str], SignedStore],
-        on_step: Callable[[StepRecord], None] | None,
-        on_recovery: Callable[[RecoveryRecord], None] | None,
-    ) -> None:
-        self.state = state
-        self.policy = policy
-        self._open_store = open_store
-        self._on_step = on_step
-        self._on_recovery = on_recovery
+    state: JobState
+    policy: Policy
+    open_store: Callable[[str], SignedStore]
+    on_step: Callable[[StepRecord], None] | None
+    on_recovery: Callable[[RecoveryRecord], None] | None
 
     def run(self, gen: Generation, plan_s: float) -> None:
         """Commit steps ``[gen.start_step, training.steps)`` of ``gen`` one by one, until it ends. A broken
@@ -44,7 +39,7 @@ class CommitDriver:
 
         state, config = self.state, self.state.config
         try:
-            store = self._open_store(gen.store_prefix)
+            store = self.open_store(gen.store_prefix)
             coordinator = CommitCoordinator(store, gen.placement.world_size)
             last = gen.started_at
             samples = config.training.global_batch
@@ -94,8 +89,8 @@ class CommitDriver:
                     state.records.append(record)
                 if first_commit and gen.change is not None:
                     self._report_recovery(gen, gen.change, plan_s, coordinator.store)
-                if self._on_step is not None:
-                    self._on_step(record)
+                if self.on_step is not None:
+                    self.on_step(record)
             with state.lock:
                 state.finish_if_done()
         except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
@@ -128,13 +123,12 @@ class CommitDriver:
             start_step=gen.start_step,
             steps_lost=gen.steps_lost,
             layers_moved=len(gen.moves),
-            nodes_alive=len({node for node, _ in gen.placement.ranks}),
-            pipelines=len(gen.placement.pipelines),
+            placement=gen.placement,
             plan_s=plan_s,
             timings=timings,
         )
         with self.state.lock:
             self.state.recoveries.append(record)
         log.info("recovered into generation %d: %s", gen.number, record)
-        if self._on_recovery is not None:
-            self._on_recovery(record)
+        if self.on_recovery is not None:
+            self.on_recovery(record)

@@ -52,6 +52,20 @@ class Layout:
     planned: frozenset[tuple[int, int]] | None = None
 
 
+@dataclass(frozen=True)
+class Membership:
+    """What a layout decision looks at: the usable nodes' ``names`` (placement order); ``first``: the job's
+    first generation; ``committed``: the placement of the last generation that committed a step (None
+    since a restart lost it); ``joins``: the change includes joining nodes; ``planned``: the stages' layer
+    ranges of the last fresh plan."""
+
+    names: list[str]
+    first: bool
+    committed: Placement | None = None
+    joins: bool = False
+    planned: frozenset[tuple[int, int]] = frozenset()
+
+
 class Policy:
     """One fault-tolerance policy's decisions; the base class is ``oobleck``'s."""
 
@@ -61,20 +75,9 @@ class Policy:
     #: joining nodes fold in only once the checkpoint of the step boundary is complete
     grows_from_checkpoint = False
 
-    def layout(
-        self,
-        planner: Planner,
-        names: list[str],
-        first: bool,
-        committed: Placement | None,
-        joins: bool,
-        planned: Collection[tuple[int, int]],
-    ) -> Layout:
-        """The next generation's layout on the usable ``names`` (placement order). ``first``: the job's first
-        generation; ``committed``: the placement of the last generation that committed a step (None since
-        a restart lost it); ``joins``: the change includes joining nodes; ``planned``: the layer ranges of
-        the last fresh plan. PlanningError from ``planner`` passes through."""
-        return Layout(planner(names), names, False)
+    def layout(self, planner: Planner, now: Membership) -> Layout:
+        """The next generation's layout for ``now``; PlanningError from ``planner`` passes through."""
+        return Layout(planner(now.names), now.names, False)
 
     def held_layers(self, placement: Placement) -> Holdings:
         """(node, device) -> the layers its worker holds under ``placement``."""
@@ -94,16 +97,8 @@ class Varuna(Policy):
     name = "varuna"
     grows_from_checkpoint = True
 
-    def layout(
-        self,
-        planner: Planner,
-        names: list[str],
-        first: bool,
-        committed: Placement | None,
-        joins: bool,
-        planned: Collection[tuple[int, int]],
-    ) -> Layout:
-        return Layout(planner(names), names, not first)
+    def layout(self, planner: Planner, now: Membership) -> Layout:
+        return Layout(planner(now.names), now.names, not now.first)
 
     def grows_after(self, step: int, checkpoint_after: bool) -> bool:
         return checkpoint_after
@@ -115,28 +110,21 @@ class Bamboo(Policy):
     name = "bamboo"
     redundant = True
 
-    def layout(
-        self,
-        planner: Planner,
-        names: list[str],
-        first: bool,
-        committed: Placement | None,
-        joins: bool,
-        planned: Collection[tuple[int, int]],
-    ) -> Layout:
+    def layout(self, planner: Planner, now: Membership) -> Layout:
         def replan(restart: bool) -> Layout:
-            shapes = planner(names)
-            return Layout(shapes, names, restart, frozenset(r for shape in shapes for r in shape.layer_ranges))
+            shapes = planner(now.names)
+            return Layout(shapes, now.names, restart, frozenset(r for shape in shapes for r in shape.layer_ranges))
 
-        if first:
+        if now.first:
             return replan(False)
         # takeovers start from the layout the holdings describe: the last one that committed a step
         # (two losses seen one after the other must count as adjacent if they are)
+        committed = now.committed
         if committed is None:  # nothing held since the last restart: restart again
             return replan(True)
-        if not joins:
+        if not now.joins:
             placed = stage_nodes(committed).values()
-            taken = takeover(committed, set(placed) - set(names), planned)
+            taken = takeover(committed, set(placed) - set(now.names), now.planned)
             if taken is not None:
                 return Layout(taken[0], taken[1], False)
             log.warning("bamboo: a lost stage has no neighbour left that may take it over; restarting from the checkpoint")

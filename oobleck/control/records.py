@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from oobleck.control.placement import Placement
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -89,14 +91,13 @@ def recovery_record(
     start_step: int,
     steps_lost: int,
     layers_moved: int,
-    nodes_alive: int,
-    pipelines: int,
+    placement: Placement,
     plan_s: float,
     timings: Sequence[dict[str, Any]],
 ) -> RecoveryRecord:
-    """The record of recovering from ``change`` into ``generation``. ``timings`` are the ranks' own reports
-    (``resumed_at``, a ``time.time()``, ``join_s`` and ``transfer_s``), at least one; the slowest rank's
-    figures count, ``detect_s`` is None when no kill time is known."""
+    """The record of recovering from ``change`` into ``generation``, placed as ``placement``. ``timings`` are
+    the ranks' own reports (``resumed_at``, a ``time.time()``, ``join_s`` and ``transfer_s``), at least one;
+    the slowest rank's figures count, ``detect_s`` is None when no kill time is known."""
     resumed_at = max(t["resumed_at"] for t in timings)
     detect = change.noticed_at - min(change.kill_times) if change.kill_times else None
     resume = resumed_at - change.noticed_at
@@ -109,8 +110,8 @@ def recovery_record(
         start_step=start_step,
         steps_lost=steps_lost,
         layers_moved=layers_moved,
-        nodes_alive=nodes_alive,
-        pipelines=pipelines,
+        nodes_alive=len({node for node, _ in placement.ranks}),
+        pipelines=len(placement.pipelines),
         detect_s=detect,
         plan_s=plan_s,
         rebuild_s=max(t["join_s"] for t in timings),

@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from oobleck.control.checkpoints import restore_latest
 from oobleck.control.placement import Placement, place
-from oobleck.control.policy import Planner, Policy, choose_nodes
+from oobleck.control.policy import Membership, Planner, Policy, choose_nodes
 from oobleck.control.sources import FRESH, Sources, layer_moves
 from oobleck.control.state import Generation, JobState
 from planner.errors import PlanningError
@@ -20,24 +21,21 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 
 
+@dataclass
 class Replanner:
     """Forms a new generation whenever the membership changed (see the master's module notes); :meth:`run`
-    on a thread of its own. ``start(gen, plan_s)`` starts the commit of a generation it formed."""
+    on a thread of its own. ``start(gen, plan_s)`` starts the commit of a generation it formed;
+    ``layer_bytes``: each layer's size, for the copies (None: all alike)."""
 
-    def __init__(
-        self,
-        state: JobState,
-        policy: Policy,
-        planner: Planner,
-        layer_bytes: Sequence[int] | None,
-        start: Callable[[Generation, float], None],
-    ) -> None:
-        self.state = state
-        self.policy = policy
-        self._planner = planner
-        self._layer_bytes = layer_bytes
-        self._start = start
-        self._devices = state.config.cluster.devices_per_node
+    state: JobState
+    policy: Policy
+    planner: Planner
+    layer_bytes: Sequence[int] | None
+    start: Callable[[Generation, float], None]
+
+    @property
+    def _devices(self) -> int:
+        return self.state.config.cluster.devices_per_node
 
     def run(self) -> None:
         state = self.state
@@ -75,10 +73,14 @@ class Replanner:
         first = state.generation is None and not state.recoveries and state.change is None
         try:
             with state.lock:
-                committed = state.committed_placement
-                joins = state.change is not None and bool(state.change.joined)
-                planned = set(state.planned_ranges)
-            layout = self.policy.layout(self._planner, names, first, committed, joins, planned)
+                now = Membership(
+                    names,
+                    first,
+                    state.committed_placement,
+                    state.change is not None and bool(state.change.joined),
+                    frozenset(state.planned_ranges),
+                )
+            layout = self.policy.layout(self.planner, now)
             if layout.planned is not None:
                 state.planned_ranges = set(layout.planned)
             shapes, names = layout.shapes, layout.nodes
@@ -140,7 +142,7 @@ class Replanner:
             "generation %d: %d pipelines on %d ranks from step %d (%s)",
             number, len(placement.pipelines), placement.world_size, start, restore,
         )  # fmt: skip
-        self._start(gen, time.perf_counter() - started)
+        self.start(gen, time.perf_counter() - started)
 
     def _choose_nodes(self, names: list[str], count: int) -> list[str]:
         """:func:`~oobleck.control.policy.choose_nodes` by the layers each node holds at the committed step."""
@@ -165,7 +167,7 @@ class Replanner:
         if restart:
             return restore_latest(state, f"{self.policy.name}: restarting every worker")
         try:
-            moves = layer_moves(placement, self.policy.held_layers(placement), state.holdings, self._layer_bytes)
+            moves = layer_moves(placement, self.policy.held_layers(placement), state.holdings, self.layer_bytes)
         except LayerLost as e:
             return restore_latest(state, str(e))
         return Sources("memory", moves, state.committed)
