@@ -4,22 +4,21 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import TYPE_CHECKING
 
+from launcher.job import Callbacks
 from oobleck.config import JobConfig
-from oobleck.control.master import Planner, RecoveryRecord, StepRecord
+from oobleck.control.policy import Planner
+from oobleck.control.records import StepRecord
 from oobleck.errors import ConfigError
 
+if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
+    from typing_extensions import Unpack
 
-def launch(
-    config: JobConfig,
-    planner: Planner,
-    on_step: Callable[[StepRecord], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-    on_recovery: Callable[[RecoveryRecord], None] | None = None,
-) -> list[StepRecord]:
-    """Run the job with the launcher ``config.cluster.launcher`` names; see :func:`launcher.local.run`
-    for the contract every launcher keeps."""
+
+def launch(config: JobConfig, planner: Planner, **callbacks: Unpack[Callbacks]) -> list[StepRecord]:
+    """Run the job with the launcher ``config.cluster.launcher`` names, passing ``callbacks`` on; see
+    :func:`launcher.local.run` for the contract every launcher keeps."""
     name = config.cluster.launcher
     try:
         module = importlib.import_module(f"launcher.{name}")
@@ -27,4 +26,4 @@ def launch(
         if e.name != f"launcher.{name}":
             raise
         raise ConfigError(f"cluster.launcher: got {name!r}; this installation has no {name} launcher; use local") from None
-    return module.run(config, planner, on_step=on_step, on_phase=on_phase, on_recovery=on_recovery)
+    return module.run(config, planner, **callbacks)

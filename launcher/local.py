@@ -12,156 +12,75 @@ The master's private key stays in this process's memory.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import queue
-import secrets
 import signal
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING
 
+from launcher.job import (
+    AGENT_EXIT_S,
+    AGENT_GRACE_S,
+    AGENT_START_S,
+    Callbacks,
+    NodeContext,
+    job_start,
+    job_token,
+    last_line,
+    supervise,
+)
 from oobleck.config import JobConfig
-from oobleck.control.master import JobFailed, Master, Planner, RecoveryRecord, StepRecord
+from oobleck.control.master import Master
+from oobleck.control.policy import Planner
 from oobleck.control.procs import child_env, stop_group
+from oobleck.control.records import StepRecord
 from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
-from oobleck.nodes import node_name
-from oobleck.trace import TraceEvent, load_trace, replay_schedule
 
-#: seconds agents get to stop their workers and exit after the master's shutdown, before SIGTERM
-AGENT_EXIT_S = 10.0
-#: seconds between SIGTERM and SIGKILL for an agent (it stops its own workers in between)
-AGENT_GRACE_S = 5.0
-#: seconds the agent-starter thread gets to start an agent process (a fork and exec)
-AGENT_START_S = 60.0
-LOG_DIR = "logs"
+if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
+    from typing_extensions import Unpack
 
 
-def run(
-    config: JobConfig,
-    planner: Planner,
-    on_step: Callable[[StepRecord], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-    on_recovery: Callable[[RecoveryRecord], None] | None = None,
-) -> list[StepRecord]:
+def run(config: JobConfig, planner: Planner, **callbacks: Unpack[Callbacks]) -> list[StepRecord]:
     """Run ``config`` on ``cluster.nodes`` local agents and return the committed steps' records.
 
     With ``trace:`` set, the nodes the trace adds at time 0 start the job and the rest of the trace is
-    replayed against it (:class:`TraceReplay`). Workers' and agents' output goes to ``RUN/logs/``. Raises
-    :class:`oobleck.control.master.JobFailed` naming the lost worker or node when the job fails; every process
-    started here has exited when this returns or raises (also on KeyboardInterrupt).
+    replayed against it (:class:`launcher.job.TraceReplay`). Workers' and agents' output goes to
+    ``RUN/logs/``. Raises :class:`oobleck.control.master.JobFailed` naming the lost worker or node when the
+    job fails; every process started here has exited when this returns or raises (also on
+    KeyboardInterrupt).
     """
-    phase = on_phase or (lambda text: None)
-    log_dir = Path(config.run.dir) / LOG_DIR
-    log_dir.mkdir(parents=True, exist_ok=True)
-    schedule = trace_schedule(config)
-    names = [e.node for e in schedule if e.at_s == 0] if schedule else [node_name(i) for i in range(config.cluster.nodes)]
-    if schedule:
-        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nodes=len(names)))
+    job = job_start(config, callbacks.get("on_phase"))
+    config = job.config
     with job_token() as (token, token_file):
-        master = Master(config, token, planner, on_step=on_step, on_recovery=on_recovery)
+        master = Master(config, token, planner, on_step=callbacks.get("on_step"), on_recovery=callbacks.get("on_recovery"))
 
         def start(address: str) -> LocalCluster:
             cert_file = write_cert(token_file.parent, master.cert_pem) if master.cert_pem else None
-            cluster = LocalCluster(master, address, token_file, config, log_dir, cert_file)
+            cluster = LocalCluster(NodeContext(master, address, config, job.log_dir), token_file, cert_file)
             write_control_file(Path(config.run.dir), address, token_file, cert_file)
-            phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(names)} nodes")
-            for name in names:
+            job.phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(job.names)} nodes")
+            for name in job.names:
                 cluster.add_node(name)
             return cluster
 
-        return supervise(master, start, schedule, phase, log_dir)
-
-
-@contextlib.contextmanager
-def job_token() -> Iterator[tuple[str, Path]]:
-    """A fresh control-plane token and the file holding it (in a mode-0700 directory, removed afterwards;
-    ``oobleck inject`` reads it there)."""
-    secret_dir = Path(tempfile.mkdtemp(prefix="oobleck-"))
-    try:
-        token = secrets.token_hex(32)
-        token_file = secret_dir / "token"
-        # 0600: `oobleck inject` refuses a token file that others can read
-        with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(token)
-        yield token, token_file
-    finally:
-        shutil.rmtree(secret_dir, ignore_errors=True)
-
-
-def supervise(
-    master: Master,
-    start: Callable[[str], "Cluster"],
-    schedule: list[TraceEvent],
-    phase: Callable[[str], None],
-    log_dir: Path,
-) -> list[StepRecord]:
-    """Start ``master``, then its nodes (``start(address)`` returns the launcher's cluster), replay the
-    trace's later events if there is a ``schedule``, and wait for the job. Whatever happens, the replay, the
-    master and the cluster are stopped before this returns or raises; a failed job's error names the logs."""
-    cluster: Cluster | None = None
-    replay: TraceReplay | None = None
-    try:
-        address = master.start()
-        cluster = start(address)
-        master.set_node_adder(cluster.add_node)
-        if schedule:
-            replay = TraceReplay(cluster, [e for e in schedule if e.at_s > 0], phase)
-        records = master.wait()
-        if replay is not None:
-            phase(replay.describe())
-        return records
-    except JobFailed as e:
-        raise JobFailed(f"{e} (logs of every agent and worker in {log_dir})") from None
-    except BaseException as e:
-        master.abort(f"the run was interrupted ({type(e).__name__})" if isinstance(e, KeyboardInterrupt) else str(e))
-        raise
-    finally:
-        if replay is not None:
-            replay.stop()
-        master.stop()
-        if cluster is not None:
-            cluster.close()
-
-
-class Cluster(Protocol):
-    """What :func:`supervise` and :class:`TraceReplay` need of a launcher's nodes."""
-
-    def add_node(self, name: str) -> None: ...
-
-    def kill_node(self, name: str) -> None: ...
-
-    def close(self) -> None: ...
+        return supervise(master, start, job)
 
 
 class LocalCluster:
     """The nodes of one job on this machine: a node is an agent process (with its workers) named ``name``."""
 
-    def __init__(
-        self,
-        master: Master,
-        address: str,
-        token_file: Path,
-        config: JobConfig,
-        log_dir: Path,
-        cert_file: Path | None = None,
-    ) -> None:
-        self.master = master
-        self.address = address
+    def __init__(self, job: NodeContext, token_file: Path, cert_file: Path | None = None) -> None:
+        self.job = job
+        self.master = job.master
         self.token_file = token_file
         self.cert_file = cert_file
-        self.config = config
-        self.log_dir = log_dir
         self._lock = threading.Lock()
         self._agents: dict[str, subprocess.Popen] = {}
         self._all: list[subprocess.Popen] = []
@@ -185,7 +104,7 @@ class LocalCluster:
         while True:
             name, done = self._requests.get()
             try:
-                proc = _start_agent(self.address, self.token_file, name, self.config, self.log_dir, self.cert_file)
+                proc = _start_agent(self.job, self.token_file, name, self.cert_file)
             except BaseException as e:  # handed to the caller
                 done.set_exception(e)
                 continue
@@ -204,7 +123,7 @@ class LocalCluster:
         with self._lock:
             on_purpose = name in self._killed
         if not self.master.node_exited(name, code) and code != 0 and not on_purpose:
-            self.master.abort(f"agent {name} exited with code {code}: {last_line(self.log_dir / f'agent-{name}.log')}")
+            self.master.abort(f"agent {name} exited with code {code}: {last_line(self.job.log_dir / f'agent-{name}.log')}")
 
     def kill_node(self, name: str) -> None:
         """Kill node ``name`` like a machine dies: SIGKILL to its agent (its workers die with it)."""
@@ -231,50 +150,11 @@ class LocalCluster:
                 stop_group(proc, AGENT_GRACE_S)
 
 
-class TraceReplay:
-    """Replays trace events (times already compressed) against a running job from a background thread."""
-
-    def __init__(self, cluster: LocalCluster, events: list[TraceEvent], phase: Callable[[str], None]) -> None:
-        self.cluster = cluster
-        self.events = events
-        self.done = 0
-        self._phase = phase
-        self._stop = threading.Event()
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="trace-replay", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for event in self.events:
-            if self._stop.wait(max(0.0, self._started + event.at_s - time.monotonic())):
-                return
-            if event.kind == "add":
-                self.cluster.add_node(event.node)
-            else:
-                self.cluster.kill_node(event.node)
-            self.done += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(AGENT_START_S + 5)  # it may be starting an agent (add_node waits that long)
-
-    def describe(self) -> str:
-        return f"trace: replayed {self.done} of {len(self.events)} events after the start"
-
-
-def trace_schedule(config: JobConfig) -> list[TraceEvent]:
-    """The compressed events of ``config.trace`` (empty without one)."""
-    if config.trace is None:
-        return []
-    return replay_schedule(load_trace(config.trace.path), config.trace.compression)
-
-
-def _start_agent(
-    address: str, token_file: Path, node: str, config: JobConfig, log_dir: Path, cert_file: Path | None = None
-) -> subprocess.Popen:
+def _start_agent(job: NodeContext, token_file: Path, node: str, cert_file: Path | None = None) -> subprocess.Popen:
+    config, log_dir = job.config, job.log_dir
     cmd = [
         sys.executable, "-m", "oobleck.control.agent",
-        "--master", address, "--token-file", str(token_file),
+        "--master", job.address, "--token-file", str(token_file),
         "--node", node, "--devices", str(config.cluster.devices_per_node),
         "--log-dir", str(log_dir),
     ]  # fmt: skip
@@ -295,14 +175,3 @@ def worker_threads(config: JobConfig) -> dict[str, str]:
         return {}
     workers = config.cluster.nodes * config.cluster.devices_per_node
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-
-
-def last_line(path: Path) -> str:
-    """The last non-empty line of a log file, or a note that there is none."""
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    return lines[-1].strip() if lines else f"(no output in {path})"
-
-

@@ -1,11 +1,11 @@
 """Per-step metrics of a run: ``RUN/metrics.jsonl`` (one JSON object per committed step) and TensorBoard
 scalars under ``RUN/tensorboard``.
 
-Each line holds the fields of :class:`oobleck.control.master.StepRecord`: ``step``, ``loss``, ``units``,
+Each line holds the fields of :class:`oobleck.control.records.StepRecord`: ``step``, ``loss``, ``units``,
 ``grad_norm``, ``step_time_s``, ``samples_per_s``, ``generation``, ``nodes_alive``, ``pipelines``. A step that
 is re-run after the job restored an earlier checkpoint (every copy of some layer was lost) appears again, in
 a later generation; the later row supersedes the earlier one. ``RUN/recoveries.jsonl`` holds one line per
-recovery (the fields of :class:`oobleck.control.master.RecoveryRecord`).
+recovery (the fields of :class:`oobleck.control.records.RecoveryRecord`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
-#: one JSON object per recovery (the fields of oobleck.control.master.RecoveryRecord)
+#: one JSON object per recovery (the fields of oobleck.control.records.RecoveryRecord)
 RECOVERIES_FILE = "recoveries.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 #: StepRecord fields plotted in TensorBoard

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oobleck.control.placement import PipelineShape, place
-from oobleck.control.policies import shadow_holdings, takeover
+from oobleck.control.policy import shadow_holdings, takeover
 from planner.homogeneous import best_homogeneous, even_split
 from planner.templates import PipelineTemplate
 from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run_job

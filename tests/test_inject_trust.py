@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.local import job_token
+from launcher.job import job_token
 from oobleck import cli
 from oobleck.control.run_files import write_control_file
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from launcher.local import LOG_DIR
+from launcher.job import LOG_DIR
 from oobleck.engine.commit import ABORT, COMMIT
 from oobleck.engine.store_keys import decision_key, ended_key, ready_key, timing_key
 from oobleck.metrics import read_metrics

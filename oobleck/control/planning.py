@@ -7,7 +7,7 @@ from typing import Callable
 
 from oobleck.cluster_spec import cluster_spec
 from oobleck.config import JobConfig
-from oobleck.control.master import Planner
+from oobleck.control.policy import Planner
 from oobleck.control.placement import PipelineShape
 from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
