@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from typing import Any, Callable
 
 MAX_NODES = 4096
 MAX_DEVICES_PER_NODE = 64
@@ -30,31 +30,23 @@ def _cut(text: str, limit: int = 40) -> str:
 
 def int_flag(lo: int, hi: int) -> Callable[[str], int]:
     """argparse type: an integer in [lo, hi] (argparse turns the error into one line, exit code 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {_cut(text)!r}; expected an integer in [{lo}, {hi}]") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"got {_cut(text)}; must be in [{lo}, {hi}]")
-        return value
-
-    parse.produces = int  # type: ignore[attr-defined]  # checked by oobleck.cli
-    return parse
+    return _number_flag(int, lo, hi, f"an integer in [{lo}, {hi}]", f"in [{lo}, {hi}]")
 
 
 def float_flag(lo: float, hi: float) -> Callable[[str], float]:
     """argparse type: a finite number in [lo, hi]."""
+    return _number_flag(float, lo, hi, f"a number in [{lo:g}, {hi:g}]", f"a number in [{lo:g}, {hi:g}]")
 
-    def parse(text: str) -> float:
+
+def _number_flag(kind: Callable[[str], Any], lo: float, hi: float, expected: str, within: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"got {_cut(text)!r}; expected a number in [{lo:g}, {hi:g}]") from None
+            raise argparse.ArgumentTypeError(f"got {_cut(text)!r}; expected {expected}") from None
         if not (math.isfinite(value) and lo <= value <= hi):
-            raise argparse.ArgumentTypeError(f"got {_cut(text)}; must be a number in [{lo:g}, {hi:g}]")
+            raise argparse.ArgumentTypeError(f"got {_cut(text)}; must be {within}")
         return value
 
-    parse.produces = float  # type: ignore[attr-defined]  # checked by oobleck.cli
+    parse.produces = kind  # type: ignore[attr-defined]  # checked by oobleck.cli
     return parse
