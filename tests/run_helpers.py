@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,8 @@ import yaml
 from benchmarks.jobs import kill_tagged as kill_tagged_by
 from benchmarks.jobs import tagged as tagged_by
 from oobleck import checkpoint
-from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE, read_metrics
-from oobleck.train_local import LocalResult, train_local
+from oobleck.train_local import LocalResult
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG_ENV = "OOBLECK_TEST_RUN_TAG"
@@ -67,8 +67,8 @@ def kill_tagged(tag: str) -> list[int]:
 SMALL_DEVICE_GIB = 0.002
 
 
-def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
-    raw = tiny_gpt(tmp_path / "profiles", nodes=nodes, steps=steps, f=f)
+def gpt_job(profile_dir: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
+    raw = tiny_gpt(profile_dir, nodes=nodes, steps=steps, f=f)
     raw["cluster"]["device_memory_gib"] = SMALL_DEVICE_GIB
     raw["fault_tolerance"].update({"heartbeat_timeout_s": 2.0, **ft})
     raw["faults"] = faults
@@ -85,9 +85,13 @@ def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
     return run_dir, err
 
 
-def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
-    """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
-    reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
+#: the ``reference_run`` fixture (tests/conftest.py): ``train_local``'s result for a job config dict
+ReferenceRun = Callable[[dict[str, Any]], LocalResult]
+
+
+def assert_matches_reference(run_dir: Path, raw: dict[str, Any], reference: LocalResult) -> None:
+    """Losses of every step and the final parameters and optimizer moments equal ``reference``'s (1e-9), the
+    ``train_local`` result of ``raw`` (the ``reference_run`` fixture computes it)."""
     # a step re-run after a checkpoint restore is written again; the later row is the one that counts
     rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
     assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
@@ -107,7 +111,6 @@ def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
                 for key in ("exp_avg", "exp_avg_sq"):
                     assert_close(by_name[name][key], moments[id(param)][key], f"layer {index} {name} {key}")
                 assert float(by_name[name]["step"]) == float(moments[id(param)]["step"])
-    return reference
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
