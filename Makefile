@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup test fuzz demo clean
+.PHONY: setup test test-fast fuzz demo clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The inner loop (a few minutes on 2 cores): every test but those marked slow, the end-to-end ones that start
+# real jobs (local processes, Ray clusters) or train with real worker processes. `make test` runs them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Property and fuzz tests with fresh randomness and 20x the examples; run it once a session
 fuzz: setup

@@ -3,11 +3,17 @@ tests that need neither (the planner's, the CLI's) do not pay for them."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from oobleck.train_local import LocalResult
 
 # Hypothesis profiles. Random property tests must not decide whether a submission lands, so CI (which
 # sets CI=true) runs a derandomized profile: the same examples on every run, no example database, and a
@@ -23,6 +29,19 @@ settings.register_profile(
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev")
 )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse-order",
+        action="store_true",
+        help="run the collected tests last to first: a test that passes only after another one shows up",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse-order"):
+        items.reverse()
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +62,40 @@ def digits():
     from models.images import digits_dataset
 
     return digits_dataset()
+
+
+@pytest.fixture(scope="session")
+def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``profile.cache_dir`` for every job of the session. The profiler names each cached profile by its
+    fingerprint (model, microbatch, dtype, device), so jobs of different models share the folder safely,
+    and a job whose model an earlier job profiled reads the profile instead of measuring it again."""
+    return tmp_path_factory.mktemp("profiles")
+
+
+#: the parts of a job config that ``train_local(config)`` reads when it writes no run directory
+REFERENCE_INPUTS = ("model", "data", "training")
+
+
+@pytest.fixture(scope="session")
+def reference_run() -> Callable[[dict[str, Any]], LocalResult]:
+    """``reference_run(raw)``: ``train_local`` of the job config dict ``raw`` (its ``faults`` ignored), run
+    once per session for each distinct reference. Without a run directory ``train_local`` reads only the
+    config's model, data and training sections and ``cluster.device``, so jobs that differ elsewhere (nodes,
+    fault tolerance, launcher, profile folder) share one result. The result is shared: never modify it."""
+    from oobleck.config import config_from_dict
+    from oobleck.train_local import train_local
+
+    results: dict[str, LocalResult] = {}
+
+    def reference(raw: dict[str, Any]) -> LocalResult:
+        config = config_from_dict({k: v for k, v in raw.items() if k != "faults"})
+        sections = config.to_dict()
+        key = json.dumps(
+            {"device": sections["cluster"]["device"], **{name: sections[name] for name in REFERENCE_INPUTS}},
+            sort_keys=True,
+        )
+        if key not in results:
+            results[key] = train_local(config)
+        return results[key]
+
+    return reference

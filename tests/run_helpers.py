@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ import torch
 from benchmarks import jobs
 from benchmarks.jobs import ROOT, write_config
 from oobleck import checkpoint
-from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE, read_metrics
-from oobleck.train_local import LocalResult, train_local
+from oobleck.train_local import LocalResult
 
 __all__ = [
     "ROOT",
     "TAG_ENV",
+    "ReferenceRun",
     "assert_close",
     "assert_matches_reference",
     "gpt_job",
@@ -60,10 +61,10 @@ def kill_tagged(tag: str) -> list[int]:
     return jobs.kill_tagged(tag, TAG_ENV, timeout_s=30)
 
 
-def gpt_job(tmp_path: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
-    """:func:`benchmarks.jobs.tiny_gpt` on 2 MiB devices (n0 = 2), a 2 s heartbeat timeout, the
-    ``fault_tolerance`` settings ``ft`` and the list ``faults`` (written even when empty)."""
-    raw = jobs.tiny_gpt(tmp_path / "profiles", nodes, steps, f=f, heartbeat_timeout_s=2.0)
+def gpt_job(profile_dir: Path, nodes: int, steps: int, f: int, faults: list[dict[str, Any]], **ft: Any) -> dict[str, Any]:
+    """:func:`benchmarks.jobs.tiny_gpt` with its profiles in ``profile_dir``, on 2 MiB devices (n0 = 2), a 2 s
+    heartbeat timeout, the ``fault_tolerance`` settings ``ft`` and the list ``faults`` (written even when empty)."""
+    raw = jobs.tiny_gpt(profile_dir, nodes, steps, f=f, heartbeat_timeout_s=2.0)
     raw["fault_tolerance"].update(ft)
     raw["faults"] = faults
     return raw
@@ -79,9 +80,13 @@ def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
     return run_dir, err
 
 
-def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
-    """Losses of every step and the final parameters and optimizer moments equal train_local's (1e-9)."""
-    reference = train_local(config_from_dict({k: v for k, v in raw.items() if k != "faults"}))
+#: the ``reference_run`` fixture (tests/conftest.py): ``train_local``'s result for a job config dict
+ReferenceRun = Callable[[dict[str, Any]], LocalResult]
+
+
+def assert_matches_reference(run_dir: Path, raw: dict[str, Any], reference: LocalResult) -> None:
+    """Losses of every step and the final parameters and optimizer moments equal ``reference``'s (1e-9), the
+    ``train_local`` result of ``raw`` (the ``reference_run`` fixture computes it)."""
     # a step re-run after a checkpoint restore is written again; the later row is the one that counts
     rows = list({r["step"]: r for r in read_metrics(run_dir)}.values())
     assert [r["step"] for r in rows] == list(range(raw["training"]["steps"])), "a step is missing"
@@ -101,7 +106,6 @@ def assert_matches_reference(run_dir: Path, raw: dict[str, Any]) -> LocalResult:
                 for key in ("exp_avg", "exp_avg_sq"):
                     assert_close(by_name[name][key], moments[id(param)][key], f"layer {index} {name} {key}")
                 assert float(by_name[name]["step"]) == float(moments[id(param)]["step"])
-    return reference
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

@@ -15,7 +15,7 @@ from oobleck.control.placement import PipelineShape, place
 from oobleck.control.policy import shadow_holdings, takeover
 from planner.homogeneous import best_homogeneous, even_split
 from planner.templates import PipelineTemplate
-from tests.run_helpers import assert_matches_reference, gpt_job, recoveries, run_job
+from tests.run_helpers import ReferenceRun, assert_matches_reference, gpt_job, recoveries, run_job
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -71,20 +71,26 @@ def test_best_homogeneous_picks_the_fastest_depth_and_leaves_the_rest_idle() -> 
     assert even_split(12, 5) == (3, 3, 2, 2, 2)
 
 
-def test_varuna_restarts_every_worker_from_its_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.slow  # a real job
+def test_varuna_restarts_every_worker_from_its_checkpoint(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """A node lost at step 7 with checkpoints every 5 steps: every worker process restarts, the checkpoint of
     step 5 is loaded, steps 5 and 6 are lost and re-run."""
     faults = [{"step": 7, "phase": "backward", "kind": "kill", "target": "node", "nodes": [3]}]
-    raw = gpt_job(tmp_path, nodes=6, steps=12, f=1, faults=faults, policy="varuna", checkpoint_every=5)
+    raw = gpt_job(profile_dir, nodes=6, steps=12, f=1, faults=faults, policy="varuna", checkpoint_every=5)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
     assert found[0]["mode"] == "restart" and found[0]["start_step"] == 5 and found[0]["steps_lost"] == 2, err[-2000:]
     restarted = [p for p in (run_dir / "logs").glob("node*-0.log") if "restarting the worker process" in p.read_text()]
     assert len(restarted) == found[0]["nodes_alive"], "every worker placed in the new plan restarts its process"
 
 
-def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(tmp_path: Path) -> None:
+@pytest.mark.slow  # a real job
+def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """Two pipelines of three nodes. Losing node1 (a middle stage): node0 takes its layers over from its
     shadow, no step is lost and both pipelines go on (copies only re-establish the shadows). Then node4 and node5
     (adjacent stages) die together: fatal for Bamboo, which restarts from its checkpoint of step 6."""
@@ -92,9 +98,9 @@ def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(tm
         {"step": 3, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
         {"step": 8, "phase": "backward", "kind": "kill", "target": "node", "nodes": [4, 5]},
     ]
-    raw = gpt_job(tmp_path, nodes=6, steps=10, f=1, faults=faults, policy="bamboo", checkpoint_every=6)
+    raw = gpt_job(profile_dir, nodes=6, steps=10, f=1, faults=faults, policy="bamboo", checkpoint_every=6)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     first, second = recoveries(run_dir)
     assert first["mode"] == "memory" and first["pipelines"] == 2, err[-2000:]
     assert first["steps_lost"] == 0 and first["nodes_alive"] == 5

@@ -40,6 +40,7 @@ def test_bad_flag_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.slow  # a benchmark run: ~35 s
 def test_quick_run_writes_both_engines_figures(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     proc = subprocess.run(

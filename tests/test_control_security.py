@@ -131,10 +131,11 @@ def test_a_loopback_master_stays_plaintext_by_default() -> None:
         m.stop(grace_s=0)
 
 
-def test_a_local_job_with_tls_forced_on_runs_and_inject_reaches_it(tmp_path: Path) -> None:
+@pytest.mark.slow  # a real job
+def test_a_local_job_with_tls_forced_on_runs_and_inject_reaches_it(tmp_path: Path, profile_dir: Path) -> None:
     """``cluster.tls: on`` on loopback: agents and workers connect with the job's certificate, ``oobleck
     inject`` finds it through control.json, and the run finishes."""
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=40)
+    raw = tiny_gpt(profile_dir, nodes=2, steps=40)
     raw["cluster"]["tls"] = "on"
     run_dir = tmp_path / "run"
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)

@@ -11,12 +11,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from engine_harness import EngineRun, max_loss_error, max_optimizer_error, max_param_error, run_engine
 from oobleck import checkpoint
 from oobleck.config import JobConfig, config_from_dict
 from oobleck.train_local import LocalResult, train_local
+
+#: every test trains with real worker processes, for up to 20 steps
+pytestmark = pytest.mark.slow
 
 # the machine's cores are shared by many processes: threads would only contend
 torch.set_num_threads(1)

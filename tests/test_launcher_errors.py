@@ -14,8 +14,9 @@ from tests.run_helpers import start_run, tagged, tiny_gpt, write_config
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_a_worker_dying_at_startup_fails_the_run_and_leaves_no_process(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "job.yaml", tiny_gpt(tmp_path / "profiles", nodes=2, steps=50))
+@pytest.mark.slow  # a real job
+def test_a_worker_dying_at_startup_fails_the_run_and_leaves_no_process(tmp_path: Path, profile_dir: Path) -> None:
+    config = write_config(tmp_path / "job.yaml", tiny_gpt(profile_dir, nodes=2, steps=50))
     proc, tag = start_run(config, tmp_path / "run")
     victim = None
     deadline = time.monotonic() + 90
@@ -33,8 +34,8 @@ def test_a_worker_dying_at_startup_fails_the_run_and_leaves_no_process(tmp_path:
     assert not tagged(tag), "processes outlived the run"
 
 
-def test_bad_command_line_values_are_one_line_errors(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "job.yaml", tiny_gpt(tmp_path / "profiles", nodes=2, steps=1))
+def test_bad_command_line_values_are_one_line_errors(tmp_path: Path, profile_dir: Path) -> None:
+    config = write_config(tmp_path / "job.yaml", tiny_gpt(profile_dir, nodes=2, steps=1))
     proc, _ = start_run(config, tmp_path / "run", "--nodes", "0")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2

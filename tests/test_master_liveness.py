@@ -14,7 +14,7 @@ import pytest
 from oobleck.control.master import master_timeout_s
 from tests.run_helpers import kill_tagged, start_run, tagged, tiny_gpt, write_config
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # every test runs a real job
 
 HEARTBEAT_TIMEOUT_S = 2.0
 #: the agents give the master up after master_timeout_s (6 s here), then stop their workers (SIGTERM, SIGKILL
@@ -39,8 +39,8 @@ def describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-def test_agents_and_workers_exit_when_the_master_hangs(tmp_path: Path) -> None:
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=100_000)
+def test_agents_and_workers_exit_when_the_master_hangs(tmp_path: Path, profile_dir: Path) -> None:
+    raw = tiny_gpt(profile_dir, nodes=2, steps=100_000)
     raw["fault_tolerance"].update({"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S})
     assert master_timeout_s(HEARTBEAT_TIMEOUT_S) + 2.0 + 3.0 < EXIT_BOUND_S
     run_dir = tmp_path / "run"

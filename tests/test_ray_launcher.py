@@ -4,9 +4,10 @@ A module-wide ``ray.cluster_utils.Cluster`` of 5 Ray nodes (one CPU each) stands
 cluster: ``oobleck run`` connects to it (``cluster.ray_address``), a Ray node is removed mid-run
 (``Cluster.remove_node``: its raylet and every process on it die) and later a new one is added
 (``Cluster.add_node``), and the run must reproduce ``train_local`` in float64 and report both membership
-changes. Every Ray process the tests start carries an environment tag, so that the last test can check
-that shutting the cluster down leaves none of them; the launcher's own throwaway cluster (no address) is
-checked the same way through the run's tag.
+changes. Every Ray process the tests start carries an environment tag, so that a test can check that
+shutting the cluster down leaves none of them; the launcher's own throwaway cluster (no address) is
+checked the same way through the run's tag. The tests share the cluster but not its state: each one gets
+it back with 5 alive nodes (a fresh cluster after the shutdown test), so they pass in any order.
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from oobleck.config import config_from_dict
 from oobleck.metrics import RECOVERIES_FILE
-from oobleck.train_local import train_local
 from tests.run_helpers import (
-    TAG_ENV, assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config,
+    TAG_ENV, ReferenceRun, assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config,
 )  # fmt: skip
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # every test runs a real job
 
 #: keep Ray on 127.0.0.1 (Ray reads this at import, and its processes inherit it), without token auth or
 #: usage reports
@@ -51,6 +51,20 @@ class RayCluster:
 
     def add_node(self) -> Any:
         return self.cluster.add_node(**NODE_ARGS)
+
+    def is_shut_down(self) -> bool:
+        return self.cluster.head_node is None
+
+    def restore_nodes(self) -> None:
+        """Back to ``RAY_NODES`` nodes (the head and ``RAY_NODES - 1`` workers): remove the workers a test added
+        beyond them, add one for each it removed, and wait until Ray's GCS counts exactly these alive (a
+        removed node may linger there, and the launcher counts the GCS's alive nodes)."""
+        extra = len(self.cluster.worker_nodes) - (RAY_NODES - 1)
+        for node in list(self.cluster.worker_nodes)[: max(extra, 0)]:
+            self.cluster.remove_node(node)
+        for _ in range(-extra):
+            self.add_node()
+        self.cluster.wait_for_nodes(timeout=60)
 
     def processes(self) -> list[psutil.Process]:
         """Live processes started under this cluster (Ray's and, through the actors, agents and workers)."""
@@ -105,22 +119,48 @@ def start_cluster_retrying() -> tuple[Any, str]:
     return start_cluster()
 
 
+class SharedCluster:
+    """The module's Ray cluster, started on first use (a start takes tens of seconds on this machine, so the
+    tests share one) and handed to each test as :meth:`ready` leaves it."""
+
+    def __init__(self) -> None:
+        self.current: RayCluster | None = None
+
+    def ready(self) -> RayCluster:
+        """A cluster of ``RAY_NODES`` alive nodes whatever an earlier test did to it: the current one with its
+        node count restored, or a new one where the current one was shut down."""
+        if self.current is None or self.current.is_shut_down():
+            self.current = RayCluster(*start_cluster_retrying())
+        else:
+            self.current.restore_nodes()
+        return self.current
+
+    def shutdown(self) -> None:
+        if self.current is not None:
+            self.current.cluster.shutdown()  # a no-op on a cluster already shut down
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[RayCluster]:
+def shared_cluster() -> Iterator[SharedCluster]:
     saved = {key: os.environ.get(key) for key in [*RAY_ENV, TAG_ENV]}
     os.environ.update(RAY_ENV)
-    cluster = None
+    shared = SharedCluster()
     try:
-        cluster, tag = start_cluster_retrying()
-        yield RayCluster(cluster, tag)
+        yield shared
     finally:
-        if cluster is not None:
-            cluster.shutdown()
+        shared.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def ray_cluster(shared_cluster: SharedCluster) -> RayCluster:
+    """The module's cluster with ``RAY_NODES`` alive nodes, whatever the tests before this one removed, added
+    or shut down: no test depends on the order they run in."""
+    return shared_cluster.ready()
 
 
 def wait_for(what: str, check: Any, timeout_s: float, proc: Any = None, fail: bool = True) -> Any:
@@ -185,7 +225,9 @@ def connected_to(proc: psutil.Process, port: int) -> bool:
         return False
 
 
-def test_removed_ray_node_is_recovered_and_added_ray_node_joins(ray_cluster: RayCluster, tmp_path: Path) -> None:
+def test_removed_ray_node_is_recovered_and_added_ray_node_joins(
+    ray_cluster: RayCluster, tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """5 Ray nodes, f=1, n0=2: pipelines of 2+3 nodes. A worker Ray node is removed after step 2, the job
     recovers on 4 (2+2), a new Ray node is added and joins (2+3); losses and final state equal train_local.
 
@@ -194,7 +236,9 @@ def test_removed_ray_node_is_recovered_and_added_ray_node_joins(ray_cluster: Ray
     resume (SIGCONT) into the ordinary recovery of the removed node, then the join."""
     # held workers send no heartbeats (the agents' watchdogs wait 120 s); a loaded machine may delay an
     # agent's heartbeats by seconds: a removed node is noticed through its actor's death and its broken stream
-    raw = gpt_job(tmp_path, nodes=RAY_NODES, steps=10, f=1, faults=[], worker_timeout_s=120.0, heartbeat_timeout_s=10.0)
+    raw = gpt_job(
+        profile_dir, nodes=RAY_NODES, steps=10, f=1, faults=[], worker_timeout_s=120.0, heartbeat_timeout_s=10.0
+    )
     raw["cluster"].update({"launcher": "ray", "ray_address": ray_cluster.address})
     run_dir = tmp_path / "run"
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
@@ -228,7 +272,7 @@ def test_removed_ray_node_is_recovered_and_added_ray_node_joins(ray_cluster: Ray
     assert proc.returncode == 0, err[-3000:]
     assert not tagged(tag), "processes of the driver outlived the run"
     assert json.loads((run_dir / "ray_nodes.json").read_text())["node5"]["ray_node_id"] == added.node_id
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     found = rows(run_dir, RECOVERIES_FILE)
     assert [(r["lost"], r["joined"]) for r in found] == [([victim], []), ([], ["node5"])], err[-3000:]
     assert found[0]["mode"] == "memory" and found[0]["steps_lost"] == 0 and found[0]["pipelines"] == 2
@@ -237,8 +281,8 @@ def test_removed_ray_node_is_recovered_and_added_ray_node_joins(ray_cluster: Ray
         pytest.fail(f"the job's actors, agents or workers outlived it: {describe(ray_cluster.job_processes())}")
 
 
-def test_too_few_ray_nodes_is_a_one_line_error(ray_cluster: RayCluster, tmp_path: Path) -> None:
-    raw = gpt_job(tmp_path, nodes=RAY_NODES + 1, steps=2, f=1, faults=[])
+def test_too_few_ray_nodes_is_a_one_line_error(ray_cluster: RayCluster, tmp_path: Path, profile_dir: Path) -> None:
+    raw = gpt_job(profile_dir, nodes=RAY_NODES + 1, steps=2, f=1, faults=[])
     raw["cluster"].update({"launcher": "ray", "ray_address": ray_cluster.address})
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), tmp_path / "run")
     _, err = proc.communicate(timeout=120)
@@ -257,11 +301,11 @@ def test_ray_cluster_shutdown_leaves_no_ray_process(ray_cluster: RayCluster) -> 
         pytest.fail(f"processes outlived the Ray cluster: {describe(ray_cluster.processes())}")
 
 
-def test_unreachable_ray_address_is_a_one_line_error(tmp_path: Path) -> None:
+def test_unreachable_ray_address_is_a_one_line_error(tmp_path: Path, profile_dir: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=2)
+    raw = tiny_gpt(profile_dir, nodes=2, steps=2)
     raw["cluster"].update({"launcher": "ray", "ray_address": f"127.0.0.1:{port}"})
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), tmp_path / "run")
     _, err = proc.communicate(timeout=120)
@@ -272,15 +316,17 @@ def test_unreachable_ray_address_is_a_one_line_error(tmp_path: Path) -> None:
     assert not tagged(tag)
 
 
-def test_same_config_runs_with_local_and_ray_launchers(tmp_path: Path) -> None:
+def test_same_config_runs_with_local_and_ray_launchers(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """One config file, run with ``--launcher ray`` (no address: the launcher starts and stops a Ray
     cluster of its own) and ``--launcher local``; both reproduce train_local, and no process survives
     either run (Ray's own included: they inherit the run's tag). The config forces TLS on (it would be off on
     loopback): both launchers hand the master's certificate to their agents, which must use it."""
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=4, f=1)
+    raw = tiny_gpt(profile_dir, nodes=2, steps=4, f=1)
     raw["cluster"]["tls"] = "on"
     config = write_config(tmp_path / "job.yaml", raw)
-    reference = train_local(config_from_dict(raw)).losses
+    reference = reference_run(raw).losses
     for launcher in ("ray", "local"):
         run_dir = tmp_path / launcher
         proc, tag = start_run(config, run_dir, "--launcher", launcher)

@@ -18,6 +18,7 @@ import pytest
 
 from oobleck import checkpoint
 from tests.run_helpers import (
+    ReferenceRun,
     assert_matches_reference,
     gpt_job,
     recoveries,
@@ -27,29 +28,32 @@ from tests.run_helpers import (
     tiny_gpt,
 )
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]  # every test runs a real job
 
-def dit_job(tmp_path: Path, nodes: int, steps: int, faults: list[dict[str, Any]]) -> dict[str, Any]:
+
+def dit_job(profile_dir: Path, nodes: int, steps: int, faults: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "model": {"family": "dit", "dtype": "float64", "overrides": {"n_layer": 4, "d_model": 32, "n_head": 2}},
         "data": {"dataset": "digits"},
         "training": {"steps": steps, "global_batch": 12, "microbatch": 2, "lr": 3e-3, "seed": 1},
         "cluster": {"nodes": nodes, "devices_per_node": 1, "device": "cpu", "device_memory_gib": 0.003},
         "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
-        "profile": {"cache_dir": str(tmp_path / "profiles"), "warmup": 0, "repeats": 1},
+        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1},
         "faults": faults,
     }
 
 
-def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(tmp_path: Path) -> None:
+def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     faults = [
         {"step": 2, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
         {"step": 4, "phase": "backward", "kind": "kill", "target": "worker", "nodes": [3]},
         {"step": 6, "phase": "sync", "kind": "kill", "target": "node", "nodes": [4]},
     ]
-    raw = gpt_job(tmp_path, nodes=6, steps=9, f=1, faults=faults)
+    raw = gpt_job(profile_dir, nodes=6, steps=9, f=1, faults=faults)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
     assert [r["lost"] for r in found] == [["node1"], ["node3"], ["node4"]], err[-2000:]
     assert [r["start_step"] for r in found] == [2, 4, 6]  # the interrupted step is re-run, none is lost
@@ -58,7 +62,9 @@ def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(tmp_path: Path) 
     assert "recovered (lost node1)" in err
 
 
-def test_gpt_optimizer_recovery_and_checkpoint_phases(tmp_path: Path) -> None:
+def test_gpt_optimizer_recovery_and_checkpoint_phases(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """A kill after the commit (half the optimizer steps applied), a kill while layers are being copied in the
     recovery from it, and a kill while a periodic checkpoint is written: that checkpoint stays incomplete and
     the previous one stays loadable."""
@@ -67,9 +73,9 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(tmp_path: Path) -> None:
         {"step": 3, "phase": "recovery", "kind": "kill", "target": "node", "nodes": [5]},
         {"step": 6, "phase": "checkpoint", "kind": "kill", "target": "node", "nodes": [0]},
     ]
-    raw = gpt_job(tmp_path, nodes=7, steps=8, f=1, faults=faults, checkpoint_every=2)
+    raw = gpt_job(profile_dir, nodes=7, steps=8, f=1, faults=faults, checkpoint_every=2)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     lost = [node for r in recoveries(run_dir) for node in r["lost"]]
     assert sorted(lost) == ["node0", "node2", "node5"], err[-2000:]
     # step 2 was committed before its kill: the recovery resumes at step 3, with nothing lost or re-applied
@@ -82,46 +88,52 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(tmp_path: Path) -> None:
         assert checkpoint.load_layer_state(previous, index)["step"] == 4
 
 
-def test_gpt_f2_two_simultaneous_node_kills(tmp_path: Path) -> None:
+def test_gpt_f2_two_simultaneous_node_kills(tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun) -> None:
     faults = [{"step": 3, "phase": "backward", "kind": "kill", "target": "node", "nodes": [1, 4]}]
-    raw = gpt_job(tmp_path, nodes=7, steps=6, f=2, faults=faults)
+    raw = gpt_job(profile_dir, nodes=7, steps=6, f=2, faults=faults)
     run_dir, _ = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     assert sorted(n for r in recoveries(run_dir) for n in r["lost"]) == ["node1", "node4"]
     assert all(r["steps_lost"] == 0 for r in recoveries(run_dir))
 
 
-def test_losing_every_copy_of_a_layer_restores_the_checkpoint_and_loses_only_later_steps(tmp_path: Path) -> None:
+def test_losing_every_copy_of_a_layer_restores_the_checkpoint_and_loses_only_later_steps(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """f=1 with 2 pipelines of 2 nodes; both first stages die at once: their layers have no surviving copy,
     so the job restores the checkpoint of step 4 and re-runs step 4 on the 2 survivors (one pipeline)."""
     faults = [{"step": 5, "phase": "forward", "kind": "kill", "target": "node", "nodes": [0, 2]}]
-    raw = gpt_job(tmp_path, nodes=4, steps=7, f=1, faults=faults, checkpoint_every=4)
+    raw = gpt_job(profile_dir, nodes=4, steps=7, f=1, faults=faults, checkpoint_every=4)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     last = recoveries(run_dir)[-1]
     assert last["mode"] == "checkpoint" and last["start_step"] == 4 and last["steps_lost"] == 1, err[-2000:]
     assert last["pipelines"] == 1
 
 
-def test_dit_node_kill_worker_kill_and_hung_node(tmp_path: Path) -> None:
+def test_dit_node_kill_worker_kill_and_hung_node(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     faults = [
         {"step": 1, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]},
         {"step": 3, "phase": "backward", "kind": "kill", "target": "worker", "nodes": [2]},
         {"step": 4, "phase": "sync", "kind": "hang", "target": "node", "nodes": [4]},
     ]
-    raw = dit_job(tmp_path, nodes=6, steps=6, faults=faults)
+    raw = dit_job(profile_dir, nodes=6, steps=6, faults=faults)
     run_dir, err = run_job(tmp_path, raw)
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
     assert [r["lost"] for r in found] == [["node1"], ["node2"], ["node4"]], err[-2000:]
     assert "node node4 lost: no heartbeat" in err
 
 
-def test_resume_skips_damaged_newest_checkpoints_and_keeps_the_newest_three(tmp_path: Path) -> None:
+def test_resume_skips_damaged_newest_checkpoints_and_keeps_the_newest_three(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """A checkpoint every step, default retention (3): the run leaves steps 4-6. With step 6 truncated and
     step 5 overwritten by random bytes of the same size, ``--resume`` restores step 4 (one warning line per
     skipped checkpoint), re-runs steps 4 and 5 and ends where the single-process reference does."""
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=6)
+    raw = tiny_gpt(profile_dir, nodes=2, steps=6)
     raw["fault_tolerance"]["checkpoint_every"] = 1
     run_dir, _ = run_job(tmp_path, raw)
     names = lambda: sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # noqa: E731
@@ -139,7 +151,7 @@ def test_resume_skips_damaged_newest_checkpoints_and_keeps_the_newest_three(tmp_
     assert any("step_00000005" in line and "SHA-256" in line for line in skipped), err[-3000:]
     assert "restoring the checkpoint of step 4" in err
     assert "removed the checkpoint folders after step 4: step_00000006, step_00000005" in err
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     assert names() == ["step_00000004", "step_00000005", "step_00000006"]
     for step in (5, 6):  # written again by the re-run, whole
         assert checkpoint.verify(checkpoint.checkpoint_dir(run_dir, step))["step"] == step

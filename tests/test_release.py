@@ -102,6 +102,7 @@ def _rank_main(rank: int, store_port: int) -> None:
     store.set(f"result/{rank}", json.dumps(report))
 
 
+@pytest.mark.slow  # worker processes and gloo groups: ~5 s (35 s on a loaded machine)
 def test_blocked_recv_is_released_and_survivors_regroup() -> None:
     import torch.distributed as dist
 

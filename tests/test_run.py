@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from oobleck.config import config_from_dict
 from oobleck.metrics import read_metrics
-from oobleck.train_local import train_local
-from tests.run_helpers import start_run, tagged, tiny_gpt, write_config
+from tests.run_helpers import ReferenceRun, start_run, tagged, tiny_gpt, write_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # every test runs a real job
 
 
-def test_run_matches_the_single_process_reference(tmp_path: Path) -> None:
-    raw = tiny_gpt(tmp_path / "profiles", nodes=5, steps=3)
+def test_run_matches_the_single_process_reference(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
+    raw = tiny_gpt(profile_dir, nodes=5, steps=3)
     config = write_config(tmp_path / "job.yaml", raw)
     run_dir = tmp_path / "run"
     proc, tag = start_run(config, run_dir)
@@ -30,6 +30,6 @@ def test_run_matches_the_single_process_reference(tmp_path: Path) -> None:
     assert all(r["nodes_alive"] == 5 and r["pipelines"] >= 2 for r in rows)
     assert any((run_dir / "tensorboard").iterdir())
 
-    reference = train_local(config_from_dict(raw)).losses
+    reference = reference_run(raw).losses
     for row, expected in zip(rows, reference):
         assert math.isclose(row["loss"], expected, rel_tol=1e-9), (row["step"], row["loss"], expected)

@@ -18,9 +18,11 @@ from launcher.job import LOG_DIR
 from oobleck.engine.commit import ABORT, COMMIT
 from oobleck.engine.store_keys import decision_key, ended_key, ready_key, timing_key
 from oobleck.metrics import read_metrics
-from tests.run_helpers import assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config
+from tests.run_helpers import (
+    ReferenceRun, assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config,
+)  # fmt: skip
 
-pytestmark = pytest.mark.timeout(360)
+pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # every test runs a real job
 
 MASTER_HOST = "127.0.0.1"
 
@@ -80,7 +82,9 @@ def finish(proc: subprocess.Popen, tag: str, timeout_s: float) -> str:
     return err
 
 
-def test_forged_store_values_do_not_steer_a_running_job(tmp_path: Path) -> None:
+def test_forged_store_values_do_not_steer_a_running_job(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
     """A plain TCPStore client without the token writes, before the workers do: generation ends for this and
     later generations, ABORT/COMMIT decisions and garbled ready reports and timings for the coming steps of
     both generations, and garbage fault keys (rewritten throughout, so the master meets one when it reads
@@ -88,7 +92,7 @@ def test_forged_store_values_do_not_steer_a_running_job(tmp_path: Path) -> None:
     reference losses, parameters and optimizer moments."""
     steps = 5
     faults = [{"step": 2, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]}]
-    raw = gpt_job(tmp_path, nodes=4, steps=steps, f=1, faults=faults)
+    raw = gpt_job(profile_dir, nodes=4, steps=steps, f=1, faults=faults)
     run_dir = tmp_path / "run"
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
     stop = threading.Event()
@@ -127,15 +131,15 @@ def test_forged_store_values_do_not_steer_a_running_job(tmp_path: Path) -> None:
     worker_logs = "".join(p.read_text(errors="replace") for p in (run_dir / LOG_DIR).glob("*.log"))
     assert "store key ended/gen1: ignoring a value without a valid MAC" in worker_logs
     assert "/commit/0/decision: ignoring a value without a valid MAC" in worker_logs
-    assert_matches_reference(run_dir, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
     found = read_metrics(run_dir, "recoveries.jsonl")
     assert [r["lost"] for r in found] == [["node1"]], err[-3000:]
 
 
-def test_every_listening_socket_of_a_job_is_on_the_master_address(tmp_path: Path) -> None:
+def test_every_listening_socket_of_a_job_is_on_the_master_address(tmp_path: Path, profile_dir: Path) -> None:
     """The master's gRPC server and store and every worker's gloo listener: bound to ``cluster.master_host``
     (loopback), never to a wildcard address."""
-    raw = tiny_gpt(tmp_path / "profiles", nodes=2, steps=30)
+    raw = tiny_gpt(profile_dir, nodes=2, steps=30)
     raw["cluster"]["master_host"] = MASTER_HOST
     run_dir = tmp_path / "run"
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)

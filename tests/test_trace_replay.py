@@ -21,7 +21,7 @@ from oobleck import checkpoint
 from oobleck.metrics import METRICS_FILE, RECOVERIES_FILE, read_metrics
 from tests.run_helpers import ROOT, TAG_ENV, start_run, tagged, tiny_gpt, write_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # every test runs a real job
 
 #: trace seconds per wall second
 COMPRESSION = 10.0
@@ -43,10 +43,10 @@ def trace_lines() -> list[str]:
     ]
 
 
-def test_trace_replay_matches_the_single_process_reference(tmp_path: Path) -> None:
+def test_trace_replay_matches_the_single_process_reference(tmp_path: Path, profile_dir: Path) -> None:
     trace = tmp_path / "trace.csv"
     trace.write_text("\n".join(trace_lines()) + "\n")
-    raw = tiny_gpt(tmp_path / "profiles", nodes=5, steps=STEPS)
+    raw = tiny_gpt(profile_dir, nodes=5, steps=STEPS)
     raw["cluster"]["device_memory_gib"] = 0.002  # n0 = 2: two-stage pipelines, so a lost node's layers move
     raw["trace"] = {"path": str(trace), "compression": COMPRESSION}
     config = write_config(tmp_path / "job.yaml", raw)
