@@ -1,4 +1,4 @@
-"""The pure parts of the fault-tolerance harness (benchmarks/fault_tolerance.py): commit times from stamped
+"""The pure parts of the fault-tolerance harness (benchmarks/fault_tolerance/): commit times from stamped
 metrics rows, the time breakdown of a run from synthetic rows and recovery records, throughput, the
 failure schedules, the measured costs, and the command line's errors. No job runs here."""
 

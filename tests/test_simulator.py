@@ -1,4 +1,4 @@
-"""The cluster-scale simulator (benchmarks/simulator.py): hand-computed scenarios for each policy, sanity
+"""The cluster-scale simulator (benchmarks/sim/, run as benchmarks.simulator): hand-computed scenarios for each policy, sanity
 properties over failure frequency, timelines, bad inputs, the CLI and its outputs. Pure Python: no torch."""
 
 from __future__ import annotations

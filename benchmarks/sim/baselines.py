@@ -44,7 +44,7 @@ class VarunaSim(HomogeneousSim):
     restarts on the nodes alive when the restart begins (a loss during it starts it over). A node that
     becomes ready later waits for the next periodic checkpoint, after which the job restarts to take it in
     if that makes it faster (growing costs a restart but loses no step; the engine's master grows at the same
-    checkpoint boundary, ``_grows_after``, but restarts even when the plan does not improve)."""
+    checkpoint boundary, ``Varuna.grows_after`` in :mod:`oobleck.control.policy`, but restarts even when the plan does not improve)."""
 
     policy = "varuna"
 
