@@ -131,7 +131,7 @@ class FaultConfig:
     """One injected failure."""
 
     step: int = 0
-    phase: Literal["forward", "backward", "sync", "optimizer", "recovery", "checkpoint"] = "forward"
+    phase: Literal["forward", "backward", "sync", "optimizer", "recovery", "checkpoint", "exit"] = "forward"
     kind: Literal["kill", "hang"] = "kill"
     target: Literal["worker", "node"] = "node"
     #: node indices (several at once allowed)

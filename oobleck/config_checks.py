@@ -114,6 +114,10 @@ def validate(c: JobConfig) -> None:
 
     for i, fault in enumerate(c.faults):
         _require(fault.step >= 0, f"faults[{i}].step", fault.step, "must be at least 0")
+        _require(
+            fault.phase != "exit" or fault.step == c.training.steps, f"faults[{i}].step", fault.step,
+            f"must be training.steps ({c.training.steps}) for phase exit (the worker exits once, after the last step)",
+        )  # fmt: skip
         _require(bool(fault.nodes), f"faults[{i}].nodes", fault.nodes, "must name at least one node")
         for n in fault.nodes:
             _require(0 <= n < k.nodes, f"faults[{i}].nodes", fault.nodes, f"node indices must be in [0, {k.nodes - 1}]")

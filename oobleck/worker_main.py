@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from typing import NoReturn
 
 import grpc
@@ -215,5 +216,36 @@ def restart(argv: list[str], keep_fd: int | None, why: str) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "oobleck.worker_main", *argv])
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` without tearing the interpreter down. Threads of the engine (the
+    generation watch, store clients, gloo) sit in C++ calls with the GIL released; one that returns while
+    the interpreter finalizes is ended by ``pthread_exit`` inside a C++ destructor, which aborts the whole
+    process (SIGABRT), and the master would take a worker that finished for a lost one. Flushes the logs
+    and the standard streams first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to save
+            pass
+    os._exit(code)
+
+
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """:func:`main`, then :func:`exit_now` with its exit code (1, with the traceback, if it raised)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors and --help
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

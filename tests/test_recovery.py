@@ -88,6 +88,26 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(
         assert checkpoint.load_layer_state(previous, index)["step"] == 4
 
 
+def test_nodes_lost_during_and_after_the_final_checkpoint(
+    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+) -> None:
+    """Every step is committed when node1 dies while writing its share of the final checkpoint: the survivors
+    recover into a generation with no step left, which writes the final checkpoint. Then node0 dies as its
+    worker exits, after that checkpoint: the job's result is complete, so the job finishes (exit 0) without
+    another re-plan."""
+    steps = 4
+    faults = [
+        {"step": steps, "phase": "checkpoint", "kind": "kill", "target": "node", "nodes": [1]},
+        {"step": steps, "phase": "exit", "kind": "kill", "target": "node", "nodes": [0]},
+    ]
+    raw = gpt_job(profile_dir, nodes=5, steps=steps, f=1, faults=faults)
+    run_dir, err = run_job(tmp_path, raw)
+    assert_matches_reference(run_dir, raw, reference_run(raw))
+    found = recoveries(run_dir)
+    assert [(r["lost"], r["start_step"], r["steps_lost"]) for r in found] == [(["node1"], steps, 0)], err[-2000:]
+    assert "after the final checkpoint was written: the job's result is complete" in err, err[-2000:]
+
+
 def test_gpt_f2_two_simultaneous_node_kills(tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun) -> None:
     faults = [{"step": 3, "phase": "backward", "kind": "kill", "target": "node", "nodes": [1, 4]}]
     raw = gpt_job(profile_dir, nodes=7, steps=6, f=2, faults=faults)

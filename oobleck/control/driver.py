@@ -91,6 +91,10 @@ class CommitDriver:
                     self._report_recovery(gen, gen.change, plan_s, coordinator.store)
                 if self.on_step is not None:
                     self.on_step(record)
+            if gen.start_step >= config.training.steps and gen.change is not None and self._joined(gen, coordinator.store):
+                # nothing left to train (the change came during the final checkpoint): the recovery ends
+                # once every rank has joined and taken its layers, before it writes that checkpoint again
+                self._report_recovery(gen, gen.change, plan_s, coordinator.store)
             with state.lock:
                 state.finish_if_done()
         except Exception as e:  # a broken store or a failing callback: end the job rather than hang it
@@ -106,6 +110,17 @@ class CommitDriver:
         ckpt = checkpoint.checkpoint_dir(self.state.config.run.dir, step)
         while not checkpoint.is_complete(ckpt) and not self.state.stale(gen):
             time.sleep(_POLL_S)
+
+    def _joined(self, gen: Generation, store: SignedStore) -> bool:
+        """Wait (lock not held) until every rank of ``gen`` has written its timing, i.e. joined and taken its
+        layers; False if ``gen`` ended first."""
+        from oobleck.engine.store_keys import timing_key
+
+        while any(store.get(timing_key(r)) is None for r in range(gen.placement.world_size)):
+            if self.state.stale(gen) or self.state.over():
+                return False
+            time.sleep(_POLL_S)
+        return True
 
     def _report_recovery(self, gen: Generation, change: Change, plan_s: float, store: SignedStore) -> None:
         from oobleck.engine.store_keys import timing_key

@@ -303,6 +303,12 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     self.state.fail_locked(f"{who} exited before the last step was committed")
                 else:
                     self.state.finish_if_done()
+            elif self.state.result_saved():
+                log.warning(
+                    "%s %s after the final checkpoint was written: the job's result is complete",
+                    who, describe_exit(request.exit_code),
+                )  # fmt: skip
+                self.state.finish_if_done()
             elif (request.exit_code > 0 and request.exit_code != STUCK_EXIT_CODE) or not self.state.recoverable():
                 # a worker's own error (bad input, a bug) or a death before training started: re-planning
                 # would only repeat it. A worker stuck in an ended generation is lost like a killed one.

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from oobleck import checkpoint
 from oobleck.config import JobConfig
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.placement import Placement
@@ -125,6 +126,10 @@ class JobState:
         if not self.recoverable():
             self.fail_locked(reason)
             return
+        if self.result_saved():
+            log.warning("%s after the final checkpoint was written: the job's result is complete", reason)
+            self.finish_if_done()
+            return
         log.warning("%s", reason)
         self.note_change(reason, lost=node.name)
         if self.generation is not None:
@@ -156,14 +161,28 @@ class JobState:
         if self.signed is not None:  # None once the master stopped
             self.signed.set(ended_key(gen.number), b"1")
 
+    def result_saved(self) -> bool:
+        """Every step is committed and the final checkpoint is complete: the job's result is on disk, so a
+        worker or node lost from now on costs nothing (the checkpoint's own cheap check; it reads
+        ``meta.json`` only once the last step is committed)."""
+        steps = self.config.training.steps
+        if self.committed < steps:
+            return False
+        return checkpoint.is_complete(checkpoint.checkpoint_dir(self.config.run.dir, steps))
+
     def finish_if_done(self) -> None:
-        """Finish the job once the last step is committed and every worker of the generation exited 0."""
+        """Finish the job once the last step is committed and every worker of the generation exited 0; once
+        the final checkpoint is complete (:meth:`result_saved`), a worker that died or whose node was lost
+        counts as done too."""
         gen = self.generation
         if gen is None or self.finished or self.failure is not None or gen.ended:
             return
         if self.committed < self.config.training.steps:
             return
-        if all(self.nodes[n].exits.get(d) == 0 for n, d in gen.placement.ranks):
+        if all(self.nodes[n].exits.get(d) == 0 for n, d in gen.placement.ranks) or (
+            self.result_saved()
+            and all(d in self.nodes[n].exits or not self.nodes[n].alive for n, d in gen.placement.ranks)
+        ):
             self.finished = True
             self.broadcast_shutdown(failed=False, reason="the job finished")
             self.lock.notify_all()

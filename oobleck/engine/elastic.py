@@ -201,6 +201,8 @@ def run_elastic(
             timing = {"join_s": joined - started, "transfer_s": worker.transfer_s, "resumed_at": time.time()}
             store.set(timing_key(assignment.rank), json.dumps(timing))
             worker.train()
+            if on_phase is not None:
+                on_phase(config.training.steps, "exit")
             watch.finish()
             return
         except OobleckError:

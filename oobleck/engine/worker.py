@@ -66,8 +66,9 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 #: called with (step, phase) as a step passes "forward", "backward" (first of each in the step), "sync",
-#: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation); failure injection
-#: hooks in here
+#: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation), and with
+#: (training.steps, "exit") once the final checkpoint is written (:mod:`oobleck.engine.elastic`); failure
+#: injection hooks in here
 PhaseHook = Callable[[int, str], None]
 
 
