@@ -289,18 +289,40 @@ def min_nodes(profile: ModelProfile, cluster: ClusterSpec) -> int:
     for n in range(1, most + 1):
         if _feasible(p, n * g, math.inf, cluster.device_memory_bytes):
             return n
-    gib = cluster.device_memory_bytes / 2**30
-    need = p.static[-1] / cluster.device_memory_bytes
     where = (
         f"even on all {most} nodes"
         if most == cluster.nodes
         else f"on any pipeline of up to {most} nodes (each of its devices needs one of the {p.num_layers} layers)"
     )
     raise PlanningError(
-        f"the model does not fit {where} ({most * g} devices of {gib:.3g} GiB; parameters, gradients and "
-        f"optimizer state alone need {need:.3g} devices' worth of memory); use more or larger devices, "
-        "a smaller microbatch or activation recomputation"
+        f"the model does not fit {where}: cut into {most * g} stages, one per device, its fullest device needs "
+        f"{_size(_least_device_memory(p, most * g))} (its layers' parameters, gradients and optimizer state, and "
+        f"the activations of the microbatches in flight under 1F1B), a device has {_size(cluster.device_memory_bytes)}; "
+        "use more or larger devices, a smaller microbatch or activation recomputation"
     )
+
+
+def _least_device_memory(p: _Prefix, k: int) -> float:
+    """The least device memory (bytes, within 0.1%) with which the layers can be cut into ``k`` stages
+    that each fit under 1F1B (``k <= num_layers``). Bisection: whether a cut fits grows with the memory, and
+    the whole model holding ``k`` microbatches' activations is always enough."""
+    lo, hi = 0.0, p.memory(0, p.num_layers, k)
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        if _feasible(p, k, math.inf, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _size(n: float) -> str:
+    """Bytes with a binary unit, 3 significant digits (``1.29 GiB``, ``20 B``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def template_for(profile: ModelProfile, cluster: ClusterSpec, num_nodes: int) -> PipelineTemplate | None:

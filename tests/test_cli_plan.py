@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from oobleck.commands.plan import _assumptions
 from planner.analytic import DEVICES, SHAPES, analytic_profile
+from planner.cluster import ClusterSpec
+from planner.plan import make_plan
+from planner.profile import LayerProfile, ModelProfile
 
 ROOT = Path(__file__).resolve().parent.parent
 OOBLECK = Path(sys.executable).with_name("oobleck")
@@ -133,3 +138,25 @@ def test_table(runs: dict[str, subprocess.CompletedProcess]) -> None:
     assert result.returncode == 0, result.stderr
     for text in ("pipeline templates", "instantiated pipelines", "predicted step time", "/ 32.00", "v100-32g"):
         assert text in result.stdout
+    # the assumptions, as v100-32g and gpt2 define them, and what each column is
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        "assumes: 16-bit mixed precision, adamw with fp32 state; 125 TFLOP/s peak at 40% efficiency; "
+        "sequence length 1024, microbatch 1"
+    )
+    assert lines[2] == "links: 150 GB/s within a node, 12.5 GB/s between nodes (for the transfers between stages)"
+    assert any(line.startswith("bottleneck s: the slowest stage's forward + backward time") and "fill s: " in line for line in lines)
+    assert any(line.startswith("iteration s = fill s + (microbatches - 1) x bottleneck s (1F1B)") for line in lines)
+    # one unit of time: seconds, in the headers and the last line
+    assert " ms" not in result.stdout and "bottleneck s" in result.stdout and "iteration s" in result.stdout
+    assert re.search(r"predicted step time 0\.\d{4} s \(the slowest pipeline's iteration\)", lines[-1]), lines[-1]
+
+
+def test_measured_profile_states_where_it_was_measured() -> None:
+    fingerprint = {"model": {"family": "gpt", "seq_len": 64}, "microbatch": 4, "dtype": "float32", "device": "cpu", "source": "measured"}
+    profile = ModelProfile(tuple(LayerProfile(f"l{i}", 1e-3, 2e-3, 10, 10, 20, 5, 8) for i in range(4)), fingerprint)
+    plan = make_plan(profile, ClusterSpec(2, 1, 1e6, 10e9, 1e9), 1, 8, 4)
+    assert _assumptions(plan).splitlines() == [
+        "assumes: each layer's time and memory as measured on cpu in float32; sequence length 64, microbatch 4",
+        "links: 10 GB/s within a node, 1 GB/s between nodes (for the transfers between stages)",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from functools import lru_cache
@@ -325,6 +326,23 @@ def test_plan_errors(nodes: int, f: int, global_batch: int, microbatch: int, mem
     with pytest.raises(PlanningError) as info:
         make_plan(_uniform(8, 10), _cluster(nodes, 1, memory), f, global_batch, microbatch)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_out_of_memory_error_states_the_memory_a_device_would_need() -> None:
+    """Parameters and optimizer state (40 B) would fit in the 4 devices' 48 B together, but a device holds
+    whole layers and its stage's in-flight activations: the message gives the per-device need, which is
+    the least memory that makes the plan work."""
+    profile, memory = _uniform(4, 10, activation=3), 12
+    with pytest.raises(PlanningError) as info:
+        make_plan(profile, _cluster(4, 1, memory), 0, 8, 1)
+    message = str(info.value)
+    found = re.search(r"its fullest device needs ([\d.]+) B .*, a device has ([\d.]+) B; use more or larger devices", message)
+    assert found is not None, message
+    need, have = float(found.group(1)), float(found.group(2))
+    assert (need, have) == (22.0, memory)  # the first stage: its layer (10 B) and 4 microbatches' activations (12 B)
+    assert make_plan(profile, _cluster(4, 1, int(need)), 0, 8, 1).n0 == 4
+    with pytest.raises(PlanningError):
+        make_plan(profile, _cluster(4, 1, int(need) - 1), 0, 8, 1)
 
 
 def test_cluster_and_layer_count_errors() -> None:

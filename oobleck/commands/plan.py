@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oobleck.bounds import MAX_BATCH, MAX_DEVICES_PER_NODE, MAX_NODES, int_flag
-from oobleck.cluster_spec import GIB, cluster_spec
+from oobleck.cluster_spec import GB, GIB, cluster_spec
 from oobleck.errors import OobleckError
 from planner.analytic import DEVICES, SHAPES, DeviceSpec, analytic_profile, device_named, shape_named
 from planner.cluster import ClusterSpec
@@ -29,15 +29,20 @@ if TYPE_CHECKING:
 HELP = "plan pipelines for a model and cluster (templates, instantiation, batch split, memory)"
 
 
+#: the examples ``oobleck plan --help`` ends with
+EXAMPLES = (
+    "oobleck plan --model gpt3-175b --nodes 64 --devices-per-node 8 --f 3",
+    "oobleck plan examples/gpt3-175b.yaml --json",
+    "oobleck plan job.yaml --nodes 8",
+)
+
 #: values used with --model and no CONFIG when a flag is left out
 ANALYTIC_DEFAULTS = {"devices_per_node": 8, "f": 1, "global_batch": 512, "microbatch": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "examples: oobleck plan --model gpt3-175b --nodes 64 --devices-per-node 8 --f 3 | "
-        "oobleck plan examples/gpt3-175b.yaml --json | oobleck plan job.yaml --nodes 8"
-    )
+    # one example per line: the CLI keeps the epilog's line breaks (argparse would wrap a command mid-way)
+    parser.epilog = "examples:\n" + "".join(f"  {example}\n" for example in EXAMPLES)
     parser.add_argument("config", nargs="?", help="job config (YAML); optional with --model")
     parser.add_argument(
         "--model", metavar="NAME", help=f"plan an analytic profile of this shape instead: {', '.join(SHAPES)}"
@@ -176,6 +181,41 @@ def _ranges(ranges: tuple[tuple[int, int], ...], limit: int = 4) -> str:
     return " ".join(shown) if len(shown) <= limit else " ".join(shown[:limit]) + f" ... ({len(shown)} stages)"
 
 
+def _seconds(x: float) -> str:
+    """Seconds with 4 significant digits, trailing zeros kept (every time in the plan's output is in seconds)."""
+    return f"{x:#.4g}" if x < 1e4 else f"{x:.0f}"
+
+
+def _assumptions(plan: Plan) -> str:
+    """Two lines on what the predicted times and memory rest on: for an analytic profile the precision,
+    optimizer, device throughput and sequence length of its formulas, for a measured one where and how it
+    was measured; then the link bandwidths the planner charges the transfers between stages to."""
+    fp, c = plan.profile_fingerprint, plan.cluster
+    model = fp.get("model", {})
+    seq = f"sequence length {model['seq_len']}, " if "seq_len" in model else ""
+    if fp.get("source") == "analytic":
+        d = DEVICES[fp["device"]]
+        basis = (
+            f"{fp['dtype']} mixed precision, {model['optimizer']} with fp32 state; {d.peak_flops / 1e12:.3g} TFLOP/s "
+            f"peak at {d.efficiency:.0%} efficiency"
+        )
+    else:
+        basis = f"each layer's time and memory as measured on {fp['device']} in {fp['dtype']}"
+    return (
+        f"assumes: {basis}; {seq}microbatch {fp['microbatch']}\nlinks: {c.intra_node_bandwidth / GB:.3g} GB/s "
+        f"within a node, {c.inter_node_bandwidth / GB:.3g} GB/s between nodes (for the transfers between stages)"
+    )
+
+
+#: what the tables' figures are (printed after them)
+LEGEND = (
+    "bottleneck s: the slowest stage's forward + backward time per microbatch; fill s: one microbatch through "
+    "every stage and back, transfers included",
+    "iteration s = fill s + (microbatches - 1) x bottleneck s (1F1B); GiB: the fullest stage's parameters, "
+    "gradients, optimizer state and activations in flight / a device's memory",
+)
+
+
 def _show(plan: Plan, source: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -184,18 +224,21 @@ def _show(plan: Plan, source: str) -> None:
     c = plan.cluster
     mem = c.device_memory_bytes
     console.print(
-        f"profile: {source}\ncluster: {c.nodes} nodes x {c.devices_per_node} devices, {_gib(mem)} GiB each; "
-        f"f={plan.f}; n0={plan.n0}; global batch {plan.global_batch} = {plan.num_microbatches} x {plan.microbatch}"
+        f"profile: {source}\n{_assumptions(plan)}\ncluster: {c.nodes} nodes x {c.devices_per_node} devices, "
+        f"{_gib(mem)} GiB each; f={plan.f}; n0={plan.n0}; global batch {plan.global_batch} = "
+        f"{plan.num_microbatches} x {plan.microbatch}",
+        highlight=False,
+        soft_wrap=True,
     )
     templates = Table(title="pipeline templates")
-    for col in ("nodes", "stages", "bottleneck ms", "fill s", "max stage GiB", "layers per stage"):
+    for col in ("nodes", "stages", "bottleneck s", "fill s", "max stage GiB", "layers per stage"):
         templates.add_column(col, justify="right" if col != "layers per stage" else "left")
     for n, t in sorted(plan.templates.items()):
         templates.add_row(
             str(n),
             str(t.num_stages),
-            f"{t.bottleneck_s * 1e3:.2f}",
-            f"{t.fill_s:.3f}",
+            _seconds(t.bottleneck_s),
+            _seconds(t.fill_s),
             f"{_gib(max(s.memory_bytes for s in t.stages))} / {_gib(mem)}",
             _ranges(t.layer_ranges),
         )
@@ -205,16 +248,19 @@ def _show(plan: Plan, source: str) -> None:
         chosen.add_column(col, justify="right")
     for p, (t, m) in enumerate(plan.instantiation.pipelines):
         chosen.add_row(
-            str(p), str(t.num_nodes), str(t.num_stages), str(m), f"{t.iteration_time(m):.3f}",
+            str(p), str(t.num_nodes), str(t.num_stages), str(m), _seconds(t.iteration_time(m)),
             f"{_gib(max(t.stage_memory(m)))} / {_gib(mem)}",
         )
     console.print(chosen)
     inst = plan.instantiation
     extra = f"; {inst.idle_nodes} idle nodes (no template mix covers all)" if inst.idle_nodes else ""
     extra += "; DEGRADED: fewer than f+1 pipelines" if plan.degraded else ""
+    console.print("\n".join(LEGEND), highlight=False, soft_wrap=True)
     console.print(
         f"{len(inst.pipelines)} pipelines on {inst.num_nodes} nodes{extra}; predicted step time "
-        f"{plan.step_time_s:.3f} s, {plan.samples_per_s:.1f} samples/s"
+        f"{_seconds(plan.step_time_s)} s (the slowest pipeline's iteration), {plan.samples_per_s:.1f} samples/s",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
