@@ -42,6 +42,7 @@ from oobleck.control.records import StepRecord
 from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
+from oobleck.nodes import node_list
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
     from typing_extensions import Unpack
@@ -65,7 +66,7 @@ def run(config: JobConfig, planner: Planner, **callbacks: Unpack[Callbacks]) -> 
             cert_file = write_cert(token_file.parent, master.cert_pem) if master.cert_pem else None
             cluster = LocalCluster(NodeContext(master, address, config, job.log_dir), token_file, cert_file)
             write_control_file(Path(config.run.dir), address, token_file, cert_file)
-            job.phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(job.names)} nodes")
+            job.phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(job.names)} nodes: {node_list(job.names)}")
             for name in job.names:
                 cluster.add_node(name)
             return cluster

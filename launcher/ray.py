@@ -65,6 +65,7 @@ from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.devices import wants_cuda
 from oobleck.errors import OobleckError
+from oobleck.nodes import node_list
 from oobleck.trace import peak_nodes
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
@@ -120,7 +121,10 @@ def _run_job(
             cert_file = write_cert(token_file.parent, master.cert_pem) if master.cert_pem else None
             cluster.known(alive)
             write_control_file(Path(config.run.dir), address, token_file, cert_file)
-            job.phase(f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(job.names)} agents on the Ray cluster at {session.address}")
+            job.phase(
+                f"master at {address}{' (TLS)' if cert_file else ''}; starting {len(job.names)} agents on the Ray cluster "
+                f"at {session.address}: {node_list(job.names)}"
+            )
             cluster.start(list(zip(job.names, chosen)))
             if not job.schedule:
                 cluster.follow_new_nodes()

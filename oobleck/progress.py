@@ -1,4 +1,5 @@
-"""The live progress line of ``oobleck run``: phase, step, loss, samples/s, nodes alive, pipelines.
+"""The live progress line of ``oobleck run``: phase, step, loss, samples/s, nodes alive, pipelines; and
+the run's closing summary (:func:`summary`).
 
 On a terminal it is one line redrawn in place (rich); otherwise (logs, CI, tests) it prints a plain line
 per ``every`` steps so that output stays readable.
@@ -6,11 +7,14 @@ per ``every`` steps so that output stays readable.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
+
+from oobleck.nodes import node_list
 
 
 class Progress:
@@ -22,6 +26,8 @@ class Progress:
         self.every = every
         self.console = console or Console(stderr=True)
         self._live: Live | None = None
+        #: generations that began with a recovery (their recovery line gives the time before their first step)
+        self._recovered: set[int] = set()
 
     def __enter__(self) -> "Progress":
         if self.console.is_terminal:
@@ -39,15 +45,21 @@ class Progress:
         self._show(text, always=True)
 
     def step(self, record: Any) -> None:
+        """Show a committed step. Its samples/s leave out start-up; the job's first step shows the start-up
+        (workers starting, joining and loading layers) as ``start-up S s``. A recovered generation's first
+        step does not: its :meth:`recovery` line, printed before it, has already given that time."""
         line = (
             f"step {record.step + 1}/{self.total}  loss {record.loss:.4f}  "
             f"{record.samples_per_s:.1f} samples/s  nodes {record.nodes_alive}  pipelines {record.pipelines}"
         )
+        if record.startup_s > 0 and record.generation not in self._recovered:
+            line += f"  start-up {record.startup_s:.1f} s"
         last = record.step + 1 == self.total
         self._show(line, always=last or (record.step + 1) % self.every == 0)
 
     def recovery(self, record: Any) -> None:
         """Report a recovery (any object with RecoveryRecord's fields) on its own line."""
+        self._recovered.add(record.generation)
         what = f"lost {', '.join(record.lost)}" if record.lost else ""
         if record.joined:
             what += ("; " if what else "") + f"joined {', '.join(record.joined)}"
@@ -68,3 +80,24 @@ class Progress:
             self._live.update(Text(line))
         elif always:
             self.console.print(line, highlight=False, soft_wrap=True)
+
+
+def summary(steps: Sequence[Any], recoveries: Sequence[Any], elapsed_s: float, global_batch: int, run_dir: str | Path) -> str:
+    """The line ``oobleck run`` ends with: steps trained (``steps``, StepRecord-like, at least one), the
+    nodes the job started and ended on with the nodes lost and joined on the way (``recoveries``,
+    RecoveryRecord-like), wall time, final loss, overall samples/s (start-up included) and pipelines.
+
+    The job started on the nodes it ended on, plus those lost, less those that joined."""
+    last = steps[-1]
+    lost = [node for r in recoveries for node in r.lost]
+    joined = [node for r in recoveries for node in r.joined]
+    if lost or joined:
+        changes = [f"{len(names)} {what}: {node_list(names)}" for what, names in (("lost", lost), ("joined", joined)) if names]
+        started = last.nodes_alive + len(lost) - len(joined)
+        nodes = f"starting on {started} nodes and ending on {last.nodes_alive} ({'; '.join(changes)})"
+    else:
+        nodes = f"on {last.nodes_alive} nodes"
+    return (
+        f"trained {len(steps)} steps {nodes} in {elapsed_s:.1f} s; final loss {last.loss:.4f}; "
+        f"{global_batch * len(steps) / elapsed_s:.1f} samples/s overall; {last.pipelines} pipelines; run directory {run_dir}"
+    )

@@ -71,13 +71,14 @@ def gpt_job(profile_dir: Path, nodes: int, steps: int, f: int, faults: list[dict
 
 
 def run_job(tmp_path: Path, raw: dict[str, Any]) -> tuple[Path, str]:
-    """Run ``raw`` to the end (it must succeed and leave no process); returns the run directory and stderr."""
+    """Run ``raw`` to the end (it must succeed and leave no process); returns the run directory and its
+    output: stdout (the summary line), then stderr (progress and logs)."""
     run_dir = tmp_path / "run"
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), run_dir)
     out, err = proc.communicate(timeout=360)
     assert proc.returncode == 0, err[-3000:]
     assert not tagged(tag), "processes outlived the run"
-    return run_dir, err
+    return run_dir, out + err
 
 
 #: the ``reference_run`` fixture (tests/conftest.py): ``train_local``'s result for a job config dict

@@ -79,10 +79,10 @@ def test_varuna_restarts_every_worker_from_its_checkpoint(
     step 5 is loaded, steps 5 and 6 are lost and re-run."""
     faults = [{"step": 7, "phase": "backward", "kind": "kill", "target": "node", "nodes": [3]}]
     raw = gpt_job(profile_dir, nodes=6, steps=12, f=1, faults=faults, policy="varuna", checkpoint_every=5)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
-    assert found[0]["mode"] == "restart" and found[0]["start_step"] == 5 and found[0]["steps_lost"] == 2, err[-2000:]
+    assert found[0]["mode"] == "restart" and found[0]["start_step"] == 5 and found[0]["steps_lost"] == 2, output[-2000:]
     restarted = [p for p in (run_dir / "logs").glob("node*-0.log") if "restarting the worker process" in p.read_text()]
     assert len(restarted) == found[0]["nodes_alive"], "every worker placed in the new plan restarts its process"
 
@@ -99,10 +99,10 @@ def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(
         {"step": 8, "phase": "backward", "kind": "kill", "target": "node", "nodes": [4, 5]},
     ]
     raw = gpt_job(profile_dir, nodes=6, steps=10, f=1, faults=faults, policy="bamboo", checkpoint_every=6)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     first, second = recoveries(run_dir)
-    assert first["mode"] == "memory" and first["pipelines"] == 2, err[-2000:]
+    assert first["mode"] == "memory" and first["pipelines"] == 2, output[-2000:]
     assert first["steps_lost"] == 0 and first["nodes_alive"] == 5
     assert second["mode"] == "restart" and second["start_step"] == 6 and second["steps_lost"] == 2
     rows = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]

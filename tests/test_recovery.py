@@ -52,14 +52,16 @@ def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(
         {"step": 6, "phase": "sync", "kind": "kill", "target": "node", "nodes": [4]},
     ]
     raw = gpt_job(profile_dir, nodes=6, steps=9, f=1, faults=faults)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
-    assert [r["lost"] for r in found] == [["node1"], ["node3"], ["node4"]], err[-2000:]
+    assert [r["lost"] for r in found] == [["node1"], ["node3"], ["node4"]], output[-2000:]
     assert [r["start_step"] for r in found] == [2, 4, 6]  # the interrupted step is re-run, none is lost
     assert all(r["mode"] == "memory" and r["steps_lost"] == 0 for r in found)
     assert sum(r["layers_moved"] for r in found) > 0, "no failure needed a layer copied"
-    assert "recovered (lost node1)" in err
+    assert "recovered (lost node1)" in output
+    # the summary counts the nodes at the start and the end (a killed worker loses its node too)
+    assert "trained 9 steps starting on 6 nodes and ending on 3 (3 lost: node1, node3, node4) in " in output, output[-2000:]
 
 
 def test_gpt_optimizer_recovery_and_checkpoint_phases(
@@ -74,10 +76,10 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(
         {"step": 6, "phase": "checkpoint", "kind": "kill", "target": "node", "nodes": [0]},
     ]
     raw = gpt_job(profile_dir, nodes=7, steps=8, f=1, faults=faults, checkpoint_every=2)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     lost = [node for r in recoveries(run_dir) for node in r["lost"]]
-    assert sorted(lost) == ["node0", "node2", "node5"], err[-2000:]
+    assert sorted(lost) == ["node0", "node2", "node5"], output[-2000:]
     # step 2 was committed before its kill: the recovery resumes at step 3, with nothing lost or re-applied
     assert recoveries(run_dir)[0]["start_step"] == 3
     interrupted = checkpoint.checkpoint_dir(run_dir, 6)
@@ -124,10 +126,10 @@ def test_losing_every_copy_of_a_layer_restores_the_checkpoint_and_loses_only_lat
     so the job restores the checkpoint of step 4 and re-runs step 4 on the 2 survivors (one pipeline)."""
     faults = [{"step": 5, "phase": "forward", "kind": "kill", "target": "node", "nodes": [0, 2]}]
     raw = gpt_job(profile_dir, nodes=4, steps=7, f=1, faults=faults, checkpoint_every=4)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     last = recoveries(run_dir)[-1]
-    assert last["mode"] == "checkpoint" and last["start_step"] == 4 and last["steps_lost"] == 1, err[-2000:]
+    assert last["mode"] == "checkpoint" and last["start_step"] == 4 and last["steps_lost"] == 1, output[-2000:]
     assert last["pipelines"] == 1
 
 
@@ -140,11 +142,11 @@ def test_dit_node_kill_worker_kill_and_hung_node(
         {"step": 4, "phase": "sync", "kind": "hang", "target": "node", "nodes": [4]},
     ]
     raw = dit_job(profile_dir, nodes=6, steps=6, faults=faults)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
-    assert [r["lost"] for r in found] == [["node1"], ["node2"], ["node4"]], err[-2000:]
-    assert "node node4 lost: no heartbeat" in err
+    assert [r["lost"] for r in found] == [["node1"], ["node2"], ["node4"]], output[-2000:]
+    assert "node node4 lost: no heartbeat" in output
 
 
 def test_resume_skips_damaged_newest_checkpoints_and_keeps_the_newest_three(

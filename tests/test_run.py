@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,19 @@ def test_run_matches_the_single_process_reference(
     assert proc.returncode == 0, err
     assert out.startswith("trained 3 steps on 5 nodes"), out
     assert not tagged(tag), "processes outlived the run"
+    # the names `oobleck inject` takes, and the first step's start-up apart from its rate
+    assert "starting 5 nodes: node0, node1, node2, node3, node4" in err, err
+    first = next(line for line in err.splitlines() if line.startswith("step 1/3"))
+    startup = re.search(r"  start-up (\d+\.\d) s$", first)
+    assert startup is not None, first
 
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["nodes_alive"] == 5 and r["pipelines"] >= 2 for r in rows)
+    assert rows[0]["startup_s"] == pytest.approx(float(startup.group(1)), abs=0.05)
+    assert 0 < rows[0]["startup_s"] < rows[0]["step_time_s"] and all(r["startup_s"] == 0 for r in rows[1:])
+    for row in rows:
+        assert row["samples_per_s"] == pytest.approx(raw["training"]["global_batch"] / (row["step_time_s"] - row["startup_s"]))
     assert any((run_dir / "tensorboard").iterdir())
 
     reference = reference_run(raw).losses

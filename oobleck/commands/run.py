@@ -72,11 +72,12 @@ def train(config: JobConfig) -> int:
     from oobleck.control.master import JobFailed
     from oobleck.control.planning import job_planner
     from oobleck.metrics import MetricsWriter
-    from oobleck.progress import Progress
+    from oobleck.progress import Progress, summary
 
     run_dir = Path(config.run.dir)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
+    recoveries: list[object] = []
     try:
         with Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir, append=config.run.resume) as metrics:
 
@@ -87,6 +88,7 @@ def train(config: JobConfig) -> int:
             def on_recovery(record: object) -> None:
                 metrics.write_recovery(record)
                 progress.recovery(record)
+                recoveries.append(record)
 
             progress.phase(f"planning {config.model.family}/{config.model.preset} on {config.cluster.nodes} nodes")
             planner = job_planner(config, log=progress.phase)
@@ -98,14 +100,7 @@ def train(config: JobConfig) -> int:
                 return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    elapsed = time.monotonic() - started
-    last = records[-1]
-    samples = config.training.global_batch * len(records)
-    print(
-        f"trained {len(records)} steps on {config.cluster.nodes} nodes in {elapsed:.1f} s; "
-        f"final loss {last.loss:.4f}; {samples / elapsed:.1f} samples/s overall; "
-        f"{last.pipelines} pipelines; run directory {run_dir}"
-    )
+    print(summary(records, recoveries, time.monotonic() - started, config.training.global_batch, run_dir))
     return 0
 
 

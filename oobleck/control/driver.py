@@ -71,18 +71,21 @@ class CommitDriver:
                             state.replan = True
                             state.lock.notify_all()
                 now = time.monotonic()
+                timings = _timings(coordinator.store, gen.placement.world_size) if first_commit else []
+                startup = _startup_s(timings, now - last)
                 record = StepRecord(
                     step=report.step,
                     loss=float(report.loss),
                     units=int(report.units),
                     grad_norm=float(report.grad_norm),
                     step_time_s=now - last,
-                    samples_per_s=samples / max(now - last, 1e-9),
+                    samples_per_s=samples / max(now - last - startup, 1e-9),
                     generation=gen.number,
                     nodes_alive=state.alive_count(),
                     pipelines=len(gen.placement.pipelines),
                     redundant_s=report.redundant_s,
                     checkpoint_s=report.checkpoint_s,
+                    startup_s=startup,
                 )
                 last = now
                 with state.lock:
@@ -123,12 +126,7 @@ class CommitDriver:
         return True
 
     def _report_recovery(self, gen: Generation, change: Change, plan_s: float, store: SignedStore) -> None:
-        from oobleck.engine.store_keys import timing_key
-
-        # every rank wrote its timing before its first ready report; one overwritten by a forged value since
-        # is left out (its own line was logged)
-        raws = [store.get(timing_key(r)) for r in range(gen.placement.world_size)]
-        timings = [json.loads(raw) for raw in raws if raw is not None]
+        timings = _timings(store, gen.placement.world_size)
         if not timings:
             timings = [{"resumed_at": time.time(), "join_s": float("nan"), "transfer_s": float("nan")}]
         record = recovery_record(
@@ -147,3 +145,23 @@ class CommitDriver:
         log.info("recovered into generation %d: %s", gen.number, record)
         if self.on_recovery is not None:
             self.on_recovery(record)
+
+
+def _timings(store: SignedStore, world_size: int) -> list[dict]:
+    """The generation's ranks' timing reports (:func:`~oobleck.engine.store_keys.timing_key`). Every rank
+    wrote its own before its first ready report; one overwritten by a forged value since is left out (its
+    own line was logged)."""
+    from oobleck.engine.store_keys import timing_key
+
+    raws = [store.get(timing_key(r)) for r in range(world_size)]
+    return [json.loads(raw) for raw in raws if raw is not None]
+
+
+def _startup_s(timings: list[dict], step_s: float) -> float:
+    """The part of a generation's first step, ``step_s`` long and committed just now, that passed before
+    its last rank was ready to train (its ``resumed_at``); 0 without timings. The ranks' clocks are the
+    wall clocks of their machines (as in the recovery record), so the figure is clamped to [0, step_s]."""
+    if not timings:
+        return 0.0
+    training = time.time() - max(t["resumed_at"] for t in timings)
+    return min(max(step_s - training, 0.0), step_s)

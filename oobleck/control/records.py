@@ -20,6 +20,7 @@ class StepRecord:
     grad_norm: float
     #: wall time from the previous commit (or from the generation's start) to this one
     step_time_s: float
+    #: global batch / (step_time_s - startup_s): the training rate, without start-up
     samples_per_s: float
     generation: int
     nodes_alive: int
@@ -28,6 +29,9 @@ class StepRecord:
     redundant_s: float = 0.0
     #: the slowest rank's seconds of foreground checkpoint writing before the step (the baselines)
     checkpoint_s: float = 0.0
+    #: the part of step_time_s before every worker of the generation was ready to train: on a generation's
+    #: first step, the workers' start-up (or a recovery's rebuild and layer copies); 0 on the other steps
+    startup_s: float = 0.0
 
 
 @dataclass(frozen=True)
