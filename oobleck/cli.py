@@ -1,7 +1,8 @@
 """The ``oobleck`` command line. Each subcommand lives in ``oobleck/commands/<module>.py`` and defines
 ``add_arguments(parser)`` and ``run(args) -> int``; its module docstring is the command's ``--help``
-description. :data:`COMMANDS` names every subcommand with its module and one-line help, so adding a
-command is one line there.
+description, shown as plain text (:func:`plain_text`) with its line breaks and those of the parser's
+epilog kept, so that example command lines are never wrapped. :data:`COMMANDS` names every subcommand with
+its module and one-line help, so adding a command is one line there.
 
 Only the module of the command being run is imported (``oobleck --help`` imports none): several commands
 pull in torch, which costs seconds, and ``oobleck plan`` with an analytic profile needs none of it.
@@ -52,6 +53,15 @@ def one_line(message: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as a terminal shows it: reST inline literals lose their double backticks, and roles
+    such as :func: or :mod: lose the role and backticks (with a leading ``~``, only the last dotted name
+    stays), so that ``--help`` reads as plain text."""
+    doc = re.sub(r":[a-z]+:`~[\w.]*?(\w+)`", r"\1", doc)
+    doc = re.sub(r":[a-z]+:`([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
+
+
 def available() -> list[str]:
     """The commands of :data:`COMMANDS` whose module exists in this build (found without importing it)."""
     return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(f"{PACKAGE}.{module}")]
@@ -68,10 +78,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
     for name in available():
         module_name, help_line = COMMANDS[name]
-        p = sub.add_parser(name, help=help_line)
+        p = sub.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == command:
             module = importlib.import_module(f"{PACKAGE}.{module_name}")
-            p.description = module.__doc__
+            p.description = plain_text(module.__doc__ or "")
             module.add_arguments(p)
             p.set_defaults(handler=module.run)
     return parser

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action.add_argument("--hang", nargs="+", metavar="NODE", help="SIGSTOP these nodes (or one worker of each)")
     action.add_argument("--add", nargs="+", metavar="NODE", help="start these new nodes")
     parser.add_argument("--worker", type=int_flag(0, MAX_DEVICES_PER_NODE - 1), metavar="D", help="act on the worker of device D only")
-    parser.add_argument("--timeout", type=float_flag(MIN_INTERVAL_S, 3600.0), default=10.0, help="seconds to wait for the master")
+    parser.add_argument("--timeout", type=float_flag(MIN_INTERVAL_S, 3600.0), default=10.0, metavar="S", help="seconds to wait for the master (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
