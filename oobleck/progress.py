@@ -87,16 +87,18 @@ def summary(steps: Sequence[Any], recoveries: Sequence[Any], elapsed_s: float, g
     nodes the job started and ended on with the nodes lost and joined on the way (``recoveries``,
     RecoveryRecord-like), wall time, final loss, overall samples/s (start-up included) and pipelines.
 
-    The job started on the nodes it ended on, plus those lost, less those that joined."""
+    The job ended on the nodes of its last step, or of its last recovery when that came after the last step
+    (a node lost while the final checkpoint was written), and started on those plus the nodes lost, less
+    those that joined."""
     last = steps[-1]
+    ended = recoveries[-1].nodes_alive if recoveries and recoveries[-1].start_step > last.step else last.nodes_alive
     lost = [node for r in recoveries for node in r.lost]
     joined = [node for r in recoveries for node in r.joined]
     if lost or joined:
         changes = [f"{len(names)} {what}: {node_list(names)}" for what, names in (("lost", lost), ("joined", joined)) if names]
-        started = last.nodes_alive + len(lost) - len(joined)
-        nodes = f"starting on {started} nodes and ending on {last.nodes_alive} ({'; '.join(changes)})"
+        nodes = f"starting on {ended + len(lost) - len(joined)} nodes and ending on {ended} ({'; '.join(changes)})"
     else:
-        nodes = f"on {last.nodes_alive} nodes"
+        nodes = f"on {ended} nodes"
     return (
         f"trained {len(steps)} steps {nodes} in {elapsed_s:.1f} s; final loss {last.loss:.4f}; "
         f"{global_batch * len(steps) / elapsed_s:.1f} samples/s overall; {last.pipelines} pipelines; run directory {run_dir}"

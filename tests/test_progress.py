@@ -25,9 +25,9 @@ def _step(step: int, generation: int = 0, nodes: int = 4, startup_s: float = 0.0
     )  # fmt: skip
 
 
-def _recovery(lost: tuple[str, ...] = (), joined: tuple[str, ...] = (), nodes: int = 3) -> RecoveryRecord:
+def _recovery(lost: tuple[str, ...] = (), joined: tuple[str, ...] = (), nodes: int = 3, start_step: int = 1) -> RecoveryRecord:
     return RecoveryRecord(
-        generation=2, reason="test", lost=lost, joined=joined, mode="memory", start_step=5, steps_lost=0,
+        generation=2, reason="test", lost=lost, joined=joined, mode="memory", start_step=start_step, steps_lost=0,
         layers_moved=2, nodes_alive=nodes, pipelines=2, detect_s=0.01, plan_s=0.001, rebuild_s=0.05,
         transfer_s=0.03, resume_s=0.2, total_s=0.21,
     )  # fmt: skip
@@ -63,6 +63,12 @@ def test_summary_after_losses_and_a_join() -> None:
     assert line.startswith(
         "trained 2 steps starting on 5 nodes and ending on 3 (3 lost: node2, node0, node3; 1 joined: node9) in 2.0 s;"
     ), line
+
+
+def test_summary_after_a_loss_during_the_final_checkpoint() -> None:
+    """A recovery after the last step (into a generation with no step left) counts for the end."""
+    line = summary([_step(0, nodes=5), _step(1, nodes=5)], [_recovery(lost=("node1",), nodes=4, start_step=2)], 2.0, 8, "r")
+    assert line.startswith("trained 2 steps starting on 5 nodes and ending on 4 (1 lost: node1) in 2.0 s;"), line
 
 
 def test_node_lists_are_cut_short() -> None:

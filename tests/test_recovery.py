@@ -103,11 +103,13 @@ def test_nodes_lost_during_and_after_the_final_checkpoint(
         {"step": steps, "phase": "exit", "kind": "kill", "target": "node", "nodes": [0]},
     ]
     raw = gpt_job(profile_dir, nodes=5, steps=steps, f=1, faults=faults)
-    run_dir, err = run_job(tmp_path, raw)
+    run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     found = recoveries(run_dir)
-    assert [(r["lost"], r["start_step"], r["steps_lost"]) for r in found] == [(["node1"], steps, 0)], err[-2000:]
-    assert "after the final checkpoint was written: the job's result is complete" in err, err[-2000:]
+    assert [(r["lost"], r["start_step"], r["steps_lost"]) for r in found] == [(["node1"], steps, 0)], output[-2000:]
+    assert "after the final checkpoint was written: the job's result is complete" in output, output[-2000:]
+    # the summary ends on the recovered generation's nodes, although it trained no step
+    assert f"trained {steps} steps starting on 5 nodes and ending on 4 (1 lost: node1) in " in output, output[-2000:]
 
 
 def test_gpt_f2_two_simultaneous_node_kills(tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun) -> None:
