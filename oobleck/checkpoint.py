@@ -343,6 +343,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def init_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint ``model.init_checkpoint`` names: ``path`` itself when it is a checkpoint folder (holding
+    ``meta.json``), verified like any checkpoint before use, else the latest one that verifies under the run
+    folder ``path``. Raises :class:`CheckpointError` (one line naming the field) when there is none."""
+    path = Path(path)
+    if (path / META).exists():
+        try:
+            verify(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"model.init_checkpoint: {_one_line(e, 400)}") from None
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(
+            f"model.init_checkpoint: got {str(path)!r}; no complete checkpoint there (a step_* folder with "
+            "meta.json, or a run folder holding checkpoints/step_*)"
+        )
+    return ckpt
+
+
 def restore_latest(
     run_dir: str | Path, pending: Iterable[int] = (), num_layers: int = 0, config: dict[str, Any] | None = None
 ) -> Path | None:

@@ -137,13 +137,7 @@ def load_init_checkpoint(path: str | Path, spec: ModelSpec, layers: list[Layer])
     latest complete checkpoint of a run folder, with :func:`models.difffit.load_pretrained`'s rules (DiffFit
     scale factors a pretrained model lacks keep their initial value; a class table of another size is
     re-initialised; a learned position table is regridded)."""
-    path = Path(path)
-    ckpt = path if (path / checkpoint.META).exists() else checkpoint.latest_checkpoint(path)
-    if ckpt is None:
-        raise checkpoint.CheckpointError(
-            f"model.init_checkpoint: got {str(path)!r}; no complete checkpoint there (a step_* folder with meta.json, "
-            "or a run folder holding checkpoints/step_*)"
-        )
+    ckpt = checkpoint.init_checkpoint_dir(path)
     meta = checkpoint.read_meta(ckpt)
     if meta["num_layers"] != len(layers):
         raise checkpoint.CheckpointError(

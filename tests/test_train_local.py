@@ -86,6 +86,19 @@ def test_init_checkpoint_loads_parameters(tmp_path: Path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="holds 4 layers but the model has 5"):
         train_local(config_from_dict(raw))
 
+    # a checkpoint folder named directly is verified like any other before use
+    step_dir = checkpoint.latest_checkpoint(tmp_path)
+    assert step_dir is not None
+    raw["model"]["overrides"] = SMALL_GPT
+    raw["model"]["init_checkpoint"] = str(step_dir)
+    train_local(config_from_dict(raw))
+    layer = checkpoint.layer_file(step_dir, 1)
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=r"^model.init_checkpoint: .*layer_0001.pt does not match its SHA-256"):
+        train_local(config_from_dict(raw))
+
 
 @pytest.mark.parametrize("family", ["dit", "moe"])
 def test_image_families_train(family: str) -> None:

@@ -208,10 +208,7 @@ class StageWorker:
         """Load ``model.init_checkpoint``'s parameters into ``layers`` when one is named."""
         if not self.config.model.init_checkpoint:
             return
-        source = Path(self.config.model.init_checkpoint)
-        ckpt = source if (source / checkpoint.META).exists() else checkpoint.latest_checkpoint(source)
-        if ckpt is None:
-            raise checkpoint.CheckpointError(f"model.init_checkpoint: got {str(source)!r}; no complete checkpoint there")
+        ckpt = checkpoint.init_checkpoint_dir(self.config.model.init_checkpoint)
         for held in layers:
             # DiffFit adds scale factors a pretrained model lacks: they keep their initial values
             state = checkpoint.load_layer_state(ckpt, held.index)
