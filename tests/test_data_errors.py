@@ -86,6 +86,10 @@ def test_a_worker_failing_on_its_data_is_reported_once_with_its_own_line(tmp_pat
     bad_at = text.CHECK_PREFIX_BYTES + 4096
     late.write_bytes(b"x" * bad_at + b"\xff" + b"more text " * 10)
     raw = _text_job(profile_dir, {"dataset": "text-file", "path": str(late)})
+    # the model's profile, measured on good data first: otherwise profiling loads the file in this process and
+    # fails the run before the launch (one line too, but not the path under test)
+    good = write_config(tmp_path / "good.yaml", _text_job(profile_dir, {"dataset": "pydoc"}))
+    subprocess.run([sys.executable, "-m", "oobleck.cli", "profile", str(good)], cwd=ROOT, check=True, capture_output=True, timeout=120)
     proc, tag = start_run(write_config(tmp_path / "job.yaml", raw), tmp_path / "run")
     _, err = proc.communicate(timeout=150)
     expected = f"data.path: got {str(late)!r}; not valid UTF-8 at byte {bad_at}; convert the file to UTF-8"

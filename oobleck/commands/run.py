@@ -1,8 +1,10 @@
 """Train a job on a cluster: plan (profiling first when no matching profile is cached), start the master
 and one agent per node (through the launcher ``cluster.launcher`` names), train with a live progress
 line, write ``RUN/metrics.jsonl`` and TensorBoard logs, and print a summary. The workers write the final
-checkpoint under the run directory. Exits 1 with one line naming the lost worker or node when the job
-fails; Ctrl-C stops every process the run started."""
+checkpoint under the run directory. The data is checked before anything starts. Exits 2 with one line for
+bad input (the data, or --steps not beyond the checkpoint of --resume), also when a worker stops on its
+input (its own line); 1 with one line naming the lost worker or node when the job fails; Ctrl-C stops
+every process the run started."""
 
 from __future__ import annotations
 
