@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Protocol, TypedDict
 from oobleck.config import JobConfig
 from oobleck.control.master import JobFailed, Master
 from oobleck.control.records import RecoveryRecord, StepRecord
+from oobleck.control.run_files import remove_control_file
 from oobleck.nodes import node_name
 from oobleck.trace import TraceEvent, load_trace, replay_schedule
 
@@ -112,6 +113,8 @@ def supervise(master: Master, start: Callable[[str], "Cluster"], job: JobStart) 
             phase(replay.describe())
         return records
     except JobFailed as e:
+        if e.input_error:
+            raise  # the worker's own line says what to fix
         raise JobFailed(f"{e} (logs of every agent and worker in {job.log_dir})") from None
     except BaseException as e:
         master.abort(f"the run was interrupted ({type(e).__name__})" if isinstance(e, KeyboardInterrupt) else str(e))
@@ -120,6 +123,7 @@ def supervise(master: Master, start: Callable[[str], "Cluster"], job: JobStart) 
         if replay is not None:
             replay.stop()
         master.stop()
+        remove_control_file(Path(job.config.run.dir))  # nothing left to inject into
         if cluster is not None:
             cluster.close()
 
@@ -170,14 +174,3 @@ def trace_schedule(config: JobConfig) -> list[TraceEvent]:
     if config.trace is None:
         return []
     return replay_schedule(load_trace(config.trace.path), config.trace.compression)
-
-
-def last_line(path: Path) -> str:
-    """The last non-empty line of a log file, or a note that there is none."""
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    return lines[-1].strip() if lines else f"(no output in {path})"
-
-

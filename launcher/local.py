@@ -31,13 +31,12 @@ from launcher.job import (
     NodeContext,
     job_start,
     job_token,
-    last_line,
     supervise,
 )
 from oobleck.config import JobConfig
 from oobleck.control.master import Master
 from oobleck.control.policy import Planner
-from oobleck.control.procs import child_env, stop_group
+from oobleck.control.procs import child_env, last_line, stop_group
 from oobleck.control.records import StepRecord
 from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert

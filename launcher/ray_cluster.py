@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.job import AGENT_EXIT_S, AGENT_GRACE_S, NodeContext, last_line
+from launcher.job import AGENT_EXIT_S, AGENT_GRACE_S, NodeContext
 from launcher.ray_actor import AgentActor
 from launcher.ray_nodes import actor_resources, fits, ip_key, need_text
 from launcher.ray_session import RaySession, first_line
 from oobleck.control.master import describe_exit
+from oobleck.control.procs import last_line
 from oobleck.errors import OobleckError
 from oobleck.nodes import node_name
 

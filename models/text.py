@@ -6,6 +6,9 @@ decodes back to text (invalid UTF-8 shows as U+FFFD).
 
 from __future__ import annotations
 
+import codecs
+import os
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -25,21 +28,84 @@ def pydoc_corpus() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+#: how many leading bytes of a text file :func:`text_file_size` decodes: the check stays cheap on a file of
+#: any size; a bad byte further in is found when the file is loaded (:func:`read_text_file`)
+CHECK_PREFIX_BYTES = 1 << 20
+
+
+def _regular_file(path: str | Path) -> Path:
+    """``path`` after checking that it names a non-empty regular file; ModelConfigError naming ``data.path``
+    (missing, a folder, something else, unreadable, empty) otherwise."""
+    p = Path(path)
+    got = f"data.path: got {str(path)!r}"
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ModelConfigError(f"{got}; no such file; give the path of a UTF-8 text file") from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelConfigError(f"{got}; that is a folder; data.dataset text-file reads one UTF-8 text file: give its path")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelConfigError(f"{got}; not a regular file; give the path of a UTF-8 text file")
+    if st.st_size == 0:
+        raise ModelConfigError(f"{got}; the file is empty; give a file with text in it")
+    return p
+
+
+def _unreadable(path: str | Path, err: OSError) -> ModelConfigError:
+    return ModelConfigError(f"data.path: got {str(path)!r}; cannot read it ({err.strerror}); give a readable UTF-8 text file")
+
+
+def _not_utf8(path: str | Path, at: int) -> ModelConfigError:
+    return ModelConfigError(f"data.path: got {str(path)!r}; not valid UTF-8 at byte {at}; convert the file to UTF-8")
+
+
+def text_file_size(path: str | Path) -> int:
+    """The size in bytes (= tokens) of the UTF-8 text file ``path``, after a check that reads at most
+    :data:`CHECK_PREFIX_BYTES` of it: the file exists, is a regular file, is not empty, and its first
+    :data:`CHECK_PREFIX_BYTES` bytes are valid UTF-8 (a character cut by that limit counts as valid). Raises
+    :class:`ModelConfigError` naming ``data.path`` otherwise."""
+    p = _regular_file(path)
+    try:
+        with p.open("rb") as f:
+            head = f.read(CHECK_PREFIX_BYTES)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) == size)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err.start) from None
+    return size
+
+
 def read_text_file(path: str | Path) -> str:
     """The contents of a UTF-8 text file. Raises :class:`ModelConfigError` naming ``data.path`` when the file
-    is missing, not a regular file, empty, or not valid UTF-8."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelConfigError(f"data.path: got {str(path)!r}; no such file; give the path of a UTF-8 text file")
-    raw = p.read_bytes()
-    if not raw:
-        raise ModelConfigError(f"data.path: got {str(path)!r}; the file is empty; give a file with text in it")
+    is missing, a folder or not a regular file, unreadable, empty, or not valid UTF-8."""
+    p = _regular_file(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise _unreadable(path, e) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
+        raise _not_utf8(path, err.start) from None
+
+
+def check_windows(num_bytes: int, seq_len: int) -> int:
+    """The number of windows of ``seq_len + 1`` bytes a text of ``num_bytes`` bytes holds; ModelConfigError
+    when ``seq_len`` is not positive or the text is shorter than one window."""
+    if seq_len <= 0:
+        raise ModelConfigError(f"model.overrides.seq_len: got {seq_len}; must be a positive integer")
+    windows = num_bytes // (seq_len + 1)
+    if windows == 0:
         raise ModelConfigError(
-            f"data.path: got {str(path)!r}; not valid UTF-8 at byte {err.start}; convert the file to UTF-8"
-        ) from None
+            f"data: the text has {num_bytes} bytes, fewer than one window of seq_len + 1 = {seq_len + 1}; "
+            "use a longer text (data.path) or a smaller model.overrides.seq_len"
+        )
+    return windows
 
 
 def encode(text: str) -> torch.Tensor:
@@ -61,16 +127,9 @@ class TokenWindows(Dataset):
     """
 
     def __init__(self, text: str, seq_len: int) -> None:
-        if seq_len <= 0:
-            raise ModelConfigError(f"model.overrides.seq_len: got {seq_len}; must be a positive integer")
         data = text.encode("utf-8")
         self.seq_len = seq_len
-        self.num_windows = len(data) // (seq_len + 1)
-        if self.num_windows == 0:
-            raise ModelConfigError(
-                f"data: the text has {len(data)} bytes, fewer than one window of seq_len + 1 = {seq_len + 1}; "
-                "use a longer text or a smaller model.overrides.seq_len"
-            )
+        self.num_windows = check_windows(len(data), seq_len)
         # uint8 keeps the corpus at one byte per token; items are widened to long on access.
         self._bytes = torch.frombuffer(bytearray(data[: self.num_windows * (seq_len + 1)]), dtype=torch.uint8)
         self._bytes = self._bytes.view(self.num_windows, seq_len + 1)

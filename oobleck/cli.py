@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from oobleck.errors import OobleckError
+from oobleck.errors import OobleckError, one_line
 from planner.errors import PlanningError, ProfileError
 
 USER_ERRORS = (OobleckError, PlanningError, ProfileError)
@@ -41,16 +41,6 @@ PACKAGE = "oobleck.commands"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's usage dump is not one line; keep the exit code
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def one_line(message: str, limit: int = 1000) -> str:
-    """A message as one line: a wrapped error from a library (torch's unpickling errors span several
-    lines) is joined with "; ", terminal escapes and control characters are dropped, and an absurdly
-    long one is cut."""
-    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)  # terminal colours (torch bolds its advice)
-    message = "".join(c if c.isprintable() or c in "\n\r" else " " for c in message)
-    text = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def plain_text(doc: str) -> str:

@@ -83,43 +83,93 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
         return spec_class(model_config(cfg), **kwargs)
 
 
-def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
-    """The dataset a config names, shaped for ``model`` (sequence length, image size)."""
+def check_data(job: JobConfig) -> None:
+    """Check ``job.data`` against ``job.model`` cheaply, before anything is launched: :func:`check_dataset`
+    on the model ``job.model`` describes."""
+    check_dataset(job.data, build_model(job.model, job.training.seed))
+
+
+def check_dataset(cfg: DataConfig, model: ModelSpec) -> None:
+    """ConfigError (one line naming the field and the fix) unless the data ``cfg`` names can feed ``model``.
+
+    Checked for every dataset: it suits the model family (text or images) and ``data.path`` is given exactly
+    when the dataset reads one. ``text-file``: the path is a regular file, not empty, whose first
+    :data:`models.text.CHECK_PREFIX_BYTES` bytes are valid UTF-8. Text datasets: the text holds one window of
+    ``seq_len + 1`` bytes at least. ``fashion-mnist``: the path is a folder holding the split's IDX files
+    with valid headers and as many labels as images (the labels are read, the images' header only). Image
+    datasets: ``data.classes`` names labels the dataset has, the images have the model's shape, and every
+    label used is below the model's ``num_classes``. Cost: the labels file, and at most
+    CHECK_PREFIX_BYTES of a text file, whatever its size; what lies beyond is checked when the data is
+    loaded (:func:`build_dataset`)."""
     with config_errors():
-        return _dataset(cfg, model)
+        _check(cfg, model.config)  # type: ignore[attr-defined]
 
 
-def _dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
-    mcfg = model.config  # type: ignore[attr-defined]
+def _check(cfg: DataConfig, mcfg: Any) -> None:
+    reads_file = cfg.dataset in ("text-file", "fashion-mnist")
+    if cfg.path is not None and not reads_file:
+        raise ConfigError(
+            f"data.path: got {cfg.path!r}; data.dataset {cfg.dataset} is built in and reads no file; drop data.path "
+            "(text-file and fashion-mnist read one)"
+        )
     if cfg.dataset in ("pydoc", "text-file"):
         if not hasattr(mcfg, "seq_len"):
             raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (family gpt)")
         from models import text
 
         if cfg.dataset == "pydoc":
-            corpus = text.pydoc_corpus()
+            size = len(text.pydoc_corpus().encode("utf-8"))
+        elif not cfg.path:
+            raise ConfigError("data.path: missing; data.dataset text-file needs the path of a UTF-8 text file")
         else:
-            if not cfg.path:
-                raise ConfigError("data.path: missing; data.dataset text-file needs the path of a UTF-8 text file")
-            corpus = text.read_text_file(cfg.path)
-        return text.TokenWindows(corpus, mcfg.seq_len)
+            size = text.text_file_size(cfg.path)
+        text.check_windows(size, mcfg.seq_len)
+        return
 
     if not hasattr(mcfg, "image_size"):
         raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (family dit or moe)")
     from models import images
 
     if cfg.dataset == "digits":
-        dataset = images.digits_dataset(classes=cfg.classes)
+        shape, labels = images.DIGITS_IMAGE_SHAPE, list(images.DIGITS_LABELS)
     else:
-        dataset = images.fashion_mnist_dataset(cfg.path, classes=cfg.classes)
-    shape = tuple(dataset[0]["image"].shape)
+        shape, labels = images.fashion_mnist_summary(cfg.path)
+    images.check_classes(cfg.classes, labels)
     want = (mcfg.channels, mcfg.image_size, mcfg.image_size)
-    if shape != want:
+    if tuple(shape) != want:
         raise ConfigError(
             f"data.dataset: {cfg.dataset} images are {shape[1]}x{shape[2]} with {shape[0]} channel(s) but the model "
             f"expects {want[1]}x{want[2]} with {want[0]}; pick a matching model.preset or set model.overrides.image_size"
         )
-    return dataset
+    used = max(cfg.classes if cfg.classes is not None else labels)
+    if used >= mcfg.num_classes:
+        raise ConfigError(
+            f"model.overrides.num_classes: got {mcfg.num_classes} (labels 0..{mcfg.num_classes - 1}) but data.dataset "
+            f"{cfg.dataset} uses labels up to {used}; set model.overrides.num_classes to {used + 1} or more, or "
+            f"restrict data.classes to labels below {mcfg.num_classes}"
+        )
+
+
+def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
+    """The dataset a config names, shaped for ``model`` (sequence length, image size), after
+    :func:`check_dataset`; loading it reads the whole of it (a text file is decoded in full)."""
+    check_dataset(cfg, model)
+    with config_errors():
+        return _dataset(cfg, model.config)  # type: ignore[attr-defined]
+
+
+def _dataset(cfg: DataConfig, mcfg: Any) -> Dataset:
+    if cfg.dataset in ("pydoc", "text-file"):
+        from models import text
+
+        corpus = text.pydoc_corpus() if cfg.dataset == "pydoc" else text.read_text_file(cfg.path)  # type: ignore[arg-type]
+        return text.TokenWindows(corpus, mcfg.seq_len)
+
+    from models import images
+
+    if cfg.dataset == "digits":
+        return images.digits_dataset(classes=cfg.classes)
+    return images.fashion_mnist_dataset(cfg.path, classes=cfg.classes)
 
 
 def build_batches(job: JobConfig, model: ModelSpec) -> BatchSource:

@@ -207,6 +207,27 @@ def test_a_worker_exit_fails_the_job_and_shuts_agents_down(master: Master, code:
             master.wait(timeout_s=5)
 
 
+@pytest.mark.parametrize(
+    "code, said, reason, input_error",
+    [
+        (2, "worker node0/0: error: data.path: got 'x'; fix it", "worker node0/0: data.path: got 'x'; fix it", True),
+        (1, "IndexError: list index\x1b[1m out of range\n", "worker node0/0 exited with code 1: IndexError: list index out of range", False),
+        (1, "", "worker node0/0 exited with code 1", False),
+    ],
+    ids=["input error", "traceback", "silent"],
+)
+def test_a_worker_error_exit_carries_its_last_line(master: Master, code: int, said: str, reason: str, input_error: bool) -> None:
+    """The agent reports the worker's last line: the job fails with it (one line, control characters
+    dropped), and a worker's input error (exit code 2) is the user's error, worded as the worker's own line."""
+    channel, stub = stub_for(master, TOKEN)
+    with channel:
+        stub.Register(pb.RegisterRequest(node="node0", devices=1), timeout=5)
+        stub.ReportWorkerExit(pb.WorkerExit(node="node0", device=0, exit_code=code, error=said), timeout=5)
+        with pytest.raises(JobFailed) as failed:
+            master.wait(timeout_s=5)
+    assert str(failed.value) == reason and failed.value.input_error is input_error
+
+
 def test_placement_puts_consecutive_stages_on_a_nodes_devices() -> None:
     shapes = [
         PipelineShape(layer_ranges=((0, 2), (2, 4), (4, 5), (5, 6)), num_microbatches=3),

@@ -61,7 +61,7 @@ def test_read_text_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café".encode("latin-1"))
-    for path, why in [(tmp_path / "missing.txt", "no such file"), (tmp_path, "no such file"),
+    for path, why in [(tmp_path / "missing.txt", "no such file"), (tmp_path, "that is a folder"),
                       (empty, "the file is empty"), (bad, "not valid UTF-8 at byte 3")]:
         with pytest.raises(ModelConfigError, match=f"data.path: got .*; {why}"):
             read_text_file(path)

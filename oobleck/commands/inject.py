@@ -1,7 +1,8 @@
 """Inject failures into a running job, or add nodes to it: ``oobleck inject RUN_DIR --kill node2``.
 
 The job is found through ``RUN_DIR/control.json``, which ``oobleck run`` writes when its master starts (its
-address, token file and, with TLS on, the certificate file to trust; see :mod:`oobleck.control.run_files`).
+address, token file and, with TLS on, the certificate file to trust; see :mod:`oobleck.control.run_files`)
+and removes when the job ends: on a finished run, inject says that no job is running there.
 ``--kill`` and ``--hang`` act on whole nodes (the agent and its workers: SIGKILL, or SIGSTOP so that the
 master sees missed heartbeats), or on one worker with ``--worker D`` (a hung worker is killed by its agent's
 watchdog). ``--add`` starts new nodes that join at the next step boundary (the local launcher starts them
@@ -34,17 +35,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from oobleck.control import oobleck_pb2 as pb
     from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
-    from oobleck.control.run_files import read_control_file
+    from oobleck.control.run_files import CONTROL_FILE, no_job, read_control_file
     from oobleck.control.tls import read_cert
 
-    master, token_file, cert_file = read_control_file(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    master, token_file, cert_file = read_control_file(run_dir)
     action, nodes = next((name, getattr(args, name)) for name in ("kill", "hang", "add") if getattr(args, name))
     if args.worker is not None and action == "add":
         raise OobleckError("--worker: applies to --kill and --hang only")
-    cert = read_cert(cert_file) if cert_file else None
-    channel = open_channel(master, read_token(token_file), cert)
     try:
-        wait_ready(channel, master, args.timeout, tls=cert is not None)
+        token, cert = read_token(token_file), read_cert(cert_file) if cert_file else None
+    except OobleckError:  # checked a moment ago: the job ended meanwhile and took its secrets along
+        raise no_job(run_dir, f"cannot read the job's token or certificate file ({token_file})") from None
+    channel = open_channel(master, token, cert)
+    try:
+        try:
+            wait_ready(channel, master, args.timeout, tls=cert is not None)
+        except OobleckError:
+            raise no_job(
+                run_dir,
+                f"nothing answers at {master}, the master {CONTROL_FILE} names, within {args.timeout:g} s (was its "
+                "`oobleck run` killed?); if the job is still starting, raise --timeout",
+            ) from None
         request = pb.InjectRequest(nodes=nodes, action=action, device=-1 if args.worker is None else args.worker)
         try:
             reply = master_stub(channel).Inject(request, timeout=args.timeout)

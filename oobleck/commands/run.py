@@ -1,8 +1,10 @@
 """Train a job on a cluster: plan (profiling first when no matching profile is cached), start the master
 and one agent per node (through the launcher ``cluster.launcher`` names), train with a live progress
 line, write ``RUN/metrics.jsonl`` and TensorBoard logs, and print a summary. The workers write the final
-checkpoint under the run directory. Exits 1 with one line naming the lost worker or node when the job
-fails; Ctrl-C stops every process the run started."""
+checkpoint under the run directory. The data is checked before anything starts. Exits 2 with one line for
+bad input (the data, or --steps not beyond the checkpoint of --resume), also when a worker stops on its
+input (its own line); 1 with one line naming the lost worker or node when the job fails; Ctrl-C stops
+every process the run started."""
 
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ HELP = "train a job on a cluster (local processes by default)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="job config (YAML)")
     parser.add_argument("--nodes", type=int_flag(1, MAX_NODES), help="override cluster.nodes")
-    parser.add_argument("--steps", type=int_flag(1, MAX_STEPS), help="override training.steps")
+    parser.add_argument(
+        "--steps",
+        type=int_flag(1, MAX_STEPS),
+        help="override training.steps: the run's total steps, counted from step 0 (with --resume, training "
+        "continues from the checkpoint's step up to N)",
+    )
     parser.add_argument("--run-dir", help="override run.dir (metrics, TensorBoard, checkpoints, logs)")
     parser.add_argument(
         "--launcher", choices=("local", "ray"), help="override cluster.launcher: processes on this machine, or a Ray cluster"
@@ -63,11 +70,38 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    return train(job_config(args))
+    config = job_config(args)
+    if config.run.resume:
+        check_resume(config, "--steps" if args.steps is not None else "training.steps")
+    return train(config)
+
+
+def check_resume(config: JobConfig, steps_field: str) -> None:
+    """OobleckError unless the checkpoint a resumed run restores (the newest that verifies, as the master
+    picks it) leaves steps to train: ``training.steps`` counts the run's total steps, so a checkpoint at or
+    beyond it leaves none. ``steps_field`` is where the step count came from (``--steps`` or
+    ``training.steps``), for the message."""
+    from oobleck import checkpoint
+
+    ckpt = checkpoint.latest_checkpoint(config.run.dir)
+    if ckpt is None:
+        return
+    step = int(checkpoint.read_meta(ckpt)["step"])
+    if step >= config.training.steps:
+        raise OobleckError(
+            f"{steps_field}: got {config.training.steps}, but the checkpoint to resume from ({ckpt}) is at step "
+            f"{step}: the step count is the run's total, so nothing is left to train; pass --steps greater than {step}"
+        )
 
 
 def train(config: JobConfig) -> int:
-    """Run ``config`` with live progress and metrics; 0 on success, 1 (with one line) on a failed job."""
+    """Run ``config`` with live progress and metrics; 0 on success, 1 (with one line) on a failed job, 2
+    (with the worker's own line) when a worker failed on its input. The data is checked first
+    (:func:`~oobleck.model_building.check_data`), so that bad data is one line before anything starts."""
+    from oobleck.model_building import check_data
+
+    check_data(config)  # before the launcher's imports: bad data fails fast
+
     from launcher import launch
     from oobleck.control.master import JobFailed
     from oobleck.control.planning import job_planner
@@ -95,7 +129,9 @@ def train(config: JobConfig) -> int:
             try:
                 records = launch(config, planner, on_step=on_step, on_phase=progress.phase, on_recovery=on_recovery)
             except JobFailed as e:
-                progress.phase(f"job failed: {e}")
+                if e.input_error:
+                    print(f"oobleck run: error: {e}", file=sys.stderr)
+                    return 2
                 print(f"oobleck run: failed: {e}", file=sys.stderr)
                 return 1
     finally:

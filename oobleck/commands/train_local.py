@@ -18,7 +18,7 @@ HELP = "train in a single process (the reference run)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="job config (YAML)")
-    parser.add_argument("--steps", type=int_flag(1, MAX_STEPS), metavar="N", help="override training.steps")
+    parser.add_argument("--steps", type=int_flag(1, MAX_STEPS), metavar="N", help="override training.steps (the total steps)")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (default: run.dir of the config)")
     parser.add_argument("--samples", metavar="PNG", help="DiT/MoE: write a grid of generated samples at the end")
 

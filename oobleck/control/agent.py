@@ -2,14 +2,15 @@
 (and ``--cert-file C``, the job's certificate, when the control plane runs TLS).
 
 It registers its node with the master, starts one worker process per device
-(``python -m oobleck.worker_main``), reports each worker's exit to the master the moment it happens, and
-keeps a heartbeat stream open. Each worker beats back through a pipe; a worker silent for the master's
-``worker_timeout_s`` (hung, e.g. stopped) is killed with SIGKILL and reported like any other death. It
-stops every worker (SIGTERM to the worker's process group, SIGKILL after a grace period) when the master
-says so, when the master goes away (its stream breaks, or it stays silent: the master sends an event at
-least every heartbeat interval, and a stream silent for the master's ``master_timeout_s`` means a hung or
-cut-off master), or when the agent itself is asked to stop (SIGTERM/SIGINT); workers also die with the agent
-through PR_SET_PDEATHSIG.
+(``python -m oobleck.worker_main``), reports each worker's exit to the master the moment it happens, and keeps a
+heartbeat stream open. A worker that exits by itself (a positive code) is reported with the last line it
+wrote to its log, which says why (a worker's one-line error). Each worker beats back through a pipe; a
+worker silent for the master's ``worker_timeout_s`` (hung, e.g. stopped) is killed with SIGKILL and reported
+like any other death. It stops every worker (SIGTERM to the worker's process group, SIGKILL after a grace
+period) when the master says so, when the master goes away (its stream breaks, or it stays silent: the
+master sends an event at least every heartbeat interval, and a stream silent for the master's
+``master_timeout_s`` means a hung or cut-off master), or when the agent itself is asked to stop
+(SIGTERM/SIGINT); workers also die with the agent through PR_SET_PDEATHSIG.
 
 Failure injection (``oobleck inject``) reaches the agent as an INJECT event: it kills (SIGKILL) or hangs
 (SIGSTOP) one worker, or the whole node (its workers and the agent itself).
@@ -35,9 +36,9 @@ import grpc
 
 from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
-from oobleck.control.procs import child_env, die_with_parent, stop_group
+from oobleck.control.procs import child_env, die_with_parent, last_line, stop_group
 from oobleck.control.tls import read_cert
-from oobleck.errors import OobleckError
+from oobleck.errors import OobleckError, one_line
 
 #: seconds a worker gets between SIGTERM and SIGKILL
 WORKER_GRACE_S = 2.0
@@ -192,10 +193,19 @@ class Agent:
         code = proc.wait()
         if self._stop.is_set():
             return  # we stopped it ourselves
+        # a worker that exits by itself (code > 0) says why in its last line; a killed one wrote nothing about it
+        said = self._last_words(device) if code > 0 else ""
         try:
-            stub.ReportWorkerExit(pb.WorkerExit(node=self.node, device=device, exit_code=code), timeout=10)  # type: ignore[attr-defined]
+            stub.ReportWorkerExit(pb.WorkerExit(node=self.node, device=device, exit_code=code, error=said), timeout=10)  # type: ignore[attr-defined]
         except grpc.RpcError as e:
             self._finish(1, f"cannot report the exit of worker {device} to the master: {e.details()}")
+
+    def _last_words(self, device: int) -> str:
+        """The last line worker ``device`` wrote to its log, as one line of at most 1000 characters ("" when it
+        has no log)."""
+        if self.log_dir is None:
+            return ""
+        return one_line(last_line(self.log_dir / f"{self.node}-{device}.log"))
 
     def _beats(self, interval_s: float) -> Iterator[pb.Heartbeat]:
         while True:

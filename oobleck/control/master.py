@@ -60,9 +60,9 @@ from oobleck.control.replan import Replanner, natural_key
 from oobleck.control.serving import bind_server, join_address, start_store, store_host
 from oobleck.control.state import Generation, JobState, Node
 from oobleck.devices import wants_cuda
-from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
+from oobleck.engine.api import INPUT_ERROR_EXIT_CODE, STUCK_EXIT_CODE, Assignment
 from oobleck.engine.signed_store import SignedStore, store_key
-from oobleck.errors import OobleckError
+from oobleck.errors import OobleckError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,12 @@ def master_timeout_s(heartbeat_timeout_s: float) -> float:
 
 
 class JobFailed(OobleckError):
-    """The job stopped before finishing; the message says which node or worker and why."""
+    """The job stopped before finishing; the message says which node or worker and why. ``input_error``: a
+    worker stopped on bad input (exit code :data:`INPUT_ERROR_EXIT_CODE`) and the message is its own line."""
+
+    def __init__(self, message: str, input_error: bool = False) -> None:
+        super().__init__(message)
+        self.input_error = input_error
 
 
 def describe_exit(code: int) -> str:
@@ -98,6 +103,17 @@ def describe_exit(code: int) -> str:
     if code == STUCK_EXIT_CODE:
         return f"exited with code {code} (stuck in an ended generation)"
     return f"exited with code {code}"
+
+
+def exit_reason(who: str, code: int, said: str) -> str:
+    """Why worker ``who`` is gone, from its exit code and the last line it wrote (``said``, possibly empty;
+    made one line here, since it reaches the user's terminal): ``worker node1/0 exited with code 1:
+    LINE``, or for bad input (:data:`INPUT_ERROR_EXIT_CODE`) the worker's own one-line error as
+    ``worker node1/0: MESSAGE`` (it printed ``worker node1/0: error: MESSAGE``)."""
+    said = one_line(said) if said.strip() else ""
+    if code == INPUT_ERROR_EXIT_CODE and said:
+        return f"{who}: {said.removeprefix(f'{who}: ').removeprefix('error: ')}"
+    return f"{who} {describe_exit(code)}" + (f": {said}" if said else "")
 
 
 class Master(oobleck_pb2_grpc.MasterServicer):
@@ -118,6 +134,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         self._token = token
         #: the launcher's way to start a node (``oobleck inject --add``); None where it has none
         self._add_node = add_node
+        #: the failure reason when the job failed on a worker's bad input (see JobFailed.input_error)
+        self._input_failure: str | None = None
         self._expected = config.cluster.nodes
         self._devices = config.cluster.devices_per_node
         self._policy = policy_for(config.fault_tolerance.policy)
@@ -178,7 +196,7 @@ class Master(oobleck_pb2_grpc.MasterServicer):
                     raise TimeoutError(f"the job did not finish within {timeout_s:g} s")
                 self.state.lock.wait(left)
             if self.state.failure is not None:
-                raise JobFailed(self.state.failure)
+                raise JobFailed(self.state.failure, input_error=self.state.failure == self._input_failure)
             return list(self.state.records)
 
     def set_node_adder(self, add_node: Callable[[str], None]) -> None:
@@ -312,9 +330,12 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             elif (request.exit_code > 0 and request.exit_code != STUCK_EXIT_CODE) or not self.state.recoverable():
                 # a worker's own error (bad input, a bug) or a death before training started: re-planning
                 # would only repeat it. A worker stuck in an ended generation is lost like a killed one.
-                self.state.fail_locked(f"{who} {describe_exit(request.exit_code)}")
+                reason = exit_reason(who, request.exit_code, request.error)
+                if request.exit_code == INPUT_ERROR_EXIT_CODE and self.state.failure is None:
+                    self._input_failure = reason
+                self.state.fail_locked(reason)
             else:
-                self.state.lose_node(node, f"{who} {describe_exit(request.exit_code)}")
+                self.state.lose_node(node, exit_reason(who, request.exit_code, request.error))
         return pb.Ack()
 
     def GetAssignment(self, request: pb.AssignmentRequest, context: grpc.ServicerContext) -> pb.AssignmentReply:

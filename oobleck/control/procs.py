@@ -1,4 +1,5 @@
-"""Process hygiene for agents and workers: no process outlives the one that started it."""
+"""Process hygiene for agents and workers: no process outlives the one that started it; and what a process
+last wrote to its log, which says why it exited."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import ctypes
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+#: how much of the end of a log :func:`last_line` reads (a log may have grown large over a long run)
+TAIL_BYTES = 64 * 1024
 #: names the pid of the process that must not be outlived; set by whoever starts an agent or a worker
 PARENT_PID_ENV = "OOBLECK_PARENT_PID"
 
@@ -57,3 +61,16 @@ def stop_group(proc: subprocess.Popen, grace_s: float) -> int:
     except ProcessLookupError:
         pass
     return code
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line among the final :data:`TAIL_BYTES` of a log file (stripped; bytes that are
+    not UTF-8 replaced), or a note that there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+            tail = f.read(TAIL_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        tail = ""
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"(no output in {path})"

@@ -1,7 +1,9 @@
 """``RUN/control.json``: how ``oobleck inject RUN`` finds a running job.
 
-The launcher writes it when the job's master starts (:func:`write_control_file`); ``oobleck inject`` reads it
-back, and trusts it only after the ownership checks of :func:`read_control_file`.
+The launcher writes it when the job's master starts (:func:`write_control_file`) and removes it when the job
+ends (:func:`remove_control_file`); ``oobleck inject`` reads it back, and trusts it only after the ownership
+checks of :func:`read_control_file`. A control file without its job (a run that was killed, or one of an
+older version) names a token file that is gone, or a master that does not answer: :func:`no_job` words that.
 """
 
 from __future__ import annotations
@@ -30,40 +32,60 @@ def write_control_file(run_dir: Path, address: str, token_file: Path, cert_file:
     return path
 
 
+def remove_control_file(run_dir: Path) -> None:
+    """Remove ``RUN/control.json`` (the job ended: there is nothing left to inject into)."""
+    (run_dir / CONTROL_FILE).unlink(missing_ok=True)
+
+
+def no_job(run_dir: Path, why: str) -> OobleckError:
+    """The error for a ``RUN_DIR`` in which no job runs, saying ``why`` that is known."""
+    return OobleckError(f"RUN_DIR: no job is running in {run_dir}: {why}; pass the run directory of a running `oobleck run`")
+
+
 def read_control_file(run_dir: Path) -> tuple[str, str, str | None]:
     """The master's address, token file and certificate file (None: plaintext) from ``RUN_DIR/control.json``,
     after checking that nobody else could have written them: whoever controls the control file chooses where
-    inject sends the token, and whoever controls the certificate file chooses whom the client trusts."""
+    inject sends the token, and whoever controls the certificate file chooses whom the client trusts. A
+    missing control, token or certificate file is a :func:`no_job` error (the job ended)."""
     path = run_dir / CONTROL_FILE
-    _check_private(run_dir, "RUN_DIR", "the run directory", folder=True)
-    _check_private(path, "RUN_DIR", "the control file")
+    ended = no_job(run_dir, f"there is no {CONTROL_FILE} (written while a job runs, removed when it ends)")
+    _check_private(
+        run_dir, "RUN_DIR", "the run directory", folder=True,
+        missing=OobleckError(f"RUN_DIR: {run_dir} does not exist; pass the run directory of a running `oobleck run`"),
+    )  # fmt: skip
+    _check_private(path, "RUN_DIR", "the control file", missing=ended)
     try:
         info = json.loads(path.read_text())
         master, token_file = str(info["master"]), str(info["token_file"])
         cert = info.get("cert_file")
         cert_file = None if cert is None else str(cert)
     except FileNotFoundError:
-        raise OobleckError(f"RUN_DIR: no {path}; pass the run directory of a job `oobleck run` is running") from None
+        raise ended from None
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise OobleckError(f"RUN_DIR: {path} is unreadable ({e}); is this a run directory of oobleck run?") from None
     token = Path(token_file)
     if not token.is_absolute():
         raise OobleckError(f"RUN_DIR: {path} names the token file {token_file!r}, not an absolute path; restart the job")
-    _check_private(token.parent, "RUN_DIR", "the token file's folder", folder=True)
-    _check_private(token, "RUN_DIR", "the token file", secret=True)
+
+    def gone(what: str, file: Path) -> OobleckError:
+        return no_job(run_dir, f"{what} {file} that {CONTROL_FILE} names is gone (removed when the job ended)")
+
+    _check_private(token.parent, "RUN_DIR", "the token file's folder", folder=True, missing=gone("the token folder", token.parent))
+    _check_private(token, "RUN_DIR", "the token file", secret=True, missing=gone("the token file", token))
     if cert_file is not None:
-        _check_private(Path(cert_file), "RUN_DIR", "the certificate file")
+        _check_private(Path(cert_file), "RUN_DIR", "the certificate file", missing=gone("the certificate file", Path(cert_file)))
     return master, token_file, cert_file
 
 
-def _check_private(path: Path, flag: str, what: str, folder: bool = False, secret: bool = False) -> None:
-    """Refuse ``path`` unless it is this user's and nobody else can write it (``secret``: nor read it)."""
+def _check_private(
+    path: Path, flag: str, what: str, *, missing: OobleckError, folder: bool = False, secret: bool = False
+) -> None:
+    """Refuse ``path`` unless it is this user's and nobody else can write it (``secret``: nor read it); raise
+    ``missing`` when it does not exist."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        if folder or what == "the token file":
-            raise OobleckError(f"{flag}: {what} {path} does not exist; is the job still running?") from None
-        return  # the control file: reported when read
+        raise missing from None
     except OSError as e:
         raise OobleckError(f"{flag}: cannot inspect {what} {path} ({e.strerror})") from None
     kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)

@@ -196,7 +196,7 @@ class JobState:
         """Fail the job with ``reason`` (the first failure counts; a finished job stays finished)."""
         if self.failure is not None or self.finished:
             return
-        log.error("job failed: %s", reason)
+        log.info("job failed: %s", reason)  # info: the caller reports it (Master.wait raises JobFailed)
         self.failure = reason
         self.broadcast_shutdown(failed=True, reason=reason)
         self.lock.notify_all()

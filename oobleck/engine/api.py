@@ -21,6 +21,9 @@ from typing import Any
 #: shutting the generation's sockets down did not release; after ``fault_tolerance.stuck_after_s``).
 #: The master treats it as the loss of the worker's node, like a kill, not as the worker's own error.
 STUCK_EXIT_CODE = 75
+#: the exit code of a worker that stopped on bad input (its data, its config) after printing one line saying
+#: so (``oobleck.worker_main``); the job fails with that line, as a user error
+INPUT_ERROR_EXIT_CODE = 2
 
 
 class Restore(str, enum.Enum):
