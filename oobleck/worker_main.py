@@ -33,7 +33,7 @@ from oobleck.control import oobleck_pb2 as pb
 from oobleck.control.channel import master_stub, open_channel, read_token, wait_ready
 from oobleck.control.procs import die_with_parent
 from oobleck.control.tls import read_cert
-from oobleck.engine.api import STUCK_EXIT_CODE, Assignment
+from oobleck.engine.api import INPUT_ERROR_EXIT_CODE, STUCK_EXIT_CODE, Assignment
 from oobleck.errors import OobleckError
 
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         key = store_key(read_token(args.token_file))
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     pin_gloo(first.store_host, first.store_port)
 
     def record(at: float) -> None:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)
-        return 2
+        return INPUT_ERROR_EXIT_CODE
     except RestartRequested as e:
         client.close()
         restart(own_argv, args.heartbeat_fd, str(e))
