@@ -119,6 +119,12 @@ class ModelSpec(abc.ABC):
         seeded by (seed, step, global sample index). Models without randomness return {}."""
         return {}
 
+    def export_pretrained(self, states: list[dict[str, torch.Tensor]], out_dir: str) -> bool:
+        """Write the whole model, assembled from ``states`` (each layer's ``state_dict``, in layer order), in
+        its library's own format under ``out_dir`` (a directory ``from_pretrained`` loads). Returns False when
+        the model has no library format; the caller then writes safetensors and the config itself."""
+        return False
+
     def fingerprint(self) -> dict:
         """A JSON-able description of everything that changes the model's numbers or shapes."""
         raise NotImplementedError

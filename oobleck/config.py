@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +20,21 @@ import yaml
 from oobleck.config_checks import show_value, validate
 from oobleck.errors import ConfigError
 
-Family = Literal["gpt", "dit", "moe"]
+#: the families this project implements (models/), each with presets
+BUILTIN_FAMILIES = ("gpt", "dit", "moe")
+#: the families of a library's model classes, named by model.architecture and configured by model.config or
+#: model.config_dir: hf (a transformers causal LM), diffusers (a diffusers model)
+LIBRARY_FAMILIES = ("hf", "diffusers")
+#: model.family may also name your own layers as package.module:object (docs/models.md)
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 DType = Literal["float32", "float64"]
 
 
 @dataclass
 class ModelConfig:
-    family: Family = "gpt"
+    #: a built-in family (BUILTIN_FAMILIES), a library's (LIBRARY_FAMILIES), or package.module:object
+    family: str = "gpt"
+    #: built-in families: a named configuration of the family
     preset: str = "tiny"
     dtype: DType = "float32"
     #: preset fields to change, e.g. {n_layer: 4}; checked against the preset's own fields
@@ -35,14 +44,29 @@ class ModelConfig:
     difffit: bool = False
     #: a checkpoint to start from (e.g. a pretrained DiT for DiffFit fine-tuning)
     init_checkpoint: Optional[str] = None
+    #: hf and diffusers: the model class (hf: gpt2, llama; diffusers: unet2d, dit); with config_dir it may be
+    #: left out (read from config.json) but must agree when given
+    architecture: Optional[str] = None
+    #: hf and diffusers: the model's config inline (the fields of its config.json); your own layers: keyword
+    #: arguments of the factory
+    config: dict[str, Any] = field(default_factory=dict)
+    #: hf and diffusers: a local directory holding config.json, and optionally weights saved by
+    #: save_pretrained (each layer loads exactly its slice); read offline
+    config_dir: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    #: pydoc (Python's own docs, GPT), digits (scikit-learn 8x8), fashion-mnist (IDX files)
-    dataset: Literal["pydoc", "digits", "fashion-mnist", "text-file"] = "pydoc"
-    #: a file or folder for datasets read from disk (fashion-mnist, text-file)
+    #: pydoc (Python's own docs, GPT), digits (scikit-learn 8x8), fashion-mnist (IDX files), text-file (a UTF-8
+    #: file), token-file (a flat binary array of token ids, read by memory map), image-folder (class
+    #: subfolders of PNG/JPEG images; labels from the folder names)
+    dataset: Literal["pydoc", "digits", "fashion-mnist", "text-file", "token-file", "image-folder"] = "pydoc"
+    #: a file or folder for datasets read from disk (fashion-mnist, text-file, token-file, image-folder)
     path: Optional[str] = None
+    #: text-file: a local directory holding tokenizer.json (Hugging Face tokenizers); null reads bytes
+    tokenizer: Optional[str] = None
+    #: token-file: the integer type of the stored token ids
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
     #: restrict image datasets to these class labels (e.g. to fine-tune on new classes)
     classes: Optional[list[int]] = None
 

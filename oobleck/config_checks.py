@@ -135,12 +135,41 @@ def validate(c: JobConfig) -> None:
     _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
     _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
     _require(c.run.log_every >= 1, "run.log_every", c.run.log_every, "must be at least 1")
+    _check_family(c)
     _require(
-        not c.model.difffit or c.model.family == "dit",
+        not c.model.difffit or c.model.family in ("dit", "diffusers"),
         "model.difffit",
         c.model.difffit,
-        "DiffFit applies to family dit only",
+        "DiffFit applies to family dit (and diffusers' dit) only",
     )
+
+
+def _check_family(c: JobConfig) -> None:
+    """model.family names a family that exists, and the fields each kind of family reads are the ones given."""
+    from oobleck.config import BUILTIN_FAMILIES, IMPORT_PATH, LIBRARY_FAMILIES
+
+    m = c.model
+    kinds = ", ".join(BUILTIN_FAMILIES + LIBRARY_FAMILIES)
+    _require(
+        m.family in BUILTIN_FAMILIES + LIBRARY_FAMILIES or bool(IMPORT_PATH.match(m.family)), "model.family", m.family,
+        f"allowed: {kinds}, or your own layers as package.module:object",
+    )  # fmt: skip
+    if m.family in LIBRARY_FAMILIES:
+        _require(
+            m.architecture is not None or m.config_dir is not None, "model.architecture", m.architecture,
+            f"family {m.family} needs model.architecture (with model.config inline) or model.config_dir",
+        )  # fmt: skip
+        _require(
+            not (m.config and m.config_dir), "model.config", show_value(m.config),
+            "give the config inline or as model.config_dir, not both",
+        )  # fmt: skip
+    else:
+        _require(m.architecture is None, "model.architecture", m.architecture, f"only families {', '.join(LIBRARY_FAMILIES)} read it; drop it")
+        _require(m.config_dir is None, "model.config_dir", m.config_dir, f"only families {', '.join(LIBRARY_FAMILIES)} read it; drop it")
+        _require(
+            not m.config or m.family not in BUILTIN_FAMILIES, "model.config", show_value(m.config),
+            "built-in families take model.overrides; drop model.config",
+        )  # fmt: skip
 
 
 def _bounds(c: JobConfig) -> None:
@@ -188,6 +217,8 @@ def _bounds(c: JobConfig) -> None:
         _require(all(0 <= x < MAX_BATCH for x in c.data.classes), "data.classes", c.data.classes, "labels must be integers >= 0")
     _non_empty(c.model.preset, "model.preset", "name a preset of the model family")
     _non_empty(c.model.init_checkpoint, "model.init_checkpoint", "name a checkpoint or use null")
+    _non_empty(c.model.architecture, "model.architecture", "name the model class, or use null")
+    _non_empty(c.model.config_dir, "model.config_dir", "name a directory holding config.json, or use null")
     _non_empty(c.data.path, "data.path", "name a file or folder, or use null")
     _non_empty(c.profile.cache_dir, "profile.cache_dir", "name a folder for cached profiles")
     _non_empty(c.run.dir, "run.dir", "name the run directory (runs/latest by default)")

@@ -72,8 +72,16 @@ def test_checkpoint_keep_defaults_to_3_and_0_keeps_all() -> None:
         ({"faults": [{"nodes": [9]}]}, "faults[0].nodes: got [9]; node indices must be in [0, 3]"),
         ({"faults": [{"phase": "lunch"}]}, "faults[0].phase: got 'lunch'; allowed: forward, backward"),
         ({"training": {"betas": [0.9]}}, "training.betas: got [0.9]; expected a list of 2 numbers"),
-        ({"model": {"family": "gpt", "difffit": True}}, "model.difffit: got True; DiffFit applies to family dit only"),
+        ({"model": {"family": "gpt", "difffit": True}}, "model.difffit: got True; DiffFit applies to family dit (and diffusers' dit) only"),
         ([1, 2], "config: got [1, 2]; expected a mapping of JobConfig fields"),
+        ({"model": {"family": "bert"}}, "model.family: got 'bert'; allowed: gpt, dit, moe, hf, diffusers, or your own layers as package.module:object"),
+        ({"model": {"family": "my.pkg:"}}, "model.family: got 'my.pkg:'; allowed:"),
+        ({"model": {"family": "hf"}}, "model.architecture: got None; family hf needs model.architecture"),
+        ({"model": {"family": "hf", "architecture": "llama", "config": {"a": 1}, "config_dir": "d"}}, "model.config: got"),
+        ({"model": {"family": "gpt", "architecture": "llama"}}, "model.architecture: got 'llama'; only families hf, diffusers read it"),
+        ({"model": {"family": "gpt", "config_dir": "d"}}, "model.config_dir: got 'd'; only families hf, diffusers read it"),
+        ({"model": {"family": "gpt", "config": {"n_layer": 2}}}, "model.config: got"),
+        ({"model": {"family": "hf", "architecture": " "}}, "model.architecture: got ' '; must not be empty"),
     ],
 )
 def test_bad_values_name_the_field(raw: object, expected: str) -> None:
