@@ -134,7 +134,7 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
         return
 
     if not hasattr(mcfg, "image_size"):
-        raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (family dit or moe)")
+        raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (family dit, moe or diffusers)")
     from models import images
 
     if cfg.dataset == "digits":
