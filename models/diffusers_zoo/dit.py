@@ -32,7 +32,7 @@ from torch import nn
 
 from models.base import Carry, Layer, MicroBatch, TiedGroup
 from models.difffit import ScaleFactor, apply_difffit
-from models.diffusers_zoo.spec import DiffusersSpec, ImageShape, as_tuple, mounted, noise_loss, square_size
+from models.diffusers_zoo.spec import DiffusersSpec, ImageShape, NoiseHead, as_tuple, mounted, square_size
 from models.errors import ModelConfigError
 
 EMB = "transformer_blocks.0.norm1.emb"
@@ -78,7 +78,7 @@ class DiTBlock(Layer):
         return self.forward(carry, mb)
 
 
-class DiTHead(Layer):
+class DiTHead(NoiseHead):
     def __init__(self, spec: "DiTSpec") -> None:
         super().__init__()
         self.patch, self.out_channels, self.channels = spec.patch, spec.out_channels, spec.config.channels
@@ -93,12 +93,6 @@ class DiTHead(Layer):
         p, c, side = self.patch, self.out_channels, int(h.shape[1] ** 0.5)
         h = torch.einsum("nhwpqc->nchpwq", h.reshape(-1, side, side, p, p, c))
         return h.reshape(-1, c, side * p, side * p)[:, : self.channels]
-
-    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        return noise_loss(self.predict(carry), mb)
-
-    def infer(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        return self.predict(carry)
 
 
 class DiTSpec(DiffusersSpec):

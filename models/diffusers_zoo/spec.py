@@ -70,6 +70,21 @@ def noise_loss(eps_hat: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     return ((eps_hat - mb.data["noise"].to(eps_hat.dtype)) ** 2).mean(dim=(1, 2, 3)).sum()
 
 
+class NoiseHead(Layer):
+    """A last layer: :meth:`predict` gives ``eps_hat [N, C, H, W]`` from the carry (the inference path) and
+    the forward pass the summed noise-prediction loss."""
+
+    @abc.abstractmethod
+    def predict(self, carry: Carry) -> torch.Tensor: ...
+
+    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
+        return noise_loss(self.predict(carry), mb)
+
+    def infer(self, carry: Carry | None, mb: MicroBatch) -> Carry:
+        """What a meta forward of this layer runs to count its FLOPs."""
+        return self.predict(carry)
+
+
 class DiffusersSpec(ModelSpec):
     """A diffusers model as independently buildable layers. Subclasses list each layer's mounts
     (``(library path, owner layer)``: the owner's seed draws the values, so a tied copy equals its

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.base import Carry, Layer, MicroBatch
-from models.diffusers_zoo.spec import DiffusersSpec, ImageShape, as_tuple, mounted, noise_loss, square_size
+from models.diffusers_zoo.spec import DiffusersSpec, ImageShape, NoiseHead, as_tuple, mounted, square_size
 from models.errors import ModelConfigError
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
@@ -116,21 +116,15 @@ class UNetUp(UNetDown):
         return block(h, tuple(skips[-n:]), emb), emb, skips[:-n]
 
 
-class UNetHead(UNetLayer):
-    def __init__(self, in_skips: Shapes, channels: int) -> None:
-        super().__init__(in_skips)
+class UNetHead(NoiseHead):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
         self.channels = channels
 
     def predict(self, carry: Carry) -> torch.Tensor:
         """``eps_hat [N, C, H, W]`` (output channels beyond the input's are dropped)."""
         h = as_tuple(carry)[0]
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))[:, : self.channels]
-
-    def forward(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        return noise_loss(self.predict(carry), mb)
-
-    def infer(self, carry: Carry | None, mb: MicroBatch) -> Carry:
-        return self.predict(carry)
 
 
 class UNetSpec(DiffusersSpec):
@@ -203,7 +197,7 @@ class UNetSpec(DiffusersSpec):
             return UNetMid(in_skips)
         if kind == "up":
             return UNetUp(in_skips, f"up_blocks.{k}")
-        return UNetHead(in_skips, self.config.channels)
+        return UNetHead(self.config.channels)
 
     def _trace(self) -> None:
         """Record each layer's outgoing carry shapes (h, emb, then every pending skip, per sample) by
