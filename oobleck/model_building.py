@@ -75,6 +75,8 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
     if cfg.family == "diffusers":
         from models.diffusers_zoo import build_spec
 
+        if cfg.overrides:
+            raise ConfigError("model.overrides: family diffusers reads model.config (the model's config.json fields); move them there")
         with config_errors():
             return build_spec(
                 cfg.architecture, cfg.config, cfg.config_dir, seed=seed, dtype=torch_dtype(cfg.dtype), difffit=cfg.difffit

@@ -225,3 +225,32 @@ def test_bad_input_gives_one_line_naming_the_field(tmp_path: Path) -> None:
     assert _error(None, {}, str(tmp_path / "nowhere")).startswith("model.config_dir: got ")
     DiTTransformer2DModel(**DIT).save_pretrained(tmp_path)
     assert _error("unet2d", {}, str(tmp_path)).startswith("model.architecture: got 'unet2d' but ")
+
+
+def test_config_errors_reach_the_cli_as_one_line_exit_2(tmp_path: Path) -> None:
+    """build_model turns the adapter's refusals into ConfigErrors; the CLI prints one line and exits 2."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from oobleck.config import config_from_dict
+    from oobleck.errors import ConfigError
+    from oobleck.model_building import build_model
+
+    def model(**fields: Any) -> Any:
+        return config_from_dict({"model": {"family": "diffusers", **fields}, "data": {"dataset": "digits"}}).model
+
+    with pytest.raises(ConfigError, match=r"^model.overrides: family diffusers reads model.config"):
+        build_model(model(architecture="dit", config=DIT, overrides={"n_layer": 2}), 0)
+    with pytest.raises(ConfigError, match=r"^model.difffit: DiffFit applies to the diffusers dit"):
+        build_model(model(architecture="unet2d", config=UNET, difffit=True), 0)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"family": "diffusers", "config_dir": str(tmp_path / "missing")}, "data": {"dataset": "digits"}}))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "oobleck.cli", "train-local", str(job), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "model.config_dir: got " in proc.stderr

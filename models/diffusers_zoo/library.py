@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ SCHEDULER_KEY, CLASS_DROPOUT_KEY = "scheduler", "class_dropout"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: the scheduler config ``export_pretrained`` writes next to config.json and a config_dir may hold
 SCHEDULER_FILE = "scheduler_config.json"
+#: held while a build patches nn.Module or reseeds the global RNG, so that builds in two threads never mix
+_BUILD_LOCK = threading.RLock()
 
 
 def model_class(architecture: str) -> type[nn.Module]:
@@ -102,20 +105,23 @@ def resolve_config(
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules constructed inside get their parameters on the meta device (no memory; their values are
-    drawn later by :func:`materialize`), while buffers (e.g. fixed position tables) stay real."""
+    """Modules this thread constructs inside get their parameters on the meta device (no memory; their
+    values are drawn later by :func:`materialize`), while buffers (e.g. fixed position tables) stay real.
+    Other threads' modules are left alone."""
     original = nn.Module.register_parameter
+    me = threading.get_ident()
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None:
+        if param is not None and threading.get_ident() == me:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    with _BUILD_LOCK:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def skeleton(cls: type[nn.Module], kwargs: dict[str, Any]) -> nn.Module:
@@ -138,7 +144,7 @@ def materialize(module: nn.Module, seed: int, index: int, dtype: torch.dtype) ->
         for name, p in list(sub._parameters.items()):
             if p is not None:
                 sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(layer_generator(seed, index).initial_seed())
         for name, sub in module.named_modules():
             if next(sub.parameters(recurse=False), None) is None:
