@@ -254,3 +254,26 @@ def test_config_errors_reach_the_cli_as_one_line_exit_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "model.config_dir: got " in proc.stderr
+
+
+def test_export_of_a_trained_checkpoint_gives_its_loss(digits, tmp_path: Path) -> None:
+    """A DiffFit DiT trained 3 steps by train-local (its scale factors moved off 1): the checkpoint's layers,
+    rebuilt from the checkpoint alone, and the exported library model give the same loss on a fixed batch."""
+    from oobleck.checkpoint_samples import load_checkpoint_model
+    from oobleck.config import config_from_dict
+    from oobleck.train_local import train_local
+
+    raw = {
+        "model": {"family": "diffusers", "architecture": "dit", "dtype": "float64", "difffit": True, "config": DIT},
+        "data": {"dataset": "digits"},
+        "training": {"steps": 3, "global_batch": 4, "microbatch": 4, "lr": 1e-2, "seed": 0},
+    }
+    train_local(config_from_dict(raw), run_dir=tmp_path / "run")
+    saved = load_checkpoint_model(tmp_path / "run")
+    gamma = saved.layers[1].get_parameter("difffit_attn.gamma")
+    assert not torch.equal(gamma, torch.ones_like(gamma)), "training must move the scale factors"
+    mb = microbatch(saved.spec, digits, step=7)  # type: ignore[arg-type]
+    want = run_layers(saved.layers, mb.fresh()).item()
+    saved.spec.export_pretrained([layer.state_dict() for layer in saved.layers], str(tmp_path / "out"))
+    model = DiTTransformer2DModel.from_pretrained(tmp_path / "out", torch_dtype=torch.float64).eval()
+    assert abs(library_loss(model, mb, 1).item() - want) <= 1e-12 * want
