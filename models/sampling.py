@@ -1,4 +1,5 @@
-"""Image generation with a trained diffusion layer list, and PNG grids of the results.
+"""Image generation with a trained diffusion layer list, the moving average of weights it samples with,
+and PNG grids of the results (rows optionally labelled).
 
 The layer list must offer an inference path: its first layer an ``embed(x_t, t, labels, drop)`` method
 returning the carry, its last layer a ``predict(carry)`` method returning ``eps_hat [N, C, H, W]``, and
