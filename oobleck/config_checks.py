@@ -129,14 +129,15 @@ def validate(c: JobConfig) -> None:
         _require(bool(c.trace.path), "trace.path", c.trace.path, "must name a trace file")
         _require(c.trace.compression > 0, "trace.compression", c.trace.compression, "must be positive")
 
-    p = c.profile
-    _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
-    _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
-    _require(c.run.log_every >= 1, "run.log_every", c.run.log_every, "must be at least 1")
     s = c.sampling
     _require(0 <= s.ema < 1, "sampling.ema", s.ema, "must be in [0, 1) (0 samples with the last weights)")
     _require(0 <= s.cfg_scale, "sampling.cfg_scale", s.cfg_scale, "must be at least 0 (1 turns guidance off)")
     _require(s.steps >= 1, "sampling.steps", s.steps, "must be at least 1")
+
+    p = c.profile
+    _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
+    _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
+    _require(c.run.log_every >= 1, "run.log_every", c.run.log_every, "must be at least 1")
     _require(
         not c.model.difffit or c.model.family == "dit",
         "model.difffit",
