@@ -142,18 +142,18 @@ def test_samples_come_from_the_average_with_the_configured_guidance(tmp_path: Pa
     result = train_local(config_from_dict(_config(model, steps=3)), ema_decay=0.9)
     assert result.ema is not None and result.ema.updates == 3
 
+    def pixels(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.asarray(image)
+
     def grid(name: str, layers: list, sampling: SamplingConfig) -> np.ndarray:
         labels = torch.tensor([3, 3, 7, 7])
         images = sample_images(layers, result.spec, labels, sampling.steps, torch.Generator().manual_seed(0), cfg_scale=sampling.cfg_scale)
         save_grid(images, tmp_path / name, nrow=2, scale=4, row_labels=["3", "7"])
-        return _pixels(tmp_path / name)
-
-    def _pixels(path: Path) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image)
+        return pixels(tmp_path / name)
 
     guided = SamplingConfig(ema=0.9, cfg_scale=3.0, steps=4)
-    written = _pixels(write_samples(result, tmp_path / "written.png", guided, classes=[3, 7], per_class=2))
+    written = pixels(write_samples(result, tmp_path / "written.png", guided, classes=[3, 7], per_class=2))
     assert np.array_equal(written, grid("ema.png", result.ema.layers, guided))
     assert not np.array_equal(written, grid("trained.png", result.layers, guided))
     assert not np.array_equal(written, grid("unguided.png", result.ema.layers, SamplingConfig(ema=0.9, cfg_scale=1.0, steps=4)))
