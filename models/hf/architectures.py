@@ -89,40 +89,20 @@ def _llama_embeddings(lib: ModuleType, c: Any) -> dict[str, nn.Module]:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
-        name="gpt2",
-        module="transformers.models.gpt2.modeling_gpt2",
-        config_class_name="GPT2Config",
-        model_class_name="GPT2LMHeadModel",
-        block_class_name="GPT2Block",
-        base="transformer",
-        blocks="h",
-        final_norm="ln_f",
-        embeddings=("wte", "wpe"),
-        make_embeddings=_gpt2_embeddings,
+        "gpt2", "transformers.models.gpt2.modeling_gpt2", "GPT2Config", "GPT2LMHeadModel", "GPT2Block",
+        base="transformer", blocks="h", final_norm="ln_f", embeddings=("wte", "wpe"), make_embeddings=_gpt2_embeddings,
         make_final_norm=lambda lib, c: nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon),
-        sizes=("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"),
-        dropouts=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
-        context="n_positions",
-        residual_suffix="c_proj.weight",
-    ),
+        sizes=("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"), dropouts=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+        context="n_positions", residual_suffix="c_proj.weight",
+    ),  # fmt: skip
     "llama": Architecture(
-        name="llama",
-        module="transformers.models.llama.modeling_llama",
-        config_class_name="LlamaConfig",
-        model_class_name="LlamaForCausalLM",
-        block_class_name="LlamaDecoderLayer",
-        base="model",
-        blocks="layers",
-        final_norm="norm",
-        embeddings=("embed_tokens",),
-        make_embeddings=_llama_embeddings,
+        "llama", "transformers.models.llama.modeling_llama", "LlamaConfig", "LlamaForCausalLM", "LlamaDecoderLayer",
+        base="model", blocks="layers", final_norm="norm", embeddings=("embed_tokens",), make_embeddings=_llama_embeddings,
         make_final_norm=lambda lib, c: lib.LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps),
         sizes=(
             "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads",
-        ),  # fmt: skip
-        dropouts=("attention_dropout",),
-        context="max_position_embeddings",
-        rotary_class_name="LlamaRotaryEmbedding",
-    ),
+        ),
+        dropouts=("attention_dropout",), context="max_position_embeddings", rotary_class_name="LlamaRotaryEmbedding",
+    ),  # fmt: skip
 }

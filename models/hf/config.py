@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
@@ -96,7 +97,8 @@ def architecture_of(architecture: str | None, raw: dict[str, Any] | None, config
 
 def build_config(arch: Architecture, fields: dict[str, Any], where: str, *, inline: bool) -> PretrainedConfig:
     """``arch``'s config from ``fields`` (config.json's, or ``model.config`` when ``inline``), checked: an inline
-    config names only the config class's own fields and its dropout probabilities default to 0; sizes are
+    config names only the config class's own fields; dropout probabilities left out are 0 (not the library's
+    defaults); sizes are
     positive integers, dropouts 0, and the heads divide as the blocks need. ``where`` prefixes a field's name
     in errors (``model.config.``, or ``model.config_dir: PATH: ``)."""
     fields = dict(fields)
@@ -108,12 +110,12 @@ def build_config(arch: Architecture, fields: dict[str, Any], where: str, *, inli
                 f"model.config.{unknown[0]}: not a field of {arch.config_class.__name__}; check the spelling "
                 f"(fields: {', '.join(sorted(k for k in known if not k.startswith('_')))})"
             )
-        fields = {name: 0.0 for name in arch.dropouts} | fields
+    fields = {name: 0.0 for name in arch.dropouts} | fields
     fields.pop("model_type", None)
     try:
         with quiet_library():
             config = arch.config_class(**fields)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, StrictDataclassError) as e:  # the library checks field types strictly
         raise ModelConfigError(f"{where.rstrip('.: ')}: {arch.config_class.__name__} refuses it ({_one_line(e)}); fix the field") from None
     _check_values(arch, config, where)
     config._attn_implementation = ATTENTION
