@@ -72,6 +72,13 @@ def model_config(cfg: ModelConfig) -> Any:
 
 def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
     """The model spec a config describes (its layers are built later, per stage)."""
+    if cfg.family == "hf":
+        from models.hf import build_hf_spec
+
+        with config_errors():
+            return build_hf_spec(
+                cfg.architecture, cfg.config, cfg.config_dir, cfg.overrides, seed=seed, dtype=torch_dtype(cfg.dtype)
+            )
     if cfg.family not in FAMILIES:
         raise ConfigError(f"model.family: got {cfg.family!r}; allowed: {', '.join(FAMILIES)}")
     module_name, class_name = FAMILIES[cfg.family]
@@ -114,9 +121,14 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
         )
     if cfg.dataset in ("pydoc", "text-file"):
         if not hasattr(mcfg, "seq_len"):
-            raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (family gpt)")
+            raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (family gpt or hf)")
         from models import text
 
+        if cfg.tokenizer is None and getattr(mcfg, "vocab_size", text.VOCAB_SIZE) < text.VOCAB_SIZE:
+            raise ConfigError(
+                f"data.dataset: got {cfg.dataset!r}; it reads byte tokens (ids below {text.VOCAB_SIZE}) but the model's "
+                f"vocab_size is {mcfg.vocab_size}; set vocab_size (model.config or config.json) to {text.VOCAB_SIZE} or more"
+            )
         if cfg.dataset == "pydoc":
             size = len(text.pydoc_corpus().encode("utf-8"))
         elif not cfg.path:
