@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "train a job on a cluster (local processes by default)"),
     "demo": ("demo", "train a tiny GPT on 5 local nodes, kill one, recover and check the losses"),
     "inject": ("inject", "kill, hang or add nodes of a running job"),
+    "export": ("export", "write the whole model of a checkpoint (safetensors, or the library's own format)"),
 }
 
 PACKAGE = "oobleck.commands"
