@@ -193,6 +193,10 @@ class UserLayersSpec(ModelSpec):
             if isinstance(ctor, nn.Module) or not callable(ctor):
                 raise _fail(family, f"layer {i} is a {type(ctor).__name__}, not a constructor; return callables that "
                             "build the module (e.g. lambda: nn.Linear(64, 32)) so each stage builds its own layers")
+        for group in layers.tied:
+            if len(group) < 2 or not all(0 <= int(i) < len(layers.layers) for i, _ in group):
+                raise _fail(family, f"tied group {list(group)} must list two or more (layer index, parameter name) pairs "
+                            f"with indices in [0, {len(layers.layers) - 1}]")
         self.family = family
         self.layers = layers
         self.config = SimpleNamespace(**config)
@@ -245,7 +249,9 @@ class UserLayersSpec(ModelSpec):
         except AttributeError as e:
             raise _fail(self.family, f"tied group names a missing parameter ({e}); use names of named_parameters()") from None
         if target.shape != value.shape:
-            raise _fail(self.family, f"tied parameters {name} {tuple(target.shape)} and {source_name} {tuple(value.shape)} differ in shape")
+            raise _fail(
+                self.family, f"tied parameters {name} {tuple(target.shape)} and {source_name} {tuple(value.shape)} differ in shape"
+            )
         set_parameter(module, name, nn.Parameter(value.detach().clone(), requires_grad=target.requires_grad))
 
     def _measure(self) -> list[LayerMeta]:

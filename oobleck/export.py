@@ -52,7 +52,10 @@ def _checkpoint(run_dir: Path, step: int | None) -> Path:
     if step is None:
         ckpt = checkpoint.latest_checkpoint(run_dir)
         if ckpt is None:
-            raise ConfigError(f"RUN: {str(run_dir)!r} holds no complete checkpoint (checkpoints/step_*/meta.json); train with checkpoints first")
+            raise ConfigError(
+                f"RUN: {str(run_dir)!r} holds no complete checkpoint (checkpoints/step_*/meta.json); "
+                "train with checkpoints first"
+            )
         return ckpt
     ckpt = checkpoint.checkpoint_dir(run_dir, step)
     if not ckpt.is_dir():

@@ -75,6 +75,8 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
     if ":" in cfg.family:  # your own layers, package.module:object (models/user_layers.py)
         from models.user_layers import user_spec
 
+        if cfg.overrides:
+            raise ConfigError("model.overrides: your own layers take their arguments from model.config; move the fields there")
         with config_errors():
             return user_spec(cfg.family, cfg.config, seed, torch_dtype(cfg.dtype))
     if cfg.family not in FAMILIES:

@@ -137,6 +137,9 @@ def tuple_layers(image_size, channels, num_classes):
 
 def not_layers():
     return {"layers": []}
+
+def bad_tie():
+    return LayerList([nn.ReLU, nn.ReLU], tied=[((0, "weight"), (2, "weight"))])
 '''
 
 
@@ -171,12 +174,18 @@ def test_every_kind_of_object(user_module: str) -> None:
         ("{m}:not_layers", {}, "it returned a dict; return a ModelSpec"),
         ("{m}:SPEC", {"x": 1}, "model.config: the object is a ModelSpec instance"),
         ("{m}:gpt", {"n_layer": 1, "seed": 1}, "model.config.seed: reserved"),
+        ("{m}:bad_tie", {}, "tied group [(0, 'weight'), (2, 'weight')] must list two or more"),
     ],
 )
 def test_errors_name_the_field(user_module: str, family: str, config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         spec_of(family.format(m=user_module), config)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_are_refused() -> None:
+    with pytest.raises(ConfigError, match="model.overrides: your own layers take their arguments from model.config"):
+        build_model(ModelConfig(family="examples.my_layers:mlp", config=MLP, overrides={"hidden": 3}), 0)
 
 
 def test_data_shape_missing_and_dry_run_failure_are_one_line(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ from oobleck.export import export
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder (run.dir of the job) holding checkpoints/")
-    parser.add_argument("--step", type=int_flag(0, MAX_STEPS), metavar="N", help="the checkpoint of step N (default: the latest complete one)")
+    parser.add_argument(
+        "--step", type=int_flag(0, MAX_STEPS), metavar="N", help="the checkpoint of step N (default: the latest complete one)"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder; must be new or empty")
 
 
