@@ -130,19 +130,27 @@ def user_spec(family: str, config: dict[str, Any], seed: int, dtype: torch.dtype
     if isinstance(obj, ModelSpec):
         if config:
             raise ModelConfigError("model.config: the object is a ModelSpec instance, which takes no arguments; drop model.config")
-        return obj
+        return _with_fingerprint(family, obj)
     if not callable(obj):
         raise _fail(family, f"a {type(obj).__name__}, not a ModelSpec or a factory; name a ModelSpec (instance or "
                     "class) or a function returning one or a list of layer constructors")
     made = _call(family, obj, config, seed, dtype)
     if isinstance(made, ModelSpec):
-        return made
+        return _with_fingerprint(family, made)
     if isinstance(made, (list, tuple)):
         made = LayerList(list(made))
     if not isinstance(made, LayerList):
         raise _fail(family, f"it returned a {type(made).__name__}; return a ModelSpec, a list of layer constructors "
                     "or a models.user_layers.LayerList")
     return UserLayersSpec(family, made, config, seed, dtype)
+
+
+def _with_fingerprint(family: str, spec: ModelSpec) -> ModelSpec:
+    """``spec``, after checking that it overrides ``fingerprint`` (the profile cache and the planner need it)."""
+    if type(spec).fingerprint is ModelSpec.fingerprint:
+        raise _fail(family, f"{type(spec).__name__} does not implement fingerprint(); return a JSON-able description "
+                    "of everything that changes its numbers or shapes")
+    return spec
 
 
 class UserLayer(Layer):

@@ -138,6 +138,10 @@ def tuple_layers(image_size, channels, num_classes):
 def not_layers():
     return {"layers": []}
 
+class NoPrint(ModelSpec):
+    num_layers = 1
+    build_layer = layer_meta = loss_units = None
+
 def bad_tie():
     return LayerList([nn.ReLU, nn.ReLU], tied=[((0, "weight"), (2, "weight"))])
 '''
@@ -174,6 +178,7 @@ def test_every_kind_of_object(user_module: str) -> None:
         ("{m}:not_layers", {}, "it returned a dict; return a ModelSpec"),
         ("{m}:SPEC", {"x": 1}, "model.config: the object is a ModelSpec instance"),
         ("{m}:gpt", {"n_layer": 1, "seed": 1}, "model.config.seed: reserved"),
+        ("{m}:NoPrint", {}, "NoPrint does not implement fingerprint()"),
         ("{m}:bad_tie", {}, "tied group [(0, 'weight'), (2, 'weight')] must list two or more"),
     ],
 )
