@@ -137,8 +137,8 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
         )
     if cfg.dataset in READS_PATH and cfg.dataset != "fashion-mnist" and not cfg.path:
         raise ConfigError(f"data.path: missing; data.dataset {cfg.dataset} reads a file or folder: give its path")
-    if cfg.tokenizer is not None and cfg.dataset not in ("pydoc", "text-file"):
-        raise ConfigError(f"data.tokenizer: got {cfg.tokenizer!r}; only the text datasets pydoc and text-file read it; drop it")
+    if cfg.tokenizer is not None and cfg.dataset not in TEXT_DATASETS:
+        raise ConfigError(f"data.tokenizer: got {cfg.tokenizer!r}; only the text datasets {', '.join(TEXT_DATASETS)} read it; drop it")
     if cfg.dataset in TEXT_DATASETS:
         if not hasattr(mcfg, "seq_len"):
             raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (one with seq_len)")
@@ -152,6 +152,8 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
             )
         if cfg.dataset == "token-file":
             tokens.check_token_file(cfg.path, cfg.token_dtype, mcfg.seq_len, vocab)  # type: ignore[arg-type]
+            if cfg.tokenizer is not None:  # the tokenizer that made the ids: generation decodes with it
+                tokens.check_vocab(tokens.load_tokenizer(cfg.tokenizer), cfg.tokenizer, vocab)
         elif cfg.tokenizer is not None:
             tokenizer = tokens.load_tokenizer(cfg.tokenizer)
             tokens.check_vocab(tokenizer, cfg.tokenizer, vocab)
