@@ -20,10 +20,10 @@ for layer 0, whose input is the microbatch itself), and its backward time grows 
 activations of the one layer being recomputed are transient and not counted, as the analytic profiles do
 not count them (:mod:`planner.analytic`); on CUDA the measured peak includes them. ``full`` recomputes
 every stage; ``auto`` recomputes a stage exactly when its activations would not fit otherwise, and
-recomputes nowhere when a cut without recomputation reaches the same bottleneck. Both
-quantities still grow with the stage's layers, so the searches below are unchanged: a stage admits a
-layer range if it fits either way within the bound, and ``auto`` can so choose a longer, recomputing
-stage where that lowers the bottleneck.
+recomputes nowhere when a cut without recomputation reaches the same bottleneck. A stage's cost and
+memory still grow with its layers, so the searches below are unchanged: a stage admits a layer range if
+it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
+recomputing stage where that lowers the bottleneck.
 
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
@@ -196,9 +196,14 @@ class _Prefix:
     def candidates(self) -> list[float]:
         """Every possible stage cost, sorted: the optimal bottleneck is one of them."""
         if self._candidates is None:
+            c, f = self.compute, self.forward
             n = self.num_layers
-            options = {"none": (False,), "full": (True,), "auto": (False, True)}[self.mode]
-            self._candidates = sorted({self.cost(j, e, r) for j in range(n) for e in range(j + 1, n + 1) for r in options})
+            costs: set[float] = set()
+            if self.mode != "full":
+                costs.update(c[e] - c[j] for j in range(n) for e in range(j + 1, n + 1))
+            if self.mode != "none":  # recomputing: the stage's forward runs twice
+                costs.update((c[e] - c[j]) + (f[e] - f[j]) for j in range(n) for e in range(j + 1, n + 1))
+            self._candidates = sorted(costs)
         return self._candidates
 
 
