@@ -85,6 +85,8 @@ class TrainingConfig:
     #: global gradient-norm clipping; null turns it off
     grad_clip: Optional[float] = 1.0
     seed: int = 0
+    #: activation recomputation: none, full (every stage), auto (the stages the planner says)
+    recompute: Literal["none", "full", "auto"] = "none"
 
 
 @dataclass

@@ -11,6 +11,9 @@ One step ``s`` (0-based):
    coefficient from :func:`oobleck.training.clip_coefficient` scale every gradient;
 5. every optimizer gets ``lr_at(s)`` and steps. There is one AdamW per layer (a shared Parameter belongs
    to the first layer that holds it), exactly as the engine keeps them.
+
+``training.recompute: full`` recomputes every layer in backward (:mod:`oobleck.recompute`), which changes
+no number; ``auto`` follows a plan, and one process has none, so it keeps every activation like ``none``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import IO
 
 import torch
 
-from models.base import Layer, MicroBatch, ModelSpec, run_layers
+from models.base import Layer, MicroBatch, ModelSpec
 from models.data import BatchSource
 from models.difffit import LoadReport
 from models.sampling import WeightAverage
@@ -35,6 +38,7 @@ from oobleck.config import JobConfig, SamplingConfig, TrainingConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, load_pretrained_layers
+from oobleck.recompute import run_layers
 from oobleck.training import (
     clip_coefficient,
     grad_square_sum,
@@ -106,7 +110,7 @@ def train_step(
     main_sum = aux_sum = 0.0
     for mb in microbatches:
         mb = _to_device(mb, device)
-        loss = run_layers(layers, mb)
+        loss = run_layers(layers, mb, cfg.recompute == "full")
         aux = sum(mb.aux_losses) if mb.aux_losses else None  # left to right, as a stage adds its own
         total = loss if aux is None else loss + aux
         (total / units).backward()
