@@ -4,15 +4,15 @@ Usage::
 
     .venv/bin/python -m benchmarks.sample_dit [--steps 3000] [--batch 128] [--out benchmarks/results/dit_samples.png]
 
-Row ``k`` of the grid holds samples of class ``k`` (DDIM, classifier-free guidance with ``--cfg-scale``).
-Sampling uses an exponential moving average of the weights, as DiT does. Prints the training loss
-every 10% of the steps and writes the grid PNG.
+Row ``k`` of the grid holds samples of class ``k``, labelled at its left (DDIM, classifier-free guidance with
+``--cfg-scale``). Sampling uses an exponential moving average of the weights, as DiT does
+(:class:`models.sampling.WeightAverage`, which ``oobleck train-local --samples`` uses too). Prints the
+training loss every 10% of the steps and writes the grid PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import time
 
@@ -22,7 +22,7 @@ from models.base import run_layers
 from models.data import BatchSource
 from models.dit import PRESETS, DiTSpec
 from models.images import digits_dataset
-from models.sampling import sample_images, save_grid
+from models.sampling import WeightAverage, sample_images, save_grid
 
 
 def main() -> None:
@@ -41,10 +41,9 @@ def main() -> None:
 
     spec = DiTSpec(dataclasses.replace(PRESETS["tiny"], class_dropout=0.1), seed=args.seed)
     layers = spec.build_all()
-    ema = copy.deepcopy(layers)
+    ema = WeightAverage(layers, args.ema)
     source = BatchSource(digits_dataset(), args.batch, args.batch, seed=args.seed, randomness=spec.sample_randomness)
     params = [p for layer in layers for p in layer.parameters()]
-    ema_params = [p for layer in ema for p in layer.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start, window = time.perf_counter(), []
     for step in range(args.steps):
@@ -53,8 +52,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - args.ema)
+        ema.update(layers)
         window.append(loss.item())
         if (step + 1) % max(1, args.steps // 10) == 0:
             mean = sum(window) / len(window)
@@ -63,8 +61,8 @@ def main() -> None:
 
     labels = torch.arange(10).repeat_interleave(10)
     gen = torch.Generator().manual_seed(args.seed)
-    images = sample_images(ema, spec, labels, args.sample_steps, gen, cfg_scale=args.cfg_scale)
-    width, height = save_grid(images, args.out, nrow=10, scale=4)
+    images = sample_images(ema.layers, spec, labels, args.sample_steps, gen, cfg_scale=args.cfg_scale)
+    width, height = save_grid(images, args.out, nrow=10, scale=4, row_labels=[str(k) for k in range(10)])
     print(f"wrote {args.out} ({width}x{height}); row k holds class k")
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Carry, Layer, LayerMeta, MicroBatch, ModelSpec, TiedGroup, layer_generator, run_layers
+from models.base import Carry, Layer, LayerMeta, MicroBatch, ModelSpec, TiedGroup, layer_generator
+from models.causal_lm import continue_tokens
 from models.errors import ModelConfigError
 
 INIT_STD = 0.02
@@ -296,7 +297,6 @@ class GPTSpec(ModelSpec):
         }
 
 
-@torch.no_grad()
 def generate(
     layers: Sequence[Layer],
     prompt_tokens: torch.Tensor,
@@ -304,28 +304,13 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Extend a 1-D token prompt by ``n`` tokens with a whole GPT layer list (``GPTSpec.build_all()``).
-
-    Each new token comes from the head's logits at the last position, over at most the last ``seq_len``
-    tokens: the argmax when ``temperature == 0``, otherwise a draw from ``softmax(logits / temperature)``
-    using ``generator``. Returns the prompt followed by the new tokens (1-D LongTensor).
-    """
+    """Extend a 1-D token prompt by ``n`` tokens with a whole GPT layer list (``GPTSpec.build_all()``):
+    :func:`models.causal_lm.continue_tokens` over at most the last ``seq_len`` tokens (the argmax when
+    ``temperature == 0``, otherwise a draw from ``softmax(logits / temperature)`` using ``generator``).
+    Returns the prompt followed by the new tokens (1-D LongTensor)."""
     head, embedding = layers[-1], layers[0]
     if not isinstance(head, GPTHead) or not isinstance(embedding, GPTEmbedding):
         raise TypeError("generate needs a whole GPT layer list, from GPTEmbedding to GPTHead")
-    if prompt_tokens.dim() != 1 or prompt_tokens.numel() == 0:
-        raise ValueError(f"prompt_tokens must be a non-empty 1-D tensor, got shape {tuple(prompt_tokens.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    context = embedding.wpe.num_embeddings
-    tokens = prompt_tokens.to(device=embedding.wte.weight.device, dtype=torch.long)
-    for _ in range(n):
-        mb = MicroBatch({"tokens": tokens[-context:].unsqueeze(0)})
-        logits = head.logits(run_layers(layers[:-1], mb))[0, -1]
-        if temperature == 0:
-            nxt = logits.argmax().view(1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
-        tokens = torch.cat([tokens, nxt])
-    return tokens
+    return continue_tokens(
+        layers, prompt_tokens, n, window=embedding.wpe.num_embeddings, temperature=temperature, generator=generator
+    )

@@ -1,4 +1,5 @@
-"""Image generation with a trained diffusion layer list, and PNG grids of the results.
+"""Image generation with a trained diffusion layer list, the moving average of weights it samples with,
+and PNG grids of the results (rows optionally labelled).
 
 The layer list must offer an inference path: its first layer an ``embed(x_t, t, labels, drop)`` method
 returning the carry, its last layer a ``predict(carry)`` method returning ``eps_hat [N, C, H, W]``, and
@@ -9,18 +10,50 @@ families that reuse them). The spec supplies ``schedule`` (a :class:`models.diff
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from models.base import Layer, MicroBatch, ModelSpec
 
 #: eta of the generalised DDIM update for each method (see :func:`sample_images`)
 _ETA = {"ddim": 0.0, "ddpm": 1.0}
+
+
+class WeightAverage:
+    """An exponential moving average (EMA) of a layer list's parameters, the weights DiT samples with.
+
+    Holds a deep copy of ``layers`` (buffers included; nothing in it requires grad). Update ``n``
+    (0-based, one per optimizer step) sets every averaged parameter ``a`` to ``d a + (1 - d) p`` from the
+    live parameter ``p``, with ``d = min(decay, (1 + n) / (10 + n))``: the usual warm-up of the decay, so
+    that after a short run the average covers the last few dozen steps rather than the random
+    initialisation (a run of ``k`` steps ends with ``d`` about ``1 - 9 / k`` when that is below
+    ``decay``). ``decay`` 0 makes the average equal the last weights.
+    """
+
+    def __init__(self, layers: Sequence[Layer], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.layers: list[Layer] = [copy.deepcopy(layer).requires_grad_(False) for layer in layers]
+
+    def decay_at(self, n: int) -> float:
+        """The decay of update ``n`` (0-based)."""
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, layers: Sequence[Layer]) -> None:
+        """Move the average towards ``layers`` (the same architecture as the averaged copy)."""
+        live = [p for layer in layers for p in layer.parameters()]
+        averaged = [p for layer in self.layers for p in layer.parameters()]
+        torch._foreach_lerp_(averaged, live, 1.0 - self.decay_at(self.updates))
+        self.updates += 1
 
 
 def predict_noise(
@@ -97,27 +130,45 @@ def sample_images(
 
 
 def save_grid(
-    images: torch.Tensor, path: str | os.PathLike[str], nrow: int, pad: int = 2, scale: int = 1
+    images: torch.Tensor,
+    path: str | os.PathLike[str],
+    nrow: int,
+    pad: int = 2,
+    scale: int = 1,
+    row_labels: Sequence[str] | None = None,
 ) -> tuple[int, int]:
     """Write images ``[N, C, H, W]`` in [-1, 1] (C = 1 or 3) as one PNG grid and return its (width, height).
 
     Tiles are placed row-major, ``nrow`` per row, ``ceil(N / nrow)`` rows, each enlarged ``scale`` times
     (nearest neighbour), with ``pad`` black pixels between tiles and around the border, so the image is
-    ``nrow * (W * scale) + (nrow + 1) * pad`` pixels wide and likewise high. Parent folders are created."""
+    ``nrow * (W * scale) + (nrow + 1) * pad`` pixels wide and likewise high. With ``row_labels`` (one per
+    row) the grid gets one more column on the left, a tile wide, holding each row's label in white
+    (Pillow's default font, sized to the tile). Parent folders are created."""
     n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
+    rows = math.ceil(n / nrow)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels: got {len(row_labels)} labels for {rows} rows")
     pixels = ((images.detach().to(torch.float64).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     th, tw = h * scale, w * scale
-    rows = math.ceil(n / nrow)
-    canvas = np.zeros((rows * th + (rows + 1) * pad, nrow * tw + (nrow + 1) * pad, c), dtype=np.uint8)
+    first = 0 if row_labels is None else 1  # the label column takes the place of one tile
+    canvas = np.zeros((rows * th + (rows + 1) * pad, (first + nrow) * tw + (first + nrow + 1) * pad, c), dtype=np.uint8)
     for k in range(n):
         r, q = divmod(k, nrow)
-        top, left = pad + r * (th + pad), pad + q * (tw + pad)
+        top, left = pad + r * (th + pad), pad + (first + q) * (tw + pad)
         canvas[top : top + th, left : left + tw] = pixels[k].permute(1, 2, 0).numpy()
+    image = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+    if row_labels is not None:
+        draw = ImageDraw.Draw(image)
+        font = ImageFont.load_default(size=max(8, th * 3 // 4))
+        white = 255 if c == 1 else (255, 255, 255)
+        for r, label in enumerate(row_labels):
+            centre = (pad + tw / 2, pad + r * (th + pad) + th / 2)
+            draw.text(centre, label, fill=white, font=font, anchor="mm")
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    Image.fromarray(canvas[:, :, 0] if c == 1 else canvas).save(path, format="PNG")
-    return canvas.shape[1], canvas.shape[0]
+    image.save(path, format="PNG")
+    return image.width, image.height

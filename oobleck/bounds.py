@@ -21,6 +21,10 @@ MAX_MEMORY_GIB = 2**20
 MIN_BANDWIDTH_GBPS, MAX_BANDWIDTH_GBPS = 1e-3, 1e6
 #: heartbeats and timeouts: a shorter interval makes the master's monitor spin under its lock
 MIN_INTERVAL_S = 0.01
+#: ``sampling.cfg_scale``: guidance far past 10 only saturates the images
+MAX_CFG_SCALE = 100.0
+#: ``sampling.steps``: no schedule here has more timesteps than this
+MAX_SAMPLING_STEPS = 100_000
 MAX_INTERVAL_S = 7 * 86400.0
 
 

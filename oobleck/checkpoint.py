@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from oobleck.durable_files import TRASH_PREFIX, atomic_write, file_digest, remove_folder, remove_stale_in
-from oobleck.errors import OobleckError
+from oobleck.errors import OobleckError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,18 @@ class CheckpointError(OobleckError):
     """A checkpoint that is missing, incomplete, damaged or does not fit the model."""
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _one_line(text: Any, limit: int = 300) -> str:
-    """``text`` without terminal escapes and with all whitespace (newlines included) collapsed, cut to
-    ``limit`` characters."""
-    flat = " ".join(_ANSI.sub("", str(text)).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _error_summary(e: BaseException) -> str:
     """One line for an exception whose text may span many lines (torch's weights-only unpickler explains
     itself in a paragraph): the line that names the error when there is one, else the first line."""
-    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
-    return _one_line(next((line for line in lines if "error:" in line.lower()), lines[0]))
+    return _short(next((line for line in lines if "error:" in line.lower()), lines[0]))
+
+
+def _short(text: Any, limit: int = 300) -> str:
+    """``text`` as one line (:func:`oobleck.errors.one_line`) of at most ``limit`` characters."""
+    return one_line(str(text), limit)
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -191,7 +186,7 @@ def write_meta(ckpt_dir: str | Path, step: int, num_layers: int, config: dict[st
             size, sha256 = file_digest(layer_file(ckpt_dir, i))
         except OSError as e:
             name = layer_file(ckpt_dir, i).name
-            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot hash {name} ({_one_line(e)})") from None
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot hash {name} ({_short(e)})") from None
         layers.append({"size": size, "sha256": sha256})
     meta = {"format": FORMAT, "step": step, "num_layers": num_layers, "config": config, "layers": layers}
     _check_meta(meta, ckpt_dir)
@@ -218,15 +213,15 @@ def _check_meta(meta: Any, ckpt_dir: Path) -> dict[str, Any]:
         raise bad(f"holds {type(meta).__name__}, not an object")
     fmt = meta.get("format")
     if not _is_int(fmt) or fmt not in READABLE_FORMATS:
-        raise bad(f"format {_one_line(repr(fmt), 40)} is not one of {list(READABLE_FORMATS)}")
+        raise bad(f"format {_short(repr(fmt), 40)} is not one of {list(READABLE_FORMATS)}")
     for name in ("step", "num_layers", "config") + (("layers",) if fmt >= 2 else ()):
         if name not in meta:
             raise bad(f"lacks {name!r}")
     step, num_layers = meta["step"], meta["num_layers"]
     if not _is_int(step) or step < 0:
-        raise bad(f"step {_one_line(repr(step), 40)} is not an integer >= 0")
+        raise bad(f"step {_short(repr(step), 40)} is not an integer >= 0")
     if not _is_int(num_layers) or num_layers < 1:
-        raise bad(f"num_layers {_one_line(repr(num_layers), 40)} is not an integer >= 1")
+        raise bad(f"num_layers {_short(repr(num_layers), 40)} is not an integer >= 1")
     if not isinstance(meta["config"], dict):
         raise bad("config is not an object")
     m = _STEP_DIR.match(ckpt_dir.name)
@@ -259,7 +254,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt_dir}: no {META}; the checkpoint is incomplete, use an earlier one") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir}: unreadable {META} ({_one_line(e)}); the checkpoint is damaged, use an earlier one"
+            f"checkpoint {ckpt_dir}: unreadable {META} ({_short(e)}); the checkpoint is damaged, use an earlier one"
         ) from None
     return _check_meta(meta, ckpt_dir)
 
@@ -289,7 +284,7 @@ def verify(ckpt_dir: str | Path, *, deep: bool = True) -> dict[str, Any]:
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {ckpt_dir}: {path.name} missing; the checkpoint is incomplete") from None
         except OSError as e:
-            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot stat {path.name} ({_one_line(e)})") from None
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot stat {path.name} ({_short(e)})") from None
         if size != entry["size"]:
             raise CheckpointError(
                 f"checkpoint {ckpt_dir}: {path.name} has {size} bytes, {META} records {entry['size']} (truncated or damaged)"
@@ -300,7 +295,7 @@ def verify(ckpt_dir: str | Path, *, deep: bool = True) -> dict[str, Any]:
             try:
                 size, sha256 = file_digest(path)
             except OSError as e:
-                raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {path.name} ({_one_line(e)})") from None
+                raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {path.name} ({_short(e)})") from None
             if size != entry["size"] or sha256 != entry["sha256"]:
                 raise CheckpointError(f"checkpoint {ckpt_dir}: {path.name} does not match its SHA-256 in {META} (damaged)")
     return meta
@@ -337,7 +332,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             try:
                 verify(entry)
             except CheckpointError as e:
-                log.warning("skipping checkpoint %s: %s", entry.name, _one_line(e, 400))
+                log.warning("skipping checkpoint %s: %s", entry.name, _short(e, 400))
                 continue
             return entry
     return None
@@ -352,7 +347,7 @@ def init_checkpoint_dir(path: str | Path) -> Path:
         try:
             verify(path)
         except CheckpointError as e:
-            raise CheckpointError(f"model.init_checkpoint: {_one_line(e, 400)}") from None
+            raise CheckpointError(f"model.init_checkpoint: {_short(e, 400)}") from None
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:

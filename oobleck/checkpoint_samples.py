@@ -1,81 +1,34 @@
 """Sample grids from a diffusion model's checkpoint (``oobleck sample``).
 
-Reads only the checkpoint: its ``meta.json`` (the job config saved with it) and its layer files. The model
-is rebuilt from that config, every layer takes the checkpoint's parameters, and :mod:`models.sampling`
-draws the images (DDIM from the model's own noise schedule). Works for every layer list with a diffusion
-inference path: the built-in dit and moe families and the diffusers models.
+Reads only the checkpoint: :func:`oobleck.generation.load_checkpoint_model` rebuilds the model from the job
+config saved in its ``meta.json`` and gives every layer the checkpoint's parameters; :mod:`models.sampling`
+draws the images (DDIM from the model's own noise schedule, with the saved ``sampling`` section's steps and
+guidance scale). Works for every layer list with a diffusion inference path: the built-in dit and moe
+families and the diffusers models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from models.base import Layer, ModelSpec
-from oobleck import checkpoint
-from oobleck.config import JobConfig, config_from_dict
 from oobleck.errors import ConfigError
-from oobleck.model_building import build_model
+from oobleck.generation import CheckpointModel, find_checkpoint, load_checkpoint_model
 
 #: rows drawn for an unconditional model when ``rows`` is not given
 UNCONDITIONAL_ROWS = 4
 
 
-@dataclass
-class CheckpointModel:
-    """A model rebuilt from a checkpoint: its config, spec and layers holding the saved parameters."""
-
-    config: JobConfig
-    spec: ModelSpec
-    layers: list[Layer]
-    checkpoint: Path
-
-
-def find_checkpoint(run: str | Path, step: int | None) -> Path:
-    """The checkpoint folder of ``run`` (a run folder or one ``checkpoints/step_*`` folder): the one of
-    ``step`` when given, else the latest that verifies. One-line CheckpointError (naming RUN) otherwise."""
-    run = Path(run)
-    if (run / checkpoint.META).exists() and step is None:
-        checkpoint.verify(run)
-        return run
-    if step is not None:
-        ckpt = checkpoint.checkpoint_dir(run, step)
-        if not (ckpt / checkpoint.META).exists():
-            raise checkpoint.CheckpointError(f"--step: got {step}; {run} has no checkpoint of that step ({ckpt.name})")
-        checkpoint.verify(ckpt)
-        return ckpt
-    found = checkpoint.latest_checkpoint(run)
-    if found is None:
-        raise checkpoint.CheckpointError(
-            f"RUN: got {str(run)!r}; no complete checkpoint there (a run folder holding checkpoints/step_*, or one step_* folder)"
-        )
-    return found
-
-
-def load_checkpoint_model(run: str | Path, step: int | None = None) -> CheckpointModel:
-    """Rebuild the model saved in ``run``'s checkpoint (see :func:`find_checkpoint`) on the CPU."""
-    ckpt = find_checkpoint(run, step)
-    config = config_from_dict(checkpoint.read_meta(ckpt)["config"])
-    spec = build_model(config.model, config.training.seed)
-    layers = spec.build_all()
-    for index, layer in enumerate(layers):
-        checkpoint.restore_layer(checkpoint.load_layer_state(ckpt, index), layer)
-    return CheckpointModel(config, spec, layers, ckpt)
-
-
-def grid_labels(model: CheckpointModel, rows: int | None, per_class: int) -> torch.Tensor:
-    """The label of each image, row-major: a row per class (the classes the run trained on, ``data.classes``
-    or all; the first ``rows`` of them when given) for a class-conditional model, ``rows`` rows of label 0
-    for an unconditional one (``num_classes`` 0)."""
+def grid_rows(model: CheckpointModel, rows: int | None) -> list[int] | None:
+    """The class of each row for a class-conditional model: the classes the run trained on
+    (``data.classes``, or all), the first ``rows`` of them when given; None for an unconditional model
+    (``num_classes`` 0), which gets ``rows`` rows (default :data:`UNCONDITIONAL_ROWS`) of label 0."""
     num_classes = getattr(model.spec.config, "num_classes", 0) or 0  # type: ignore[attr-defined]
-    if num_classes:
-        classes = model.config.data.classes or list(range(num_classes))
-        classes = classes[:rows] if rows else classes
-    else:
-        classes = [0] * (rows or UNCONDITIONAL_ROWS)
-    return torch.tensor(classes).repeat_interleave(per_class)
+    if not num_classes:
+        return None
+    classes = model.config.data.classes or list(range(num_classes))
+    return classes[:rows] if rows else classes
 
 
 def write_sample_grid(
@@ -84,25 +37,36 @@ def write_sample_grid(
     step: int | None = None,
     rows: int | None = None,
     per_class: int = 8,
-    steps: int = 50,
+    steps: int | None = None,
     seed: int = 0,
 ) -> tuple[Path, int, int]:
-    """Draw ``per_class`` images per row (:func:`grid_labels`) with ``steps`` DDIM steps and noise from a
-    generator seeded by ``seed``, and write them as one PNG grid (tiles enlarged 4x) to ``out`` (default:
-    ``samples.png`` in the checkpoint folder). Returns the path and the PNG's width and height."""
+    """Draw ``per_class`` images per row (:func:`grid_rows`; rows of a class-conditional model are labelled
+    with their class) with ``steps`` DDIM steps (default: the saved ``sampling.steps``, at most the
+    schedule's timesteps) and noise from a generator seeded by ``seed``, and write them as one PNG grid
+    (tiles enlarged 4x) to ``out`` (default: ``samples.png`` in the checkpoint folder). Returns the path and
+    the PNG's width and height."""
     from models import sampling
 
-    model = load_checkpoint_model(run, step)
+    model = load_checkpoint_model(find_checkpoint(run, step))
     spec = model.spec
     if not hasattr(spec, "schedule") or not hasattr(model.layers[0], "embed") or not hasattr(model.layers[-1], "predict"):
         raise ConfigError(
             f"RUN: the checkpoint holds a {model.config.model.family} model, not a diffusion model; sample needs "
             "family dit, moe or diffusers"
         )
-    path = Path(out) if out is not None else model.checkpoint / "samples.png"
-    labels = grid_labels(model, rows, per_class)
+    path = Path(out) if out is not None else model.path / "samples.png"
+    classes = grid_rows(model, rows)
+    row_labels = [0] * (rows or UNCONDITIONAL_ROWS) if classes is None else classes
+    labels = torch.tensor(row_labels).repeat_interleave(per_class)
+    timesteps = spec.schedule.num_timesteps  # type: ignore[attr-defined]
     images = sampling.sample_images(
-        model.layers, spec, labels, min(steps, spec.schedule.num_timesteps), torch.Generator().manual_seed(seed)  # type: ignore[attr-defined]
+        model.layers,
+        spec,
+        labels,
+        min(steps or model.config.sampling.steps, timesteps),
+        torch.Generator().manual_seed(seed),
+        cfg_scale=model.config.sampling.cfg_scale if classes is not None else 1.0,
     )
-    width, height = sampling.save_grid(images, path, nrow=per_class, scale=4)
+    names = [str(c) for c in classes] if classes is not None else None
+    width, height = sampling.save_grid(images, path, nrow=per_class, scale=4, row_labels=names)
     return path, width, height

@@ -85,6 +85,8 @@ class TrainingConfig:
     #: global gradient-norm clipping; null turns it off
     grad_clip: Optional[float] = 1.0
     seed: int = 0
+    #: activation recomputation: none, full (every stage), auto (the stages the planner says)
+    recompute: Literal["none", "full", "auto"] = "none"
 
 
 @dataclass
@@ -184,6 +186,20 @@ class ProfileConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How ``oobleck train-local --samples`` draws its grid (diffusion models only)."""
+
+    #: decay of the moving average of the weights that samples are drawn with
+    #: (:class:`models.sampling.WeightAverage`, warm-up included); 0 samples with the last weights
+    ema: float = 0.999
+    #: classifier-free guidance scale; 1 is plain conditional sampling, other values need a model trained
+    #: with label dropout (``model.overrides.class_dropout`` > 0)
+    cfg_scale: float = 1.0
+    #: DDIM denoising steps, at most the model's ``num_timesteps``
+    steps: int = 50
+
+
+@dataclass
 class RunConfig:
     #: run directory for metrics, TensorBoard and checkpoints
     dir: str = "runs/latest"
@@ -203,6 +219,7 @@ class JobConfig:
     faults: list[FaultConfig] = field(default_factory=list)
     trace: Optional[TraceConfig] = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from oobleck.bounds import (
     MAX_BANDWIDTH_GBPS,
     MAX_BATCH,
+    MAX_CFG_SCALE,
     MAX_CHECKPOINT_KEEP,
     MAX_DEVICES_PER_NODE,
     MAX_INTERVAL_S,
     MAX_MEMORY_GIB,
     MAX_NODES,
+    MAX_SAMPLING_STEPS,
     MAX_SEED,
     MAX_STEPS,
     MIN_BANDWIDTH_GBPS,
@@ -131,6 +133,11 @@ def validate(c: JobConfig) -> None:
         _require(bool(c.trace.path), "trace.path", c.trace.path, "must name a trace file")
         _require(c.trace.compression > 0, "trace.compression", c.trace.compression, "must be positive")
 
+    s = c.sampling
+    _require(0 <= s.ema < 1, "sampling.ema", s.ema, "must be in [0, 1) (0 samples with the last weights)")
+    _require(0 <= s.cfg_scale, "sampling.cfg_scale", s.cfg_scale, "must be at least 0 (1 turns guidance off)")
+    _require(s.steps >= 1, "sampling.steps", s.steps, "must be at least 1")
+
     p = c.profile
     _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
     _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
@@ -186,12 +193,14 @@ def _bounds(c: JobConfig) -> None:
         ("profile.warmup", 1000),
         ("profile.repeats", 1000),
         ("run.log_every", MAX_STEPS),
+        ("sampling.steps", MAX_SAMPLING_STEPS),
     ):
         section, field_name = name.split(".")
         value = getattr(getattr(c, section), field_name)
         _require(value <= hi, name, value, f"must be at most {hi}")
     t = c.training
     _require(t.lr <= 10, "training.lr", t.lr, "must be at most 10")
+    _require(c.sampling.cfg_scale <= MAX_CFG_SCALE, "sampling.cfg_scale", c.sampling.cfg_scale, f"must be at most {MAX_CFG_SCALE:g}")
     _require(t.weight_decay <= 10, "training.weight_decay", t.weight_decay, "must be at most 10")
     _require(t.grad_clip is None or t.grad_clip <= 1e9, "training.grad_clip", t.grad_clip, "must be at most 1e9 (null turns clipping off)")
     _require(0 <= t.seed <= MAX_SEED, "training.seed", t.seed, f"must be in [0, {MAX_SEED}]")

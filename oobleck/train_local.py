@@ -11,6 +11,9 @@ One step ``s`` (0-based):
    coefficient from :func:`oobleck.training.clip_coefficient` scale every gradient;
 5. every optimizer gets ``lr_at(s)`` and steps. There is one AdamW per layer (a shared Parameter belongs
    to the first layer that holds it), exactly as the engine keeps them.
+
+``training.recompute: full`` recomputes every layer in backward (:mod:`oobleck.recompute`), which changes
+no number; ``auto`` follows a plan, and one process has none, so it keeps every activation like ``none``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from typing import IO
 
 import torch
 
-from models.base import Layer, MicroBatch, ModelSpec, run_layers
+from models.base import Layer, MicroBatch, ModelSpec
 from models.data import BatchSource
 from models.difffit import LoadReport
+from models.sampling import WeightAverage
 from oobleck import checkpoint
-from oobleck.config import JobConfig, TrainingConfig
+from oobleck.config import JobConfig, SamplingConfig, TrainingConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, load_pretrained_layers
+from oobleck.recompute import run_layers
 from oobleck.training import (
     clip_coefficient,
     grad_square_sum,
@@ -59,7 +64,8 @@ class StepStats:
 @dataclass
 class LocalResult:
     """The outcome of :func:`train_local`: per-step losses (main loss only), the trained layers and their
-    per-layer optimizers, every step's stats, and the final checkpoint's folder when one was written."""
+    per-layer optimizers, every step's stats, the final checkpoint's folder when one was written, and the
+    moving average of the weights when one was kept."""
 
     losses: list[float]
     layers: list[Layer]
@@ -67,6 +73,7 @@ class LocalResult:
     spec: ModelSpec
     stats: list[StepStats] = field(default_factory=list)
     checkpoint: Path | None = None
+    ema: WeightAverage | None = None
 
 
 def trainable_parameters(layers: list[Layer]) -> list[torch.nn.Parameter]:
@@ -103,7 +110,7 @@ def train_step(
     main_sum = aux_sum = 0.0
     for mb in microbatches:
         mb = _to_device(mb, device)
-        loss = run_layers(layers, mb)
+        loss = run_layers(layers, mb, cfg.recompute == "full")
         aux = sum(mb.aux_losses) if mb.aux_losses else None  # left to right, as a stage adds its own
         total = loss if aux is None else loss + aux
         (total / units).backward()
@@ -154,13 +161,16 @@ def train_local(
     run_dir: Path | None = None,
     progress: bool = False,
     on_step: Callable[[StepStats], None] | None = None,
+    ema_decay: float | None = None,
 ) -> LocalResult:
     """Train ``config`` for ``config.training.steps`` steps in this process.
 
     With ``run_dir``: writes ``metrics.jsonl`` (one :class:`StepStats` per line, rewritten from the
     start), a checkpoint every ``fault_tolerance.checkpoint_every`` steps when that is set, and a final
     checkpoint after the last step. ``progress`` shows a rich progress bar on the terminal; ``on_step``
-    is called with each step's stats.
+    is called with each step's stats. With ``ema_decay`` (not None) ``result.ema`` is a
+    :class:`~models.sampling.WeightAverage` of that decay, started from the initial (or loaded) weights and
+    updated after every step; checkpoints hold the trained weights, not the average.
     """
     t = config.training
     spec = build_model(config.model, t.seed)
@@ -170,7 +180,8 @@ def train_local(
     if config.model.init_checkpoint:
         load_init_checkpoint(config.model.init_checkpoint, spec, layers)
     optimizers = layer_optimizers(layers, t)
-    result = LocalResult([], layers, optimizers, spec)
+    ema = None if ema_decay is None else WeightAverage(layers, ema_decay)
+    result = LocalResult([], layers, optimizers, spec, ema=ema)
 
     metrics: IO[str] | None = None
     if run_dir is not None:
@@ -181,6 +192,8 @@ def train_local(
     try:
         for step in range(t.steps):
             stats = train_step(spec, layers, optimizers, batches, step, t, device)
+            if ema is not None:
+                ema.update(layers)
             result.losses.append(stats.loss)
             result.stats.append(stats)
             if metrics is not None:
@@ -228,28 +241,52 @@ class _ProgressBar:
         self._progress.stop()
 
 
+def _sampling_spec(spec: ModelSpec) -> ModelSpec:
+    """``spec`` if it is a class-conditional diffusion model (a noise schedule and a class count), else a
+    ConfigError telling the user to drop ``--samples``."""
+    if not hasattr(spec, "schedule") or not hasattr(getattr(spec, "config", None), "num_classes"):
+        raise ConfigError("--samples: the model is not a class-conditional diffusion model; drop --samples")
+    return spec
+
+
+def check_samples(config: JobConfig) -> None:
+    """Refuse, before any training, a ``sampling`` section the configured model cannot honour: a guidance
+    scale other than 1 without label dropout, or more DDIM steps than the schedule has timesteps. Each is a
+    one-line ConfigError naming the field."""
+    spec = _sampling_spec(build_model(config.model, config.training.seed))
+    model, sampling = spec.config, config.sampling  # type: ignore[attr-defined]
+    if sampling.cfg_scale != 1.0 and not getattr(model, "class_dropout", 0.0) > 0:
+        raise ConfigError(
+            f"sampling.cfg_scale: got {sampling.cfg_scale:g}; guidance needs a model trained with label dropout: "
+            "set model.overrides.class_dropout (e.g. 0.1), or sampling.cfg_scale: 1"
+        )
+    timesteps = spec.schedule.num_timesteps  # type: ignore[attr-defined]
+    if sampling.steps > timesteps:
+        raise ConfigError(f"sampling.steps: got {sampling.steps}; must be at most the model's num_timesteps ({timesteps})")
+
+
 def write_samples(
     result: LocalResult,
     path: str | Path,
+    sampling: SamplingConfig,
     classes: list[int] | None = None,
     per_class: int = 8,
-    steps: int = 50,
     seed: int = 0,
 ) -> Path:
     """Generate ``per_class`` images for each of ``classes`` (all the model's classes for None) with the
-    trained diffusion model, ``steps`` DDIM steps, noise from a generator seeded by ``seed``, and save them
-    as one PNG grid with a row per class. Sampling runs on the CPU (``models.sampling`` draws its noise
-    there), so the layers are moved to the CPU first."""
-    from models import sampling
+    trained diffusion model and save them as one PNG grid with a row per class, each row labelled with its
+    class at the left. Samples come from ``result.ema`` when the run kept a moving average (else from the
+    trained layers), with ``sampling.steps`` DDIM steps and guidance scale ``sampling.cfg_scale``, noise from
+    a generator seeded by ``seed``. Sampling runs on the CPU (``models.sampling`` draws its noise there), so
+    the layers are moved to the CPU first."""
+    from models import sampling as sampler
 
-    spec = result.spec
-    config = getattr(spec, "config", None)
-    if not hasattr(spec, "schedule") or not hasattr(config, "num_classes"):
-        raise ConfigError("--samples: the model is not a class-conditional diffusion model; drop --samples")
-    layers = [layer.cpu() for layer in result.layers]
-    labels = torch.tensor(classes if classes else range(config.num_classes)).repeat_interleave(per_class)
-    images = sampling.sample_images(
-        layers, spec, labels, min(steps, spec.schedule.num_timesteps), torch.Generator().manual_seed(seed)
-    )
-    sampling.save_grid(images, path, nrow=per_class, scale=4)
+    spec = _sampling_spec(result.spec)
+    num_classes = spec.config.num_classes  # type: ignore[attr-defined]
+    rows = list(classes) if classes else list(range(num_classes))
+    layers = [layer.cpu() for layer in (result.ema.layers if result.ema is not None else result.layers)]
+    labels = torch.tensor(rows).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    images = sampler.sample_images(layers, spec, labels, sampling.steps, generator, cfg_scale=sampling.cfg_scale)
+    sampler.save_grid(images, path, nrow=per_class, scale=4, row_labels=[str(c) for c in rows])
     return Path(path)

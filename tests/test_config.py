@@ -20,6 +20,11 @@ def test_defaults_fill_every_section() -> None:
     assert config.training.global_batch % config.training.microbatch == 0
 
 
+def test_sampling_defaults_average_weights_without_guidance() -> None:
+    sampling = config_from_dict({"model": {"family": "dit"}}).sampling
+    assert (sampling.ema, sampling.cfg_scale, sampling.steps) == (0.999, 1.0, 50)
+
+
 def test_numbers_in_scientific_notation_are_floats() -> None:
     config = config_from_dict({"training": {"lr": "3e-4"}})
     assert config.training.lr == pytest.approx(3e-4)
@@ -150,6 +155,15 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
         ({"cluster": {"nodes": 1000000}}, "cluster.nodes: got 1000000; must be at most 4096"),
         ({"training": {"global_batch": 2**40, "microbatch": 1}}, "training.global_batch: got 1099511627776; must be at most 2147483648"),
         ({"cluster": {"inter_node_bandwidth_gbps": 1e-30}}, "cluster.inter_node_bandwidth_gbps: got 1e-30; must be in [0.001, 1e+06] GB/s"),
+        ({"sampling": {"ema": 1}}, "sampling.ema: got 1.0; must be in [0, 1) (0 samples with the last weights)"),
+        ({"sampling": {"ema": -0.5}}, "sampling.ema: got -0.5; must be in [0, 1)"),
+        ({"sampling": {"cfg_scale": -1}}, "sampling.cfg_scale: got -1.0; must be at least 0 (1 turns guidance off)"),
+        ({"sampling": {"cfg_scale": 1e9}}, "sampling.cfg_scale: got 1000000000.0; must be at most 100"),
+        ({"sampling": {"cfg_scale": "nan"}}, "sampling.cfg_scale: got nan; expected a finite number"),
+        ({"sampling": {"steps": 0}}, "sampling.steps: got 0; must be at least 1"),
+        ({"sampling": {"steps": 10**6}}, "sampling.steps: got 1000000; must be at most 100000"),
+        ({"sampling": {"steps": 2.5}}, "sampling.steps: got 2.5; expected an integer"),
+        ({"sampling": {"guidance": 2}}, "sampling.guidance: unknown key; allowed keys are cfg_scale, ema, steps"),
     ],
 )
 def test_numbers_are_finite_and_bounded(raw: object, expected: str) -> None:
@@ -166,6 +180,7 @@ def test_largest_accepted_values_load() -> None:
             "cluster": {"nodes": 4096, "devices_per_node": 64, "device_memory_gib": 2**20},
             "training": {"global_batch": 2**31, "microbatch": 1, "seed": 2**32 - 1, "lr": 10},
             "fault_tolerance": {"heartbeat_interval_s": 0.01, "heartbeat_timeout_s": 0.02, "worker_timeout_s": 0.02},
+            "sampling": {"ema": 0.9999, "cfg_scale": 100, "steps": 100_000},
         }
     )
 

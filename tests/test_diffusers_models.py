@@ -262,7 +262,7 @@ def test_config_errors_reach_the_cli_as_one_line_exit_2(tmp_path: Path) -> None:
 def test_export_of_a_trained_checkpoint_gives_its_loss(digits, tmp_path: Path) -> None:
     """A DiffFit DiT trained 3 steps by train-local (its scale factors moved off 1): the checkpoint's layers,
     rebuilt from the checkpoint alone, and the exported library model give the same loss on a fixed batch."""
-    from oobleck.checkpoint_samples import load_checkpoint_model
+    from oobleck.generation import find_checkpoint, load_checkpoint_model
     from oobleck.config import config_from_dict
     from oobleck.train_local import train_local
 
@@ -272,7 +272,7 @@ def test_export_of_a_trained_checkpoint_gives_its_loss(digits, tmp_path: Path) -
         "training": {"steps": 3, "global_batch": 4, "microbatch": 4, "lr": 1e-2, "seed": 0},
     }
     train_local(config_from_dict(raw), run_dir=tmp_path / "run")
-    saved = load_checkpoint_model(tmp_path / "run")
+    saved = load_checkpoint_model(find_checkpoint(tmp_path / "run", None))
     gamma = saved.layers[1].get_parameter("difffit_attn.gamma")
     assert not torch.equal(gamma, torch.ones_like(gamma)), "training must move the scale factors"
     mb = microbatch(saved.spec, digits, step=7)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from oobleck import checkpoint
+from oobleck.metrics import read_metrics
 from tests.run_helpers import (
     ReferenceRun,
     assert_matches_reference,
@@ -125,13 +126,23 @@ def test_losing_every_copy_of_a_layer_restores_the_checkpoint_and_loses_only_lat
     tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
 ) -> None:
     """f=1 with 2 pipelines of 2 nodes; both first stages die at once: their layers have no surviving copy,
-    so the job restores the checkpoint of step 4 and re-runs step 4 on the 2 survivors (one pipeline)."""
-    faults = [{"step": 5, "phase": "forward", "kind": "kill", "target": "node", "nodes": [0, 2]}]
-    raw = gpt_job(profile_dir, nodes=4, steps=7, f=1, faults=faults, checkpoint_every=4)
-    run_dir, output = run_job(tmp_path, raw)
+    so the job restores the latest complete checkpoint and re-runs only the steps after it on the 2
+    survivors (one pipeline). The kill comes while those nodes write their share of the checkpoint of step
+    6 in the background: each node writes its shares in order, so the checkpoint of step 4 is complete (a
+    kill at a step's forward instead raced the write of the previous checkpoint on a loaded machine) and
+    that of step 6 is not. Training runs on while checkpoints are written, so the steps lost are those
+    committed after step 4 by the time of the kill."""
+    faults = [{"step": 6, "phase": "checkpoint", "kind": "kill", "target": "node", "nodes": [0, 2]}]
+    raw = gpt_job(profile_dir, nodes=4, steps=8, f=1, faults=faults, checkpoint_every=2)
+    run_dir, err = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     last = recoveries(run_dir)[-1]
-    assert last["mode"] == "checkpoint" and last["start_step"] == 4 and last["steps_lost"] == 1, output[-2000:]
+    assert last["mode"] == "checkpoint" and last["start_step"] == 4, err[-2000:]
+    # the metrics hold every committed step once, then the re-run steps again from step 4
+    steps = [row["step"] for row in read_metrics(run_dir)]
+    committed_before = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert committed_before >= 6 and steps[committed_before] == 4, steps
+    assert last["steps_lost"] == committed_before - 4
     assert last["pipelines"] == 1
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -131,12 +132,44 @@ def test_sample_grid_is_written(tmp_path: Path) -> None:
     pytest.importorskip("models.sampling")
     from PIL import Image
 
+    from oobleck.config import SamplingConfig
     from oobleck.train_local import write_samples
 
     result = train_local(config_from_dict(_config({"family": "dit", "preset": "tiny"}, steps=1)))
-    path = write_samples(result, tmp_path / "grid.png", classes=[1, 2, 3], per_class=2, steps=2)
-    with Image.open(path) as image:  # 3 rows of 2 tiles of 8x8 pixels scaled 4x, 2-pixel padding
-        assert image.size == (2 * 32 + 3 * 2, 3 * 32 + 4 * 2)
+    path = write_samples(result, tmp_path / "grid.png", SamplingConfig(steps=2), classes=[1, 2, 3], per_class=2)
+    with Image.open(path) as image:  # a label column and 3 rows of 2 tiles of 8x8 pixels scaled 4x, 2-pixel padding
+        assert image.size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
+
+
+def test_samples_come_from_the_average_with_the_configured_guidance(tmp_path: Path) -> None:
+    """write_samples draws from result.ema with sampling.steps and sampling.cfg_scale: its grid equals one made
+    directly from the average with those options, and differs from the trained weights' and unguided grids."""
+    from PIL import Image
+
+    from models.sampling import sample_images, save_grid
+    from oobleck.config import SamplingConfig
+    from oobleck.train_local import write_samples
+
+    # plain adaLN: the label reaches the output from the first step, so guidance changes the images
+    model = {"family": "dit", "preset": "tiny", "overrides": {"class_dropout": 0.1, "adaln_zero": False}}
+    result = train_local(config_from_dict(_config(model, steps=3)), ema_decay=0.9)
+    assert result.ema is not None and result.ema.updates == 3
+
+    def pixels(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.asarray(image)
+
+    def grid(name: str, layers: list, sampling: SamplingConfig) -> np.ndarray:
+        labels = torch.tensor([3, 3, 7, 7])
+        images = sample_images(layers, result.spec, labels, sampling.steps, torch.Generator().manual_seed(0), cfg_scale=sampling.cfg_scale)
+        save_grid(images, tmp_path / name, nrow=2, scale=4, row_labels=["3", "7"])
+        return pixels(tmp_path / name)
+
+    guided = SamplingConfig(ema=0.9, cfg_scale=3.0, steps=4)
+    written = pixels(write_samples(result, tmp_path / "written.png", guided, classes=[3, 7], per_class=2))
+    assert np.array_equal(written, grid("ema.png", result.ema.layers, guided))
+    assert not np.array_equal(written, grid("trained.png", result.layers, guided))
+    assert not np.array_equal(written, grid("unguided.png", result.ema.layers, SamplingConfig(ema=0.9, cfg_scale=1.0, steps=4)))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -167,3 +200,39 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, content: str, extr
     done = _cli(str(config), *extra, "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("model: {family: dit}\nsampling: {cfg_scale: 2}\n", "sampling.cfg_scale: got 2; guidance needs a model trained with label dropout"),
+        (
+            "model: {family: dit, overrides: {num_timesteps: 10}}\nsampling: {steps: 20}\n",
+            "sampling.steps: got 20; must be at most the model's num_timesteps (10)",
+        ),
+    ],
+)
+def test_cli_refuses_sampling_options_the_model_cannot_honour_before_training(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {dataset: digits}\n" + content)
+    done = _cli(str(config), "--run-dir", str(tmp_path / "run"), "--samples", str(tmp_path / "grid.png"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()  # refused before the first step
+
+
+def test_cli_writes_a_labelled_grid_with_the_sampling_section(tmp_path: Path) -> None:
+    from PIL import Image
+
+    raw = _config({"family": "dit", "preset": "tiny", "overrides": {"class_dropout": 0.1}}, steps=2)
+    raw["data"]["classes"] = [5, 6]
+    raw["sampling"] = {"ema": 0.5, "cfg_scale": 2.0, "steps": 3}
+    config = tmp_path / "dit.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = _cli(str(config), "--run-dir", str(tmp_path / "run"), "--samples", str(tmp_path / "grid.png"))
+    assert done.returncode == 0, done.stderr
+    assert f"samples: {tmp_path / 'grid.png'}" in done.stdout
+    with Image.open(tmp_path / "grid.png") as image:  # label column + 8 per class, 2 rows (classes 5 and 6)
+        assert image.size == (9 * 32 + 10 * 2, 2 * 32 + 3 * 2)

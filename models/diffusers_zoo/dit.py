@@ -111,7 +111,7 @@ class DiTSpec(DiffusersSpec):
             raise ModelConfigError(f"model.config.out_channels: got {self.out_channels}; must be >= in_channels {c.in_channels}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ModelConfigError(f"model.config.class_dropout: got {self.class_dropout}; must be in [0, 1)")
-        self.config = ImageShape(size, c.in_channels, c.num_embeds_ada_norm)
+        self.config = ImageShape(size, c.in_channels, c.num_embeds_ada_norm, self.class_dropout)
         self.blocks, self.inner = c.num_layers, self.skeleton.inner_dim
         self.tokens = (size // c.patch_size) ** 2
         self.ff_linear = self._last_linear("ff")

@@ -46,14 +46,18 @@ def as_tuple(carry: Carry) -> tuple[torch.Tensor, ...]:
 
 
 class ImageShape:
-    """What the data checks and datasets read of an image model: ``image_size``, ``channels`` and
-    ``num_classes`` (0 when unconditional)."""
+    """What the data checks, datasets and sampling read of an image model: ``image_size``, ``channels``,
+    ``num_classes`` (0 when unconditional) and ``class_dropout`` (label dropout in training)."""
 
-    def __init__(self, image_size: int, channels: int, num_classes: int) -> None:
+    def __init__(self, image_size: int, channels: int, num_classes: int, class_dropout: float = 0.0) -> None:
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.class_dropout = class_dropout
 
     def __repr__(self) -> str:
-        return f"ImageShape(image_size={self.image_size}, channels={self.channels}, num_classes={self.num_classes})"
+        return (
+            f"ImageShape(image_size={self.image_size}, channels={self.channels}, num_classes={self.num_classes}, "
+            f"class_dropout={self.class_dropout})"
+        )
 
 
 def square_size(value: Any, field: str) -> int:

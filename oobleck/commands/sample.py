@@ -1,7 +1,7 @@
 """Draw a PNG grid of images from a diffusion model's checkpoint (built-in dit or moe, or diffusers). Reads
 only the checkpoint and the job config saved in its meta.json: one row per class the run trained on
-(data.classes, or all), or --rows rows for an unconditional model, --per-class images per row, generated
-with DDIM from the model's noise schedule."""
+(data.classes, or all; labelled), or --rows rows for an unconditional model, --per-class images per row,
+generated with DDIM from the model's noise schedule and the run's sampling section (steps, cfg_scale)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="PNG", help="the PNG to write (default: samples.png in the checkpoint folder)")
     parser.add_argument("--rows", type=int_flag(1, 1000), metavar="R", help="rows: the first R classes, or R rows of an unconditional model (default: all classes, 4)")
     parser.add_argument("--per-class", type=int_flag(1, 64), default=8, metavar="K", help="images per row (default 8)")
-    parser.add_argument("--sample-steps", type=int_flag(1, 10_000), default=50, metavar="S", help="DDIM denoising steps (default 50)")
+    parser.add_argument("--sample-steps", type=int_flag(1, 10_000), metavar="S", help="DDIM denoising steps (default: the run's sampling.steps)")
     parser.add_argument("--seed", type=int_flag(0, 2**31 - 1), default=0, metavar="SEED", help="seed of the initial noise (default 0)")
 
 

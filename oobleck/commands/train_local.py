@@ -11,7 +11,7 @@ from pathlib import Path
 from oobleck.bounds import MAX_STEPS, int_flag
 from oobleck.config import load_config
 from oobleck.errors import ConfigError
-from oobleck.train_local import train_local, write_samples
+from oobleck.train_local import check_samples, train_local, write_samples
 
 HELP = "train in a single process (the reference run)"
 
@@ -34,12 +34,15 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None and not args.run_dir.strip():
         raise ConfigError("--run-dir: got ''; must not be empty; name the run directory")
     run_dir = Path(args.run_dir or config.run.dir)
-    result = train_local(config, run_dir=run_dir, progress=True)
+    if args.samples:
+        check_samples(config)
+    ema_decay = config.sampling.ema if args.samples else None  # the average is kept only to sample from
+    result = train_local(config, run_dir=run_dir, progress=True, ema_decay=ema_decay)
     last = result.stats[-1]
     aux = f", aux loss {last.aux_loss:.4f}" if last.aux_loss else ""
     print(f"final loss {last.loss:.4f}{aux} after {len(result.losses)} steps")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     print(f"checkpoint: {result.checkpoint}")
     if args.samples:
-        print(f"samples: {write_samples(result, args.samples, classes=config.data.classes)}")
+        print(f"samples: {write_samples(result, args.samples, config.sampling, classes=config.data.classes)}")
     return 0

@@ -17,8 +17,10 @@ import torch
 from models.base import Carry, Layer, MicroBatch, ModelSpec, set_parameter
 from oobleck import checkpoint
 from oobleck.config import TrainingConfig
+from oobleck.engine.memory import StageMemory
 from oobleck.engine.p2p import FromPrevious, ToNext
 from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
+from oobleck.recompute import run_layer
 from oobleck.training import layer_optimizers
 
 
@@ -93,8 +95,13 @@ class StageExecutor:
         next_: int | None,
         device: torch.device,
         redundant: Callable[[Carry | None, MicroBatch], None] | None = None,
+        recompute: bool = False,
     ) -> None:
         self.spec = spec
+        #: recompute every layer's activations in backward (:mod:`oobleck.recompute`)
+        self.recompute = recompute
+        #: the stage's measured peak memory of the step being run
+        self.memory = StageMemory(layers, device)
         #: called after each forward with what the successor stage gets (the last stage: None, the input
         #: of the first), for the Bamboo-style redundant forward (:mod:`oobleck.engine.shadow`)
         self.redundant = redundant
@@ -113,6 +120,7 @@ class StageExecutor:
         self._saved: dict[int, _Saved] = {}
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._units = 0
+        self.memory.step_started()
         posted = 0
         seen: set[bool] = set()
         for j, op in enumerate(self.ops):
@@ -143,8 +151,9 @@ class StageExecutor:
         mb = self._mbs[k].fresh()  # aux losses stay with the stage that made them
         inputs = self.prev.take_forward(k) if self.prev is not None else None
         carry = inputs
-        for module in self.modules:
-            carry = module(carry, mb)
+        with self.memory.saving(k):
+            for module in self.modules:
+                carry = run_layer(module, carry, mb, self.recompute)
         aux = sum(mb.aux_losses) if mb.aux_losses else None
         if self.next is None:
             loss = carry
@@ -166,5 +175,6 @@ class StageExecutor:
         seeds = [torch.ones_like(t) for t in saved.local]
         if saved.outputs:
             torch.autograd.backward(saved.outputs, list(grads) + seeds)
+        self.memory.released(k)
         if self.prev is not None:
             self.prev.send_backward(saved.inputs)
