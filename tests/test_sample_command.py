@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from oobleck.checkpoint_samples import write_sample_grid
 from oobleck.config import config_from_dict
-from oobleck.train_local import train_local
+from oobleck.errors import ConfigError
+from oobleck.train_local import check_samples, train_local
 from tests.test_diffusers_models import UNET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,10 @@ def test_sample_of_a_builtin_dit_and_an_unconditional_unet(tmp_path: Path) -> No
     unet = _train(tmp_path / "unet", {"family": "diffusers", "architecture": "unet2d", "config": unconditional})
     path, width, height = write_sample_grid(unet, None, per_class=3, steps=2)
     assert path.parent.name == "step_00000002" and (width, height) == (3 * 32 + 4 * 2, 4 * 32 + 5 * 2)
+    # train-local --samples draws a row per class: it refuses the unconditional model in one line instead
+    model = {"family": "diffusers", "architecture": "unet2d", "config": unconditional}
+    with pytest.raises(ConfigError, match=r"^--samples: the model is not a class-conditional"):
+        check_samples(config_from_dict({"model": model, "data": {"dataset": "digits"}}))
 
 
 def test_bad_run_is_one_line_exit_2(tmp_path: Path) -> None:
