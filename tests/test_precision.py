@@ -129,6 +129,21 @@ def test_loss_scale_follows_torch_grad_scalers_update() -> None:
     assert ours.log2 == INITIAL_FP16_LOG2 - 2 + 1 - 1 - 2  # it grew once in between
 
 
+def test_the_scale_is_saved_and_loaded_with_every_layer(tmp_path: Path) -> None:
+    config = small_config("fp16")
+    spec = build_model(config.model, 0)
+    cpu = torch.device("cpu")
+    saved = build_stage_layers(spec, 0, 3, config.training, cpu, step=7)
+    for held in saved:
+        held.scale = LossScale(9, 5)
+        checkpoint.write_layer(tmp_path, held.index, held.state())
+    loaded = build_stage_layers(spec, 0, 3, config.training, cpu)
+    assert {h.scale for h in loaded} == {LossScale(INITIAL_FP16_LOG2)}
+    for held in loaded:
+        held.load(checkpoint.load_layer_state(tmp_path, held.index))
+    assert [(h.step, h.scale) for h in loaded] == [(7, LossScale(9, 5))] * 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bytes on the wire
 
@@ -213,6 +228,7 @@ def test_bf16_job_on_heterogeneous_pipelines_matches_train_local(tmp_path: Path,
     rows = assert_losses_match(run_dir, reference)
     # 2 pipelines on 5 nodes, none idle: a 3-node and a 2-node one
     assert all((r["nodes_alive"], r["pipelines"]) == (5, 2) for r in rows)
+    assert max(r["grad_norm"] for r in rows) > 1.0  # the default grad_clip (1.0) clipped: covered too
 
 
 @pytest.mark.slow

@@ -151,7 +151,7 @@ class StageWorker:
         #: the job's loss scale for the next step: every held layer carries the same one
         self.scale = held[0].scale
         if any(h.scale != self.scale for h in held):
-            raise RuntimeError(f"rank {self.rank}: layers carry different loss scales {sorted({h.scale for h in held})}")
+            raise RuntimeError(f"rank {self.rank}: layers carry different loss scales {[h.scale for h in held]}")
         #: whether this generation committed a step: then its layers are the ones the master counts on
         self.committed_any = False
         #: seconds of foreground checkpoint writing to report with the next step
