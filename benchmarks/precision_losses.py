@@ -37,10 +37,10 @@ from benchmarks.jobs import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: the loss bound against train-local over the whole run (a 16-bit rounding of an activation that float32
-#: rounding pushed across a rounding boundary changes that element by 2**-8 in bf16; such differences grow
-#: slowly over the steps, as any perturbation of a training run does)
-LOSS_RTOL = 1e-2
+#: the loss bound against train-local over the whole run, as in tests/test_precision.py: both compute the
+#: same values at every layer boundary; only float32 gradient sums run in another order, and autocast's
+#: 16-bit casts of weights and activations absorb most of that rounding (measured: 0 to 1e-5)
+LOSS_RTOL = 1e-3
 RUN_TIMEOUT_S = 900.0
 
 
@@ -78,7 +78,6 @@ def run(work: Path, steps: int, png: Path) -> dict[str, Any]:
                 "reference": compare_with_reference(work / name, references[precision]["dir"], steps),
             }
         )
-    plot([(r["name"], r["losses"]) for r in runs], {p: ref["losses"] for p, ref in references.items()}, png)
     checks = {
         f"{r['name']} within {LOSS_RTOL:g} of train-local": r["reference"]["max_loss_rel_diff"] < LOSS_RTOL
         and not r["reference"]["missing_steps"]
@@ -87,7 +86,7 @@ def run(work: Path, steps: int, png: Path) -> dict[str, Any]:
     checks.update(
         {f"{r['name']} recovered from memory": [x["mode"] for x in r["recoveries"]] == ["memory"] for r in runs if r["killed_node_at_step"]}
     )
-    return {
+    report = {
         "steps": steps,
         "runs": runs,
         "references": {p: ref["losses"] for p, ref in references.items()},
@@ -95,28 +94,47 @@ def run(work: Path, steps: int, png: Path) -> dict[str, Any]:
         "passed": all(checks.values()),
         "machine": machine_info(),
     }
+    plot(report, png)
+    return report
 
 
-def plot(curves: list[tuple[str, dict[int, float]]], references: dict[str, dict[int, float]], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Top: every run's loss per step (train-local dashed, a killed run's as crosses, the kill as a dotted
+    line, fp16's skipped steps as circles). Bottom: each run's relative loss difference from train-local."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 2])
+    references = {p: {int(s): v for s, v in losses.items()} for p, losses in report["references"].items()}
     for precision, losses in references.items():
         steps = sorted(losses)
-        ax.plot(steps, [losses[s] for s in steps], "--", color=colors[precision], lw=2.5, alpha=0.35, label=f"{precision} train-local")
-    for name, losses in curves:
-        precision = name.split("-")[0]
+        top.plot(steps, [losses[s] for s in steps], "--", color=colors[precision], lw=3, alpha=0.3, label=f"{precision} train-local")
+    for r in report["runs"]:
+        losses = {int(s): v for s, v in r["losses"].items()}
         steps = sorted(losses)
-        style = dict(marker="x", ls="none", ms=4) if name.endswith("kill") else dict(lw=1)
-        ax.plot(steps, [losses[s] for s in steps], color=colors[precision], label=f"{name} oobleck run", **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("tiny GPT on 5 nodes (3 + 2 pipelines; -kill: node 1 killed mid-run, 2 + 2 after)")
-    ax.legend(fontsize=8, ncol=2)
+        color = colors[r["precision"]]
+        killed = r["killed_node_at_step"] is not None
+        style: dict[str, Any] = {"marker": "x", "ls": "none", "ms": 4} if killed else {"lw": 1}
+        top.plot(steps, [losses[s] for s in steps], color=color, label=f"{r['name']} oobleck run", **style)
+        if r["skipped_steps"] and not killed:
+            top.plot(r["skipped_steps"], [losses[s] for s in r["skipped_steps"]], "o", mfc="none", color=color, label=f"{r['precision']}: step skipped (overflow)")
+        if killed:
+            top.axvline(r["killed_node_at_step"], color="gray", ls=":", lw=1)
+        want = references[r["precision"]]
+        diffs = [abs(losses[s] - want[s]) / want[s] for s in steps]
+        bottom.plot(steps, diffs, color=color, ls=":" if killed else "-", lw=1, label=r["name"])
+    top.text(report["steps"] // 2, top.get_ylim()[1], " node 1 killed (-kill runs)", va="top", fontsize=8, color="gray")
+    top.set_ylabel("loss")
+    top.set_title("tiny GPT on 5 nodes: 3 + 2 pipelines (2 + 2 after the kill)")
+    top.legend(fontsize=7, ncol=2)
+    bottom.set_yscale("symlog", linthresh=1e-9)
+    bottom.set_ylim(0, 1e-3)
+    bottom.set_ylabel("|run - train-local| / train-local")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
