@@ -113,7 +113,9 @@ class StageWorker:
         #: the Bamboo-style baseline's shadow of the successor stage (None otherwise)
         self.shadow: Shadow | None = None
         if shadowed is not None:
-            self.shadow = Shadow(held[last - first :], self.plan.ranks[stage - 1], self.plan.ranks[shadowed])
+            self.shadow = Shadow(
+                held[last - first :], self.plan.ranks[stage - 1], self.plan.ranks[shadowed], config.training.precision, self.device
+            )
         self.executor = StageExecutor(
             self.spec,
             self.layers,
