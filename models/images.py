@@ -85,7 +85,7 @@ def check_classes(classes: list[int] | None, present: list[int]) -> None:
         )
 
 
-def _to_unit_range(pixels: np.ndarray, max_value: float) -> torch.Tensor:
+def to_unit_range(pixels: np.ndarray, max_value: float) -> torch.Tensor:
     """Map pixel values in [0, max_value] linearly onto [-1, 1]."""
     return torch.from_numpy(pixels.astype(np.float32) * (2.0 / max_value) - 1.0)
 
@@ -96,7 +96,7 @@ def digits_dataset(classes: list[int] | None = None) -> ImageDataset:
     from sklearn.datasets import load_digits  # deferred: scikit-learn takes ~1 s to import
 
     digits = load_digits()
-    images = _to_unit_range(digits.images, 16.0).unsqueeze(1)
+    images = to_unit_range(digits.images, 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     return ImageDataset(images, labels).select_classes(classes)
 
@@ -220,5 +220,5 @@ def fashion_mnist_dataset(path: str | None = None, train: bool = True, classes: 
     labels = read_idx(labels_file)
     _check_split(images_file.parent, images.shape, labels.shape)
     return ImageDataset(
-        _to_unit_range(images, 255.0).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        to_unit_range(images, 255.0).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
     ).select_classes(classes)

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from models.data import Dataset
@@ -94,16 +95,17 @@ def read_text_file(path: str | Path) -> str:
         raise _not_utf8(path, err.start) from None
 
 
-def check_windows(num_bytes: int, seq_len: int) -> int:
-    """The number of windows of ``seq_len + 1`` bytes a text of ``num_bytes`` bytes holds; ModelConfigError
-    when ``seq_len`` is not positive or the text is shorter than one window."""
+def check_windows(count: int, seq_len: int, what: str = "the text has {count} bytes") -> int:
+    """The number of windows of ``seq_len + 1`` tokens a sequence of ``count`` tokens holds; ModelConfigError
+    when ``seq_len`` is not positive or the sequence is shorter than one window. ``what`` describes the
+    sequence in the message (``{count}`` is filled in)."""
     if seq_len <= 0:
         raise ModelConfigError(f"model.overrides.seq_len: got {seq_len}; must be a positive integer")
-    windows = num_bytes // (seq_len + 1)
+    windows = count // (seq_len + 1)
     if windows == 0:
         raise ModelConfigError(
-            f"data: the text has {num_bytes} bytes, fewer than one window of seq_len + 1 = {seq_len + 1}; "
-            "use a longer text (data.path) or a smaller model.overrides.seq_len"
+            f"data: {what.format(count=count)}, fewer than one window of seq_len + 1 = {seq_len + 1}; "
+            "use longer data (data.path) or a smaller seq_len"
         )
     return windows
 
@@ -119,20 +121,20 @@ def decode(tokens: torch.Tensor | Iterable[int]) -> str:
     return bytes(values).decode("utf-8", errors="replace")
 
 
-class TokenWindows(Dataset):
-    """Non-overlapping windows of ``seq_len + 1`` bytes of a text; a trailing partial window is dropped.
+class Windows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens of a 1-D integer array (in memory or memory-mapped);
+    a trailing partial window is dropped.
 
-    Item ``i`` covers bytes ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))`` and is
-    ``{"tokens": window[:-1], "targets": window[1:]}``, both LongTensor ``[seq_len]``.
-    """
+    Item ``i`` covers tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))`` and is
+    ``{"tokens": window[:-1], "targets": window[1:]}``, both LongTensor ``[seq_len]``. With ``vocab_size``,
+    a window holding a token id >= ``vocab_size`` raises ModelConfigError naming ``data.path`` (``source``)."""
 
-    def __init__(self, text: str, seq_len: int) -> None:
-        data = text.encode("utf-8")
+    def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int | None = None, source: str = "") -> None:
         self.seq_len = seq_len
-        self.num_windows = check_windows(len(data), seq_len)
-        # uint8 keeps the corpus at one byte per token; items are widened to long on access.
-        self._bytes = torch.frombuffer(bytearray(data[: self.num_windows * (seq_len + 1)]), dtype=torch.uint8)
-        self._bytes = self._bytes.view(self.num_windows, seq_len + 1)
+        self.num_windows = check_windows(len(tokens), seq_len, "the data has {count} tokens")
+        self._tokens = tokens
+        self._vocab_size = vocab_size
+        self._source = source
 
     def __len__(self) -> int:
         return self.num_windows
@@ -140,5 +142,21 @@ class TokenWindows(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_windows:
             raise IndexError(f"window {index} out of range [0, {self.num_windows})")
-        window = self._bytes[index].long()
+        width = self.seq_len + 1
+        # widened to int64 on access, so the array keeps its compact dtype (bytes, uint16, uint32)
+        window = torch.from_numpy(np.asarray(self._tokens[index * width : (index + 1) * width], dtype=np.int64))
+        if self._vocab_size is not None and int(window.max()) >= self._vocab_size:
+            raise ModelConfigError(
+                f"data.path: {self._source} holds token id {int(window.max())} in window {index}, but the model's "
+                f"vocab_size is {self._vocab_size}; raise vocab_size or fix the data"
+            )
         return {"tokens": window[:-1], "targets": window[1:]}
+
+
+class TokenWindows(Windows):
+    """:class:`Windows` of a text's UTF-8 bytes (one byte a token, held as uint8)."""
+
+    def __init__(self, text: str, seq_len: int) -> None:
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        check_windows(len(data), seq_len)
+        super().__init__(data, seq_len)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "train a tiny GPT on 5 local nodes, kill one, recover and check the losses"),
     "inject": ("inject", "kill, hang or add nodes of a running job"),
     "generate": ("generate", "continue text from a causal LM's checkpoint (family gpt or hf)"),
+    "export": ("export", "write the whole model of a checkpoint (safetensors, or the library's own format)"),
 }
 
 PACKAGE = "oobleck.commands"

@@ -87,6 +87,8 @@ class TrainingConfig:
     #: global gradient-norm clipping; null turns it off
     grad_clip: Optional[float] = 1.0
     seed: int = 0
+    #: activation recomputation: none, full (every stage), auto (the stages the planner says)
+    recompute: Literal["none", "full", "auto"] = "none"
     #: fp32 (model.dtype throughout), bf16 or fp16 (autocast compute and carries, fp32 parameters and
     #: optimizer state; fp16 with dynamic loss scaling): oobleck.precision
     precision: Precision = "fp32"

@@ -79,6 +79,13 @@ def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
             return build_hf_spec(
                 cfg.architecture, cfg.config, cfg.config_dir, cfg.overrides, seed=seed, dtype=torch_dtype(cfg.dtype)
             )
+    if ":" in cfg.family:  # your own layers, package.module:object (models/user_layers.py)
+        from models.user_layers import user_spec
+
+        if cfg.overrides:
+            raise ConfigError("model.overrides: your own layers take their arguments from model.config; move the fields there")
+        with config_errors():
+            return user_spec(cfg.family, cfg.config, seed, torch_dtype(cfg.dtype))
     if cfg.family not in FAMILIES:
         raise ConfigError(f"model.family: got {cfg.family!r}; allowed: {', '.join(FAMILIES)}")
     module_name, class_name = FAMILIES[cfg.family]
@@ -99,50 +106,74 @@ def check_data(job: JobConfig) -> None:
 def check_dataset(cfg: DataConfig, model: ModelSpec) -> None:
     """ConfigError (one line naming the field and the fix) unless the data ``cfg`` names can feed ``model``.
 
-    Checked for every dataset: it suits the model family (text or images) and ``data.path`` is given exactly
-    when the dataset reads one. ``text-file``: the path is a regular file, not empty, whose first
-    :data:`models.text.CHECK_PREFIX_BYTES` bytes are valid UTF-8. Text datasets: the text holds one window of
-    ``seq_len + 1`` bytes at least. ``fashion-mnist``: the path is a folder holding the split's IDX files
-    with valid headers and as many labels as images (the labels are read, the images' header only). Image
-    datasets: ``data.classes`` names labels the dataset has, the images have the model's shape, and every
-    label used is below the model's ``num_classes``. Cost: the labels file, and at most
-    CHECK_PREFIX_BYTES of a text file, whatever its size; what lies beyond is checked when the data is
-    loaded (:func:`build_dataset`)."""
+    Checked for every dataset: it suits the model (text datasets need ``seq_len`` in the model's config, image
+    datasets ``image_size``) and ``data.path`` is given exactly when the dataset reads one; ``data.tokenizer``
+    only for pydoc and text-file. ``text-file``: the path is a regular file, not empty, whose first
+    :data:`models.text.CHECK_PREFIX_BYTES` bytes are valid UTF-8. Text datasets hold one window of ``seq_len +
+    1`` tokens at least (with a tokenizer: among the tokens of that prefix). ``data.tokenizer``: the folder
+    holds a ``tokenizer.json`` that loads, and the model's ``vocab_size`` covers its vocabulary. ``token-file``:
+    a regular file whose size is a multiple of ``data.token_dtype``'s, and whose first
+    :data:`models.tokens.CHECK_PREFIX_TOKENS` ids are below the model's ``vocab_size``. ``fashion-mnist``: the
+    path is a folder holding the split's IDX files with valid headers and as many labels as images (the labels
+    are read, the images' header only). ``image-folder``: the folder has class subfolders, each with an image
+    (listings only; nothing is decoded), and the model has 1 or 3 channels. Image datasets: ``data.classes``
+    names labels the dataset has, the images have the model's shape, and every label used is below the
+    model's ``num_classes``. Cost: bounded whatever the data's size; what lies beyond is checked when the
+    data is loaded (:func:`build_dataset`) or read."""
     with config_errors():
         _check(cfg, model.config)  # type: ignore[attr-defined]
 
 
+#: datasets of token windows (the model's config has seq_len), and those that read data.path
+TEXT_DATASETS = ("pydoc", "text-file", "token-file")
+READS_PATH = ("text-file", "fashion-mnist", "token-file", "image-folder")
+
+
 def _check(cfg: DataConfig, mcfg: Any) -> None:
-    reads_file = cfg.dataset in ("text-file", "fashion-mnist")
-    if cfg.path is not None and not reads_file:
+    if cfg.path is not None and cfg.dataset not in READS_PATH:
         raise ConfigError(
             f"data.path: got {cfg.path!r}; data.dataset {cfg.dataset} is built in and reads no file; drop data.path "
-            "(text-file and fashion-mnist read one)"
+            f"({', '.join(READS_PATH)} read one)"
         )
-    if cfg.dataset in ("pydoc", "text-file"):
+    if cfg.dataset in READS_PATH and cfg.dataset != "fashion-mnist" and not cfg.path:
+        raise ConfigError(f"data.path: missing; data.dataset {cfg.dataset} reads a file or folder: give its path")
+    if cfg.tokenizer is not None and cfg.dataset not in TEXT_DATASETS:
+        raise ConfigError(f"data.tokenizer: got {cfg.tokenizer!r}; only the text datasets {', '.join(TEXT_DATASETS)} read it; drop it")
+    if cfg.dataset in TEXT_DATASETS:
         if not hasattr(mcfg, "seq_len"):
-            raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (family gpt or hf)")
-        from models import text
+            raise ConfigError(f"data.dataset: got {cfg.dataset!r}; text datasets need a text model (one with seq_len)")
+        from models import text, tokens
 
-        if cfg.tokenizer is None and getattr(mcfg, "vocab_size", text.VOCAB_SIZE) < text.VOCAB_SIZE:
+        vocab = getattr(mcfg, "vocab_size", None)
+        if cfg.dataset != "token-file" and cfg.tokenizer is None and vocab is not None and vocab < text.VOCAB_SIZE:
             raise ConfigError(
                 f"data.dataset: got {cfg.dataset!r}; it reads byte tokens (ids below {text.VOCAB_SIZE}) but the model's "
-                f"vocab_size is {mcfg.vocab_size}; set vocab_size (model.config or config.json) to {text.VOCAB_SIZE} or more"
+                f"vocab_size is {vocab}; set vocab_size (model.config or config.json) to {text.VOCAB_SIZE} or more"
             )
-        if cfg.dataset == "pydoc":
-            size = len(text.pydoc_corpus().encode("utf-8"))
-        elif not cfg.path:
-            raise ConfigError("data.path: missing; data.dataset text-file needs the path of a UTF-8 text file")
+        if cfg.dataset == "token-file":
+            tokens.check_token_file(cfg.path, cfg.token_dtype, mcfg.seq_len, vocab)  # type: ignore[arg-type]
+            if cfg.tokenizer is not None:  # the tokenizer that made the ids: generation decodes with it
+                tokens.check_vocab(tokens.load_tokenizer(cfg.tokenizer), cfg.tokenizer, vocab)
+        elif cfg.tokenizer is not None:
+            tokenizer = tokens.load_tokenizer(cfg.tokenizer)
+            tokens.check_vocab(tokenizer, cfg.tokenizer, vocab)
+            prefix = _text(cfg, text.CHECK_PREFIX_BYTES)
+            text.check_windows(len(tokens.tokenize(prefix, tokenizer)), mcfg.seq_len, "the tokenized text has {count} tokens")
+        elif cfg.dataset == "pydoc":
+            text.check_windows(len(text.pydoc_corpus().encode("utf-8")), mcfg.seq_len)
         else:
-            size = text.text_file_size(cfg.path)
-        text.check_windows(size, mcfg.seq_len)
+            text.check_windows(text.text_file_size(cfg.path), mcfg.seq_len)  # type: ignore[arg-type]
         return
 
     if not hasattr(mcfg, "image_size"):
-        raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (family dit or moe)")
-    from models import images
+        raise ConfigError(f"data.dataset: got {cfg.dataset!r}; image datasets need an image model (one with image_size)")
+    from models import image_folder, images
 
-    if cfg.dataset == "digits":
+    if cfg.dataset == "image-folder":
+        image_folder.check_channels(mcfg.channels)
+        shape = (mcfg.channels, mcfg.image_size, mcfg.image_size)  # every image is resized to the model's
+        labels = list(range(len(image_folder.scan(cfg.path))))  # type: ignore[arg-type]
+    elif cfg.dataset == "digits":
         shape, labels = images.DIGITS_IMAGE_SHAPE, list(images.DIGITS_LABELS)
     else:
         shape, labels = images.fashion_mnist_summary(cfg.path)
@@ -162,6 +193,20 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
         )
 
 
+def _text(cfg: DataConfig, limit: int | None = None) -> str:
+    """The text of ``pydoc`` or ``text-file`` (its first ``limit`` bytes, a character cut there dropped)."""
+    from models import text
+
+    if cfg.dataset == "pydoc":
+        corpus = text.pydoc_corpus()
+        return corpus if limit is None else corpus.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+    if limit is None:
+        return text.read_text_file(cfg.path)  # type: ignore[arg-type]
+    text.text_file_size(cfg.path)  # type: ignore[arg-type]  # exists, regular, non-empty, valid UTF-8 prefix
+    with open(cfg.path, "rb") as f:  # type: ignore[arg-type]
+        return f.read(limit).decode("utf-8", errors="ignore")
+
+
 def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
     """The dataset a config names, shaped for ``model`` (sequence length, image size), after
     :func:`check_dataset`; loading it reads the whole of it (a text file is decoded in full)."""
@@ -171,14 +216,21 @@ def build_dataset(cfg: DataConfig, model: ModelSpec) -> Dataset:
 
 
 def _dataset(cfg: DataConfig, mcfg: Any) -> Dataset:
-    if cfg.dataset in ("pydoc", "text-file"):
-        from models import text
+    if cfg.dataset in TEXT_DATASETS:
+        from models import text, tokens
 
-        corpus = text.pydoc_corpus() if cfg.dataset == "pydoc" else text.read_text_file(cfg.path)  # type: ignore[arg-type]
-        return text.TokenWindows(corpus, mcfg.seq_len)
+        vocab = getattr(mcfg, "vocab_size", None)
+        if cfg.dataset == "token-file":
+            return tokens.token_file_windows(cfg.path, cfg.token_dtype, mcfg.seq_len, vocab)  # type: ignore[arg-type]
+        if cfg.tokenizer is not None:
+            ids = tokens.tokenize(_text(cfg), tokens.load_tokenizer(cfg.tokenizer))
+            return text.Windows(ids, mcfg.seq_len, vocab, source=f"the text tokenized by {cfg.tokenizer!r}")
+        return text.TokenWindows(_text(cfg), mcfg.seq_len)
 
-    from models import images
+    from models import image_folder, images
 
+    if cfg.dataset == "image-folder":
+        return image_folder.image_folder_dataset(cfg.path, mcfg.image_size, mcfg.channels, cfg.classes)  # type: ignore[arg-type]
     if cfg.dataset == "digits":
         return images.digits_dataset(classes=cfg.classes)
     return images.fashion_mnist_dataset(cfg.path, classes=cfg.classes)

@@ -38,6 +38,7 @@ import torch
 
 from models.base import Carry, Layer, MicroBatch
 from oobleck.config import Precision
+from oobleck.recompute import run_layer
 
 #: the compute dtype of each mixed precision
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,15 +66,23 @@ def cast_carry(carry: Carry, dtype: torch.dtype) -> Carry:
 
 
 def forward_layers(
-    layers: list[Layer], carry: Carry | None, mb: MicroBatch, precision: Precision, device: torch.device, ends_model: bool
+    layers: list[Layer],
+    carry: Carry | None,
+    mb: MicroBatch,
+    precision: Precision,
+    device: torch.device,
+    ends_model: bool,
+    recompute: bool = False,
 ) -> Carry:
-    """Run ``layers`` in order on ``carry`` under :func:`autocast`. In bf16 and fp16, each layer's output is
-    cast to the compute dtype (:func:`cast_carry`) unless it is the model's last layer's (``ends_model``
-    and the last of ``layers``); in fp32 the layers just run, as without this function."""
+    """Run ``layers`` in order on ``carry`` under :func:`autocast`, each through
+    :func:`oobleck.recompute.run_layer` (recomputed in backward when ``recompute`` is set; the checkpoint
+    re-enters the same autocast state for the recomputation). In bf16 and fp16, each layer's output is cast
+    to the compute dtype (:func:`cast_carry`) unless it is the model's last layer's (``ends_model`` and the
+    last of ``layers``); in fp32 the layers just run, as without this function."""
     dtype = compute_dtype(precision)
     with autocast(precision, device):
         for j, layer in enumerate(layers):
-            carry = layer(carry, mb)
+            carry = run_layer(layer, carry, mb, recompute)
             if dtype is not None and not (ends_model and j == len(layers) - 1):
                 carry = cast_carry(carry, dtype)
     assert carry is not None

@@ -20,6 +20,7 @@ forward and backward passes, keeping the median of the ``repeats``. Sizes come f
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from models.data import BatchSource
 from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
-from oobleck.model_building import build_batches, build_model
+from oobleck.model_building import build_batches, build_model, config_errors
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 
@@ -67,8 +68,10 @@ def device_name(device: torch.device) -> str:
 
 def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device) -> dict:
     """What a profile depends on: the model's own fingerprint, microbatch size, dtype and device."""
+    with config_errors():  # your own layers measure themselves here, and may refuse in one line
+        model = spec.fingerprint()
     return {
-        "model": spec.fingerprint(),
+        "model": model,
         "microbatch": microbatch,
         "dtype": str(spec.dtype).removeprefix("torch."),
         "device": device_name(device),
@@ -179,9 +182,12 @@ def expected_fingerprint(config: JobConfig) -> dict:
 
 def profile_path(config: JobConfig) -> Path:
     """The cache file of ``config``'s profile: ``<profile.cache_dir>/<family>-<16 hex of the fingerprint
-    hash>.json``, so every model, microbatch, dtype and device gets its own file."""
+    hash>.json``, so every model, microbatch, dtype and device gets its own file. In the family, every run of
+    characters other than letters, digits, ``_`` and ``-`` becomes one ``_`` (``pkg.mod:obj`` -> ``pkg_mod_obj``),
+    so an import path gives a plain file name."""
     digest = fingerprint_hash(expected_fingerprint(config))[:16]
-    return Path(config.profile.cache_dir) / f"{config.model.family}-{digest}.json"
+    family = re.sub(r"[^A-Za-z0-9_-]+", "_", config.model.family)
+    return Path(config.profile.cache_dir) / f"{family}-{digest}.json"
 
 
 def ensure_profile(

@@ -12,6 +12,9 @@ One step ``s`` (0-based):
 5. every optimizer gets ``lr_at(s)`` and steps. There is one AdamW per layer (a shared Parameter belongs
    to the first layer that holds it), exactly as the engine keeps them.
 
+``training.recompute: full`` recomputes every layer in backward (:mod:`oobleck.recompute`), which changes
+no number; ``auto`` follows a plan, and one process has none, so it keeps every activation like ``none``.
+
 With ``training.precision`` bf16 or fp16 the layers run as the engine runs them
 (:func:`oobleck.precision.forward_layers`: autocast, the carry cast to 16 bits at every layer boundary),
 and step 2 backpropagates ``total * S`` (``S`` the loss scale, 1 for bf16) and divides every gradient by
@@ -120,7 +123,7 @@ def train_step(
     main_sum = aux_sum = 0.0
     for mb in microbatches:
         mb = _to_device(mb, device)
-        loss = forward_layers(layers, None, mb, cfg.precision, device, ends_model=True)
+        loss = forward_layers(layers, None, mb, cfg.precision, device, ends_model=True, recompute=cfg.recompute == "full")
         aux = sum(mb.aux_losses) if mb.aux_losses else None  # left to right, as a stage adds its own
         total = loss if aux is None else loss + aux
         (total * scale.value if mixed else total / units).backward()

@@ -104,6 +104,7 @@ class Plan:
                     "num_nodes": template.num_nodes,
                     "iteration_time_s": template.iteration_time(count),
                     "stage_memory_bytes": template.stage_memory(count),
+                    "stage_recompute": list(template.recompute),
                 }
             )
         return {
@@ -142,6 +143,7 @@ def _template_dict(t: PipelineTemplate) -> dict[str, Any]:
                 "backward_s": s.backward_s,
                 "send_s": s.send_s,
                 "memory_bytes": s.memory_bytes,
+                "recompute": s.recompute,
             }
             for s in t.stages
         ],
@@ -153,8 +155,12 @@ def _positive_int(name: str, value: Any) -> None:
         raise PlanningError(f"{name}: got {value!r}; must be an integer >= 1")
 
 
-def make_plan(profile: ModelProfile, cluster: ClusterSpec, f: int, global_batch: int, microbatch: int) -> Plan:
+def make_plan(
+    profile: ModelProfile, cluster: ClusterSpec, f: int, global_batch: int, microbatch: int, recompute: str = "none"
+) -> Plan:
     """Templates for every node count in [n0, N - f*n0] and the best instantiation on all N nodes.
+    ``recompute`` (``none``, ``full``, ``auto``): which stages recompute their activations
+    (:mod:`planner.templates`).
 
     Raises :class:`PlanningError` (one line, with the numbers) when the batch does not divide, there are
     fewer microbatches than f+1 pipelines, the model does not fit, or the cluster is too small for f.
@@ -175,7 +181,7 @@ def make_plan(profile: ModelProfile, cluster: ClusterSpec, f: int, global_batch:
             f"global_batch {global_batch} / microbatch {microbatch} gives {num_microbatches} microbatches per step, "
             f"fewer than the f+1={f + 1} pipelines; raise global_batch to at least {(f + 1) * microbatch}"
         )
-    templates = build_templates(profile, cluster, f)
+    templates = build_templates(profile, cluster, f, recompute)
     n0 = min(templates)
     inst = instantiate(templates, cluster.nodes, f, num_microbatches)
     return Plan(cluster, f, global_batch, microbatch, n0, templates, inst, dict(profile.fingerprint))

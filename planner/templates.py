@@ -14,6 +14,17 @@ Memory under 1F1B: stage i of k holds the activations of ``min(k - i, m)`` micro
 work for any microbatch count a pipeline may be given, so templates are built for the worst case
 ``k - i``; :meth:`PipelineTemplate.stage_memory` gives the figure for a known m.
 
+Activation recomputation (``recompute``: ``none``, ``full`` or ``auto``), decided per stage. A recomputing
+stage keeps, per microbatch in flight, only each layer's input (the previous layer's ``output_bytes``; 0
+for layer 0, whose input is the microbatch itself), and its backward time grows by its forward time. The
+activations of the one layer being recomputed are transient and not counted, as the analytic profiles do
+not count them (:mod:`planner.analytic`); on CUDA the measured peak includes them. ``full`` recomputes
+every stage; ``auto`` recomputes a stage exactly when its activations would not fit otherwise, and
+recomputes nowhere when a cut without recomputation reaches the same bottleneck. A stage's cost and
+memory still grow with its layers, so the searches below are unchanged: a stage admits a layer range if
+it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
+recomputing stage where that lowers the bottleneck.
+
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
 1. Bottleneck: binary search over the sorted set of possible stage costs ``T[e] - T[j]`` (prefix sums)
@@ -35,6 +46,7 @@ and a smaller sum beats the suffix that is lexicographically best (bottleneck 5,
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import math
 from collections import deque
@@ -52,8 +64,10 @@ class Stage:
 
     ``send_s``: per-microbatch boundary time to the next stage (activation out plus gradient back; 0 for
     the last stage). ``static_bytes``: parameters, gradients and optimizer state. ``activation_bytes``:
-    activations kept per microbatch in flight. ``memory_bytes``: static plus the activations of the
-    worst-case number of microbatches in flight (``k - i`` for stage i of k).
+    activations kept per microbatch in flight (for a recomputing stage, its layers' inputs). ``recompute``:
+    the stage recomputes its activations in backward (``backward_s`` includes the recomputation).
+    ``memory_bytes``: static plus the activations of the worst-case number of microbatches in flight
+    (``k - i`` for stage i of k).
     """
 
     layer_start: int
@@ -64,6 +78,11 @@ class Stage:
     memory_bytes: float
     static_bytes: float
     activation_bytes: float
+    recompute: bool = False
+
+    def memory(self, in_flight: int) -> float:
+        """Bytes the stage needs with ``in_flight`` microbatches in flight."""
+        return self.static_bytes + in_flight * self.activation_bytes
 
     @property
     def compute_s(self) -> float:
@@ -97,6 +116,11 @@ class PipelineTemplate:
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
         return tuple((s.layer_start, s.layer_end) for s in self.stages)
 
+    @property
+    def recompute(self) -> tuple[bool, ...]:
+        """Per stage: whether it recomputes its activations in backward."""
+        return tuple(s.recompute for s in self.stages)
+
     def iteration_time(self, num_microbatches: int) -> float:
         """Predicted 1F1B step time with ``num_microbatches`` microbatches (see the module docstring)."""
         if num_microbatches < 1:
@@ -106,39 +130,80 @@ class PipelineTemplate:
     def stage_memory(self, num_microbatches: int) -> list[float]:
         """Bytes each stage needs under 1F1B with ``num_microbatches`` microbatches."""
         k = self.num_stages
-        return [s.static_bytes + min(k - i, num_microbatches) * s.activation_bytes for i, s in enumerate(self.stages)]
+        return [s.memory(min(k - i, num_microbatches)) for i, s in enumerate(self.stages)]
 
     def fits(self, device_memory_bytes: float, num_microbatches: int) -> bool:
         """Whether every stage fits in one device's memory."""
         return all(mem <= device_memory_bytes for mem in self.stage_memory(num_microbatches))
 
 
-class _Prefix:
-    """Prefix sums of a profile so that any contiguous run of layers costs O(1)."""
+#: the values of ``training.recompute`` (see the module notes)
+RECOMPUTE_MODES = ("none", "full", "auto")
 
-    def __init__(self, profile: ModelProfile) -> None:
+
+class _Prefix:
+    """Prefix sums of a profile so that any contiguous run of layers costs O(1), and the recomputation
+    rule of the module notes (``recompute``) applied to a stage."""
+
+    def __init__(self, profile: ModelProfile, recompute: str = "none") -> None:
+        if recompute not in RECOMPUTE_MODES:
+            raise PlanningError(f"recompute: got {recompute!r}; allowed: {', '.join(RECOMPUTE_MODES)}")
+        self.mode = recompute
         self.num_layers = profile.num_layers
         self.forward = _prefix([layer.forward_s for layer in profile.layers])
         self.backward = _prefix([layer.backward_s for layer in profile.layers])
         self.compute = _prefix([layer.forward_s + layer.backward_s for layer in profile.layers])
         self.static = _prefix([layer.static_bytes for layer in profile.layers])
         self.activation = _prefix([layer.activation_bytes for layer in profile.layers])
+        # a recomputed layer keeps its input: the carry the layer before it sends
+        self.kept = _prefix([0] + [layer.output_bytes for layer in profile.layers[:-1]])
         self.output = [layer.output_bytes for layer in profile.layers]
         self._candidates: list[float] | None = None
 
-    def cost(self, start: int, end: int) -> float:
-        return self.compute[end] - self.compute[start]
+    def cost(self, start: int, end: int, recompute: bool = False) -> float:
+        extra = self.forward[end] - self.forward[start] if recompute else 0.0
+        return self.compute[end] - self.compute[start] + extra
 
-    def memory(self, start: int, end: int, held: int) -> float:
-        return self.static[end] - self.static[start] + held * (self.activation[end] - self.activation[start])
+    def memory(self, start: int, end: int, held: int, recompute: bool = False) -> float:
+        static = self.static[end] - self.static[start]
+        if recompute:
+            return static + held * (self.kept[end] - self.kept[start])
+        return static + held * (self.activation[end] - self.activation[start])
+
+    def recomputes(self, start: int, end: int, held: int, memory: float) -> bool:
+        """Whether the stage of layers ``[start, end)`` with ``held`` microbatches in flight recomputes."""
+        if self.mode == "auto":
+            return self.memory(start, end, held) > memory
+        return self.mode == "full"
+
+    def fits(self, start: int, end: int, held: int, bound: float, memory: float) -> bool:
+        """Whether that stage costs at most ``bound`` and fits in ``memory``, recomputing as the mode says.
+        Monotone: if a range fits, so does every shorter range with the same end."""
+        recompute = self.recomputes(start, end, held, memory)
+        return self.cost(start, end, recompute) <= bound and self.memory(start, end, held, recompute) <= memory
+
+    def plain(self) -> "_Prefix":
+        """The same profile with recomputation off."""
+        plain = copy.copy(self)
+        plain.mode, plain._candidates = "none", None
+        return plain
+
+    def most_memory(self, held: int) -> float:
+        """Memory with which the whole model as one stage fits, however it is cut (a bound for bisection)."""
+        return max(self.memory(0, self.num_layers, held, r) for r in (False, True))
 
     @property
     def candidates(self) -> list[float]:
         """Every possible stage cost, sorted: the optimal bottleneck is one of them."""
         if self._candidates is None:
-            c = self.compute
+            c, f = self.compute, self.forward
             n = self.num_layers
-            self._candidates = sorted({c[e] - c[j] for j in range(n) for e in range(j + 1, n + 1)})
+            costs: set[float] = set()
+            if self.mode != "full":
+                costs.update(c[e] - c[j] for j in range(n) for e in range(j + 1, n + 1))
+            if self.mode != "none":  # recomputing: the stage's forward runs twice
+                costs.update((c[e] - c[j]) + (f[e] - f[j]) for j in range(n) for e in range(j + 1, n + 1))
+            self._candidates = sorted(costs)
         return self._candidates
 
 
@@ -150,12 +215,12 @@ def _prefix(values: Sequence[float]) -> list[float]:
 
 
 def _leftmost_start(p: _Prefix, end: int, lowest: int, bound: float, memory: float, held: int) -> int:
-    """The smallest j in [lowest, end - 1] with cost(j, end) <= bound and memory(j, end, held) <= memory,
-    or ``end`` if even the single layer ``end - 1`` does not fit. Both quantities grow as j decreases."""
+    """The smallest j in [lowest, end - 1] whose stage ``[j, end)`` fits (:meth:`_Prefix.fits`), or ``end``
+    if even the single layer ``end - 1`` does not fit. Fitting is monotone in j."""
     lo, hi = lowest, end  # answer in [lo, hi]; hi == end means none fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if p.cost(mid, end) <= bound and p.memory(mid, end, held) <= memory:
+        if p.fits(mid, end, held, bound, memory):
             hi = mid
         else:
             lo = mid + 1
@@ -174,7 +239,7 @@ def _feasible(p: _Prefix, k: int, bound: float, memory: float) -> bool:
         if start == end:
             return False
         end = start
-    return p.cost(0, end) <= bound and p.memory(0, end, k) <= memory
+    return p.fits(0, end, k, bound, memory)
 
 
 def _min_bottleneck(p: _Prefix, k: int, memory: float) -> float | None:
@@ -206,7 +271,7 @@ def _cut_min_comm(p: _Prefix, k: int, bound: float, memory: float, devices_per_n
     # s = 1: the last stage, no boundary after it
     best = [inf] * (n + 1)
     for j in range(n):
-        if p.cost(j, n) <= bound and p.memory(j, n, 1) <= memory:
+        if p.fits(j, n, 1, bound, memory):
             best[j] = 0.0
     choices: list[list[int]] = [[n] * (n + 1)]
     for s in range(2, k + 1):
@@ -222,7 +287,7 @@ def _cut_min_comm(p: _Prefix, k: int, bound: float, memory: float, devices_per_n
             while window and value[window[-1]] >= value[e_new]:
                 window.pop()
             window.append(e_new)
-            while hi > j and (p.cost(j, hi) > bound or p.memory(j, hi, s) > memory):
+            while hi > j and not p.fits(j, hi, s, bound, memory):
                 hi -= 1
             while window and window[0] > hi:
                 window.popleft()
@@ -246,23 +311,26 @@ def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int
     stages = []
     for i in range(k):
         a, b = bounds[i], bounds[i + 1]
+        recompute = p.recomputes(a, b, k - i, cluster.device_memory_bytes)
         if i == k - 1:
             send = 0.0
         else:
             bandwidth = cluster.inter_node_bandwidth if (i + 1) % g == 0 else cluster.intra_node_bandwidth
             send = 2 * p.output[b - 1] / bandwidth
         static = p.static[b] - p.static[a]
-        activation = p.activation[b] - p.activation[a]
+        activation = p.memory(a, b, 1, recompute) - static
+        forward = p.forward[b] - p.forward[a]
         stages.append(
             Stage(
                 layer_start=a,
                 layer_end=b,
-                forward_s=p.forward[b] - p.forward[a],
-                backward_s=p.backward[b] - p.backward[a],
+                forward_s=forward,
+                backward_s=p.backward[b] - p.backward[a] + (forward if recompute else 0.0),
                 send_s=send,
-                memory_bytes=static + (k - i) * activation,
+                memory_bytes=p.memory(a, b, k - i, recompute),
                 static_bytes=static,
                 activation_bytes=activation,
+                recompute=recompute,
             )
         )
     return PipelineTemplate(num_nodes, g, tuple(stages))
@@ -273,12 +341,13 @@ def _max_nodes_by_layers(profile: ModelProfile, cluster: ClusterSpec) -> int:
     return profile.num_layers // cluster.devices_per_node
 
 
-def min_nodes(profile: ModelProfile, cluster: ClusterSpec) -> int:
-    """n0: the fewest nodes on which one pipeline of the model fits in memory under 1F1B.
+def min_nodes(profile: ModelProfile, cluster: ClusterSpec, recompute: str = "none") -> int:
+    """n0: the fewest nodes on which one pipeline of the model fits in memory under 1F1B, recomputing as
+    ``recompute`` says (see the module notes).
 
     Raises :class:`PlanningError` when no node count up to the cluster's size fits.
     """
-    p = _Prefix(profile)
+    p = _Prefix(profile, recompute)
     g = cluster.devices_per_node
     most = min(cluster.nodes, _max_nodes_by_layers(profile, cluster))
     if most < 1:
@@ -298,7 +367,8 @@ def min_nodes(profile: ModelProfile, cluster: ClusterSpec) -> int:
         f"the model does not fit {where}: cut into {most * g} stages, one per device, its fullest device needs "
         f"{_size(_least_device_memory(p, most * g))} (its layers' parameters, gradients and optimizer state, and "
         f"the activations of the microbatches in flight under 1F1B), a device has {_size(cluster.device_memory_bytes)}; "
-        "use more or larger devices, a smaller microbatch or activation recomputation"
+        + ("use more or larger devices or a smaller microbatch" if recompute != "none" else
+           "use more or larger devices, a smaller microbatch or activation recomputation (training.recompute: auto)")
     )
 
 
@@ -306,7 +376,7 @@ def _least_device_memory(p: _Prefix, k: int) -> float:
     """The least device memory (bytes, within 0.1%) with which the layers can be cut into ``k`` stages
     that each fit under 1F1B (``k <= num_layers``). Bisection: whether a cut fits grows with the memory, and
     the whole model holding ``k`` microbatches' activations is always enough."""
-    lo, hi = 0.0, p.memory(0, p.num_layers, k)
+    lo, hi = 0.0, p.most_memory(k)
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
         if _feasible(p, k, math.inf, mid):
@@ -325,9 +395,9 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def template_for(profile: ModelProfile, cluster: ClusterSpec, num_nodes: int) -> PipelineTemplate | None:
+def template_for(profile: ModelProfile, cluster: ClusterSpec, num_nodes: int, recompute: str = "none") -> PipelineTemplate | None:
     """The best template on ``num_nodes`` nodes, or None if no cut into num_nodes*G stages fits."""
-    return _templates_for(_Prefix(profile), cluster, [num_nodes]).get(num_nodes)
+    return _templates_for(_Prefix(profile, recompute), cluster, [num_nodes]).get(num_nodes)
 
 
 def _templates_for(p: _Prefix, cluster: ClusterSpec, node_counts: Sequence[int]) -> dict[int, PipelineTemplate]:
@@ -339,20 +409,24 @@ def _templates_for(p: _Prefix, cluster: ClusterSpec, node_counts: Sequence[int])
         bound = _min_bottleneck(p, k, cluster.device_memory_bytes)
         if bound is None:
             continue
-        bounds = _cut_min_comm(p, k, bound, cluster.device_memory_bytes, g, per_byte)
-        out[n] = _template(p, n, cluster, bounds)
+        # auto: a cut that reaches the same bottleneck without recomputing anything is preferred, since
+        # recomputation costs time the bottleneck does not show (the other stages' backward passes)
+        cut_with = p.plain() if p.mode == "auto" and _feasible(p.plain(), k, bound, cluster.device_memory_bytes) else p
+        bounds = _cut_min_comm(cut_with, k, bound, cluster.device_memory_bytes, g, per_byte)
+        out[n] = _template(cut_with, n, cluster, bounds)
     return out
 
 
-def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int) -> dict[int, PipelineTemplate]:
-    """Templates for every node count n in [n0, N - f*n0] that fits, keyed by n.
+def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int, recompute: str = "none") -> dict[int, PipelineTemplate]:
+    """Templates for every node count n in [n0, N - f*n0] that fits, keyed by n, recomputing as
+    ``recompute`` says (see the module notes).
 
     The range is capped at ``L // G`` nodes (each device needs a layer). Raises :class:`PlanningError`
     when the cluster cannot host f+1 pipelines of n0 nodes.
     """
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
         raise PlanningError(f"f: got {f!r}; must be an integer >= 0")
-    n0 = min_nodes(profile, cluster)
+    n0 = min_nodes(profile, cluster, recompute)
     need = (f + 1) * n0
     if cluster.nodes < need:
         raise PlanningError(
@@ -360,4 +434,4 @@ def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int) -> dict
             f"lower f to {cluster.nodes // n0 - 1} or add nodes"
         )
     top = min(cluster.nodes - f * n0, _max_nodes_by_layers(profile, cluster))
-    return _templates_for(_Prefix(profile), cluster, range(n0, top + 1))
+    return _templates_for(_Prefix(profile, recompute), cluster, range(n0, top + 1))

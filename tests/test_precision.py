@@ -101,6 +101,26 @@ def test_any_cut_computes_the_whole_models_numbers(precision: str) -> None:
     assert whole.dtype == torch.float32  # the loss itself is computed in float32 by autocast
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_recompute_under_autocast_changes_no_number(precision: str) -> None:
+    """training.recompute with mixed precision: the checkpoint re-enters the forward's autocast state, so
+    the gradients are bitwise those of the run that kept its activations."""
+    config = small_config(precision)
+    spec = build_model(config.model, 0)
+    layers = spec.build_all()
+    mb = build_batches(config, spec).microbatch(0, 0)
+    params = [p for layer in layers for p in layer.parameters()]
+    found = []
+    for recompute in (False, True):
+        loss = forward_layers(layers, None, mb.fresh(), precision, torch.device("cpu"), ends_model=True, recompute=recompute)
+        loss.backward()
+        found.append((loss.detach(), [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+    (plain, plain_grads), (again, again_grads) = found
+    assert torch.equal(plain, again) and all(torch.equal(a, b) for a, b in zip(plain_grads, again_grads))
+
+
 def test_fp32_runs_the_layers_untouched() -> None:
     config = small_config("fp32")
     spec = build_model(config.model, 0)

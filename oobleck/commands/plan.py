@@ -169,7 +169,8 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
     else:
         profile = profiler.ensure_profile(config)
         source = f"measured, {profiler.profile_path(config)}"
-    return make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch), source
+    recompute = config.training.recompute
+    return make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute), source
 
 
 def _gib(n: float) -> str:

@@ -86,6 +86,8 @@ class CommitDriver:
                     redundant_s=report.redundant_s,
                     checkpoint_s=report.checkpoint_s,
                     startup_s=startup,
+                    peak_bytes=list(report.peak_bytes),
+                    predicted_bytes=list(report.predicted_bytes),
                 )
                 last = now
                 with state.lock:

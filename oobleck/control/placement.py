@@ -19,6 +19,10 @@ class PipelineShape:
     #: stage ``i`` runs layers ``[layer_ranges[i][0], layer_ranges[i][1])``; one stage per device
     layer_ranges: tuple[tuple[int, int], ...]
     num_microbatches: int
+    #: per stage: whether it recomputes its activations (empty: none does)
+    recompute: tuple[bool, ...] = ()
+    #: per stage: the plan's predicted peak memory in bytes (empty: no prediction)
+    predicted_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ def place(shapes: list[PipelineShape], nodes: list[str], devices_per_node: int) 
                 layer_ranges=tuple((int(a), int(b)) for a, b in shape.layer_ranges),
                 microbatch_start=microbatch_start,
                 num_microbatches=shape.num_microbatches,
+                recompute=tuple(shape.recompute),
+                predicted_bytes=tuple(shape.predicted_bytes),
             )
         )
         rank += stages

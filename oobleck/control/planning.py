@@ -13,14 +13,23 @@ from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
-from planner.templates import build_templates
+from planner.templates import PipelineTemplate, build_templates
+
+
+def shape(template: PipelineTemplate, count: int) -> PipelineShape:
+    """A pipeline of ``template`` running ``count`` microbatches, with the stages' recomputation and their
+    predicted peak memory."""
+    return PipelineShape(
+        layer_ranges=template.layer_ranges,
+        num_microbatches=count,
+        recompute=template.recompute,
+        predicted_bytes=tuple(int(b) for b in template.stage_memory(count)),
+    )
+
 
 def shapes(plan: Plan) -> list[PipelineShape]:
     """The plan's pipelines in plan order."""
-    return [
-        PipelineShape(layer_ranges=template.layer_ranges, num_microbatches=count)
-        for template, count in plan.instantiation.pipelines
-    ]
+    return [shape(template, count) for template, count in plan.instantiation.pipelines]
 
 
 def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> Planner:
@@ -38,7 +47,9 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
     policy = config.fault_tolerance.policy
     if policy != "oobleck":
         return _homogeneous_planner(config, profile, log)
-    full = make_plan(profile, cluster_spec(config.cluster), config.fault_tolerance.f, t.global_batch, t.microbatch)
+    full = make_plan(
+        profile, cluster_spec(config.cluster), config.fault_tolerance.f, t.global_batch, t.microbatch, t.recompute
+    )
     if log is not None:
         sizes = "+".join(str(template.num_nodes) for template, _ in full.instantiation.pipelines)
         log(f"plan: {len(full.instantiation.pipelines)} pipelines of {sizes} nodes, n0={full.n0}")
@@ -52,10 +63,12 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
 def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable[[str], None] | None) -> Planner:
     policy = config.fault_tolerance.policy
     microbatches = config.training.global_batch // config.training.microbatch
+    recompute = config.training.recompute
     if policy == "bamboo":
-        templates = {d: t for d, t in build_templates(redundant_profile(profile), cluster_spec(config.cluster), 0).items() if d >= 2}
+        redundant = build_templates(redundant_profile(profile), cluster_spec(config.cluster), 0, recompute)
+        templates = {d: t for d, t in redundant.items() if d >= 2}
     else:
-        templates = build_templates(profile, cluster_spec(config.cluster), 0)
+        templates = build_templates(profile, cluster_spec(config.cluster), 0, recompute)
 
     def choose(count: int) -> HomogeneousPlan:
         best = best_homogeneous(templates, count, microbatches)
@@ -70,6 +83,6 @@ def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable
 
     def plan(nodes: list[str]) -> list[PipelineShape]:
         best = full if len(nodes) == config.cluster.nodes else choose(len(nodes))
-        return [PipelineShape(best.template.layer_ranges, count) for count in best.microbatches]
+        return [shape(best.template, count) for count in best.microbatches]
 
     return plan

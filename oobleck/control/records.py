@@ -32,6 +32,12 @@ class StepRecord:
     #: the part of step_time_s before every worker of the generation was ready to train: on a generation's
     #: first step, the workers' start-up (or a recovery's rebuild and layer copies); 0 on the other steps
     startup_s: float = 0.0
+    #: per rank (a rank is its stage's global index): the stage's measured peak memory in the step, in bytes
+    #: (CUDA: the allocator's peak; CPU: parameters, gradients, optimizer state and the saved activations
+    #: of the microbatches in flight; :mod:`oobleck.engine.memory`)
+    peak_bytes: list[int] = field(default_factory=list)
+    #: per rank: the plan's prediction of that peak (0 where the plan made none)
+    predicted_bytes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

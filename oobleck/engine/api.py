@@ -6,7 +6,10 @@ that the master can send it over the control plane and a test can build one by h
 Placement rule: pipeline ``p`` uses the ranks in ``pipelines[p].ranks``; stage ``i`` of that pipeline
 runs layers ``[layer_ranges[i][0], layer_ranges[i][1])`` on rank ``ranks[i]``. Pipeline ``p`` runs
 global microbatches ``[microbatch_start, microbatch_start + num_microbatches)`` of every step, so the
-pipelines together cover each step's global batch exactly once.
+pipelines together cover each step's global batch exactly once. Stage ``i`` recomputes its activations in
+backward when ``recompute[i]`` is true, and the plan predicts it needs ``predicted_bytes[i]`` of memory
+(both empty for a plan made by hand: no stage recomputes unless ``training.recompute`` is ``full``, and there
+is no prediction).
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ class PipelinePlan:
     layer_ranges: tuple[tuple[int, int], ...]
     microbatch_start: int
     num_microbatches: int
+    #: per stage: whether it recomputes its activations in backward (the planner's decision)
+    recompute: tuple[bool, ...] = ()
+    #: per stage: the plan's predicted peak memory in bytes
+    predicted_bytes: tuple[int, ...] = ()
+
+    def recomputes(self, stage: int) -> bool:
+        return bool(self.recompute) and self.recompute[stage]
+
+    def prediction(self, stage: int) -> int:
+        """The predicted peak bytes of ``stage``; 0 when the plan carries no prediction."""
+        return self.predicted_bytes[stage] if self.predicted_bytes else 0
 
     def stage_of(self, rank: int) -> int | None:
         return self.ranks.index(rank) if rank in self.ranks else None
@@ -98,6 +112,8 @@ class Assignment:
                 layer_ranges=tuple(tuple(r) for r in p["layer_ranges"]),
                 microbatch_start=p["microbatch_start"],
                 num_microbatches=p["num_microbatches"],
+                recompute=tuple(bool(r) for r in p.get("recompute", ())),
+                predicted_bytes=tuple(int(b) for b in p.get("predicted_bytes", ())),
             )
             for p in raw["pipelines"]
         )

@@ -5,12 +5,15 @@ it under the generation's prefix through a :class:`~oobleck.engine.signed_store.
 below carries a MAC under the job's token and a forged one is ignored), under these keys of step ``s``:
 
 ``commit/s/r{rank}``
-    written once by each worker when its gradients for step ``s`` are synchronised and clipped: five
-    little-endian float64 values ``(loss_sum, units, grad_norm, redundant_s, checkpoint_s)``. ``loss_sum``
+    written once by each worker when its gradients for step ``s`` are synchronised and clipped: seven
+    little-endian float64 values ``(loss_sum, units, grad_norm, redundant_s, checkpoint_s, peak_bytes,
+    predicted_bytes)``. ``loss_sum``
     and ``units`` are the summed main loss and the unit count of the microbatches whose loss this rank
     computed (a pipeline's last stage), 0 elsewhere; ``grad_norm`` is the global gradient norm (the same on
     every rank); ``redundant_s`` the seconds this rank spent on the Bamboo-style baseline's redundant work in
-    the step and ``checkpoint_s`` on a foreground checkpoint just before it (0 when there was none).
+    the step and ``checkpoint_s`` on a foreground checkpoint just before it (0 when there was none);
+    ``peak_bytes`` the stage's measured peak memory in the step (:mod:`oobleck.engine.memory`) and
+    ``predicted_bytes`` the plan's prediction of it (0 without one).
 ``commit/s/decision``
     written once by the master: ``commit`` or ``abort``.
 ``timing/r{rank}``
@@ -45,7 +48,7 @@ from oobleck.engine.store_keys import decision_key, ready_key
 
 COMMIT = b"commit"
 ABORT = b"abort"
-_PAYLOAD = struct.Struct("<5d")
+_PAYLOAD = struct.Struct("<7d")
 
 #: how long a worker waits for the master's decision before giving up (the master or its store is gone
 #: far sooner in practice: a dead store fails the wait at once)
@@ -69,15 +72,16 @@ def report_ready(
     grad_norm: float,
     redundant_s: float = 0.0,
     checkpoint_s: float = 0.0,
+    memory: tuple[int, int] = (0, 0),
     timeout: timedelta = DECISION_TIMEOUT,
 ) -> bool:
     """Report this rank's gradients of ``step`` ready, then block until the master decides.
 
-    Returns True when the step is committed; raises :class:`StepAborted` when it is aborted. A store
+    ``memory``: this stage's (measured peak, predicted) bytes. Returns True when the step is committed; raises :class:`StepAborted` when it is aborted. A store
     failure (the master is gone) or no authentic decision within ``timeout`` raises the store's own error.
     A decision without a valid MAC is ignored: the wait goes on for the master's.
     """
-    store.set(ready_key(step, rank), _PAYLOAD.pack(loss_sum, units, grad_norm, redundant_s, checkpoint_s))
+    store.set(ready_key(step, rank), _PAYLOAD.pack(loss_sum, units, grad_norm, redundant_s, checkpoint_s, *memory))
     decision = store.wait([decision_key(step)], timeout)
     assert decision is not None  # no stop condition: None is never returned
     if decision[0] == COMMIT:
@@ -92,7 +96,8 @@ class StepReport:
     ``loss`` is the mean main loss of the step: the summed losses of the last stages divided by ``units``,
     the step's global unit count (samples or tokens); ``grad_norm`` is the global gradient norm before
     clipping; ``wait_s`` is how long :meth:`CommitCoordinator.wait_step` waited; ``redundant_s`` and
-    ``checkpoint_s`` are the largest of the ranks' figures.
+    ``checkpoint_s`` are the largest of the ranks' figures; ``peak_bytes`` and ``predicted_bytes`` hold
+    each rank's measured and predicted peak memory, in rank order.
     """
 
     step: int
@@ -103,6 +108,8 @@ class StepReport:
     wait_s: float
     redundant_s: float = 0.0
     checkpoint_s: float = 0.0
+    peak_bytes: tuple[int, ...] = ()
+    predicted_bytes: tuple[int, ...] = ()
 
 
 class CommitCoordinator:
@@ -149,7 +156,7 @@ class CommitCoordinator:
                 # here (a late rank's own report only overwrites one, and the decision is already abort)
                 missing = [k for k in keys if self.store.get(k) is None]
                 if missing:
-                    self.store.multi_set(missing, [_PAYLOAD.pack(0.0, 0.0, math.nan, 0.0, 0.0)] * len(missing))
+                    self.store.multi_set(missing, [_PAYLOAD.pack(0.0, 0.0, math.nan, 0.0, 0.0, 0.0, 0.0)] * len(missing))
                 waiter.join()
                 return None
             all_ready.wait(poll_s)
@@ -168,6 +175,8 @@ class CommitCoordinator:
             wait_s=time.perf_counter() - started,
             redundant_s=max(p[3] for p in reports),
             checkpoint_s=max(p[4] for p in reports),
+            peak_bytes=tuple(int(p[5]) for p in reports),
+            predicted_bytes=tuple(int(p[6]) for p in reports),
         )
 
     def commit(self, step: int) -> None:

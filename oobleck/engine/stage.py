@@ -17,6 +17,7 @@ import torch
 from models.base import Carry, Layer, MicroBatch, ModelSpec, set_parameter
 from oobleck import checkpoint
 from oobleck.config import Precision, TrainingConfig
+from oobleck.engine.memory import StageMemory
 from oobleck.engine.p2p import FromPrevious, ToNext
 from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
 from oobleck.precision import LossScale, forward_layers, initial_scale
@@ -97,10 +98,15 @@ class StageExecutor:
         next_: int | None,
         device: torch.device,
         redundant: Callable[[Carry | None, MicroBatch], None] | None = None,
+        recompute: bool = False,
         precision: Precision = "fp32",
     ) -> None:
         self.spec = spec
+        #: recompute every layer's activations in backward (:mod:`oobleck.recompute`)
+        self.recompute = recompute
         self.precision = precision
+        #: the stage's measured peak memory of the step being run
+        self.memory = StageMemory(layers, device)
         #: called after each forward with what the successor stage gets (the last stage: None, the input
         #: of the first), for the Bamboo-style redundant forward (:mod:`oobleck.engine.shadow`)
         self.redundant = redundant
@@ -122,6 +128,7 @@ class StageExecutor:
         self._saved: dict[int, _Saved] = {}
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._units = 0
+        self.memory.step_started()
         posted = 0
         seen: set[bool] = set()
         for j, op in enumerate(self.ops):
@@ -151,7 +158,10 @@ class StageExecutor:
     def _forward(self, k: int) -> None:
         mb = self._mbs[k].fresh()  # aux losses stay with the stage that made them
         inputs = self.prev.take_forward(k) if self.prev is not None else None
-        carry = forward_layers(self.modules, inputs, mb, self.precision, self.device, ends_model=self.next is None)
+        with self.memory.saving(k):
+            carry = forward_layers(
+                self.modules, inputs, mb, self.precision, self.device, ends_model=self.next is None, recompute=self.recompute
+            )
         aux = sum(mb.aux_losses) if mb.aux_losses else None
         if self.next is None:
             loss = carry
@@ -173,5 +183,6 @@ class StageExecutor:
         seeds = [torch.full_like(t, self._loss_scale) for t in saved.local]
         if saved.outputs:
             torch.autograd.backward(saved.outputs, list(grads) + seeds)
+        self.memory.released(k)
         if self.prev is not None:
             self.prev.send_backward(saved.inputs)

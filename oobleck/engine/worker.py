@@ -126,8 +126,11 @@ class StageWorker:
             next_=self.plan.ranks[stage + 1] if stage + 1 < num_stages else None,
             device=self.device,
             redundant=self.shadow.forward if self.shadow is not None else None,
+            recompute=self.plan.recomputes(stage) or config.training.recompute == "full",
             precision=config.training.precision,
         )
+        #: the plan's predicted peak memory of this stage (0 without one), reported with the measured peak
+        self.predicted_bytes = self.plan.prediction(stage)
         self.sync = GradSync(
             self.rank,
             assignment.pipelines,
@@ -258,7 +261,8 @@ class StageWorker:
         self.pending = step
         redundant_s = self.shadow.take_seconds() if self.shadow is not None else 0.0
         checkpoint_s, self._checkpoint_s = self._checkpoint_s, 0.0
-        report_ready(self.store, step, self.rank, loss_sum, units, grad_norm, redundant_s, checkpoint_s)
+        memory = (self.executor.memory.peak_bytes(), self.predicted_bytes)
+        report_ready(self.store, step, self.rank, loss_sum, units, grad_norm, redundant_s, checkpoint_s, memory)
         self.apply(step)
 
     def apply(self, step: int) -> None:
