@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inject": ("inject", "kill, hang or add nodes of a running job"),
     "generate": ("generate", "continue text from a causal LM's checkpoint (family gpt or hf)"),
     "export": ("export", "write the whole model of a checkpoint (safetensors, or the library's own format)"),
+    "sample": ("sample", "draw a PNG grid of samples from a diffusion model's checkpoint"),
 }
 
 PACKAGE = "oobleck.commands"

@@ -72,6 +72,15 @@ def model_config(cfg: ModelConfig) -> Any:
 
 def build_model(cfg: ModelConfig, seed: int) -> ModelSpec:
     """The model spec a config describes (its layers are built later, per stage)."""
+    if cfg.family == "diffusers":
+        from models.diffusers_zoo import build_spec
+
+        if cfg.overrides:
+            raise ConfigError("model.overrides: family diffusers reads model.config (the model's config.json fields); move them there")
+        with config_errors():
+            return build_spec(
+                cfg.architecture, cfg.config, cfg.config_dir, seed=seed, dtype=torch_dtype(cfg.dtype), difffit=cfg.difffit
+            )
     if cfg.family == "hf":
         from models.hf import build_hf_spec
 
@@ -185,7 +194,7 @@ def _check(cfg: DataConfig, mcfg: Any) -> None:
             f"expects {want[1]}x{want[2]} with {want[0]}; pick a matching model.preset or set model.overrides.image_size"
         )
     used = max(cfg.classes if cfg.classes is not None else labels)
-    if used >= mcfg.num_classes:
+    if mcfg.num_classes and used >= mcfg.num_classes:  # 0 or None: unconditional, labels unused
         raise ConfigError(
             f"model.overrides.num_classes: got {mcfg.num_classes} (labels 0..{mcfg.num_classes - 1}) but data.dataset "
             f"{cfg.dataset} uses labels up to {used}; set model.overrides.num_classes to {used + 1} or more, or "

@@ -265,8 +265,11 @@ class _ProgressBar:
 def _sampling_spec(spec: ModelSpec) -> ModelSpec:
     """``spec`` if it is a class-conditional diffusion model (a noise schedule and a class count), else a
     ConfigError telling the user to drop ``--samples``."""
-    if not hasattr(spec, "schedule") or not hasattr(getattr(spec, "config", None), "num_classes"):
-        raise ConfigError("--samples: the model is not a class-conditional diffusion model; drop --samples")
+    if not hasattr(spec, "schedule") or not getattr(getattr(spec, "config", None), "num_classes", 0):
+        raise ConfigError(
+            "--samples: the model is not a class-conditional diffusion model; drop --samples "
+            "(oobleck sample RUN draws unconditional ones from the checkpoint)"
+        )
     return spec
 
 

@@ -293,14 +293,17 @@ def test_bad_inputs_are_one_line_naming_the_field(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_llama_profile_plan_and_run_with_a_node_killed_matches_train_local(
-    tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_profile_plan_and_run_with_a_node_killed_matches_train_local(
+    architecture: str, tmp_path: Path, profile_dir: Path, reference_run: ReferenceRun
 ) -> None:
+    model_config = {**TINY[architecture], "vocab_size": 256, "tie_word_embeddings": True}
     raw = {
-        "model": {"family": "hf", "architecture": "llama", "dtype": "float64", "config": {**TINY["llama"], "vocab_size": 256, "tie_word_embeddings": True}},
+        "model": {"family": "hf", "architecture": architecture, "dtype": "float64", "config": model_config},
         "data": {"dataset": "pydoc"},
         "training": {"steps": 6, "global_batch": 8, "microbatch": 2, "lr": 3e-3, "seed": 3},
-        "cluster": {"nodes": 4, "devices_per_node": 1, "device": "cpu", "device_memory_gib": 0.0006},  # n0 = 2
+        # small enough that a pipeline needs 2 nodes: 4 nodes run 2 pipelines
+        "cluster": {"nodes": 4, "devices_per_node": 1, "device": "cpu", "device_memory_gib": {"gpt2": 0.0009, "llama": 0.0006}[architecture]},
         "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
         "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1},
         "faults": [{"step": 3, "phase": "backward", "kind": "kill", "target": "node", "nodes": [1]}],
