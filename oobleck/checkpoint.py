@@ -92,16 +92,24 @@ def optimizer_param_names(layer: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def layer_payload(
-    step: int, layer: nn.Module, optimizer: torch.optim.Optimizer | None, *, copy: bool = False
+    step: int,
+    layer: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    copy: bool = False,
+    loss_scale: list[int] | None = None,
 ) -> dict[str, Any]:
     """The dict a layer file holds; ``copy`` clones every tensor, so that the payload can be written later
-    (e.g. from a background thread) while training goes on."""
-    payload = {
+    (e.g. from a background thread) while training goes on. ``loss_scale`` (the engine's
+    :class:`~oobleck.precision.LossScale` as ``[log2, good_steps]``) is stored under that key when given."""
+    payload: dict[str, Any] = {
         "step": step,
         "params": layer.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "param_names": optimizer_param_names(layer, optimizer) if optimizer is not None else [],
     }
+    if loss_scale is not None:
+        payload["loss_scale"] = list(loss_scale)
     if copy:
         payload = _cloned(payload)
     return payload
@@ -115,10 +123,16 @@ def write_layer(ckpt_dir: str | Path, index: int, payload: dict[str, Any]) -> Pa
 
 
 def save_layer(
-    ckpt_dir: str | Path, step: int, index: int, layer: nn.Module, optimizer: torch.optim.Optimizer | None
+    ckpt_dir: str | Path,
+    step: int,
+    index: int,
+    layer: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    loss_scale: list[int] | None = None,
 ) -> Path:
-    """Atomically write layer ``index``'s parameters and optimizer state (``None`` for none) as of ``step``."""
-    return write_layer(ckpt_dir, index, layer_payload(step, layer, optimizer))
+    """Atomically write layer ``index``'s parameters and optimizer state (``None`` for none) as of ``step``
+    (and ``loss_scale``, see :func:`layer_payload`)."""
+    return write_layer(ckpt_dir, index, layer_payload(step, layer, optimizer, loss_scale=loss_scale))
 
 
 def _cloned(value: Any) -> Any:
@@ -446,7 +460,8 @@ def remove_stale_temporaries(run_dir: str | Path, *, older_than: float | None = 
 
 
 def load_layer_state(ckpt_dir: str | Path, index: int) -> dict[str, Any]:
-    """The saved dict of layer ``index`` (keys ``step``, ``params``, ``optimizer``, ``param_names``), on CPU."""
+    """The saved dict of layer ``index`` (keys ``step``, ``params``, ``optimizer``, ``param_names``, and
+    ``loss_scale`` when the engine wrote it), on CPU."""
     path = layer_file(ckpt_dir, index)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -28,6 +28,8 @@ LIBRARY_FAMILIES = ("hf", "diffusers")
 #: model.family may also name your own layers as package.module:object (docs/models.md)
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 DType = Literal["float32", "float64"]
+#: training.precision: fp32 computes in model.dtype; bf16 and fp16 compute under autocast (oobleck.precision)
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -87,6 +89,9 @@ class TrainingConfig:
     seed: int = 0
     #: activation recomputation: none, full (every stage), auto (the stages the planner says)
     recompute: Literal["none", "full", "auto"] = "none"
+    #: fp32 (model.dtype throughout), bf16 or fp16 (autocast compute and carries, fp32 parameters and
+    #: optimizer state; fp16 with dynamic loss scaling): oobleck.precision
+    precision: Precision = "fp32"
 
 
 @dataclass
@@ -158,7 +163,9 @@ class FaultConfig:
 
     step: int = 0
     phase: Literal["forward", "backward", "sync", "optimizer", "recovery", "checkpoint", "exit"] = "forward"
-    kind: Literal["kill", "hang"] = "kill"
+    #: kill or hang the target; overflow (training.precision fp16 only) puts an inf into the target worker's
+    #: gradients of ``step`` (``phase`` and ``target`` are not used): the whole job must skip that step
+    kind: Literal["kill", "hang", "overflow"] = "kill"
     target: Literal["worker", "node"] = "node"
     #: node indices (several at once allowed)
     nodes: list[int] = field(default_factory=lambda: [0])

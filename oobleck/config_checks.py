@@ -72,6 +72,10 @@ def validate(c: JobConfig) -> None:
     _require(all(0 <= b < 1 for b in t.betas), "training.betas", list(t.betas), "each must be in [0, 1)")
     _require(t.grad_clip is None or t.grad_clip > 0, "training.grad_clip", t.grad_clip, "must be positive or null")
     _require(t.seed >= 0, "training.seed", t.seed, "must be at least 0")
+    _require(
+        t.precision == "fp32" or c.model.dtype == "float32", "training.precision", t.precision,
+        f"mixed precision keeps float32 parameters: set model.dtype: float32 (got {c.model.dtype}) or training.precision: fp32",
+    )  # fmt: skip
 
     k = c.cluster
     _require(k.nodes >= 1, "cluster.nodes", k.nodes, "must be at least 1")
@@ -119,6 +123,10 @@ def validate(c: JobConfig) -> None:
         _require(
             fault.phase != "exit" or fault.step == c.training.steps, f"faults[{i}].step", fault.step,
             f"must be training.steps ({c.training.steps}) for phase exit (the worker exits once, after the last step)",
+        )  # fmt: skip
+        _require(
+            fault.kind != "overflow" or t.precision == "fp16", f"faults[{i}].kind", fault.kind,
+            "overflow needs training.precision: fp16 (only loss-scaled runs skip a step whose gradients overflow)",
         )  # fmt: skip
         _require(bool(fault.nodes), f"faults[{i}].nodes", fault.nodes, "must name at least one node")
         for n in fault.nodes:

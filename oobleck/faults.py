@@ -9,7 +9,10 @@ where the master reads it for the recovery report's detection time) and then:
 * ``kill`` ``node``: SIGKILL its agent and itself; the node's other workers die with the agent
   (PR_SET_PDEATHSIG), which is how a machine's death looks to the rest of the job;
 * ``hang`` ``worker``: SIGSTOP itself (its agent's watchdog then kills it);
-* ``hang`` ``node``: SIGSTOP its agent and itself (the master then misses the agent's heartbeats).
+* ``hang`` ``node``: SIGSTOP its agent and itself (the master then misses the agent's heartbeats);
+* ``overflow`` (fp16): the hook returns True when the fault's step reaches "sync", and the worker puts an
+  inf into its gradients of that step (:data:`oobleck.engine.worker.PhaseHook`); ``phase`` and ``target``
+  are not used.
 
 A node fault is carried out by the node's worker on device ``worker`` (default 0). Node ``i`` of a fault is
 the launcher's node ``i`` (:func:`oobleck.nodes.node_name`). A fault fires at most once per process; after
@@ -37,10 +40,15 @@ class FaultHook:
         self._record = record
         self._faults = [f for f in faults if node in {node_name(i) for i in f.nodes} and f.worker == device]
 
-    def __call__(self, step: int, phase: str) -> None:
+    def __call__(self, step: int, phase: str) -> bool:
+        """Carry out the faults due at (``step``, ``phase``); True when an overflow is due (see the module notes)."""
+        overflow = False
         for fault in self._faults:
-            if fault.step == step and fault.phase == phase:
+            if fault.kind == "overflow":
+                overflow |= fault.step == step and phase == "sync"
+            elif fault.step == step and fault.phase == phase:
                 self._fire(fault)
+        return overflow
 
     def _fire(self, fault: FaultConfig) -> None:
         sig = signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP

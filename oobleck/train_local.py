@@ -14,6 +14,14 @@ One step ``s`` (0-based):
 
 ``training.recompute: full`` recomputes every layer in backward (:mod:`oobleck.recompute`), which changes
 no number; ``auto`` follows a plan, and one process has none, so it keeps every activation like ``none``.
+
+With ``training.precision`` bf16 or fp16 the layers run as the engine runs them
+(:func:`oobleck.precision.forward_layers`: autocast, the carry cast to 16 bits at every layer boundary),
+and step 2 backpropagates ``total * S`` (``S`` the loss scale, 1 for bf16) and divides every gradient by
+``U * S`` afterwards, as the engine does, so that the 16-bit gradients at layer boundaries are the engine's
+numbers. Under fp16 a step whose gradient norm is not finite is skipped (no optimizer steps) and halves
+the scale (:class:`oobleck.precision.LossScale`); a fault of kind ``overflow`` at step ``s`` forces that, as
+it does in a job. fp32 is exactly the five steps above.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from oobleck.config import JobConfig, SamplingConfig, TrainingConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, load_pretrained_layers
-from oobleck.recompute import run_layers
+from oobleck.precision import LossScale, compute_dtype, forward_layers, initial_scale, skips_overflow
 from oobleck.training import (
     clip_coefficient,
     grad_square_sum,
@@ -65,7 +73,7 @@ class StepStats:
 class LocalResult:
     """The outcome of :func:`train_local`: per-step losses (main loss only), the trained layers and their
     per-layer optimizers, every step's stats, the final checkpoint's folder when one was written, and the
-    moving average of the weights when one was kept."""
+    moving average of the weights when one was kept; ``scale`` is the loss scale after the last step."""
 
     losses: list[float]
     layers: list[Layer]
@@ -74,6 +82,7 @@ class LocalResult:
     stats: list[StepStats] = field(default_factory=list)
     checkpoint: Path | None = None
     ema: WeightAverage | None = None
+    scale: LossScale = field(default_factory=LossScale)
 
 
 def trainable_parameters(layers: list[Layer]) -> list[torch.nn.Parameter]:
@@ -100,29 +109,38 @@ def train_step(
     step: int,
     cfg: TrainingConfig,
     device: torch.device = torch.device("cpu"),
+    scale: LossScale = LossScale(),
+    overflow: bool = False,
 ) -> StepStats:
-    """Run step ``step`` as the module docstring describes and return its stats."""
+    """Run step ``step`` as the module docstring describes and return its stats; ``scale`` is the step's
+    loss scale and ``overflow`` forces an inf into the first parameter's gradient (an ``overflow`` fault)."""
     start = time.perf_counter()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     microbatches = [batches.microbatch(step, k) for k in range(batches.num_microbatches)]
     units = sum(spec.loss_units(mb) for mb in microbatches)
+    mixed = compute_dtype(cfg.precision) is not None
     main_sum = aux_sum = 0.0
     for mb in microbatches:
         mb = _to_device(mb, device)
-        loss = run_layers(layers, mb, cfg.recompute == "full")
+        loss = forward_layers(layers, None, mb, cfg.precision, device, ends_model=True, recompute=cfg.recompute == "full")
         aux = sum(mb.aux_losses) if mb.aux_losses else None  # left to right, as a stage adds its own
         total = loss if aux is None else loss + aux
-        (total / units).backward()
+        (total * scale.value if mixed else total / units).backward()
         main_sum += float(loss.detach())
         aux_sum += 0.0 if aux is None else float(aux.detach())
     params = trainable_parameters(layers)
+    if overflow:
+        params[0].grad.view(-1)[0] = math.inf
+    if mixed:
+        scale_grads(params, 1.0 / (units * scale.value))
     grad_norm = math.sqrt(grad_square_sum(params))
-    scale_grads(params, clip_coefficient(grad_norm, cfg.grad_clip))
     lr = lr_at(step, cfg)
-    for optimizer in optimizers:
-        set_lr(optimizer, lr)
-        optimizer.step()
+    if not (skips_overflow(cfg.precision) and not math.isfinite(grad_norm)):
+        scale_grads(params, clip_coefficient(grad_norm, cfg.grad_clip))
+        for optimizer in optimizers:
+            set_lr(optimizer, lr)
+            optimizer.step()
     elapsed = time.perf_counter() - start
     return StepStats(step, main_sum / units, aux_sum / units, lr, grad_norm, batches.global_batch / elapsed)
 
@@ -181,7 +199,8 @@ def train_local(
         load_init_checkpoint(config.model.init_checkpoint, spec, layers)
     optimizers = layer_optimizers(layers, t)
     ema = None if ema_decay is None else WeightAverage(layers, ema_decay)
-    result = LocalResult([], layers, optimizers, spec, ema=ema)
+    result = LocalResult([], layers, optimizers, spec, ema=ema, scale=initial_scale(t.precision))
+    overflows = {fault.step for fault in config.faults if fault.kind == "overflow"}
 
     metrics: IO[str] | None = None
     if run_dir is not None:
@@ -191,7 +210,9 @@ def train_local(
     bar = _ProgressBar(t.steps) if progress else None
     try:
         for step in range(t.steps):
-            stats = train_step(spec, layers, optimizers, batches, step, t, device)
+            stats = train_step(spec, layers, optimizers, batches, step, t, device, result.scale, step in overflows)
+            if skips_overflow(t.precision):
+                result.scale = result.scale.after(not math.isfinite(stats.grad_norm))
             if ema is not None:
                 ema.update(layers)
             result.losses.append(stats.loss)

@@ -7,7 +7,8 @@ parameter are looked up in whichever optimizer of the sending worker owns it (:f
 
 Wire format of one layer (``send_layer`` / ``recv_layer``), over the generation's process group:
 
-1. a header, int64 ``[layer step, then for each parameter in named_parameters() order: has_moments, adam step]``;
+1. a header, int64 ``[layer step, loss scale's log2 and good steps (oobleck.precision.LossScale), then for each
+   parameter in named_parameters() order: has_moments, adam step]``;
 2. every tensor of ``module.state_dict()`` in key order (parameters and buffers);
 3. ``exp_avg`` and ``exp_avg_sq`` of every parameter whose ``has_moments`` flag is set.
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from oobleck.engine import interrupt
 from oobleck.engine.stage import HeldLayer
+from oobleck.precision import LossScale
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -31,11 +33,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 @dataclass
 class LayerState:
     """One layer's training state: ``tensors`` is its ``state_dict()``; ``moments`` maps a parameter name to
-    (AdamW's step count for it, exp_avg, exp_avg_sq) for the parameters that have optimizer state."""
+    (AdamW's step count for it, exp_avg, exp_avg_sq) for the parameters that have optimizer state; ``scale``
+    is the job's loss scale at ``step``."""
 
     step: int
     tensors: dict[str, torch.Tensor]
     moments: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
+    scale: LossScale
 
 
 def moments_by_param(layers: Iterable[HeldLayer]) -> dict[int, dict[str, torch.Tensor]]:
@@ -55,12 +59,13 @@ def export_layer(held: HeldLayer, moments: dict[int, dict[str, torch.Tensor]]) -
         state = moments.get(id(param))
         if state is not None:
             found[name] = (float(state["step"]), state["exp_avg"], state["exp_avg_sq"])
-    return LayerState(held.step, dict(held.module.state_dict()), found)
+    return LayerState(held.step, dict(held.module.state_dict()), found, held.scale)
 
 
 def import_layer(state: LayerState, held: HeldLayer) -> None:
     """Copy ``state`` into ``held``: parameters and buffers, the moments of the parameters ``held``'s own
-    optimizer owns (a tied weight another layer's optimizer owns gets its moments there), and the step."""
+    optimizer owns (a tied weight another layer's optimizer owns gets its moments there), the step and the
+    loss scale."""
     with torch.no_grad():
         own = held.module.state_dict()
         for key, tensor in state.tensors.items():
@@ -76,12 +81,13 @@ def import_layer(state: LayerState, held: HeldLayer) -> None:
             "exp_avg_sq": exp_avg_sq.detach().clone().to(param.device),
         }
     held.step = state.step
+    held.scale = state.scale
 
 
 def send_layer(state: LayerState, held: HeldLayer, dst: int, device: torch.device) -> int:
     """Send ``state`` (a layer built like ``held``) to rank ``dst``; returns the bytes sent."""
     names = [name for name, _ in held.module.named_parameters(remove_duplicate=False)]
-    header = [state.step]
+    header = [state.step, *state.scale.encode()]
     for name in names:
         entry = state.moments.get(name)
         header += [1, int(entry[0])] if entry is not None else [0, 0]
@@ -100,7 +106,7 @@ def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
     """Receive a layer from rank ``src`` into ``held`` (built from the same spec as the sender's)."""
     names = [name for name, param in held.module.named_parameters(remove_duplicate=False)]
     params = dict(held.module.named_parameters(remove_duplicate=False))
-    header = torch.empty(1 + 2 * len(names), dtype=torch.int64, device=device)
+    header = torch.empty(3 + 2 * len(names), dtype=torch.int64, device=device)
     interrupt.check()
     dist.recv(header, src)
     values = header.tolist()
@@ -112,14 +118,14 @@ def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
         tensors[key] = buffer
     moments = {}
     for j, name in enumerate(names):
-        if values[1 + 2 * j]:
+        if values[3 + 2 * j]:
             exp_avg = torch.empty_like(params[name], device=device)
             exp_avg_sq = torch.empty_like(params[name], device=device)
             interrupt.check()
             dist.recv(exp_avg, src)
             dist.recv(exp_avg_sq, src)
-            moments[name] = (float(values[2 + 2 * j]), exp_avg, exp_avg_sq)
-    import_layer(LayerState(int(values[0]), tensors, moments), held)
+            moments[name] = (float(values[4 + 2 * j]), exp_avg, exp_avg_sq)
+    import_layer(LayerState(int(values[0]), tensors, moments, LossScale.decode(values[1:3])), held)
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -9,6 +9,11 @@ Every send is asynchronous (``isend``) and its handle is kept until :meth:`flush
 blocks on a neighbour that is busy; receives are posted ahead (``post_*``) and waited for when the data is
 needed (``take_*``), which lets transfers overlap compute. Between any two ranks activations travel only
 one way and gradients only the other, so messages pair up in posting order.
+
+Under ``training.precision`` bf16 or fp16 the carry a stage sends is already in 16 bits (every layer's
+output is cast, :func:`oobleck.precision.forward_layers`), so the header announces 16-bit tensors, the
+receiver's buffers are 16-bit, and the gradients autograd computes for them (sent back) are 16-bit too:
+half the bytes of float32 each way. ``sent_bytes`` counts what a link has sent (header excluded).
 """
 
 from __future__ import annotations
@@ -103,11 +108,15 @@ class _Link:
         self.device = device
         self.spec: CarrySpec | None = None
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        #: bytes of carries or gradients sent so far (headers not counted)
+        self.sent_bytes = 0
 
-    def _isend(self, tensor: torch.Tensor) -> None:
+    def _isend(self, tensor: torch.Tensor, header: bool = False) -> None:
         # the tensor is kept with its handle: it must stay alive until the send completes
         interrupt.check()
         self._sends.append((dist.isend(tensor, self.peer), tensor))
+        if not header:
+            self.sent_bytes += tensor.numel() * tensor.element_size()
 
     def flush(self) -> None:
         """Wait for every send posted so far."""
@@ -178,7 +187,7 @@ class ToNext(_Link):
         tensors = _as_tensors(carry)
         if self.spec is None:
             self.spec = CarrySpec.of(carry)
-            self._isend(self.spec.encode(self.device))
+            self._isend(self.spec.encode(self.device), header=True)
             self._buffers = [_buffers(self.spec.grad_specs, self.device) for _ in range(self.GRAD_SLOTS)]
         for t in tensors:
             self._isend(t.detach().contiguous())

@@ -6,7 +6,7 @@ and keeps them exactly at the committed step:
 
 * **redundant forward**: for every microbatch it runs the shadow layers forward on what the successor gets
   as input (its own output; the last stage, shadowing the first, the microbatch itself), under
-  ``no_grad`` and discarding the result. This is the computation Bamboo spends so that the predecessor could
+  ``no_grad`` (and at ``training.precision``, as the successor runs them) and discarding the result. This is the computation Bamboo spends so that the predecessor could
   take over a stage's forward pass at once; here it is paid every step and measured (``seconds``);
 * **refresh**: once the step's gradients are final (synchronised and clipped), each stage sends its own
   layers' gradients to its predecessor and receives its successor's, then applies them to the shadow with
@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 from models.base import Carry, MicroBatch
+from oobleck.config import Precision
 from oobleck.engine import interrupt
 from oobleck.engine.stage import HeldLayer
+from oobleck.precision import forward_layers
 
 
 def _params(layers: list[HeldLayer]) -> list[torch.nn.Parameter]:
@@ -38,8 +40,12 @@ class Shadow:
     """The shadow of the successor stage (``layers``), refreshed from rank ``successor``; this worker's own
     gradients go to rank ``predecessor``. ``seconds`` accumulates the time spent on redundancy."""
 
-    def __init__(self, layers: list[HeldLayer], predecessor: int, successor: int) -> None:
+    def __init__(
+        self, layers: list[HeldLayer], predecessor: int, successor: int, precision: Precision, device: torch.device
+    ) -> None:
         self.layers = layers
+        self.precision = precision
+        self.device = device
         self.predecessor = predecessor
         self.successor = successor
         self.seconds = 0.0
@@ -48,10 +54,8 @@ class Shadow:
         """The successor's forward pass on ``inputs``, redundantly (result discarded)."""
         started = time.perf_counter()
         mb = microbatch.fresh()
-        with torch.no_grad():
-            carry = inputs
-            for held in self.layers:
-                carry = held.module(carry, mb)
+        with torch.no_grad():  # the output is discarded: whether its last cast happens does not matter
+            forward_layers([h.module for h in self.layers], inputs, mb, self.precision, self.device, ends_model=True)
         self.seconds += time.perf_counter() - started
 
     def exchange_gradients(self, own: list[HeldLayer]) -> None:

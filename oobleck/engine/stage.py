@@ -9,51 +9,52 @@ reference trainer: one AdamW per layer, and a Parameter several layers share bel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from models.base import Carry, Layer, MicroBatch, ModelSpec, set_parameter
 from oobleck import checkpoint
-from oobleck.config import TrainingConfig
+from oobleck.config import Precision, TrainingConfig
 from oobleck.engine.memory import StageMemory
 from oobleck.engine.p2p import FromPrevious, ToNext
 from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
-from oobleck.recompute import run_layer
+from oobleck.precision import LossScale, forward_layers, initial_scale
 from oobleck.training import layer_optimizers
 
 
 @dataclass
 class HeldLayer:
-    """A layer a worker holds, with its optimizer and ``step``: the number of optimizer steps applied to it.
-    Recovery moves layers between workers as :meth:`state` dicts, so the step travels with the weights."""
+    """A layer a worker holds, with its optimizer, ``step`` (the number of training steps applied to it, a
+    step fp16 skipped included) and ``scale``, the job's loss scale for step ``step``. Recovery moves layers
+    between workers as :meth:`state` dicts, so the step and the scale travel with the weights."""
 
     index: int
     module: Layer
     optimizer: torch.optim.AdamW
     step: int = 0
+    scale: LossScale = field(default_factory=LossScale)
 
-    def state(self) -> dict[str, Any]:
-        """The layer in the checkpoint format of :func:`oobleck.checkpoint.save_layer`."""
-        return {
-            "step": self.step,
-            "params": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "param_names": checkpoint.optimizer_param_names(self.module, self.optimizer),
-        }
+    def state(self, copy: bool = False) -> dict[str, Any]:
+        """The layer in the checkpoint format of :func:`oobleck.checkpoint.save_layer` (tensors cloned with
+        ``copy``)."""
+        return checkpoint.layer_payload(self.step, self.module, self.optimizer, copy=copy, loss_scale=self.scale.encode())
 
     def load(self, state: dict[str, Any]) -> None:
-        """Take parameters, optimizer state and step from a :meth:`state` dict or a checkpoint's layer file."""
+        """Take parameters, optimizer state, step and loss scale from a :meth:`state` dict or a checkpoint's
+        layer file (one without a loss scale, written before there was one, keeps the current scale)."""
         checkpoint.restore_layer(state, self.module, self.optimizer)
         self.step = int(state["step"])
+        if "loss_scale" in state:
+            self.scale = LossScale.decode(state["loss_scale"])
 
 
 def build_stage_layers(
     spec: ModelSpec, first: int, last: int, cfg: TrainingConfig, device: torch.device, step: int = 0
 ) -> list[HeldLayer]:
     """Layers ``[first, last)`` of ``spec`` on ``device``, tied parameters shared within the stage, each with
-    its own optimizer, all at ``step``."""
+    its own optimizer, all at ``step`` and at ``cfg.precision``'s initial loss scale."""
     modules = {i: spec.build_layer(i).to(device) for i in range(first, last)}
     for group in spec.tied:
         local = [(i, name) for i, name in group if i in modules]
@@ -63,7 +64,8 @@ def build_stage_layers(
             for i, name in rest:
                 set_parameter(modules[i], name, shared)
     optimizers = layer_optimizers([modules[i] for i in range(first, last)], cfg)
-    return [HeldLayer(i, modules[i], opt, step) for i, opt in zip(range(first, last), optimizers)]
+    scale = initial_scale(cfg.precision)
+    return [HeldLayer(i, modules[i], opt, step, scale) for i, opt in zip(range(first, last), optimizers)]
 
 
 @dataclass
@@ -76,12 +78,13 @@ class _Saved:
 
 
 class StageExecutor:
-    """Runs one stage's share of a step under 1F1B and leaves the summed (unscaled) gradients of the
-    stage's microbatches in its parameters' ``.grad``.
+    """Runs one stage's share of a step under 1F1B and leaves the summed gradients of the stage's
+    microbatches, times the loss scale, in its parameters' ``.grad``.
 
-    The last stage backpropagates ``loss + aux``; other stages backpropagate the gradients received for
-    their outputs plus their own aux losses. Nothing is divided here: the worker scales the gradients once
-    by ``1 / global units`` after they are summed across pipelines.
+    The last stage backpropagates ``(loss + aux) * loss_scale``; other stages backpropagate the gradients
+    received for their outputs plus their own aux losses times the loss scale. Nothing is divided here: the
+    worker scales the gradients once by ``1 / (global units * loss scale)`` after they are summed across
+    pipelines. The layers run under ``precision`` (:func:`oobleck.precision.forward_layers`).
     """
 
     def __init__(
@@ -96,10 +99,12 @@ class StageExecutor:
         device: torch.device,
         redundant: Callable[[Carry | None, MicroBatch], None] | None = None,
         recompute: bool = False,
+        precision: Precision = "fp32",
     ) -> None:
         self.spec = spec
         #: recompute every layer's activations in backward (:mod:`oobleck.recompute`)
         self.recompute = recompute
+        self.precision = precision
         #: the stage's measured peak memory of the step being run
         self.memory = StageMemory(layers, device)
         #: called after each forward with what the successor stage gets (the last stage: None, the input
@@ -112,11 +117,14 @@ class StageExecutor:
         self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
         self.next = ToNext(next_, device) if next_ is not None else None
 
-    def run(self, microbatches: list[MicroBatch], on_phase: Callable[[str], None] | None = None) -> tuple[float, float]:
+    def run(
+        self, microbatches: list[MicroBatch], on_phase: Callable[[str], None] | None = None, loss_scale: float = 1.0
+    ) -> tuple[float, float]:
         """Forward and backward every microbatch (in pipeline-local order); returns the summed main loss and
         the summed loss units of the microbatches, both 0 except on the last stage. ``on_phase`` is called
-        with "forward" and "backward" before the first of each."""
+        with "forward" and "backward" before the first of each; losses are backpropagated times ``loss_scale``."""
         self._mbs = microbatches
+        self._loss_scale = loss_scale
         self._saved: dict[int, _Saved] = {}
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._units = 0
@@ -150,10 +158,10 @@ class StageExecutor:
     def _forward(self, k: int) -> None:
         mb = self._mbs[k].fresh()  # aux losses stay with the stage that made them
         inputs = self.prev.take_forward(k) if self.prev is not None else None
-        carry = inputs
         with self.memory.saving(k):
-            for module in self.modules:
-                carry = run_layer(module, carry, mb, self.recompute)
+            carry = forward_layers(
+                self.modules, inputs, mb, self.precision, self.device, ends_model=self.next is None, recompute=self.recompute
+            )
         aux = sum(mb.aux_losses) if mb.aux_losses else None
         if self.next is None:
             loss = carry
@@ -172,7 +180,7 @@ class StageExecutor:
     def _backward(self, k: int) -> None:
         saved = self._saved.pop(k)
         grads = self.next.take_backward(k) if self.next is not None else []
-        seeds = [torch.ones_like(t) for t in saved.local]
+        seeds = [torch.full_like(t, self._loss_scale) for t in saved.local]
         if saved.outputs:
             torch.autograd.backward(saved.outputs, list(grads) + seeds)
         self.memory.released(k)

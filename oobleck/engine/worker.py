@@ -57,6 +57,7 @@ from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
 from oobleck.errors import OobleckError
 from oobleck.model_building import build_batches, build_model
+from oobleck.precision import LossScale, skips_overflow
 from oobleck.training import clip_coefficient, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 #: called with (step, phase) as a step passes "forward", "backward" (first of each in the step), "sync",
 #: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation), and with
 #: (training.steps, "exit") once the final checkpoint is written (:mod:`oobleck.engine.elastic`); failure
-#: injection hooks in here
-PhaseHook = Callable[[int, str], None]
+#: injection hooks in here. A hook returning True at "sync" puts an inf into this rank's gradients of the
+#: step (the ``overflow`` fault, fp16 only; any other return value is ignored)
+PhaseHook = Callable[[int, str], object]
 
 
 class StageWorker:
@@ -111,7 +113,9 @@ class StageWorker:
         #: the Bamboo-style baseline's shadow of the successor stage (None otherwise)
         self.shadow: Shadow | None = None
         if shadowed is not None:
-            self.shadow = Shadow(held[last - first :], self.plan.ranks[stage - 1], self.plan.ranks[shadowed])
+            self.shadow = Shadow(
+                held[last - first :], self.plan.ranks[stage - 1], self.plan.ranks[shadowed], config.training.precision, self.device
+            )
         self.executor = StageExecutor(
             self.spec,
             self.layers,
@@ -123,6 +127,7 @@ class StageWorker:
             device=self.device,
             redundant=self.shadow.forward if self.shadow is not None else None,
             recompute=self.plan.recomputes(stage) or config.training.recompute == "full",
+            precision=config.training.precision,
         )
         #: the plan's predicted peak memory of this stage (0 without one), reported with the measured peak
         self.predicted_bytes = self.plan.prediction(stage)
@@ -146,6 +151,12 @@ class StageWorker:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         #: a step whose gradients are reported ready but not applied yet (see :meth:`settle`)
         self.pending: int | None = None
+        #: whether the pending step's gradients overflowed (fp16): applying it then skips the optimizers
+        self.overflow = False
+        #: the job's loss scale for the next step: every held layer carries the same one
+        self.scale = held[0].scale
+        if any(h.scale != self.scale for h in held):
+            raise RuntimeError(f"rank {self.rank}: layers carry different loss scales {[h.scale for h in held]}")
         #: whether this generation committed a step: then its layers are the ones the master counts on
         self.committed_any = False
         #: seconds of foreground checkpoint writing to report with the next step
@@ -227,18 +238,24 @@ class StageWorker:
     def train_step(self, step: int) -> None:
         """Run, synchronise, commit and apply ``step`` (see the module notes)."""
         loading = self._loading.pop(step, None) or self._loader.submit(self.microbatches, step)
-        loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase))
+        scale = self.scale.value
+        loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase), scale)
         if step + 1 < self.config.training.steps:
             # load the next step's data while this one syncs and waits for the commit (cores are idle then)
             self._loading[step + 1] = self._loader.submit(self.microbatches, step + 1)
-        self.on_phase(step, "sync")
+        if self.on_phase(step, "sync") is True:
+            _inject_overflow(self.layers)
         squares = self.sync.reduce()
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
         interrupt.check()
         dist.all_reduce(totals)
         global_squares, global_units = totals.tolist()
-        grad_norm = math.sqrt(global_squares) / global_units
-        self.sync.scale(clip_coefficient(grad_norm, self.config.training.grad_clip) / global_units)
+        # the norm (of the unscaled gradients) is one all-reduced number, the same on every rank: a non-finite
+        # gradient anywhere makes it non-finite everywhere, so the overflow decision is the job's (fp16)
+        self.overflow = skips_overflow(self.config.training.precision) and not math.isfinite(global_squares)
+        grad_norm = math.sqrt(global_squares) / (global_units * scale)
+        if not self.overflow:  # unscale and clip in one multiply (the scale is a power of two: exact)
+            self.sync.scale(clip_coefficient(grad_norm, self.config.training.grad_clip) / (global_units * scale))
         if self.shadow is not None:
             self.shadow.exchange_gradients(self.layers)
         self.pending = step
@@ -250,18 +267,23 @@ class StageWorker:
 
     def apply(self, step: int) -> None:
         """Apply the committed ``step``: every layer's optimizer steps at ``lr_at(step)`` (a shadow's too;
-        its time counts as redundant work of the next step)."""
+        its time counts as redundant work of the next step). A step whose gradients overflowed (fp16) steps
+        no optimizer and only drops the gradients, on every rank alike. Under fp16 the loss scale is then
+        updated (:meth:`~oobleck.precision.LossScale.after`); every held layer carries the new one."""
         lr = lr_at(step, self.config.training)
+        if skips_overflow(self.config.training.precision):
+            self.scale = self.scale.after(self.overflow)
         for j, held in enumerate(self.layers):
-            _step_layer(held, lr, step)
+            _step_layer(held, lr, step, self.scale, skip=self.overflow)
             if j == 0:
                 self.on_phase(step, "optimizer")  # one layer stepped, the others not yet
         if self.shadow is not None:
             started = time.perf_counter()
             for held in self.shadow.layers:
-                _step_layer(held, lr, step)
+                _step_layer(held, lr, step, self.scale, skip=self.overflow)
             self.shadow.seconds += time.perf_counter() - started
         self.pending = None
+        self.overflow = False
         self.committed_any = True
 
     def settle(self, next_start: int) -> None:
@@ -274,13 +296,14 @@ class StageWorker:
         for held in self.held:
             held.optimizer.zero_grad(set_to_none=True)
         self.pending = None
+        self.overflow = False
 
     def save_checkpoint(self, step: int) -> Path:
         """Write this rank's share of the checkpoint of ``step`` (steps applied); rank 0 marks it complete
         once every rank has written its share (collective)."""
         ckpt = checkpoint.checkpoint_dir(self.run_dir, step)
         for j, held in enumerate(self.writes):
-            checkpoint.save_layer(ckpt, step, held.index, held.module, held.optimizer)
+            checkpoint.write_layer(ckpt, held.index, held.state())
             if j == 0:
                 self.on_phase(step, "checkpoint")  # one layer file written, the others not yet
         if not self.writes:
@@ -295,7 +318,7 @@ class StageWorker:
     def save_checkpoint_async(self, step: int) -> None:
         """Copy this rank's share of the checkpoint of ``step`` now and write it from a background thread while
         training goes on; the master writes ``meta.json`` once every layer file exists."""
-        payloads = [(h.index, checkpoint.layer_payload(step, h.module, h.optimizer, copy=True)) for h in self.writes]
+        payloads = [(h.index, h.state(copy=True)) for h in self.writes]
         self._writer.submit(self._write_share, step, payloads).add_done_callback(_log_failure)
 
     def _write_share(self, step: int, payloads: list[tuple[int, dict]]) -> None:
@@ -329,11 +352,21 @@ class StageWorker:
         self._writer.shutdown(wait=True)
 
 
-def _step_layer(held: HeldLayer, lr: float, step: int) -> None:
-    set_lr(held.optimizer, lr)
-    held.optimizer.step()
+def _step_layer(held: HeldLayer, lr: float, step: int, scale: LossScale, skip: bool) -> None:
+    if not skip:
+        set_lr(held.optimizer, lr)
+        held.optimizer.step()
     held.optimizer.zero_grad(set_to_none=True)
     held.step = step + 1
+    held.scale = scale
+
+
+def _inject_overflow(layers: list[HeldLayer]) -> None:
+    """Put an inf into the gradient of this rank's first trainable parameter (the ``overflow`` fault)."""
+    param = next(p for held in layers for p in held.module.parameters() if p.requires_grad)
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    param.grad.view(-1)[0] = math.inf
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
