@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from models.base import Layer, ModelSpec
 from oobleck import checkpoint
 from oobleck.config import config_from_dict
 from oobleck.errors import ConfigError
+from oobleck.generation import find_checkpoint, load_checkpoint_model
 from oobleck.model_building import build_model
 
 WEIGHTS = "model.safetensors"
@@ -45,25 +45,6 @@ class Exported:
     pretrained: bool
 
 
-def _checkpoint(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint to export: that of ``step``, or the latest one that verifies; verified either way."""
-    if not run_dir.is_dir():
-        raise ConfigError(f"RUN: got {str(run_dir)!r}; no such folder; give a run folder (run.dir of a job)")
-    if step is None:
-        ckpt = checkpoint.latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ConfigError(
-                f"RUN: {str(run_dir)!r} holds no complete checkpoint (checkpoints/step_*/meta.json); "
-                "train with checkpoints first"
-            )
-        return ckpt
-    ckpt = checkpoint.checkpoint_dir(run_dir, step)
-    if not ckpt.is_dir():
-        raise ConfigError(f"--step: no checkpoint of step {step} in {str(run_dir)!r}; omit --step for the latest one")
-    checkpoint.verify(ckpt)
-    return ckpt
-
-
 def _out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {str(out)!r} exists and is not an empty folder; name a new or empty folder")
@@ -71,16 +52,14 @@ def _out_dir(out: Path) -> None:
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Exported:
-    """Write the model of a run's checkpoint (``step``, or the latest that verifies) to ``out_dir`` (new or
-    empty); see the module docstring. ConfigError (one line) for a missing run folder, no such checkpoint or
-    an occupied ``out_dir``; CheckpointError for one that does not verify."""
-    ckpt = _checkpoint(Path(run_dir), step)
+    """Write the model of a run's checkpoint (``step``, or the latest that verifies; or ``run_dir`` itself when
+    it is a checkpoint folder) to ``out_dir`` (new or empty); see the module docstring. One-line errors (exit 2)
+    for a missing run folder or checkpoint (:func:`oobleck.generation.find_checkpoint`'s), an occupied
+    ``out_dir``, or a checkpoint that does not verify."""
+    model = load_checkpoint_model(find_checkpoint(run_dir, step))
+    ckpt, spec, job = model.path, model.spec, model.config
     meta = checkpoint.read_meta(ckpt)
-    job = config_from_dict(meta["config"])
-    spec = build_model(job.model, job.training.seed)
-    if spec.num_layers != meta["num_layers"]:
-        raise ConfigError(f"RUN: {ckpt} holds {meta['num_layers']} layers but its config's model has {spec.num_layers}")
-    states = [checkpoint.load_layer_state(ckpt, i)["params"] for i in range(spec.num_layers)]
+    states = [layer.state_dict() for layer in model.layers]
     out = Path(out_dir)
     _out_dir(out)
     if spec.export_pretrained(states, str(out)):

@@ -100,9 +100,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "full" / "x").write_text("taken")
     (tmp_path / "empty-run").mkdir()
     cases = {
-        "RUN: got '{t}/nope'; no such folder": ["{t}/nope", "--out", "{t}/o1"],
-        "RUN: '{t}/empty-run' holds no complete checkpoint": ["{t}/empty-run", "--out", "{t}/o2"],
-        "--step: no checkpoint of step 5 in '{t}/run'": ["{t}/run", "--step", "5", "--out", "{t}/o3"],
+        "RUN: got '{t}/nope'; no such run directory": ["{t}/nope", "--out", "{t}/o1"],
+        "RUN: {t}/empty-run holds no complete checkpoint": ["{t}/empty-run", "--out", "{t}/o2"],
+        "--step: got 5; {t}/run has no checkpoint of that step": ["{t}/run", "--step", "5", "--out", "{t}/o3"],
         "--out: '{t}/full' exists and is not an empty folder": ["{t}/run", "--out", "{t}/full"],
     }
     for message, args in cases.items():
