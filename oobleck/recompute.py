@@ -42,9 +42,3 @@ def run_layer(layer: Layer, carry: Carry | None, mb: MicroBatch, recompute: bool
 
     return checkpoint(forward, *tensors, use_reentrant=False, preserve_rng_state=True)
 
-
-def run_layers(layers: list[Layer], mb: MicroBatch, recompute: bool, carry: Carry | None = None) -> Carry:
-    """Run a contiguous run of layers on one microbatch, each through :func:`run_layer`."""
-    for layer in layers:
-        carry = run_layer(layer, carry, mb, recompute)
-    return carry

@@ -19,7 +19,7 @@ from oobleck.config import config_from_dict
 from oobleck.engine.stage import StageExecutor, build_stage_layers
 from oobleck.metrics import read_metrics
 from oobleck.model_building import build_batches, build_model
-from oobleck.recompute import run_layers
+from oobleck.precision import forward_layers
 from oobleck.train_local import train_local
 from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
@@ -61,7 +61,7 @@ def test_recomputed_dropout_draws_the_same_masks() -> None:
         torch.manual_seed(1)
         for layer in layers:
             layer.zero_grad(set_to_none=True)
-        out = run_layers(layers, mb, recompute)
+        out = forward_layers(layers, None, mb, "fp32", torch.device("cpu"), ends_model=True, recompute=recompute)
         torch.randn(100)  # the global generator moves on before backward, as the rest of a step moves it
         out.sum().backward()
         grads[recompute] = (out.detach(), [p.grad.clone() for layer in layers for p in layer.parameters()])
