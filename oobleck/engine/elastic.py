@@ -25,8 +25,9 @@ Errors that are not a generation's end (a bad config, a missing checkpoint, a bu
 worker fails without the master ending its generation within ``END_GRACE_S``, it raises the error it saw.
 
 A worker still inside an ended generation ``fault_tolerance.stuck_after_s`` after its end is stuck in an
-operation that shutting the sockets down did not release (seen once: a gloo send under the Varuna-style
-baseline, which waited out the 120 s collective timeout). Nothing frees such a call in-process, so the
+operation that shutting the sockets down did not release and :mod:`oobleck.engine.interrupt` could not
+abandon (seen once: a gloo send under the Varuna-style baseline, which waited out the 120 s collective
+timeout). Nothing frees such a call in-process, so the
 watch hands the worker to its ``on_stuck`` callback, which restarts or ends the process (see
 :mod:`oobleck.worker_main`).
 """

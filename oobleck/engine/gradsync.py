@@ -149,21 +149,25 @@ class GradSync:
     def reduce(self) -> float:
         """Sum every gradient over its holders (all buckets in flight at once) and return this rank's share
         of the squared global norm (the buckets whose lowest holder is this rank), as float64."""
-        works = []
-        for bucket in self.buckets:
-            bucket.pack()
-            if bucket.group is not None:
-                interrupt.check()
-                works.append(dist.all_reduce(bucket.flat, group=bucket.group, async_op=True))
-            else:
-                works.append(None)
+        works: list[dist.Work | None] = []
         squares = []
-        for bucket, work in zip(self.buckets, works):
-            if work is not None:
-                work.wait()
-            bucket.unpack()
-            if bucket.ranks[0] == self.rank:
-                squares.append(bucket.flat[: bucket.numel].double().pow(2).sum())
+        try:
+            for bucket in self.buckets:
+                bucket.pack()
+                if bucket.group is not None:
+                    interrupt.check()
+                    works.append(dist.all_reduce(bucket.flat, group=bucket.group, async_op=True))
+                else:
+                    works.append(None)
+            for bucket, work in zip(self.buckets, works):
+                if work is not None:
+                    interrupt.wait(work, bucket.group)
+                bucket.unpack()
+                if bucket.ranks[0] == self.rank:
+                    squares.append(bucket.flat[: bucket.numel].double().pow(2).sum())
+        except Exception:  # the generation ended: buckets still in flight must not block its groups' end
+            interrupt.abandon((work, bucket.group) for bucket, work in zip(self.buckets, works))
+            raise
         return float(torch.stack(squares).sum()) if squares else 0.0
 
     def scale(self, factor: float) -> None:

@@ -1,27 +1,51 @@
-"""Refuse to start a communication operation once the generation has ended.
+"""Leave an ended generation's communication promptly: refuse new operations, and stop waiting on collectives.
 
 The generation watch (:class:`oobleck.engine.elastic.GenerationWatch`) releases operations blocked at the
-generation's end by shutting down its sockets. An operation a worker *posts* on a socket already shut down
-is another matter: gloo may queue it and never complete it, so the worker would wait out the collective
-timeout (measured: a send posted ~20 ms after the shutdown waited 120 s). The watch therefore sets its
-event *before* it shuts anything down, and the engine calls :func:`check` right before posting each
-operation: an operation is either posted before the shutdown (and released by it) or refused.
+generation's end by shutting down its sockets. Two gaps remain, and this module closes both:
+
+* An operation a worker *posts* on a socket already shut down may be queued by gloo and never completed,
+  so the worker would wait out the collective timeout (measured: a send posted ~20 ms after the shutdown
+  waited 120 s). The watch therefore sets its event *before* it shuts anything down, and the engine calls
+  :func:`check` right before posting each operation: an operation is either posted before the shutdown
+  (and released by it) or refused.
+* A collective (all-reduce, barrier) runs on its process group's own threads, and now and then one of them
+  is not released by the shutdown (seen about once in ten CI runs, in the gradient all-reduce after a node
+  was killed): the worker then hung until the 30 s stuck-worker backstop ended the process and the master
+  counted its node as lost. :func:`wait` waits on a collective in short slices and, once the generation has
+  ended, gives up on it: the operation is *abandoned*, not cancelled (nothing cancels a running gloo
+  operation). Its work handle and process group are kept referenced here, because destroying a gloo group
+  joins its threads, which would block until the stuck operation times out; once the operation has
+  finished (with gloo's timeout at the latest) the next :func:`abandon` lets both go.
+
+Point-to-point waits cannot use slices: a timed-out gloo send or receive closes its pair for good. Those
+run in the calling thread, are released by the shutdown, and keep the stuck-worker backstop as their last
+resort.
 """
 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
+from typing import Iterable
+
+import torch.distributed as dist
 
 
 class GenerationEnded(RuntimeError):
     """The master ended the generation: this worker must leave it."""
 
 
+#: how often a worker waiting on a collective looks whether the generation has ended
+WAIT_SLICE = timedelta(milliseconds=50)
+
 _ended: threading.Event | None = None
+#: (work, group) of collectives given up while still running; see the module notes
+_abandoned: list[tuple[dist.Work, dist.ProcessGroup | None]] = []
 
 
 def watch(ended: threading.Event | None) -> None:
-    """Make :func:`check` refuse operations once ``ended`` is set (None: never refuse)."""
+    """Make :func:`check` refuse operations, and :func:`wait` give up on them, once ``ended`` is set (None:
+    never)."""
     global _ended
     _ended = ended
 
@@ -30,3 +54,34 @@ def check() -> None:
     """Raise :class:`GenerationEnded` if the watched generation has ended."""
     if _ended is not None and _ended.is_set():
         raise GenerationEnded("the generation ended; not starting another operation in it")
+
+
+def wait(work: dist.Work, group: dist.ProcessGroup | None) -> None:
+    """Wait for ``work``, a collective posted with ``async_op=True`` on ``group`` (None: the default group).
+    Returns when it completed; raises its error if it failed; raises :class:`GenerationEnded` (abandoning the
+    operation) if the watched generation ended while it was still running."""
+    if _ended is None:
+        work.wait()
+        return
+    while True:
+        try:
+            work.wait(WAIT_SLICE)
+            return
+        except RuntimeError:
+            if work.is_completed():  # it failed (e.g. its sockets were shut down): its own error
+                raise
+        if _ended.is_set():
+            abandon([(work, group)])
+            raise GenerationEnded("the generation ended during a collective; abandoned it")
+
+
+def abandon(works: Iterable[tuple[dist.Work | None, dist.ProcessGroup | None]]) -> None:
+    """Keep every still-running ``(work, group)`` referenced (see the module notes) and release those given
+    up earlier that have finished since."""
+    _abandoned[:] = [(w, g) for w, g in _abandoned if not w.is_completed()]
+    _abandoned.extend((w, g or dist.group.WORLD) for w, g in works if w is not None and not w.is_completed())
+
+
+def abandoned() -> int:
+    """How many abandoned collectives are still running."""
+    return sum(not w.is_completed() for w, _ in _abandoned)

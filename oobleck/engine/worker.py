@@ -248,7 +248,7 @@ class StageWorker:
         squares = self.sync.reduce()
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
         interrupt.check()
-        dist.all_reduce(totals)
+        interrupt.wait(dist.all_reduce(totals, async_op=True), None)
         global_squares, global_units = totals.tolist()
         # the norm (of the unscaled gradients) is one all-reduced number, the same on every rank: a non-finite
         # gradient anywhere makes it non-finite everywhere, so the overflow decision is the job's (fp16)
@@ -309,7 +309,7 @@ class StageWorker:
         if not self.writes:
             self.on_phase(step, "checkpoint")
         interrupt.check()
-        dist.barrier()
+        interrupt.wait(dist.barrier(async_op=True), None)
         if self.rank == 0:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
             checkpoint.prune(self.run_dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt)
