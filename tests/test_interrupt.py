@@ -1,5 +1,6 @@
 """Leaving a collective that shutting the sockets down did not release (oobleck.engine.interrupt), for real:
-two processes, one gloo world and one sub-group.
+two processes, one gloo world and one sub-group; and a collective that completes just after a wait slice
+ran out, with a stand-in work handle.
 
 Rank 0 posts a sub-group all-reduce that rank 1 (alive) joins late in the first case and never in the
 second. Nothing shuts the sockets down, which stands in for the rare operation the generation watch's
@@ -24,6 +25,42 @@ GLOO_TIMEOUT = timedelta(seconds=60)
 START_TIMEOUT = timedelta(seconds=180)
 #: how long rank 1 keeps rank 0 waiting (several wait slices)
 LATE_S = 0.3
+
+
+class _FinishesAfterTheSlice:
+    """A work handle whose first timed wait runs out just before the operation completes (with ``error``,
+    or successfully when None), as a loaded machine can order them."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.completed = False
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        if not self.completed:
+            self.completed = True  # finishes right after the slice ran out
+            raise RuntimeError("Operation timed out!")
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def is_completed(self) -> bool:
+        return self.completed
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError("Connection closed by peer")])
+def test_a_collective_that_completes_just_after_a_slice_is_its_own_outcome(error: Exception | None) -> None:
+    """Not the slice's timeout: the completed operation's result (return) or its own error."""
+    from oobleck.engine import interrupt
+
+    interrupt.watch(threading.Event())
+    try:
+        if error is None:
+            interrupt.wait(_FinishesAfterTheSlice(None), None)  # type: ignore[arg-type]
+        else:
+            with pytest.raises(RuntimeError, match="closed by peer"):
+                interrupt.wait(_FinishesAfterTheSlice(error), None)  # type: ignore[arg-type]
+    finally:
+        interrupt.watch(None)
 
 
 def _rank_main(rank: int, store_port: int) -> None:

@@ -68,8 +68,12 @@ def wait(work: dist.Work, group: dist.ProcessGroup | None) -> None:
             work.wait(WAIT_SLICE)
             return
         except RuntimeError:
-            if work.is_completed():  # it failed (e.g. its sockets were shut down): its own error
-                raise
+            # the slice ran out, or the operation failed (e.g. its sockets were shut down). Completed now, it
+            # may also have finished between the slice's end and this check: wait() then returns, or raises
+            # the operation's own error
+            if work.is_completed():
+                work.wait()
+                return
         if _ended.is_set():
             abandon([(work, group)])
             raise GenerationEnded("the generation ended during a collective; abandoned it")
