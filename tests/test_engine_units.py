@@ -93,7 +93,8 @@ def _stage_of_one_microbatch(rank: int, init_file: str, out: dict) -> None:
             spec, layers, rank, 2, 1, prev=0 if rank else None, next_=None if rank else 1, device=torch.device("cpu")
         )
         loss, _ = executor.run([build_batches(_TINY, spec).microbatch(0, 0)])
-        out[rank] = (loss, {(h.index, n): p.grad.clone() for h in layers if 1 <= h.index <= 4 for n, p in h.module.named_parameters()})
+        blocks = [h for h in layers if 1 <= h.index <= 4]
+        out[rank] = (loss, {(h.index, n): p.grad.clone() for h in blocks for n, p in h.module.named_parameters()})
     finally:
         dist.destroy_process_group()
 
@@ -107,7 +108,8 @@ def test_a_pipeline_of_one_microbatch_computes_the_whole_models_numbers(tmp_path
         (_, first), (loss, second) = out[0], out[1]
     spec = build_model(_TINY.model, 0)
     layers = spec.build_all()
-    whole = forward_layers(layers, None, build_batches(_TINY, spec).microbatch(0, 0).fresh(), "fp32", torch.device("cpu"), ends_model=True)
+    mb = build_batches(_TINY, spec).microbatch(0, 0)
+    whole = forward_layers(layers, None, mb.fresh(), "fp32", torch.device("cpu"), ends_model=True)
     whole.backward()
     want = {(i, n): p.grad for i in range(1, 5) for n, p in layers[i].named_parameters()}
     assert loss == whole.item()

@@ -57,7 +57,11 @@ def to_device(value: T, device: torch.device) -> T:
     type): ``value`` unchanged."""
     if device.type != "cuda":
         return value
-    return map_tensors(value, lambda t: t.pin_memory().to(device, non_blocking=True) if t.dim() and t.device.type == "cpu" else t)
+
+    def staged(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if t.dim() and t.device.type == "cpu" else t
+
+    return map_tensors(value, staged)
 
 
 def snapshot(value: T, device: torch.device) -> T:
