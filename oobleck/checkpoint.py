@@ -96,12 +96,12 @@ def layer_payload(
     layer: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     *,
-    copy: bool = False,
     loss_scale: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The dict a layer file holds; ``copy`` clones every tensor, so that the payload can be written later
-    (e.g. from a background thread) while training goes on. ``loss_scale`` (the engine's
-    :class:`~oobleck.precision.LossScale` as ``[log2, good_steps]``) is stored under that key when given."""
+    """The dict a layer file holds, its tensors those of ``layer`` and ``optimizer`` themselves (to write it
+    later while training goes on, snapshot it first: :func:`oobleck.engine.host_staging.snapshot`).
+    ``loss_scale`` (the engine's :class:`~oobleck.precision.LossScale` as ``[log2, good_steps]``) is stored
+    under that key when given."""
     payload: dict[str, Any] = {
         "step": step,
         "params": layer.state_dict(),
@@ -110,8 +110,6 @@ def layer_payload(
     }
     if loss_scale is not None:
         payload["loss_scale"] = list(loss_scale)
-    if copy:
-        payload = _cloned(payload)
     return payload
 
 
@@ -133,16 +131,6 @@ def save_layer(
     """Atomically write layer ``index``'s parameters and optimizer state (``None`` for none) as of ``step``
     (and ``loss_scale``, see :func:`layer_payload`)."""
     return write_layer(ckpt_dir, index, layer_payload(step, layer, optimizer, loss_scale=loss_scale))
-
-
-def _cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cloned(v) for v in value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------

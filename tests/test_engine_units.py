@@ -1,4 +1,5 @@
-"""The engine's pieces on their own: 1F1B order, carry headers, holder sets and the step commit."""
+"""The engine's pieces on their own: 1F1B order, carry headers, a two-stage pipeline of one microbatch,
+holder sets and the step commit."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import sys
 import threading
 from datetime import timedelta
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from oobleck.config import config_from_dict
 
 from oobleck.engine.api import PipelinePlan
 from oobleck.engine.commit import CommitCoordinator, StepAborted, report_ready
@@ -17,7 +23,10 @@ from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
 from oobleck.engine.schedule import max_in_flight, one_f_one_b
 from oobleck.engine.signed_store import SignedStore, store_key
+from oobleck.engine.stage import StageExecutor, build_stage_layers
 from oobleck.engine.store_keys import ready_key
+from oobleck.model_building import build_batches, build_model
+from oobleck.precision import forward_layers
 
 KEY = store_key("engine-units-token")
 
@@ -62,6 +71,51 @@ def test_carry_header_round_trips() -> None:
     assert [t.shape for t in CarrySpec.of((x, labels)).grad_specs] == [(2, 3, 4)]
     with pytest.raises(ValueError, match="at most 6 dims"):
         CarrySpec.of(torch.zeros([1] * 7))
+
+
+#: the tiny GPT of the engine tests: 6 layers (embedding, 4 blocks, head), tied embedding and head
+_TINY = config_from_dict(
+    {"model": {"family": "gpt", "dtype": "float64", "overrides": {"n_layer": 4, "d_model": 32, "n_head": 2, "seq_len": 16}}}
+)
+
+
+def _stage_of_one_microbatch(rank: int, init_file: str, out: dict) -> None:
+    """Rank ``rank`` of a two-stage pipeline over the 6 layers (cut at 3) runs a step of one microbatch, in
+    which stage 0 posts the gradient receive of its only backward before that microbatch's forward has run;
+    records its loss and its blocks' gradients."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        spec = build_model(_TINY.model, 0)
+        first, last = ((0, 3), (3, 6))[rank]
+        layers = build_stage_layers(spec, first, last, _TINY.training, torch.device("cpu"))
+        executor = StageExecutor(
+            spec, layers, rank, 2, 1, prev=0 if rank else None, next_=None if rank else 1, device=torch.device("cpu")
+        )
+        loss, _ = executor.run([build_batches(_TINY, spec).microbatch(0, 0)])
+        blocks = [h for h in layers if 1 <= h.index <= 4]
+        out[rank] = (loss, {(h.index, n): p.grad.clone() for h in blocks for n, p in h.module.named_parameters()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_pipeline_of_one_microbatch_computes_the_whole_models_numbers(tmp_path: Path) -> None:
+    """A pipeline the plan gives a single microbatch runs, and its loss and its (untied) blocks' gradients
+    are those of the whole model in one process."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_stage_of_one_microbatch, args=(str(tmp_path / "init"), out), nprocs=2)
+        (_, first), (loss, second) = out[0], out[1]
+    spec = build_model(_TINY.model, 0)
+    layers = spec.build_all()
+    mb = build_batches(_TINY, spec).microbatch(0, 0)
+    whole = forward_layers(layers, None, mb.fresh(), "fp32", torch.device("cpu"), ends_model=True)
+    whole.backward()
+    want = {(i, n): p.grad for i in range(1, 5) for n, p in layers[i].named_parameters()}
+    assert loss == whole.item()
+    assert first.keys() | second.keys() == want.keys()
+    # float64 reductions (layer norms' backward) may run over other thread counts here than in the workers
+    assert all((g - want[key]).abs().max() <= 1e-12 * want[key].abs().max() for key, g in (first | second).items())
 
 
 def test_holder_sets_follow_the_plan_and_tied_groups() -> None:

@@ -180,6 +180,8 @@ class ToNext(_Link):
         super().__init__(peer, device)
         self._buffers: list[list[torch.Tensor]] = []
         self._pending: dict[int, list[dist.Work]] = {}
+        #: gradient receives posted before the first carry was sent, whose buffers' shapes were unknown
+        self._deferred: list[int] = []
 
     def send_forward(self, carry: Carry) -> list[torch.Tensor]:
         """Send a carry (the first call sends the header first); returns the carry's tensors that require a
@@ -189,12 +191,24 @@ class ToNext(_Link):
             self.spec = CarrySpec.of(carry)
             self._isend(self.spec.encode(self.device), header=True)
             self._buffers = [_buffers(self.spec.grad_specs, self.device) for _ in range(self.GRAD_SLOTS)]
+            for k in self._deferred:
+                self._irecv_grads(k)
+            self._deferred.clear()
         for t in tensors:
             self._isend(t.detach().contiguous())
         return [t for t in tensors if t.requires_grad]
 
     def post_backward(self, k: int) -> None:
-        """Post the receive of the gradients of microbatch ``k``'s carry."""
+        """Post the receive of the gradients of microbatch ``k``'s carry. Before the first carry is sent
+        the gradients' shapes are unknown, so the receive is posted by that send instead (a stage with a
+        single microbatch posts its backward, one op ahead, before its forward has run); only gradients
+        come from the next stage, so receives still match messages in posting order."""
+        if self.spec is None:
+            self._deferred.append(k)
+        else:
+            self._irecv_grads(k)
+
+    def _irecv_grads(self, k: int) -> None:
         interrupt.check()
         self._pending[k] = [dist.irecv(b, self.peer) for b in self._buffers[k % self.GRAD_SLOTS]]
 

@@ -36,10 +36,10 @@ class HeldLayer:
     step: int = 0
     scale: LossScale = field(default_factory=LossScale)
 
-    def state(self, copy: bool = False) -> dict[str, Any]:
-        """The layer in the checkpoint format of :func:`oobleck.checkpoint.save_layer` (tensors cloned with
-        ``copy``)."""
-        return checkpoint.layer_payload(self.step, self.module, self.optimizer, copy=copy, loss_scale=self.scale.encode())
+    def state(self) -> dict[str, Any]:
+        """The layer in the checkpoint format of :func:`oobleck.checkpoint.save_layer` (its tensors themselves,
+        not copies)."""
+        return checkpoint.layer_payload(self.step, self.module, self.optimizer, loss_scale=self.scale.encode())
 
     def load(self, state: dict[str, Any]) -> None:
         """Take parameters, optimizer state, step and loss scale from a :meth:`state` dict or a checkpoint's

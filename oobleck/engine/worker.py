@@ -47,7 +47,7 @@ from models.base import MicroBatch, ModelSpec
 from models.data import BatchSource
 from oobleck import checkpoint
 from oobleck.config import JobConfig, config_from_dict
-from oobleck.engine import interrupt
+from oobleck.engine import host_staging, interrupt
 from oobleck.engine.api import Assignment, Restore
 from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
@@ -216,7 +216,7 @@ class StageWorker:
                 f"start_step {step}: no complete checkpoint at {ckpt}; start from a step that has one"
             )
         for held in layers:
-            held.load(checkpoint.load_layer_state(ckpt, held.index))
+            held.load(host_staging.to_device(checkpoint.load_layer_state(ckpt, held.index), self.device))
 
     def _load_init(self, layers: list[HeldLayer]) -> None:
         """Load ``model.init_checkpoint``'s parameters into ``layers`` when one is named."""
@@ -225,7 +225,7 @@ class StageWorker:
         ckpt = checkpoint.init_checkpoint_dir(self.config.model.init_checkpoint)
         for held in layers:
             # DiffFit adds scale factors a pretrained model lacks: they keep their initial values
-            state = checkpoint.load_layer_state(ckpt, held.index)
+            state = host_staging.to_device(checkpoint.load_layer_state(ckpt, held.index), self.device)
             checkpoint.restore_layer(state, held.module, strict=not self.config.model.difffit)
 
     def microbatches(self, step: int) -> list[MicroBatch]:
@@ -316,9 +316,10 @@ class StageWorker:
         return ckpt
 
     def save_checkpoint_async(self, step: int) -> None:
-        """Copy this rank's share of the checkpoint of ``step`` now and write it from a background thread while
-        training goes on; the master writes ``meta.json`` once every layer file exists."""
-        payloads = [(h.index, h.state(copy=True)) for h in self.writes]
+        """Copy this rank's share of the checkpoint of ``step`` now (to pinned host memory on CUDA,
+        :func:`~oobleck.engine.host_staging.snapshot`) and write it from a background thread while training
+        goes on; the master writes ``meta.json`` once every layer file exists."""
+        payloads = [(h.index, host_staging.snapshot(h.state(), self.device)) for h in self.writes]
         self._writer.submit(self._write_share, step, payloads).add_done_callback(_log_failure)
 
     def _write_share(self, step: int, payloads: list[tuple[int, dict]]) -> None:
