@@ -25,6 +25,22 @@ memory still grow with its layers, so the searches below are unchanged: a stage 
 it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
 recomputing stage where that lowers the bottleneck.
 
+Local runs (:class:`StepCosts`, :meth:`PipelineTemplate.local_step_time`). The formula above is the
+cluster's: every stage on a device of its own, communication only the bytes over the links. A local run's
+workers share one machine's cores and pay per-step costs the layer profile does not see, so its step is::
+
+    busy_i = s * (f_i + b_i) + messages_i * message_s
+    local_step(m) = sum_i (busy_i + comm_i) + (m - 1) * max_i busy_i
+                    + max_i (s * optimizer_byte_s * grad_bytes_i + syncs_i) + commit_s
+
+``s`` (:func:`compute_scale`) is how much slower a worker computes than the profile measured, from the
+cores each worker gets. ``messages_i`` counts the p2p messages stage i sends or receives per microbatch: 2
+per neighbouring stage (the activation one way, its gradient the other). ``syncs_i`` is the all-reduces
+after the last backward: the gradient norm's (every rank, when the job has more than one rank) and, where
+the stage's layers have copies in other pipelines, the gradients' (``allreduce_s + allreduce_byte_s *
+grad_bytes_i``). ``commit_s`` is the round trip through the master's store. With :data:`NO_COSTS` the local
+step is ``iteration_time(m)``.
+
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
 1. Bottleneck: binary search over the sorted set of possible stage costs ``T[e] - T[j]`` (prefix sums)
@@ -67,7 +83,8 @@ class Stage:
     activations kept per microbatch in flight (for a recomputing stage, its layers' inputs). ``recompute``:
     the stage recomputes its activations in backward (``backward_s`` includes the recomputation).
     ``memory_bytes``: static plus the activations of the worst-case number of microbatches in flight
-    (``k - i`` for stage i of k).
+    (``k - i`` for stage i of k). ``grad_bytes``: the gradients of its trainable parameters (what its
+    optimizer steps and the gradient all-reduce sums).
     """
 
     layer_start: int
@@ -79,6 +96,7 @@ class Stage:
     static_bytes: float
     activation_bytes: float
     recompute: bool = False
+    grad_bytes: float = 0.0
 
     def memory(self, in_flight: int) -> float:
         """Bytes the stage needs with ``in_flight`` microbatches in flight."""
@@ -127,6 +145,27 @@ class PipelineTemplate:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         return self.fill_s + (num_microbatches - 1) * self.bottleneck_s
 
+    def local_step_time(self, num_microbatches: int, costs: StepCosts, replicated: bool, ranks: int) -> float:
+        """Predicted step time of this pipeline in a local run (see "Local runs" in the module notes):
+        ``replicated`` says whether the stages' layers have copies in other pipelines (a gradient
+        all-reduce), ``ranks`` is the job's rank count (a norm all-reduce when above 1)."""
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        k, c = self.num_stages, costs
+        busy = [
+            c.compute_scale * s.compute_s + 2 * ((i > 0) + (i < k - 1)) * c.message_s
+            for i, s in enumerate(self.stages)
+        ]
+        norm = c.allreduce_s if ranks > 1 else 0.0
+        tail = max(
+            c.compute_scale * c.optimizer_byte_s * s.grad_bytes
+            + norm
+            + (c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if replicated else 0.0)
+            for s in self.stages
+        )
+        pipeline = sum(b + s.send_s for b, s in zip(busy, self.stages)) + (num_microbatches - 1) * max(busy)
+        return pipeline + tail + c.commit_s
+
     def stage_memory(self, num_microbatches: int) -> list[float]:
         """Bytes each stage needs under 1F1B with ``num_microbatches`` microbatches."""
         k = self.num_stages
@@ -135,6 +174,41 @@ class PipelineTemplate:
     def fits(self, device_memory_bytes: float, num_microbatches: int) -> bool:
         """Whether every stage fits in one device's memory."""
         return all(mem <= device_memory_bytes for mem in self.stage_memory(num_microbatches))
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What a local run's step costs beyond the profile's layer times (see "Local runs" in the module
+    notes); measured on the machine by :mod:`oobleck.step_costs`. Seconds, or seconds per byte.
+
+    ``compute_scale``: factor on the profile's layer times and on ``optimizer_byte_s`` (:func:`compute_scale`).
+    ``message_s``: one p2p message at a stage boundary, on each side. ``allreduce_s`` and
+    ``allreduce_byte_s``: one all-reduce among the local workers, fixed and per byte. ``commit_s``: the commit
+    round trip through the master's store. ``optimizer_byte_s``: AdamW's step per byte of gradient, at the
+    profile's speed. ``cores_per_worker``: the cores each worker gets, which ``compute_scale`` came from (for
+    the plan's legend; the formula does not read it)."""
+
+    compute_scale: float = 1.0
+    message_s: float = 0.0
+    allreduce_s: float = 0.0
+    allreduce_byte_s: float = 0.0
+    commit_s: float = 0.0
+    optimizer_byte_s: float = 0.0
+    cores_per_worker: float = 1.0
+
+
+#: no costs beyond the profile: a local step is then ``iteration_time``
+NO_COSTS = StepCosts()
+
+
+def compute_scale(cores: int, workers: int, threads: int) -> float:
+    """How much slower each of ``workers`` processes running ``threads`` intra-op threads each computes on
+    ``cores`` cores than the profile, which measured the layers with ``threads`` threads on an idle machine:
+    ``threads / (cores / workers)`` when the workers' threads outnumber the cores (every busy worker gets
+    ``cores / workers`` cores), else 1. Halving the cores per worker doubles the compute time."""
+    if cores < 1 or workers < 1 or threads < 1:
+        raise ValueError(f"cores, workers and threads must be >= 1, got {cores}, {workers}, {threads}")
+    return max(1.0, threads * workers / cores)
 
 
 #: the values of ``training.recompute`` (see the module notes)
@@ -154,6 +228,7 @@ class _Prefix:
         self.backward = _prefix([layer.backward_s for layer in profile.layers])
         self.compute = _prefix([layer.forward_s + layer.backward_s for layer in profile.layers])
         self.static = _prefix([layer.static_bytes for layer in profile.layers])
+        self.grads = _prefix([layer.grad_bytes for layer in profile.layers])
         self.activation = _prefix([layer.activation_bytes for layer in profile.layers])
         # a recomputed layer keeps its input: the carry the layer before it sends
         self.kept = _prefix([0] + [layer.output_bytes for layer in profile.layers[:-1]])
@@ -331,6 +406,7 @@ def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int
                 static_bytes=static,
                 activation_bytes=activation,
                 recompute=recompute,
+                grad_bytes=p.grads[b] - p.grads[a],
             )
         )
     return PipelineTemplate(num_nodes, g, tuple(stages))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from oobleck.bounds import MAX_BATCH, MAX_DEVICES_PER_NODE, MAX_NODES, int_flag
@@ -22,6 +22,7 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError, ProfileError
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
+from planner.templates import StepCosts
 
 if TYPE_CHECKING:
     from oobleck.config import ClusterConfig
@@ -141,7 +142,9 @@ def _analytic_plan(name: str, i: _Inputs, recompute: str, profile_file: str | No
     raise failure
 
 
-def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
+def _plan(args: argparse.Namespace) -> tuple[Plan, str, StepCosts | None]:
+    """The plan, where its profile comes from, and for a measured profile the costs of a local run's
+    steps on this machine (None for analytic profiles, which describe another cluster's devices)."""
     config = None
     if args.config is not None:
         from oobleck.config import load_config
@@ -151,7 +154,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
         raise OobleckError("CONFIG: missing; pass a job config, or --model NAME for an analytic profile")
     i = _inputs(args, config)
     if args.model is not None:
-        return _analytic_plan(args.model, i, args.recompute, args.profile)
+        return (*_analytic_plan(args.model, i, args.recompute, args.profile), None)
     assert config is not None
     if config.profile.source == "analytic":
         if config.model.preset not in SHAPES:
@@ -159,9 +162,10 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 f"model.preset: got {config.model.preset!r}; profile.source analytic needs one of {', '.join(SHAPES)} "
                 "(or set profile.source: measured)"
             )
-        return _analytic_plan(config.model.preset, i, args.recompute, args.profile)
+        return (*_analytic_plan(config.model.preset, i, args.recompute, args.profile), None)
     # measured profiles need the models (torch): import only on this path
     from oobleck import profiler
+    from oobleck.step_costs import job_step_costs
 
     if args.profile is not None:
         profile = ModelProfile.load(args.profile, expect=profiler.expected_fingerprint(config))
@@ -170,7 +174,8 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
         profile = profiler.ensure_profile(config)
         source = f"measured, {profiler.profile_path(config)}"
     recompute = config.training.recompute
-    return make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute), source
+    plan = make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute)
+    return plan, source, job_step_costs(config, profile)
 
 
 def _gib(n: float) -> str:
@@ -217,7 +222,22 @@ LEGEND = (
 )
 
 
-def _show(plan: Plan, source: str) -> None:
+def _local(plan: Plan, costs: StepCosts) -> str:
+    """The legend's line on a local run of the plan: the cores each worker gets, the overheads measured
+    here, and the step time and throughput they give (:mod:`planner.templates`, "Local runs")."""
+    c = costs
+    step = plan.local_step_time_s(c)
+    ms, per_mb = 1e3, 1e3 * 2**20
+    return (
+        f"local run on this machine: {c.cores_per_worker:.3g} cores per worker (layer times x{c.compute_scale:.3g}); "
+        f"p2p {c.message_s * ms:.3g} ms per message, all-reduce {c.allreduce_s * ms:.3g} ms + "
+        f"{c.allreduce_byte_s * per_mb:.3g} ms/MiB, AdamW {c.optimizer_byte_s * per_mb:.3g} ms/MiB, commit "
+        f"{c.commit_s * ms:.3g} ms: predicted local step time {_seconds(step)} s, "
+        f"{plan.num_microbatches * plan.microbatch / step:.1f} samples/s"
+    )
+
+
+def _show(plan: Plan, source: str, costs: StepCosts | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -257,6 +277,8 @@ def _show(plan: Plan, source: str) -> None:
     extra = f"; {inst.idle_nodes} idle nodes (no template mix covers all)" if inst.idle_nodes else ""
     extra += "; DEGRADED: fewer than f+1 pipelines" if plan.degraded else ""
     console.print("\n".join(LEGEND), highlight=False, soft_wrap=True)
+    if costs is not None:
+        console.print(_local(plan, costs), highlight=False, soft_wrap=True)
     console.print(
         f"{len(inst.pipelines)} pipelines on {inst.num_nodes} nodes{extra}; predicted step time "
         f"{_seconds(plan.step_time_s)} s (the slowest pipeline's iteration), {plan.samples_per_s:.1f} samples/s",
@@ -266,9 +288,10 @@ def _show(plan: Plan, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan, source = _plan(args)
+    plan, source, costs = _plan(args)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=1))
+        local = {} if costs is None else {"local": {**asdict(costs), "step_time_s": plan.local_step_time_s(costs)}}
+        print(json.dumps({**plan.to_dict(), **local}, indent=1))
     else:
-        _show(plan, source)
+        _show(plan, source, costs)
     return 0
