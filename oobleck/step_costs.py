@@ -1,27 +1,28 @@
 """Measure, on this machine, what a local run's step costs beyond the layer profile: the planner's
 :class:`planner.templates.StepCosts` (its formula is in :mod:`planner.templates`, "Local runs").
 
-Cores. A local run's workers are processes on this machine: ``workers`` of them share the cores this process
-may run on (``os.sched_getaffinity``), and each runs :func:`threads_per_worker` intra-op threads (the
-launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the layers with the same thread count
-(:func:`torch_threads` around the profiler), so a worker computes ``compute_scale(cores, workers,
-threads)`` times slower than the profile says: with 4 workers of 1 thread on 2 cores, twice as slow.
+Cores. A local run's workers are processes on this machine: ``workers`` of them share the C cores this
+process may run on (``os.sched_getaffinity``), and each runs T = :func:`threads_per_worker` intra-op
+threads (the launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the layers with the same T
+(``oobleck.profiler``), so ``StepCosts`` carries C and T and the planner divides the job's work among the
+cores: with 4 workers of 1 thread on 2 cores, each gets half a core while all compute.
 
-Overheads, each timed here with the workers' thread count (the fastest of a few repetitions, as the
-profile keeps, about a second in all): two threads of this process, joined by a gloo process group over loopback TCP as two workers are,
-time a p2p ping-pong of a boundary carry (``message_s`` is half a round trip), an all-reduce of one number
-(``allreduce_s``) and of ``grad_bytes`` (``allreduce_byte_s`` is the difference per byte), and a
-set-then-wait round trip through a TCPStore, as a worker's commit goes through the master's store
-(``commit_s``); AdamW steps a flat float32 tensor of ``grad_bytes`` (``optimizer_byte_s``). They are
-measured on an idle pair: a loaded machine's extra waiting is in ``compute_scale`` only.
+Overheads, each timed here with T threads (the fastest of a few repetitions, as the profile keeps: other
+processes' load only adds time; about a second in all): two threads of this process, joined by a gloo
+process group over loopback TCP as two workers are, time a p2p ping-pong of a boundary carry
+(``message_s`` is half a round trip), an all-reduce of one number (``allreduce_s``) and of ``grad_bytes``
+(``allreduce_byte_s`` is the difference per byte); a set-then-wait round trip through a TCPStore, as a
+worker's commit goes through the master's store, gives ``commit_s``; AdamW steps a flat float32 tensor of
+``grad_bytes`` (``optimizer_byte_s``).
 
-On CUDA (unverified: this module has run on CPU only) a worker has a device of its own, so
-``compute_scale`` is 1; the overheads are still those of gloo and the store on this host.
+On CUDA (unverified: this module has run on CPU only) each worker has a device of its own, so C is
+infinite; the overheads are still those of gloo, the store and AdamW on this host's CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
 from planner.profile import ModelProfile
-from planner.templates import StepCosts, compute_scale
+from planner.templates import StepCosts
 
 #: repetitions whose fastest each figure is (after one warm-up)
 _REPEATS = 9
@@ -167,15 +168,14 @@ def measure_step_costs(workers: int, device: torch.device, carry_bytes: int, gra
         pair = _pair_timings(carry_bytes, grad_bytes)
         optimizer = _optimizer_byte_s(grad_bytes)
         commit = _commit_s()
-    shared = device.type == "cpu"
     return StepCosts(
-        compute_scale=compute_scale(cores, workers, threads) if shared else 1.0,
+        cores=cores if device.type == "cpu" else math.inf,
+        threads=threads,
         message_s=pair["message_s"],
         allreduce_s=pair["allreduce_s"],
         allreduce_byte_s=pair["allreduce_byte_s"],
         commit_s=commit,
         optimizer_byte_s=optimizer,
-        cores_per_worker=cores / workers if shared else 1.0,
     )
 
 

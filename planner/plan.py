@@ -18,7 +18,7 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
 from planner.instantiate import Instantiation, instantiate
 from planner.profile import ModelProfile, fingerprint_hash
-from planner.templates import PipelineTemplate, StepCosts, build_templates
+from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,10 @@ class Plan:
     def samples_per_s(self) -> float:
         return self.instantiation.samples_per_s(self.microbatch)
 
-    def local_step_times(self, costs: StepCosts) -> list[float]:
-        """Per pipeline, its predicted step time in a local run of this plan whose steps cost ``costs``
-        (:meth:`~planner.templates.PipelineTemplate.local_step_time`; every layer has a copy in each pipeline)."""
-        pipelines = self.instantiation.pipelines
-        ranks = sum(t.num_stages for t, _ in pipelines)
-        return [t.local_step_time(m, costs, len(pipelines) > 1, ranks) for t, m in pipelines]
-
     def local_step_time_s(self, costs: StepCosts) -> float:
-        """Predicted step time of a local run of this plan: its slowest pipeline's."""
-        return max(self.local_step_times(costs))
+        """Predicted step time of a local run of this plan whose steps cost ``costs``
+        (:func:`planner.templates.local_step_time`)."""
+        return local_step_time(self.instantiation.pipelines, costs)
 
     def replan(self, nodes: int) -> "Plan":
         """A plan for ``nodes`` surviving nodes from the same templates. With fewer than (f+1)*n0 nodes

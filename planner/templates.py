@@ -25,21 +25,27 @@ memory still grow with its layers, so the searches below are unchanged: a stage 
 it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
 recomputing stage where that lowers the bottleneck.
 
-Local runs (:class:`StepCosts`, :meth:`PipelineTemplate.local_step_time`). The formula above is the
-cluster's: every stage on a device of its own, communication only the bytes over the links. A local run's
-workers share one machine's cores and pay per-step costs the layer profile does not see, so its step is::
+Local runs (:class:`StepCosts`, :func:`local_step_time`). The formula above is the cluster's: every stage
+on a device of its own, communication only the bytes over the links. A local run's W workers (one per
+stage of every pipeline) share one machine's C cores, each with T intra-op threads, and pay per-step costs
+the layer profile does not see. Per pipeline of m microbatches::
 
-    busy_i = s * (f_i + b_i) + messages_i * message_s
-    local_step(m) = sum_i (busy_i + comm_i) + (m - 1) * max_i busy_i
-                    + max_i (s * optimizer_byte_s * grad_bytes_i + syncs_i) + commit_s
+    busy_i = f_i + b_i + messages_i * message_s
+    path   = sum_i (busy_i + comm_i) + (m - 1) * max_i busy_i + max_i optimizer_byte_s * grad_bytes_i
+    work   = T * sum_i (m * (f_i + b_i) + optimizer_byte_s * grad_bytes_i)      (core-seconds)
 
-``s`` (:func:`compute_scale`) is how much slower a worker computes than the profile measured, from the
-cores each worker gets. ``messages_i`` counts the p2p messages stage i sends or receives per microbatch: 2
-per neighbouring stage (the activation one way, its gradient the other). ``syncs_i`` is the all-reduces
-after the last backward: the gradient norm's (every rank, when the job has more than one rank) and, where
-the stage's layers have copies in other pipelines, the gradients' (``allreduce_s + allreduce_byte_s *
-grad_bytes_i``). ``commit_s`` is the round trip through the master's store. With :data:`NO_COSTS` the local
-step is ``iteration_time(m)``.
+    local_step = max(max_p path_p, sum_p work_p / C) + max_i syncs_i + commit_s
+
+The profile times a layer with T threads on otherwise idle cores, so a pipeline alone takes ``path``; the
+cores bound the job from below by its total work over C. While every worker computes, each gets C/W cores,
+and halving that doubles the time; in the pipelines' fill and drain the working ones get more (which a
+plain "each worker is W*T/C times slower" would miss). ``messages_i`` counts the p2p messages stage i
+sends or receives per microbatch: 2 per neighbouring stage (the activation one way, its gradient the
+other). ``syncs_i`` is the all-reduces after the last backward: the gradient norm's (``allreduce_s``, when
+the job has more than one rank) and, with more than one pipeline (every layer then has copies), the
+gradients' (``allreduce_s + allreduce_byte_s * grad_bytes_i``). ``commit_s`` is the round trip through the
+master's store. With :data:`NO_COSTS` (C infinite, no overheads) the local step is the slowest pipeline's
+``iteration_time(m)``.
 
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
@@ -145,27 +151,6 @@ class PipelineTemplate:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         return self.fill_s + (num_microbatches - 1) * self.bottleneck_s
 
-    def local_step_time(self, num_microbatches: int, costs: StepCosts, replicated: bool, ranks: int) -> float:
-        """Predicted step time of this pipeline in a local run (see "Local runs" in the module notes):
-        ``replicated`` says whether the stages' layers have copies in other pipelines (a gradient
-        all-reduce), ``ranks`` is the job's rank count (a norm all-reduce when above 1)."""
-        if num_microbatches < 1:
-            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-        k, c = self.num_stages, costs
-        busy = [
-            c.compute_scale * s.compute_s + 2 * ((i > 0) + (i < k - 1)) * c.message_s
-            for i, s in enumerate(self.stages)
-        ]
-        norm = c.allreduce_s if ranks > 1 else 0.0
-        tail = max(
-            c.compute_scale * c.optimizer_byte_s * s.grad_bytes
-            + norm
-            + (c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if replicated else 0.0)
-            for s in self.stages
-        )
-        pipeline = sum(b + s.send_s for b, s in zip(busy, self.stages)) + (num_microbatches - 1) * max(busy)
-        return pipeline + tail + c.commit_s
-
     def stage_memory(self, num_microbatches: int) -> list[float]:
         """Bytes each stage needs under 1F1B with ``num_microbatches`` microbatches."""
         k = self.num_stages
@@ -179,36 +164,47 @@ class PipelineTemplate:
 @dataclass(frozen=True)
 class StepCosts:
     """What a local run's step costs beyond the profile's layer times (see "Local runs" in the module
-    notes); measured on the machine by :mod:`oobleck.step_costs`. Seconds, or seconds per byte.
+    notes); measured on the machine by :mod:`oobleck.step_costs`."""
 
-    ``compute_scale``: factor on the profile's layer times and on ``optimizer_byte_s`` (:func:`compute_scale`).
-    ``message_s``: one p2p message at a stage boundary, on each side. ``allreduce_s`` and
-    ``allreduce_byte_s``: one all-reduce among the local workers, fixed and per byte. ``commit_s``: the commit
-    round trip through the master's store. ``optimizer_byte_s``: AdamW's step per byte of gradient, at the
-    profile's speed. ``cores_per_worker``: the cores each worker gets, which ``compute_scale`` came from (for
-    the plan's legend; the formula does not read it)."""
-
-    compute_scale: float = 1.0
+    #: the cores the workers share (infinite: each has a device of its own)
+    cores: float = math.inf
+    #: intra-op threads per worker, with which the profile timed the layers
+    threads: int = 1
+    #: seconds of one p2p message at a stage boundary, on each side
     message_s: float = 0.0
+    #: seconds of one all-reduce among the local workers, fixed part
     allreduce_s: float = 0.0
+    #: and per byte reduced
     allreduce_byte_s: float = 0.0
+    #: seconds of the commit round trip through the master's store
     commit_s: float = 0.0
+    #: seconds of AdamW's step per byte of gradient, with ``threads`` threads
     optimizer_byte_s: float = 0.0
-    cores_per_worker: float = 1.0
 
 
-#: no costs beyond the profile: a local step is then ``iteration_time``
+#: no costs beyond the profile: a local step is then the slowest pipeline's ``iteration_time``
 NO_COSTS = StepCosts()
 
 
-def compute_scale(cores: int, workers: int, threads: int) -> float:
-    """How much slower each of ``workers`` processes running ``threads`` intra-op threads each computes on
-    ``cores`` cores than the profile, which measured the layers with ``threads`` threads on an idle machine:
-    ``threads / (cores / workers)`` when the workers' threads outnumber the cores (every busy worker gets
-    ``cores / workers`` cores), else 1. Halving the cores per worker doubles the compute time."""
-    if cores < 1 or workers < 1 or threads < 1:
-        raise ValueError(f"cores, workers and threads must be >= 1, got {cores}, {workers}, {threads}")
-    return max(1.0, threads * workers / cores)
+def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: StepCosts) -> float:
+    """Predicted step time of a local run of ``pipelines`` (template, microbatches per step), one worker per
+    stage, whose steps cost ``costs`` (see "Local runs" in the module notes)."""
+    c = costs
+    ranks = sum(t.num_stages for t, _ in pipelines)
+    path = work = syncs = 0.0
+    for t, m in pipelines:
+        if m < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {m}")
+        k = t.num_stages
+        busy = [s.compute_s + 2 * ((i > 0) + (i < k - 1)) * c.message_s for i, s in enumerate(t.stages)]
+        optimizer = [c.optimizer_byte_s * s.grad_bytes for s in t.stages]
+        fill = sum(b + s.send_s for b, s in zip(busy, t.stages))
+        path = max(path, fill + (m - 1) * max(busy) + max(optimizer))
+        work += c.threads * sum(m * s.compute_s + o for s, o in zip(t.stages, optimizer))
+        norm = c.allreduce_s if ranks > 1 else 0.0
+        grads = [c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if len(pipelines) > 1 else 0.0 for s in t.stages]
+        syncs = max(syncs, norm + max(grads))
+    return max(path, work / c.cores) + syncs + c.commit_s
 
 
 #: the values of ``training.recompute`` (see the module notes)

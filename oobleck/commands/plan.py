@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -223,17 +224,19 @@ LEGEND = (
 
 
 def _local(plan: Plan, costs: StepCosts) -> str:
-    """The legend's line on a local run of the plan: the cores each worker gets, the overheads measured
+    """The legend's line on a local run of the plan: the cores its workers share, the overheads measured
     here, and the step time and throughput they give (:mod:`planner.templates`, "Local runs")."""
     c = costs
     step = plan.local_step_time_s(c)
-    ms, per_mb = 1e3, 1e3 * 2**20
+    workers = sum(t.num_stages for t, _ in plan.instantiation.pipelines)
+    ms, per_mib = 1e3, 1e3 * 2**20
     return (
-        f"local run on this machine: {c.cores_per_worker:.3g} cores per worker (layer times x{c.compute_scale:.3g}); "
-        f"p2p {c.message_s * ms:.3g} ms per message, all-reduce {c.allreduce_s * ms:.3g} ms + "
-        f"{c.allreduce_byte_s * per_mb:.3g} ms/MiB, AdamW {c.optimizer_byte_s * per_mb:.3g} ms/MiB, commit "
-        f"{c.commit_s * ms:.3g} ms: predicted local step time {_seconds(step)} s, "
-        f"{plan.num_microbatches * plan.microbatch / step:.1f} samples/s"
+        f"local run on this machine: {workers} workers of {c.threads} threads "
+        + (f"share {c.cores:g} cores ({c.cores / workers:.3g} per worker)" if math.isfinite(c.cores) else "on devices of their own")
+        + f"; p2p {c.message_s * ms:.3g} ms per message, all-reduce "
+        f"{c.allreduce_s * ms:.3g} ms + {c.allreduce_byte_s * per_mib:.3g} ms/MiB, AdamW "
+        f"{c.optimizer_byte_s * per_mib:.3g} ms/MiB, commit {c.commit_s * ms:.3g} ms: predicted local step time "
+        f"{_seconds(step)} s, {plan.num_microbatches * plan.microbatch / step:.1f} samples/s"
     )
 
 
@@ -290,7 +293,10 @@ def _show(plan: Plan, source: str, costs: StepCosts | None) -> None:
 def run(args: argparse.Namespace) -> int:
     plan, source, costs = _plan(args)
     if args.json:
-        local = {} if costs is None else {"local": {**asdict(costs), "step_time_s": plan.local_step_time_s(costs)}}
+        local = {} if costs is None else {"local": {
+            **asdict(costs), "cores": costs.cores if math.isfinite(costs.cores) else None,  # JSON has no infinity
+            "step_time_s": plan.local_step_time_s(costs),
+        }}  # fmt: skip
         print(json.dumps({**plan.to_dict(), **local}, indent=1))
     else:
         _show(plan, source, costs)

@@ -23,7 +23,7 @@ class PipelineShape:
     recompute: tuple[bool, ...] = ()
     #: per stage: the plan's predicted peak memory in bytes (empty: no prediction)
     predicted_bytes: tuple[int, ...] = ()
-    #: the plan's predicted step time of this pipeline in a local run (0: no prediction)
+    #: the plan's predicted step time of the job in a local run, the same on each of its pipelines (0: none)
     predicted_step_s: float = 0.0
 
 
@@ -32,7 +32,7 @@ class Placement:
     pipelines: tuple[PipelinePlan, ...]
     #: (node name, device index) -> rank
     ranks: dict[tuple[str, int], int]
-    #: the plan's predicted step time (its slowest pipeline's; 0: no prediction)
+    #: the plan's predicted step time of a local run (0: no prediction)
     predicted_step_s: float = 0.0
 
     @property

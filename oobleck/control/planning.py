@@ -13,12 +13,12 @@ from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
-from planner.templates import PipelineTemplate, StepCosts, build_templates
+from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
 
 
 def shape(template: PipelineTemplate, count: int, step_s: float) -> PipelineShape:
     """A pipeline of ``template`` running ``count`` microbatches, with the stages' recomputation, their
-    predicted peak memory and the pipeline's predicted local step time ``step_s``."""
+    predicted peak memory and the job's predicted local step time ``step_s``."""
     return PipelineShape(
         layer_ranges=template.layer_ranges,
         num_microbatches=count,
@@ -29,9 +29,9 @@ def shape(template: PipelineTemplate, count: int, step_s: float) -> PipelineShap
 
 
 def shapes(plan: Plan, costs: StepCosts) -> list[PipelineShape]:
-    """The plan's pipelines in plan order, their local step times predicted for steps that cost ``costs``."""
-    pipelines = plan.instantiation.pipelines
-    return [shape(t, count, step_s) for (t, count), step_s in zip(pipelines, plan.local_step_times(costs))]
+    """The plan's pipelines in plan order, with its local step time predicted for steps that cost ``costs``."""
+    step_s = plan.local_step_time_s(costs)
+    return [shape(template, count, step_s) for template, count in plan.instantiation.pipelines]
 
 
 def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> Planner:
@@ -89,7 +89,7 @@ def _homogeneous_planner(
 
     def plan(nodes: list[str]) -> list[PipelineShape]:
         best = full if len(nodes) == config.cluster.nodes else choose(len(nodes))
-        t, ranks = best.template, best.replicas * best.template.num_stages
-        return [shape(t, m, t.local_step_time(m, costs, best.replicas > 1, ranks)) for m in best.microbatches]
+        step_s = local_step_time([(best.template, m) for m in best.microbatches], costs)
+        return [shape(best.template, m, step_s) for m in best.microbatches]
 
     return plan
