@@ -39,8 +39,9 @@ def job(preset: str, recompute: str, steps: int, profile_dir: Path) -> dict[str,
     }
 
 
-def measure(preset: str, recompute: str, steps: int, workdir: Path) -> list[dict[str, Any]]:
-    """One run; per rank: predicted and measured bytes of the last step and their ratio."""
+def run_rows(preset: str, recompute: str, steps: int, workdir: Path) -> list[dict[str, Any]]:
+    """One ``oobleck run`` of :func:`job` in ``workdir`` (its profiles in ``workdir/profiles``); the rows of
+    its ``metrics.jsonl``."""
     raw = job(preset, recompute, steps, workdir / "profiles")
     run_dir = workdir / f"{preset}-{recompute}"
     run = launch(write_config(workdir / f"{preset}-{recompute}.yaml", raw), run_dir)
@@ -49,7 +50,12 @@ def measure(preset: str, recompute: str, steps: int, workdir: Path) -> list[dict
             raise RuntimeError(f"{preset}/{recompute} failed: " + "\n".join(non_step_lines(run.output(), 20)))
     finally:
         run.reap()
-    last = read_metrics(run_dir)[-1]
+    return read_metrics(run_dir)
+
+
+def measure(preset: str, recompute: str, steps: int, workdir: Path) -> list[dict[str, Any]]:
+    """One run; per rank: predicted and measured bytes of the last step and their ratio."""
+    last = run_rows(preset, recompute, steps, workdir)[-1]
     return [
         {"rank": rank, "predicted_bytes": predicted, "measured_bytes": measured, "ratio": predicted / measured}
         for rank, (predicted, measured) in enumerate(zip(last["predicted_bytes"], last["peak_bytes"]))

@@ -42,6 +42,7 @@ from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
 from oobleck.nodes import node_list
+from oobleck.step_costs import local_workers, threads_per_worker
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
     from typing_extensions import Unpack
@@ -173,5 +174,4 @@ def worker_threads(config: JobConfig) -> dict[str, str]:
     other and can make tiny steps ten times slower."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    workers = config.cluster.nodes * config.cluster.devices_per_node
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    return {"OMP_NUM_THREADS": str(threads_per_worker(local_workers(config)))}

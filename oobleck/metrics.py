@@ -4,9 +4,9 @@ scalars under ``RUN/tensorboard``.
 Each line holds the fields of :class:`oobleck.control.records.StepRecord`: ``step``, ``loss``, ``units``,
 ``grad_norm``, ``step_time_s``, ``samples_per_s`` (without the ``startup_s`` that a generation's first step
 spends before its workers are ready to train), ``generation``, ``nodes_alive``, ``pipelines``, ``startup_s``,
-the baselines' ``redundant_s`` and ``checkpoint_s``, and per rank the measured ``peak_bytes`` of its stage
-next to the plan's ``predicted_bytes``. A step that
-is re-run after the job restored an earlier checkpoint (every copy of some layer was lost) appears again, in
+the baselines' ``redundant_s`` and ``checkpoint_s``, per rank the measured ``peak_bytes`` of its stage
+next to the plan's ``predicted_bytes``, and the plan's ``predicted_step_s`` for a local run (to compare with
+``step_time_s - startup_s``). A step that is re-run after the job restored an earlier checkpoint (every copy of some layer was lost) appears again, in
 a later generation; the later row supersedes the earlier one. ``RUN/recoveries.jsonl`` holds one line per
 recovery (the fields of :class:`oobleck.control.records.RecoveryRecord`).
 """

@@ -3,7 +3,9 @@
 For layer ``i`` the profiler builds the layer alone (``spec.build_layer(i)``, as a pipeline stage does),
 feeds it the carry that layers ``0 .. i-1`` produce on one real microbatch (detached, with
 ``requires_grad`` on floating tensors, as it arrives over a stage boundary), and times ``warmup + repeats``
-forward and backward passes, keeping the median of the ``repeats``. Sizes come from the tensors:
+forward and backward passes, keeping the fastest of the ``repeats`` (other processes' load only ever adds
+time, so the fastest pass is the layer's own cost; :mod:`oobleck.step_costs` accounts for the cores a
+worker shares). Sizes come from the tensors:
 
 * ``param_bytes``: every parameter of the layer (a tied copy counts in each layer that holds it, since
   each stage keeps its own copy); ``grad_bytes``: the trainable ones; ``optimizer_bytes``: AdamW's two
@@ -13,7 +15,7 @@ forward and backward passes, keeping the median of the ``repeats``. Sizes come f
 * ``output_bytes``: the carry sent downstream; 0 for the last layer, whose output (the loss) crosses no
   stage boundary.
 
-:func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device) in
+:func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device, threads) in
 ``profile.cache_dir``, named by the fingerprint's hash. A cached file is used only when
 ``ModelProfile.load`` accepts it for the expected fingerprint; a stale or damaged one is measured again.
 """
@@ -21,7 +23,6 @@ forward and backward passes, keeping the median of the ``repeats``. Sizes come f
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, config_errors
+from oobleck.step_costs import local_workers, threads_per_worker, torch_threads
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 
@@ -66,8 +68,9 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device) -> dict:
-    """What a profile depends on: the model's own fingerprint, microbatch size, dtype and device."""
+def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device, threads: int | None = None) -> dict:
+    """What a profile depends on: the model's own fingerprint, microbatch size, dtype, device and the
+    intra-op threads the layers ran with (``threads``; default: this process's current count)."""
     with config_errors():  # your own layers measure themselves here, and may refuse in one line
         model = spec.fingerprint()
     return {
@@ -75,6 +78,7 @@ def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device) 
         "microbatch": microbatch,
         "dtype": str(spec.dtype).removeprefix("torch."),
         "device": device_name(device),
+        "threads": torch.get_num_threads() if threads is None else threads,
         "source": "measured",
     }
 
@@ -162,8 +166,8 @@ def profile_model(
         profiles.append(
             LayerProfile(
                 name=spec.layer_meta(index).name,
-                forward_s=statistics.median(f for f, _ in times[index]),
-                backward_s=statistics.median(b for _, b in times[index]),
+                forward_s=min(f for f, _ in times[index]),
+                backward_s=min(b for _, b in times[index]),
                 param_bytes=sum(_nbytes(p) for p in params),
                 grad_bytes=sum(_nbytes(p) for p in trainable),
                 optimizer_bytes=2 * sum(_nbytes(p) for p in trainable),
@@ -174,10 +178,16 @@ def profile_model(
     return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device))
 
 
+def _threads(config: JobConfig) -> int:
+    """The intra-op threads ``config``'s profile is measured with: each local worker's
+    (:func:`oobleck.step_costs.threads_per_worker`), so a layer takes the time a worker alone computes it in."""
+    return threads_per_worker(local_workers(config))
+
+
 def expected_fingerprint(config: JobConfig) -> dict:
     """The fingerprint a measured profile of ``config`` must carry (builds the spec, not its layers)."""
     spec = build_model(config.model, config.training.seed)
-    return profile_fingerprint(spec, config.training.microbatch, resolve_device(config.cluster.device))
+    return profile_fingerprint(spec, config.training.microbatch, resolve_device(config.cluster.device), _threads(config))
 
 
 def profile_path(config: JobConfig) -> Path:
@@ -202,7 +212,8 @@ def ensure_profile(
     Reads ``path``, or else the cache file :func:`profile_path`. An existing file is reused only when
     ``ModelProfile.load`` accepts it for the expected fingerprint; a stale, truncated or malformed one is
     reported through ``log`` and measured again, as is any file when ``force`` is set. A new profile is
-    saved (atomically) to that file.
+    saved (atomically) to that file. The layers are timed with the intra-op threads each worker of a
+    local run of ``config`` gets (:func:`_threads`).
     """
     if config.profile.source != "measured":
         raise ConfigError(
@@ -211,7 +222,7 @@ def ensure_profile(
     spec = build_model(config.model, config.training.seed)
     device = resolve_device(config.cluster.device)
     microbatch = config.training.microbatch
-    expect = profile_fingerprint(spec, microbatch, device)
+    expect = profile_fingerprint(spec, microbatch, device, _threads(config))
     target = Path(path) if path is not None else profile_path(config)
     if target.exists() and not force:
         try:
@@ -219,8 +230,9 @@ def ensure_profile(
         except ProfileError as e:
             if log is not None:
                 log(f"{e}; profiling again")
-    profile = profile_model(
-        spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats
-    )
+    with torch_threads(_threads(config)):
+        profile = profile_model(
+            spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats
+        )
     profile.save(target)
     return profile

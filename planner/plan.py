@@ -18,7 +18,7 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
 from planner.instantiate import Instantiation, instantiate
 from planner.profile import ModelProfile, fingerprint_hash
-from planner.templates import PipelineTemplate, build_templates
+from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class Plan:
     @property
     def samples_per_s(self) -> float:
         return self.instantiation.samples_per_s(self.microbatch)
+
+    def local_step_time_s(self, costs: StepCosts) -> float:
+        """Predicted step time of a local run of this plan whose steps cost ``costs``
+        (:func:`planner.templates.local_step_time`)."""
+        return local_step_time(self.instantiation.pipelines, costs)
 
     def replan(self, nodes: int) -> "Plan":
         """A plan for ``nodes`` surviving nodes from the same templates. With fewer than (f+1)*n0 nodes

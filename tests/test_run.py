@@ -38,6 +38,8 @@ def test_run_matches_the_single_process_reference(
     assert 0 < rows[0]["startup_s"] < rows[0]["step_time_s"] and all(r["startup_s"] == 0 for r in rows[1:])
     for row in rows:
         assert row["samples_per_s"] == pytest.approx(raw["training"]["global_batch"] / (row["step_time_s"] - row["startup_s"]))
+    # the plan's local step time next to every measured one, the same for the whole generation
+    assert rows[0]["predicted_step_s"] > 0 and all(r["predicted_step_s"] == rows[0]["predicted_step_s"] for r in rows)
     assert any((run_dir / "tensorboard").iterdir())
 
     reference = reference_run(raw).losses

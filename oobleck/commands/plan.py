@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from oobleck.bounds import MAX_BATCH, MAX_DEVICES_PER_NODE, MAX_NODES, int_flag
@@ -22,6 +23,7 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError, ProfileError
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
+from planner.templates import StepCosts
 
 if TYPE_CHECKING:
     from oobleck.config import ClusterConfig
@@ -141,7 +143,9 @@ def _analytic_plan(name: str, i: _Inputs, recompute: str, profile_file: str | No
     raise failure
 
 
-def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
+def _plan(args: argparse.Namespace) -> tuple[Plan, str, StepCosts | None]:
+    """The plan, where its profile comes from, and for a measured profile the costs of a local run's
+    steps on this machine (None for analytic profiles, which describe another cluster's devices)."""
     config = None
     if args.config is not None:
         from oobleck.config import load_config
@@ -151,7 +155,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
         raise OobleckError("CONFIG: missing; pass a job config, or --model NAME for an analytic profile")
     i = _inputs(args, config)
     if args.model is not None:
-        return _analytic_plan(args.model, i, args.recompute, args.profile)
+        return (*_analytic_plan(args.model, i, args.recompute, args.profile), None)
     assert config is not None
     if config.profile.source == "analytic":
         if config.model.preset not in SHAPES:
@@ -159,9 +163,10 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
                 f"model.preset: got {config.model.preset!r}; profile.source analytic needs one of {', '.join(SHAPES)} "
                 "(or set profile.source: measured)"
             )
-        return _analytic_plan(config.model.preset, i, args.recompute, args.profile)
+        return (*_analytic_plan(config.model.preset, i, args.recompute, args.profile), None)
     # measured profiles need the models (torch): import only on this path
     from oobleck import profiler
+    from oobleck.step_costs import job_step_costs
 
     if args.profile is not None:
         profile = ModelProfile.load(args.profile, expect=profiler.expected_fingerprint(config))
@@ -170,7 +175,8 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str]:
         profile = profiler.ensure_profile(config)
         source = f"measured, {profiler.profile_path(config)}"
     recompute = config.training.recompute
-    return make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute), source
+    plan = make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute)
+    return plan, source, job_step_costs(config, profile)
 
 
 def _gib(n: float) -> str:
@@ -217,7 +223,24 @@ LEGEND = (
 )
 
 
-def _show(plan: Plan, source: str) -> None:
+def _local(plan: Plan, costs: StepCosts) -> str:
+    """The legend's line on a local run of the plan: the cores its workers share, the overheads measured
+    here, and the step time and throughput they give (:mod:`planner.templates`, "Local runs")."""
+    c = costs
+    step = plan.local_step_time_s(c)
+    workers = sum(t.num_stages for t, _ in plan.instantiation.pipelines)
+    ms, per_mib = 1e3, 1e3 * 2**20
+    return (
+        f"local run on this machine: {workers} workers of {c.threads} threads "
+        + (f"share {c.cores:g} cores ({c.cores / workers:.3g} per worker)" if math.isfinite(c.cores) else "on devices of their own")
+        + f"; p2p {c.message_s * ms:.3g} ms per message, all-reduce "
+        f"{c.allreduce_s * ms:.3g} ms + {c.allreduce_byte_s * per_mib:.3g} ms/MiB, AdamW "
+        f"{c.optimizer_byte_s * per_mib:.3g} ms/MiB, commit {c.commit_s * ms:.3g} ms: predicted local step time "
+        f"{_seconds(step)} s, {plan.num_microbatches * plan.microbatch / step:.1f} samples/s"
+    )
+
+
+def _show(plan: Plan, source: str, costs: StepCosts | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -257,6 +280,8 @@ def _show(plan: Plan, source: str) -> None:
     extra = f"; {inst.idle_nodes} idle nodes (no template mix covers all)" if inst.idle_nodes else ""
     extra += "; DEGRADED: fewer than f+1 pipelines" if plan.degraded else ""
     console.print("\n".join(LEGEND), highlight=False, soft_wrap=True)
+    if costs is not None:
+        console.print(_local(plan, costs), highlight=False, soft_wrap=True)
     console.print(
         f"{len(inst.pipelines)} pipelines on {inst.num_nodes} nodes{extra}; predicted step time "
         f"{_seconds(plan.step_time_s)} s (the slowest pipeline's iteration), {plan.samples_per_s:.1f} samples/s",
@@ -266,9 +291,13 @@ def _show(plan: Plan, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan, source = _plan(args)
+    plan, source, costs = _plan(args)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=1))
+        local = {} if costs is None else {"local": {
+            **asdict(costs), "cores": costs.cores if math.isfinite(costs.cores) else None,  # JSON has no infinity
+            "step_time_s": plan.local_step_time_s(costs),
+        }}  # fmt: skip
+        print(json.dumps({**plan.to_dict(), **local}, indent=1))
     else:
-        _show(plan, source)
+        _show(plan, source, costs)
     return 0

@@ -88,6 +88,7 @@ class CommitDriver:
                     startup_s=startup,
                     peak_bytes=list(report.peak_bytes),
                     predicted_bytes=list(report.predicted_bytes),
+                    predicted_step_s=gen.placement.predicted_step_s,
                 )
                 last = now
                 with state.lock:

@@ -23,6 +23,8 @@ class PipelineShape:
     recompute: tuple[bool, ...] = ()
     #: per stage: the plan's predicted peak memory in bytes (empty: no prediction)
     predicted_bytes: tuple[int, ...] = ()
+    #: the plan's predicted step time of the job in a local run, the same on each of its pipelines (0: none)
+    predicted_step_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Placement:
     pipelines: tuple[PipelinePlan, ...]
     #: (node name, device index) -> rank
     ranks: dict[tuple[str, int], int]
+    #: the plan's predicted step time of a local run (0: no prediction)
+    predicted_step_s: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -71,4 +75,5 @@ def place(shapes: list[PipelineShape], nodes: list[str], devices_per_node: int) 
         microbatch_start += shape.num_microbatches
     if node_cursor != len(nodes):
         raise ValueError(f"the plan uses {node_cursor} of {len(nodes)} nodes; every node must be used")
-    return Placement(pipelines=tuple(pipelines), ranks=ranks)
+    predicted = max((shape.predicted_step_s for shape in shapes), default=0.0)
+    return Placement(pipelines=tuple(pipelines), ranks=ranks, predicted_step_s=predicted)

@@ -13,23 +13,25 @@ from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
-from planner.templates import PipelineTemplate, build_templates
+from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
 
 
-def shape(template: PipelineTemplate, count: int) -> PipelineShape:
-    """A pipeline of ``template`` running ``count`` microbatches, with the stages' recomputation and their
-    predicted peak memory."""
+def shape(template: PipelineTemplate, count: int, step_s: float) -> PipelineShape:
+    """A pipeline of ``template`` running ``count`` microbatches, with the stages' recomputation, their
+    predicted peak memory and the job's predicted local step time ``step_s``."""
     return PipelineShape(
         layer_ranges=template.layer_ranges,
         num_microbatches=count,
         recompute=template.recompute,
         predicted_bytes=tuple(int(b) for b in template.stage_memory(count)),
+        predicted_step_s=step_s,
     )
 
 
-def shapes(plan: Plan) -> list[PipelineShape]:
-    """The plan's pipelines in plan order."""
-    return [shape(template, count) for template, count in plan.instantiation.pipelines]
+def shapes(plan: Plan, costs: StepCosts) -> list[PipelineShape]:
+    """The plan's pipelines in plan order, with its local step time predicted for steps that cost ``costs``."""
+    step_s = plan.local_step_time_s(costs)
+    return [shape(template, count, step_s) for template, count in plan.instantiation.pipelines]
 
 
 def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> Planner:
@@ -41,12 +43,14 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
     profile's templates, Bamboo-style on its redundant profile's, two nodes deep at least (a stage's shadow
     lives on the next node)."""
     from oobleck.profiler import ensure_profile
+    from oobleck.step_costs import job_step_costs
 
     t = config.training
     profile = ensure_profile(config, log=log)
+    costs = job_step_costs(config, profile)
     policy = config.fault_tolerance.policy
     if policy != "oobleck":
-        return _homogeneous_planner(config, profile, log)
+        return _homogeneous_planner(config, profile, costs, log)
     full = make_plan(
         profile, cluster_spec(config.cluster), config.fault_tolerance.f, t.global_batch, t.microbatch, t.recompute
     )
@@ -55,12 +59,14 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
         log(f"plan: {len(full.instantiation.pipelines)} pipelines of {sizes} nodes, n0={full.n0}")
 
     def plan(nodes: list[str]) -> list[PipelineShape]:
-        return shapes(full if len(nodes) == full.cluster.nodes else full.replan(len(nodes)))
+        return shapes(full if len(nodes) == full.cluster.nodes else full.replan(len(nodes)), costs)
 
     return plan
 
 
-def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable[[str], None] | None) -> Planner:
+def _homogeneous_planner(
+    config: JobConfig, profile: ModelProfile, costs: StepCosts, log: Callable[[str], None] | None
+) -> Planner:
     policy = config.fault_tolerance.policy
     microbatches = config.training.global_batch // config.training.microbatch
     recompute = config.training.recompute
@@ -83,6 +89,7 @@ def _homogeneous_planner(config: JobConfig, profile: ModelProfile, log: Callable
 
     def plan(nodes: list[str]) -> list[PipelineShape]:
         best = full if len(nodes) == config.cluster.nodes else choose(len(nodes))
-        return [shape(best.template, count) for count in best.microbatches]
+        step_s = local_step_time([(best.template, m) for m in best.microbatches], costs)
+        return [shape(best.template, m, step_s) for m in best.microbatches]
 
     return plan

@@ -38,6 +38,9 @@ class StepRecord:
     peak_bytes: list[int] = field(default_factory=list)
     #: per rank: the plan's prediction of that peak (0 where the plan made none)
     predicted_bytes: list[int] = field(default_factory=list)
+    #: the plan's prediction of ``step_time_s - startup_s`` for a local run (0 where it made none;
+    #: :mod:`planner.templates`, "Local runs")
+    predicted_step_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,190 @@
+"""Measure, on this machine, what a local run's step costs beyond the layer profile: the planner's
+:class:`planner.templates.StepCosts` (its formula is in :mod:`planner.templates`, "Local runs").
+
+Cores. A local run's workers are processes on this machine: ``workers`` of them share the C cores this
+process may run on (``os.sched_getaffinity``), and each runs T = :func:`threads_per_worker` intra-op
+threads (the launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the layers with the same T
+(``oobleck.profiler``), so ``StepCosts`` carries C and T and the planner divides the job's work among the
+cores: with 4 workers of 1 thread on 2 cores, each gets half a core while all compute.
+
+Overheads, each timed here with T threads (the fastest of a few repetitions, as the profile keeps: other
+processes' load only adds time; about a second in all): two threads of this process, joined by a gloo
+process group over loopback TCP as two workers are, time a p2p ping-pong of a boundary carry
+(``message_s`` is half a round trip), an all-reduce of one number (``allreduce_s``) and of ``grad_bytes``
+(``allreduce_byte_s`` is the difference per byte); a set-then-wait round trip through a TCPStore, as a
+worker's commit goes through the master's store, gives ``commit_s``; AdamW steps a flat float32 tensor of
+``grad_bytes`` (``optimizer_byte_s``).
+
+On CUDA (unverified: this module has run on CPU only) each worker has a device of its own, so C is
+infinite; the overheads are still those of gloo, the store and AdamW on this host's CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from oobleck.config import JobConfig
+from oobleck.devices import resolve_device
+from planner.profile import ModelProfile
+from planner.templates import StepCosts
+
+#: repetitions whose fastest each figure is (after one warm-up)
+_REPEATS = 9
+#: the most bytes the all-reduce and AdamW timings move: enough for a per-byte figure, bounded in time
+_MAX_TIMED_BYTES = 64 << 20
+_TIMEOUT = timedelta(seconds=60)
+
+
+def local_workers(config: JobConfig) -> int:
+    """How many worker processes a local run of ``config`` starts on this machine: one per device."""
+    return config.cluster.nodes * config.cluster.devices_per_node
+
+
+def local_cores() -> int:
+    """The cores this process (and every local worker it starts) may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``workers`` workers sharing ``cores`` cores (default
+    :func:`local_cores`): the cores divided among the workers, at least 1."""
+    return max(1, (cores or local_cores()) // workers)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fastest_s(run: Callable[[], object]) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _pair_timings(carry_bytes: int, grad_bytes: int) -> dict[str, float]:
+    """Rank 0's timings of a two-rank gloo group whose ranks are threads of this process."""
+    store = dist.HashStore()
+    out: dict[str, float] = {}
+    errors: list[BaseException] = []
+    carry = max(1, carry_bytes // 4)
+    grads = max(1, min(grad_bytes, _MAX_TIMED_BYTES) // 4)
+
+    def rank(r: int) -> None:
+        try:
+            group = dist.ProcessGroupGloo(dist.PrefixStore("pair", store), r, 2, _TIMEOUT)
+            x = torch.zeros(carry)
+
+            def ping_pong() -> None:
+                if r == 0:
+                    group.send([x], 1, 0).wait()
+                    group.recv([x], 1, 0).wait()
+                else:
+                    group.recv([x], 0, 0).wait()
+                    group.send([x], 0, 0).wait()
+
+            one, many = torch.zeros(1), torch.zeros(grads)
+            timings = {
+                "message_s": _fastest_s(ping_pong) / 2,
+                "allreduce_s": _fastest_s(lambda: group.allreduce([one]).wait()),
+                "allreduce_many_s": _fastest_s(lambda: group.allreduce([many]).wait()),
+            }
+            if r == 0:
+                out.update(timings)
+        except BaseException as e:  # reported by the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    out["allreduce_byte_s"] = max(0.0, out.pop("allreduce_many_s") - out["allreduce_s"]) / (grads * 4)
+    return out
+
+
+def _commit_s() -> float:
+    """A worker's set of its ready key and wait for the decision key, answered by another thread (the
+    master) that waits for the ready key and sets the decision: one round trip through a TCPStore."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
+    worker = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=_TIMEOUT)
+    rounds = _REPEATS + 1
+
+    def master() -> None:
+        for i in range(rounds):
+            server.wait([f"ready/{i}"])
+            server.set(f"decision/{i}", b"commit")
+
+    answering = threading.Thread(target=master, daemon=True)
+    answering.start()
+    counter = iter(range(rounds))
+
+    def commit() -> None:
+        i = next(counter)
+        worker.set(f"ready/{i}", b"1")
+        worker.wait([f"decision/{i}"])
+
+    seconds = _fastest_s(commit)
+    answering.join()
+    return seconds
+
+
+def _optimizer_byte_s(grad_bytes: int) -> float:
+    numel = max(1, min(grad_bytes, _MAX_TIMED_BYTES) // 4)
+    param = torch.nn.Parameter(torch.zeros(numel))
+    param.grad = torch.ones(numel)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    return _fastest_s(optimizer.step) / (numel * 4)
+
+
+def measure_step_costs(workers: int, device: torch.device, carry_bytes: int, grad_bytes: int) -> StepCosts:
+    """The :class:`~planner.templates.StepCosts` of a local run of ``workers`` workers on ``device``, whose
+    stage boundaries carry ``carry_bytes`` per microbatch and whose stages hold up to ``grad_bytes`` of
+    gradients (see the module notes)."""
+    cores = local_cores()
+    threads = threads_per_worker(workers, cores)
+    with torch_threads(threads):
+        pair = _pair_timings(carry_bytes, grad_bytes)
+        optimizer = _optimizer_byte_s(grad_bytes)
+        commit = _commit_s()
+    return StepCosts(
+        cores=cores if device.type == "cpu" else math.inf,
+        threads=threads,
+        message_s=pair["message_s"],
+        allreduce_s=pair["allreduce_s"],
+        allreduce_byte_s=pair["allreduce_byte_s"],
+        commit_s=commit,
+        optimizer_byte_s=optimizer,
+    )
+
+
+def job_step_costs(config: JobConfig, profile: ModelProfile) -> StepCosts:
+    """:func:`measure_step_costs` for a local run of ``config`` planned from ``profile``: its largest carry
+    crosses the boundaries, and the all-reduce and AdamW timings move the whole model's gradients (capped)."""
+    return measure_step_costs(
+        local_workers(config),
+        resolve_device(config.cluster.device),
+        max(layer.output_bytes for layer in profile.layers),
+        sum(layer.grad_bytes for layer in profile.layers),
+    )
