@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
+from oobleck.store_server import start_store
 from planner.profile import ModelProfile
 from planner.templates import StepCosts
 
@@ -42,6 +43,8 @@ _REPEATS = 9
 #: the most bytes the all-reduce and AdamW timings move: enough for a per-byte figure, bounded in time
 _MAX_TIMED_BYTES = 64 << 20
 _TIMEOUT = timedelta(seconds=60)
+#: the only address the measurement listens on (its gloo pair and its store)
+_LOOPBACK = "127.0.0.1"
 
 
 def local_workers(config: JobConfig) -> int:
@@ -91,7 +94,10 @@ def _pair_timings(carry_bytes: int, grad_bytes: int) -> dict[str, float]:
 
     def rank(r: int) -> None:
         try:
-            group = dist.ProcessGroupGloo(dist.PrefixStore("pair", store), r, 2, _TIMEOUT)
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=_LOOPBACK)]  # listen there only
+            options._timeout = _TIMEOUT
+            group = dist.ProcessGroupGloo(dist.PrefixStore("pair", store), r, 2, options)
             x = torch.zeros(carry)
 
             def ping_pong() -> None:
@@ -127,8 +133,8 @@ def _pair_timings(carry_bytes: int, grad_bytes: int) -> dict[str, float]:
 def _commit_s() -> float:
     """A worker's set of its ready key and wait for the decision key, answered by another thread (the
     master) that waits for the ready key and sets the decision: one round trip through a TCPStore."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
-    worker = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=_TIMEOUT)
+    server = start_store(_LOOPBACK)
+    worker = dist.TCPStore(_LOOPBACK, server.port, is_master=False, timeout=_TIMEOUT)
     rounds = _REPEATS + 1
 
     def master() -> None:

@@ -57,7 +57,8 @@ from oobleck.control.driver import CommitDriver
 from oobleck.control.policy import Planner, policy_for
 from oobleck.control.records import RecoveryRecord, StepRecord
 from oobleck.control.replan import Replanner, natural_key
-from oobleck.control.serving import bind_server, join_address, start_store, store_host
+from oobleck.control.serving import bind_server, join_address, store_host
+from oobleck.store_server import start_store
 from oobleck.control.state import Generation, JobState, Node
 from oobleck.devices import wants_cuda
 from oobleck.engine.api import INPUT_ERROR_EXIT_CODE, STUCK_EXIT_CODE, Assignment

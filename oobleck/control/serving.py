@@ -1,11 +1,11 @@
-"""What the master serves on: its gRPC server (token-gated, TLS when wanted) and the job's TCPStore."""
+"""What the master serves on: its gRPC server (token-gated, TLS when wanted); its TCPStore is started by
+:func:`oobleck.store_server.start_store`."""
 
 from __future__ import annotations
 
 import logging
 import socket
 from concurrent import futures
-from typing import Any
 
 import grpc
 
@@ -57,27 +57,3 @@ def store_host(configured: str) -> str:
     """Where workers reach the store the master bound on ``configured``: a wildcard bind is reachable at
     this machine's name, not at the wildcard itself."""
     return socket.gethostname() if configured in ("0.0.0.0", "::", "") else configured
-
-
-def start_store(host: str) -> Any:
-    """The job's TCPStore on a free port of ``host``, listening on that address only (torch's own bind
-    would take every interface); workers of every generation meet under prefixes. The socket is bound
-    here and handed over: the store owns (and closes) it from then on."""
-    from torch.distributed import TCPStore
-
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    listener = socket.socket(family, kind, proto)
-    try:
-        listener.bind(address)
-        listener.listen(socket.SOMAXCONN)
-        store = TCPStore(
-            host, listener.getsockname()[1], is_master=True, wait_for_workers=False,
-            master_listen_fd=listener.fileno(), use_libuv=True,
-        )  # fmt: skip
-    except BaseException:
-        listener.close()
-        raise
-    listener.detach()  # the store closes the descriptor when it is destroyed
-    return store
