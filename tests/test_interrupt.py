@@ -113,3 +113,35 @@ def test_a_collective_left_running_is_abandoned_when_the_generation_ends() -> No
     assert left["destroy_s"] < 10  # the stuck group is kept, so its teardown does not wait for the timeout
     assert results[0]["next_sum"] == results[1]["next_sum"] == 3.0
 
+
+
+class _LateWork:
+    """A work handle whose slice times out just before it completes (the race seen under load)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.completed = False
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        if timeout is not None and not self.completed:
+            self.completed = True  # completes right after this slice gave up
+            raise RuntimeError("Operation timed out!")
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def is_completed(self) -> bool:
+        return self.completed
+
+
+def test_a_collective_completing_as_its_slice_times_out_returns_or_raises_its_own_error() -> None:
+    from oobleck.engine import interrupt
+
+    interrupt.watch(threading.Event())
+    try:
+        interrupt.wait(_LateWork(None), None)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            interrupt.wait(_LateWork(RuntimeError("Connection closed by peer")), None)  # type: ignore[arg-type]
+    finally:
+        interrupt.watch(None)
+

@@ -68,8 +68,12 @@ def wait(work: dist.Work, group: dist.ProcessGroup | None) -> None:
             work.wait(WAIT_SLICE)
             return
         except RuntimeError:
-            if work.is_completed():  # it failed (e.g. its sockets were shut down): its own error
-                raise
+            if work.is_completed():
+                # it finished between the slice's timeout and this look (seen under load: the timeout was
+                # raised as the job's error), or it failed (e.g. its sockets were shut down): a wait on a
+                # completed work returns, or raises its own error
+                work.wait()
+                return
         if _ended.is_set():
             abandon([(work, group)])
             raise GenerationEnded("the generation ended during a collective; abandoned it")
