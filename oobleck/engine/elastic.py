@@ -48,7 +48,7 @@ import torch.distributed as dist
 from oobleck.config import config_from_dict
 from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment, Restore
-from oobleck.engine.release import SocketSnapshot
+from oobleck.engine.release import SocketSnapshot, socket_inodes
 from oobleck.engine.signed_store import SignedStore
 from oobleck.engine.stage import HeldLayer
 from oobleck.engine.store_keys import ended_key, timing_key
@@ -116,7 +116,7 @@ class GenerationWatch:
         self._sweeping = threading.Lock()
         # before the snapshot, so the watch's own connection stays open
         self._store = SignedStore(base.clone(), store_key)
-        self._before = SocketSnapshot.take(self._exclude)
+        self._before = socket_inodes()
         threading.Thread(target=self._watch, name=f"watch-gen{generation}", daemon=True).start()
 
     def finish(self) -> None:
@@ -138,14 +138,14 @@ class GenerationWatch:
             return
         if ended is None or self._finished:
             return
-        self.ended.set()
+        interrupt.end(self.ended)  # no operation is posted from here on (see oobleck.engine.interrupt)
         ended_at = time.monotonic()
         released: set[int] = set()
         while True:
             with self._sweeping:
                 if self._closed.is_set():
                     return
-                fresh = SocketSnapshot.take(self._exclude).since(self._before).without(released)
+                fresh = SocketSnapshot.take(self._exclude, self._before | released)
                 if fresh.release():
                     log.info("generation %d ended: released %d sockets", self.generation, len(fresh.sockets))
                 released.update(s.inode for s in fresh.sockets)

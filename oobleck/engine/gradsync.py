@@ -159,8 +159,7 @@ class GradSync:
             for bucket in self.buckets:
                 bucket.pack()
                 if bucket.group is not None:
-                    interrupt.check()
-                    works.append(dist.all_reduce(bucket.flat, group=bucket.group, async_op=True))
+                    works.append(interrupt.post(dist.all_reduce, bucket.flat, group=bucket.group, async_op=True))
                 else:
                     works.append(None)
             for bucket, work in zip(self.buckets, works):
