@@ -58,9 +58,9 @@ class RecoveryRecord:
 
     * ``detect_s``: from the kill to the master's notice, when the kill time is known (injected faults
       record it); None otherwise, and the path starts at the notice;
-    * ``end_s``: from the notice to the master's write of ``ended/gen{g}`` (a joining node's change is
-      noticed when its workers ask for work and ends the generation at the next step boundary);
-    * ``leave_s``: from that write until the last worker had left the old generation: its watch saw the
+    * ``end_s``: from the notice to the moment the master writes ``ended/gen{g}`` (a joining node's change
+      is noticed when its workers ask for work and ends the generation at the next step boundary);
+    * ``leave_s``: from that moment until the last worker had left the old generation: its watch saw the
       key and released the sockets, the blocked operation failed, its loader stopped and the old process
       group was destroyed (0 for a worker new to the job);
     * ``assign_s``: from leaving (or the end, for a new worker) until the worker held its new assignment:
@@ -108,7 +108,7 @@ class Change:
     lost: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     kill_times: list[float] = field(default_factory=list)
-    #: when the master wrote the ended generation's ``ended/gen{g}`` (time.time(); None until then)
+    #: when the master ended the generation (time.time(), just before writing ``ended/gen{g}``; None until then)
     ended_at: float | None = None
 
     def merged(self, later: "Change | None") -> "Change":

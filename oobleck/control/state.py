@@ -158,10 +158,11 @@ class JobState:
             return
 
         gen.ended = True
+        if self.change is not None and self.change.ended_at is None:
+            # the recovery record's end of "end", taken before the write: a worker may leave before it returns
+            self.change.ended_at = time.time()
         if self.signed is not None:  # None once the master stopped
             self.signed.set(ended_key(gen.number), b"1")
-        if self.change is not None and self.change.ended_at is None:
-            self.change.ended_at = time.time()  # the recovery record's end of the "end" phase
 
     def result_saved(self) -> bool:
         """Every step is committed and the final checkpoint is complete: the job's result is on disk, so a
