@@ -63,10 +63,11 @@ class Progress:
         what = f"lost {', '.join(record.lost)}" if record.lost else ""
         if record.joined:
             what += ("; " if what else "") + f"joined {', '.join(record.joined)}"
-        detect = f"detect {record.detect_s * 1000:.0f} ms, " if record.detect_s is not None else ""
+        detect = f"detect {_ms(record.detect_s)}, " if record.detect_s is not None else ""
         line = (
-            f"recovered ({what}) in {record.total_s:.2f} s: {detect}plan {record.plan_s * 1000:.0f} ms, "
-            f"rebuild {record.rebuild_s * 1000:.0f} ms, transfer {record.transfer_s * 1000:.0f} ms "
+            f"recovered ({what}) in {record.total_s:.2f} s: {detect}end {_ms(record.end_s)}, "
+            f"leave {_ms(record.leave_s)}, assign {_ms(record.assign_s)} (plan {_ms(record.plan_s)}), "
+            f"rebuild {_ms(record.rebuild_s)}, transfer {_ms(record.transfer_s)}, setup {_ms(record.setup_s)} "
             f"({record.layers_moved} layers, from {record.mode}); {record.steps_lost} steps lost; "
             f"now {record.nodes_alive} nodes, {record.pipelines} pipelines, resuming at step {record.start_step + 1}"
         )
@@ -80,6 +81,10 @@ class Progress:
             self._live.update(Text(line))
         elif always:
             self.console.print(line, highlight=False, soft_wrap=True)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
 
 def summary(steps: Sequence[Any], recoveries: Sequence[Any], elapsed_s: float, global_batch: int, run_dir: str | Path) -> str:

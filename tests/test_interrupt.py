@@ -150,3 +150,34 @@ def test_a_collective_left_running_is_abandoned_when_the_generation_ends() -> No
     assert left["destroy_s"] < 10  # the stuck group is kept, so its teardown does not wait for the timeout
     assert results[0]["next_sum"] == results[1]["next_sum"] == 3.0
 
+
+def test_an_operation_is_posted_before_the_end_or_refused() -> None:
+    """:func:`interrupt.end` waits for a post under way (its sockets are shut down only after), and every post
+    after the end is refused."""
+    from oobleck.engine import interrupt
+
+    ended, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def operation() -> str:
+        entered.set()
+        release.wait(30)
+        return "posted"
+
+    interrupt.watch(ended)
+    try:
+        posted: list[str] = []
+        poster = threading.Thread(target=lambda: posted.append(interrupt.post(operation)))
+        poster.start()
+        entered.wait(30)
+        ender = threading.Thread(target=interrupt.end, args=(ended,))
+        ender.start()
+        ender.join(0.2)
+        assert ender.is_alive() and not ended.is_set()  # held off while the operation is being posted
+        release.set()
+        poster.join(30)
+        ender.join(30)
+        assert posted == ["posted"] and ended.is_set()
+        with pytest.raises(interrupt.GenerationEnded):
+            interrupt.post(operation)
+    finally:
+        interrupt.watch(None)

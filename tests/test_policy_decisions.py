@@ -129,31 +129,40 @@ def test_layer_moves_copy_from_placed_holders_only() -> None:
         layer_moves(placement, needed, {("a", 0): frozenset({0, 1, 2}), ("gone", 0): frozenset({3, 4, 5})}, None)
 
 
-def test_recovery_record_takes_the_slowest_rank_and_the_earliest_kill() -> None:
-    change = Change(noticed_at=100.0, reasons=["node n1 lost"], lost=["n1"], kill_times=[99.5, 99.0])
+def test_recovery_record_takes_the_last_ready_rank_and_the_earliest_kill() -> None:
+    change = Change(noticed_at=100.0, reasons=["node n1 lost"], lost=["n1"], kill_times=[99.5, 99.0], ended_at=100.25)
     timings = [
-        {"resumed_at": 103.0, "join_s": 0.5, "transfer_s": 0.25},
-        {"resumed_at": 104.0, "join_s": 0.75, "transfer_s": 0.125},
+        # slower to rebuild, but ready first: the record follows the rank ready last
+        {"left_at": 100.5, "assigned_at": 101.0, "resumed_at": 103.0, "join_s": 1.5, "groups_s": 0.25, "transfer_s": 0.25},
+        {"left_at": 101.0, "assigned_at": 101.5, "resumed_at": 104.0, "join_s": 0.5, "groups_s": 0.25, "transfer_s": 1.0},
     ]
     record = recovery_record(
         generation=2, change=change, mode="memory", start_step=5, steps_lost=0, layers_moved=3,
         placement=three_deep(2), plan_s=0.01, timings=timings,
     )  # fmt: skip
     assert (record.detect_s, record.resume_s, record.total_s) == (1.0, 4.0, 5.0)
-    assert (record.rebuild_s, record.transfer_s) == (0.75, 0.25)
+    assert (record.end_s, record.leave_s, record.assign_s) == (0.25, 0.75, 0.5)
+    assert (record.rebuild_s, record.transfer_s, record.setup_s) == (0.75, 1.0, 0.75)
+    phases = (record.detect_s, record.end_s, record.leave_s, record.assign_s, record.rebuild_s, record.transfer_s, record.setup_s)  # fmt: skip
+    assert sum(phases) == record.total_s
     assert record.lost == ("n1",) and record.joined == () and record.reason == "node n1 lost"
     assert (record.nodes_alive, record.pipelines) == (6, 2)
+    # a worker new to the job (no generation left) after a change whose end was not written: its wait for
+    # the assignment runs from the notice
+    new = {"left_at": None, "assigned_at": 101.0, "resumed_at": 103.0, "join_s": 0.5, "groups_s": 0.5, "transfer_s": 0.5}
     unknown = recovery_record(
         generation=2, change=Change(noticed_at=100.0), mode="init", start_step=0, steps_lost=0, layers_moved=0,
-        placement=three_deep(1), plan_s=0.0, timings=timings[:1],
+        placement=three_deep(1), plan_s=0.0, timings=[new],
     )  # fmt: skip
     assert unknown.detect_s is None and unknown.total_s == unknown.resume_s == 3.0
+    assert (unknown.end_s, unknown.leave_s, unknown.assign_s, unknown.setup_s) == (0.0, 0.0, 1.0, 0.5)
 
 
-def test_changes_merge_in_order_from_the_first_notice() -> None:
-    first = Change(1.0, ["a lost"], ["a"], [], [0.5])
-    merged = first.merged(Change(2.0, ["b joined"], [], ["b"], []))
-    assert merged == Change(1.0, ["a lost", "b joined"], ["a"], ["b"], [0.5])
+def test_changes_merge_in_order_from_the_first_notice_to_the_last_end() -> None:
+    first = Change(1.0, ["a lost"], ["a"], [], [0.5], ended_at=1.5)
+    merged = first.merged(Change(2.0, ["b joined"], [], ["b"], [], ended_at=3.0))
+    assert merged == Change(1.0, ["a lost", "b joined"], ["a"], ["b"], [0.5], ended_at=3.0)
+    assert first.merged(Change(2.0)).ended_at == 1.5  # the later change ended nothing yet
     assert first.merged(None) is first
 
 

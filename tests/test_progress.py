@@ -29,7 +29,7 @@ def _recovery(lost: tuple[str, ...] = (), joined: tuple[str, ...] = (), nodes: i
     return RecoveryRecord(
         generation=2, reason="test", lost=lost, joined=joined, mode="memory", start_step=start_step, steps_lost=0,
         layers_moved=2, nodes_alive=nodes, pipelines=2, detect_s=0.01, plan_s=0.001, rebuild_s=0.05,
-        transfer_s=0.03, resume_s=0.2, total_s=0.21,
+        transfer_s=0.03, resume_s=0.2, total_s=0.21, end_s=0.001, leave_s=0.04, assign_s=0.02, setup_s=0.059,
     )  # fmt: skip
 
 
@@ -45,7 +45,10 @@ def test_first_step_shows_start_up_apart_from_its_rate() -> None:
     first, second, recovery, recovered = _printed(
         [_step(0, 1, startup_s=3.0, step_time_s=3.5), _step(1, 1), _recovery(("node2",)), _step(2, 2, startup_s=0.4, step_time_s=0.9)]
     )
-    assert recovery.startswith("recovered (lost node2) in 0.21 s")
+    assert recovery.startswith(
+        "recovered (lost node2) in 0.21 s: detect 10 ms, end 1 ms, leave 40 ms, assign 20 ms (plan 1 ms), "
+        "rebuild 50 ms, transfer 30 ms, setup 59 ms (2 layers, from memory); 0 steps lost"
+    )
     assert first == "step 1/10  loss 2.5000  16.0 samples/s  nodes 4  pipelines 2  start-up 3.0 s"
     assert second.endswith("8.0 samples/s  nodes 4  pipelines 2")
     # a recovered generation's wait is on its "recovered (...)" line, not repeated here; the rate leaves it out

@@ -60,6 +60,9 @@ def test_gpt_node_and_worker_kills_in_forward_backward_and_sync(
     assert [r["start_step"] for r in found] == [2, 4, 6]  # the interrupted step is re-run, none is lost
     assert all(r["mode"] == "memory" and r["steps_lost"] == 0 for r in found)
     assert sum(r["layers_moved"] for r in found) > 0, "no failure needed a layer copied"
+    for r in found:  # the phases account for the whole way from the kill to the last worker ready
+        phases = [r["detect_s"] or 0.0] + [r[p] for p in ("end_s", "leave_s", "assign_s", "rebuild_s", "transfer_s", "setup_s")]
+        assert min(phases) >= 0 and sum(phases) == pytest.approx(r["total_s"], abs=1e-6), r
     assert "recovered (lost node1)" in output
     # the summary counts the nodes at the start and the end (a killed worker loses its node too)
     assert "trained 9 steps starting on 6 nodes and ending on 3 (3 lost: node1, node3, node4) in " in output, output[-2000:]

@@ -18,7 +18,13 @@ from datetime import timedelta
 
 import pytest
 
-from oobleck.engine.release import SocketSnapshot, gloo_sockets, release_blocked_collectives, tcp_connections
+from oobleck.engine.release import (
+    SocketSnapshot,
+    gloo_sockets,
+    release_blocked_collectives,
+    socket_inodes,
+    tcp_connections,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -146,15 +152,19 @@ def test_socket_discovery_and_shutdown_in_process() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         before = SocketSnapshot.take()
+        held = socket_inodes()
         client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = server.accept()
         with client, accepted:
             new = SocketSnapshot.take().since(before)
             assert sorted(new.fds) == sorted([client.fileno(), accepted.fileno()])  # the listener is not there
+            assert SocketSnapshot.take(skip_inodes=held) == new  # skipping what was held then: the same sockets
             assert server.fileno() not in gloo_sockets(set())
             assert client.fileno() not in gloo_sockets({port}) and accepted.fileno() not in gloo_sockets({port})
             by_fd = {s.fd: s for s in tcp_connections()}
             assert by_fd[client.fileno()].remote_port == port == by_fd[accepted.fileno()].local_port
+            with socket.socket() as idle:  # not connected: listed without a peer, whatever is excluded
+                assert [s.remote_port for s in tcp_connections({port}) if s.fd == idle.fileno()] == [0]
 
             assert release_blocked_collectives([client.fileno()]) == 1
             assert accepted.recv(1) == b""  # the peer sees the shutdown as end of stream

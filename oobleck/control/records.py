@@ -45,15 +45,40 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class RecoveryRecord:
-    """One membership change, from the master's notice to training running again in the new generation.
+    """One membership change, from the kill (or the master's notice) to training running again in the new
+    generation.
 
     ``mode``: ``memory`` (layers copied from surviving replicas), ``checkpoint`` (restored from the latest
     checkpoint), ``init`` (restarted from step 0: no copy and no checkpoint) or ``restart`` (the baselines:
-    every worker process restarted, then the latest checkpoint loaded). Times in seconds:
-    ``detect_s`` from the kill to the master's notice (when the kill time is known: injected faults record
-    it), ``plan_s`` re-planning, ``rebuild_s`` the slowest worker's join of the new process groups,
-    ``transfer_s`` the slowest worker's layer copies, ``resume_s`` from the notice until every worker was
-    ready to train, ``total_s`` = detect + resume (the notice when detect is unknown)."""
+    every worker process restarted, then the latest checkpoint loaded).
+
+    Times in seconds. The phases follow one path, from the kill to the moment the last worker of the new
+    generation was ready to train (joined its groups and holds its stage's layers at the committed step); the
+    worker phases are those of that last worker, so ``detect + end + leave + assign + rebuild + transfer +
+    setup = total`` exactly (up to float rounding). A phase that waits for other workers (joining the
+    group, receiving a layer) includes their delays. The master's and the workers' instants are their
+    machines' wall clocks (``time.time()``), so clock skew between machines shifts time between phases.
+
+    * ``detect_s``: from the kill to the master's notice, when the kill time is known (injected faults
+      record it); None otherwise, and the path starts at the notice;
+    * ``end_s``: from the notice to the moment the master writes ``ended/gen{g}`` (a joining node's change
+      is noticed when its workers ask for work and ends the generation at the next step boundary);
+    * ``leave_s``: from that moment until the last worker had left the old generation: its watch saw the
+      key and released the sockets, the blocked operation failed, its loader stopped and the old process
+      group was destroyed (0 for a worker new to the job);
+    * ``assign_s``: from leaving (or the end, for a new worker) until the worker held its new assignment:
+      the wait for the re-plan and the ``GetAssignment`` round trip;
+    * ``rebuild_s``: its ``init_process_group`` (store connection and gloo pairs) and the gradient-sync
+      groups' ``new_group`` calls;
+    * ``transfer_s``: its layer copies (sends, receives and the stage's layers taken or built);
+    * ``setup_s``: the rest of its way from the assignment to ready: applying or dropping the pending step,
+      arming the new generation's watch, building the stage's executor, buffers and loader, and writing its
+      timing;
+    * ``plan_s``: re-planning in the master; it runs during ``end``, ``leave`` and ``assign`` and is not
+      added to the total;
+    * ``resume_s``: from the notice until the last worker was ready (``total - detect``);
+    * ``total_s``: from the kill (the notice when the kill time is unknown) until the last worker was ready.
+    """
 
     generation: int
     reason: str
@@ -71,6 +96,10 @@ class RecoveryRecord:
     transfer_s: float
     resume_s: float
     total_s: float
+    end_s: float = 0.0
+    leave_s: float = 0.0
+    assign_s: float = 0.0
+    setup_s: float = 0.0
 
 
 @dataclass
@@ -82,9 +111,12 @@ class Change:
     lost: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     kill_times: list[float] = field(default_factory=list)
+    #: when the master ended the generation (time.time(), just before writing ``ended/gen{g}``; None until then)
+    ended_at: float | None = None
 
     def merged(self, later: "Change | None") -> "Change":
-        """This change followed by ``later`` (which happened before this one's recovery finished)."""
+        """This change followed by ``later`` (which happened before this one's recovery finished): noticed at
+        this one's notice, ended at the later end (the interrupted recovery counts as part of ``end``)."""
         if later is None:
             return self
         return Change(
@@ -93,6 +125,7 @@ class Change:
             self.lost + later.lost,
             self.joined + later.joined,
             self.kill_times + later.kill_times,
+            later.ended_at if later.ended_at is not None else self.ended_at,
         )
 
 
@@ -109,10 +142,17 @@ def recovery_record(
     timings: Sequence[dict[str, Any]],
 ) -> RecoveryRecord:
     """The record of recovering from ``change`` into ``generation``, placed as ``placement``. ``timings`` are
-    the ranks' own reports (``resumed_at``, a ``time.time()``, ``join_s`` and ``transfer_s``), at least one;
-    the slowest rank's figures count, ``detect_s`` is None when no kill time is known."""
-    resumed_at = max(t["resumed_at"] for t in timings)
+    the ranks' own reports (:func:`~oobleck.engine.store_keys.timing_key`), at least one; the phases are
+    those of the rank ready last (see :class:`RecoveryRecord`). ``detect_s`` is None when no kill time is
+    known."""
+    last = max(timings, key=lambda t: t["resumed_at"])
+    resumed_at = last["resumed_at"]
     detect = change.noticed_at - min(change.kill_times) if change.kill_times else None
+    ended_at = change.noticed_at if change.ended_at is None else change.ended_at
+    # a worker new to the job left no generation (nor does a report without the instants): it starts at the end
+    left_at = last.get("left_at") or ended_at
+    assigned_at = last.get("assigned_at") or left_at
+    rebuild = last["join_s"] + last.get("groups_s", 0.0)
     resume = resumed_at - change.noticed_at
     return RecoveryRecord(
         generation=generation,
@@ -127,8 +167,12 @@ def recovery_record(
         pipelines=len(placement.pipelines),
         detect_s=detect,
         plan_s=plan_s,
-        rebuild_s=max(t["join_s"] for t in timings),
-        transfer_s=max(t["transfer_s"] for t in timings),
+        rebuild_s=rebuild,
+        transfer_s=last["transfer_s"],
         resume_s=resume,
         total_s=resume + (detect or 0.0),
+        end_s=ended_at - change.noticed_at,
+        leave_s=left_at - ended_at,
+        assign_s=assigned_at - left_at,
+        setup_s=resumed_at - assigned_at - rebuild - last["transfer_s"],
     )

@@ -158,6 +158,9 @@ class JobState:
             return
 
         gen.ended = True
+        if self.change is not None and self.change.ended_at is None:
+            # the recovery record's end of "end", taken before the write: a worker may leave before it returns
+            self.change.ended_at = time.time()
         if self.signed is not None:  # None once the master stopped
             self.signed.set(ended_key(gen.number), b"1")
 

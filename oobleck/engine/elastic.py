@@ -48,7 +48,7 @@ import torch.distributed as dist
 from oobleck.config import config_from_dict
 from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment, Restore
-from oobleck.engine.release import SocketSnapshot
+from oobleck.engine.release import SocketSnapshot, socket_inodes
 from oobleck.engine.signed_store import SignedStore
 from oobleck.engine.stage import HeldLayer
 from oobleck.engine.store_keys import ended_key, timing_key
@@ -116,7 +116,7 @@ class GenerationWatch:
         self._sweeping = threading.Lock()
         # before the snapshot, so the watch's own connection stays open
         self._store = SignedStore(base.clone(), store_key)
-        self._before = SocketSnapshot.take(self._exclude)
+        self._before = socket_inodes()
         threading.Thread(target=self._watch, name=f"watch-gen{generation}", daemon=True).start()
 
     def finish(self) -> None:
@@ -138,14 +138,14 @@ class GenerationWatch:
             return
         if ended is None or self._finished:
             return
-        self.ended.set()
+        interrupt.end(self.ended)  # no operation is posted from here on (see oobleck.engine.interrupt)
         ended_at = time.monotonic()
         released: set[int] = set()
         while True:
             with self._sweeping:
                 if self._closed.is_set():
                     return
-                fresh = SocketSnapshot.take(self._exclude).since(self._before).without(released)
+                fresh = SocketSnapshot.take(self._exclude, self._before | released)
                 if fresh.release():
                     log.info("generation %d ended: released %d sockets", self.generation, len(fresh.sockets))
                 released.update(s.inode for s in fresh.sockets)
@@ -190,16 +190,26 @@ def run_elastic(
     base = dist.TCPStore(first.store_host, first.store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     pool: dict[int, HeldLayer] = {}
     assignment = first
+    # the instants of the recovery record's worker phases, in time.time() as the master's instants are
+    left_at: float | None = None  # None: this process held no earlier generation
+    assigned_at = time.time()  # the first assignment has just arrived
     while True:
         watch = GenerationWatch(base, assignment.generation, store_key, exclude_ports, stuck, stuck_after_s)
         interrupt.watch(watch.ended)
         worker: StageWorker | None = None
-        started = time.perf_counter()
         try:
+            joining = time.perf_counter()
             store = join_world(assignment, store_key)
-            joined = time.perf_counter()
+            join_s = time.perf_counter() - joining
             worker = StageWorker(assignment, config, store, spec, batches, pool, on_phase)
-            timing = {"join_s": joined - started, "transfer_s": worker.transfer_s, "resumed_at": time.time()}
+            timing = {
+                "left_at": left_at,
+                "assigned_at": assigned_at,
+                "join_s": join_s,
+                "groups_s": worker.sync.groups_s,
+                "transfer_s": worker.transfer_s,
+                "resumed_at": time.time(),
+            }
             store.set(timing_key(assignment.rank), json.dumps(timing))
             worker.train()
             if on_phase is not None:
@@ -218,7 +228,9 @@ def run_elastic(
                 worker.close()
             _leave_group()
             watch.close()
+        left_at = time.time()
         assignment = next_assignment(assignment.generation)
+        assigned_at = time.time()
         log.info(
             "generation %d: rank %d of %d from step %d (%s, %d moves)",
             assignment.generation, assignment.rank, assignment.world_size, assignment.start_step,

@@ -22,6 +22,7 @@ Norm
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -121,10 +122,13 @@ class GradSync:
         holders = layer_holders(pipelines, num_layers)
         tied_sets = tied_holders(holders, tied)
         groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        started = time.perf_counter()
         for ranks in sync_sets(holders, tied):
             group = dist.new_group(list(ranks), timeout=timeout)
             if rank in ranks:
                 groups[ranks] = group
+        #: seconds the ``new_group`` calls took on this rank (part of a recovery's rebuild)
+        self.groups_s = time.perf_counter() - started
 
         tied_key = {(i, name): g for g, group in enumerate(tied) for i, name in group}
         buckets: dict[tuple[tuple[int, ...], torch.dtype], Bucket] = {}
@@ -155,8 +159,7 @@ class GradSync:
             for bucket in self.buckets:
                 bucket.pack()
                 if bucket.group is not None:
-                    interrupt.check()
-                    works.append(dist.all_reduce(bucket.flat, group=bucket.group, async_op=True))
+                    works.append(interrupt.post(dist.all_reduce, bucket.flat, group=bucket.group, async_op=True))
                 else:
                     works.append(None)
             for bucket, work in zip(self.buckets, works):

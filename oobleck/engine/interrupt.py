@@ -5,9 +5,12 @@ generation's end by shutting down its sockets. Two gaps remain, and this module 
 
 * An operation a worker *posts* on a socket already shut down may be queued by gloo and never completed,
   so the worker would wait out the collective timeout (measured: a send posted ~20 ms after the shutdown
-  waited 120 s). The watch therefore sets its event *before* it shuts anything down, and the engine calls
-  :func:`check` right before posting each operation: an operation is either posted before the shutdown
-  (and released by it) or refused.
+  waited 120 s). The engine therefore posts every operation through :func:`post`, and the watch sets its
+  event through :func:`end` before it shuts anything down: both hold one lock, so an operation is either
+  posted before the shutdown (and released by it) or refused. (Checking the event just before posting,
+  without the lock, left a window: a worker that had checked was preempted, the watch set the event and
+  shut the sockets down, and the worker then posted on them and hung until the stuck-worker backstop. The
+  window opened wide once the release took well under a millisecond.)
 * A collective (all-reduce, barrier) runs on its process group's own threads, and now and then one of them
   is not released by the shutdown (seen about once in ten CI runs, in the gradient all-reduce after a node
   was killed): the worker then hung until the 30 s stuck-worker backstop ended the process and the master
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch.distributed as dist
 
@@ -39,21 +42,35 @@ class GenerationEnded(RuntimeError):
 WAIT_SLICE = timedelta(milliseconds=50)
 
 _ended: threading.Event | None = None
+#: held while an operation is posted and while the watched generation is marked ended (see the module notes)
+_posting = threading.Lock()
+T = TypeVar("T")
 #: (work, group) of collectives given up while still running; see the module notes
 _abandoned: list[tuple[dist.Work, dist.ProcessGroup | None]] = []
 
 
 def watch(ended: threading.Event | None) -> None:
-    """Make :func:`check` refuse operations, and :func:`wait` give up on them, once ``ended`` is set (None:
+    """Make :func:`post` refuse operations, and :func:`wait` give up on them, once ``ended`` is set (None:
     never)."""
     global _ended
     _ended = ended
 
 
-def check() -> None:
-    """Raise :class:`GenerationEnded` if the watched generation has ended."""
-    if _ended is not None and _ended.is_set():
-        raise GenerationEnded("the generation ended; not starting another operation in it")
+def end(ended: threading.Event) -> None:
+    """Set ``ended`` (a generation's end), waiting for an operation being posted through :func:`post` to be
+    posted first. The caller shuts the generation's sockets down after this returns."""
+    with _posting:
+        ended.set()
+
+
+def post(operation: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """``operation(*args, **kwargs)``, a torch.distributed call that posts an operation and returns without
+    waiting for it (``isend``, ``irecv``, a collective with ``async_op=True``), unless the watched generation
+    has ended: then :class:`GenerationEnded` is raised instead. See the module notes."""
+    with _posting:
+        if _ended is not None and _ended.is_set():
+            raise GenerationEnded("the generation ended; not starting another operation in it")
+        return operation(*args, **kwargs)
 
 
 def wait(work: dist.Work, group: dist.ProcessGroup | None) -> None:
@@ -68,10 +85,10 @@ def wait(work: dist.Work, group: dist.ProcessGroup | None) -> None:
             work.wait(WAIT_SLICE)
             return
         except RuntimeError:
-            # the slice ran out, or the operation failed (e.g. its sockets were shut down). Completed now, it
-            # may also have finished between the slice's end and this check: wait() then returns, or raises
-            # the operation's own error
             if work.is_completed():
+                # it finished between the slice's timeout and this look (seen under load: the timeout was
+                # raised as the job's error), or it failed (e.g. its sockets were shut down): a wait on a
+                # completed work returns, or raises its own error
                 work.wait()
                 return
         if _ended.is_set():

@@ -96,8 +96,7 @@ def send_layer(state: LayerState, held: HeldLayer, dst: int, device: torch.devic
     sent = 0
     for tensor in tensors:
         tensor = tensor.detach().to(device).contiguous()
-        interrupt.check()
-        dist.send(tensor, dst)
+        interrupt.post(dist.isend, tensor, dst).wait()
         sent += tensor.numel() * tensor.element_size()
     return sent
 
@@ -107,23 +106,20 @@ def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
     names = [name for name, param in held.module.named_parameters(remove_duplicate=False)]
     params = dict(held.module.named_parameters(remove_duplicate=False))
     header = torch.empty(3 + 2 * len(names), dtype=torch.int64, device=device)
-    interrupt.check()
-    dist.recv(header, src)
+    interrupt.post(dist.irecv, header, src).wait()
     values = header.tolist()
     tensors = {}
     for key, like in held.module.state_dict().items():
         buffer = torch.empty_like(like, device=device)
-        interrupt.check()
-        dist.recv(buffer, src)
+        interrupt.post(dist.irecv, buffer, src).wait()
         tensors[key] = buffer
     moments = {}
     for j, name in enumerate(names):
         if values[3 + 2 * j]:
             exp_avg = torch.empty_like(params[name], device=device)
             exp_avg_sq = torch.empty_like(params[name], device=device)
-            interrupt.check()
-            dist.recv(exp_avg, src)
-            dist.recv(exp_avg_sq, src)
+            interrupt.post(dist.irecv, exp_avg, src).wait()
+            interrupt.post(dist.irecv, exp_avg_sq, src).wait()
             moments[name] = (float(values[4 + 2 * j]), exp_avg, exp_avg_sq)
     import_layer(LayerState(int(values[0]), tensors, moments, LossScale.decode(values[1:3])), held)
 

@@ -113,8 +113,7 @@ class _Link:
 
     def _isend(self, tensor: torch.Tensor, header: bool = False) -> None:
         # the tensor is kept with its handle: it must stay alive until the send completes
-        interrupt.check()
-        self._sends.append((dist.isend(tensor, self.peer), tensor))
+        self._sends.append((interrupt.post(dist.isend, tensor, self.peer), tensor))
         if not header:
             self.sent_bytes += tensor.numel() * tensor.element_size()
 
@@ -143,12 +142,10 @@ class FromPrevious(_Link):
         """Post the receive of microbatch ``k``'s carry (the first call first receives the header)."""
         if self.spec is None:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            interrupt.check()
-            dist.recv(header, self.peer)
+            interrupt.post(dist.irecv, header, self.peer).wait()
             self.spec = CarrySpec.decode(header)
             self._buffers = [_buffers(list(self.spec.tensors), self.device) for _ in range(self._slots)]
-        interrupt.check()
-        self._pending[k] = [dist.irecv(b, self.peer) for b in self._buffers[k % self._slots]]
+        self._pending[k] = [interrupt.post(dist.irecv, b, self.peer) for b in self._buffers[k % self._slots]]
 
     def take_forward(self, k: int) -> Carry:
         """Microbatch ``k``'s carry (its receive must have been posted): fresh leaves over the receive
@@ -209,8 +206,7 @@ class ToNext(_Link):
             self._irecv_grads(k)
 
     def _irecv_grads(self, k: int) -> None:
-        interrupt.check()
-        self._pending[k] = [dist.irecv(b, self.peer) for b in self._buffers[k % self.GRAD_SLOTS]]
+        self._pending[k] = [interrupt.post(dist.irecv, b, self.peer) for b in self._buffers[k % self.GRAD_SLOTS]]
 
     def take_backward(self, k: int) -> list[torch.Tensor]:
         """The gradients of microbatch ``k``'s carry (their receive must have been posted)."""

@@ -68,12 +68,11 @@ class Shadow:
         theirs = _params(self.layers)
         incoming = torch.empty(sum(p.numel() for p in theirs), dtype=theirs[0].dtype, device=theirs[0].device)
         incoming_mask = torch.empty(len(theirs), dtype=torch.uint8, device=incoming.device)
-        interrupt.check()
         works = [
-            dist.isend(mask, self.predecessor),
-            dist.isend(flat, self.predecessor),
-            dist.irecv(incoming_mask, self.successor),
-            dist.irecv(incoming, self.successor),
+            interrupt.post(dist.isend, mask, self.predecessor),
+            interrupt.post(dist.isend, flat, self.predecessor),
+            interrupt.post(dist.irecv, incoming_mask, self.successor),
+            interrupt.post(dist.irecv, incoming, self.successor),
         ]
         for work in works:
             work.wait()

@@ -32,9 +32,12 @@ def fault_key(node: str) -> str:
 
 
 def timing_key(rank: int) -> str:
-    """Generation key where a worker reports how long it took to join the generation (JSON): ``join_s``,
-    ``transfer_s`` and ``resumed_at`` (seconds since the epoch). The master reads it when the generation
-    commits its first step, for the recovery report."""
+    """Generation key where a worker reports how it joined the generation (JSON): the instants (seconds since
+    the epoch) ``left_at`` (it had left the previous generation; null in a process's first), ``assigned_at``
+    (it held this generation's assignment) and ``resumed_at`` (ready to train), and the seconds ``join_s``
+    (``init_process_group``), ``groups_s`` (the gradient-sync groups) and ``transfer_s`` (taking its
+    layers). The master reads it when the generation commits its first step, for the recovery report
+    (:class:`~oobleck.control.records.RecoveryRecord`)."""
     return f"timing/r{rank}"
 
 

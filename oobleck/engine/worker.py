@@ -247,8 +247,7 @@ class StageWorker:
             _inject_overflow(self.layers)
         squares = self.sync.reduce()
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
-        interrupt.check()
-        interrupt.wait(dist.all_reduce(totals, async_op=True), None)
+        interrupt.wait(interrupt.post(dist.all_reduce, totals, async_op=True), None)
         global_squares, global_units = totals.tolist()
         # the norm (of the unscaled gradients) is one all-reduced number, the same on every rank: a non-finite
         # gradient anywhere makes it non-finite everywhere, so the overflow decision is the job's (fp16)
@@ -308,8 +307,7 @@ class StageWorker:
                 self.on_phase(step, "checkpoint")  # one layer file written, the others not yet
         if not self.writes:
             self.on_phase(step, "checkpoint")
-        interrupt.check()
-        interrupt.wait(dist.barrier(async_op=True), None)
+        interrupt.wait(interrupt.post(dist.barrier, async_op=True), None)
         if self.rank == 0:
             checkpoint.write_meta(ckpt, step, self.spec.num_layers, self.config.to_dict())
             checkpoint.prune(self.run_dir, self.config.fault_tolerance.checkpoint_keep, verified=ckpt)
