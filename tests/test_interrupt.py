@@ -10,13 +10,12 @@ release misses: only :func:`interrupt.wait` stands between rank 0 and gloo's 60 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import threading
 import time
 from datetime import timedelta
 
 import pytest
+from rank_processes import exit_codes, rank_processes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -122,23 +121,10 @@ def test_a_collective_left_running_is_abandoned_when_the_generation_ends() -> No
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=START_TIMEOUT)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch._dynamo", "torch.distributed.nn"])
-    ranks = [context.Process(target=_rank_main, args=(rank, store.port), daemon=True) for rank in range(2)]
-    try:
-        for p in ranks:
-            p.start()
+    with rank_processes(_rank_main, 2, store.port) as ranks:
         results = {rank: json.loads(store.get(f"result/{rank}")) for rank in (0, 1)}
         store.set("finish", "1")
-        for p in ranks:
-            p.join(timeout=30)
-        assert [p.exitcode for p in ranks] == [0, 0]
-    finally:
-        for p in ranks:
-            if p.pid is not None and p.is_alive():
-                p.kill()
-                p.join()
-        multiprocessing.forkserver._forkserver._stop()
+        assert exit_codes(ranks) == [0, 0]
 
     print(f"\ninterrupt timings: {json.dumps(results, sort_keys=True)}")
     left = results[0]

@@ -8,8 +8,6 @@ ranks 0 and 1 must then form a new two-rank group under a new store prefix and a
 from __future__ import annotations
 
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import socket
 import threading
@@ -17,6 +15,8 @@ import time
 from datetime import timedelta
 
 import pytest
+
+from rank_processes import exit_codes, rank_processes
 
 from oobleck.engine.release import (
     SocketSnapshot,
@@ -113,29 +113,14 @@ def test_blocked_recv_is_released_and_survivors_regroup() -> None:
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
-    # a fork server imports torch once for all three ranks instead of once per rank (seconds of CPU each)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch._dynamo", "torch.distributed.nn"])
-    ranks = [context.Process(target=_rank_main, args=(rank, store.port), daemon=True) for rank in range(3)]
-    try:
-        for p in ranks:
-            p.start()
+    with rank_processes(_rank_main, 3, store.port) as ranks:
         store.wait(["blocking/1"], START_TIMEOUT)
         time.sleep(BLOCKED_WINDOW_S)  # deliberately idle: rank 1 must stay blocked with no release
         assert not store.check(["result/1"]) and ranks[1].is_alive()
         store.set("release", "1")
         results = {rank: json.loads(store.get(f"result/{rank}")) for rank in (0, 1)}
         store.set("finish", "1")
-        for p in ranks:
-            p.join(timeout=30)
-        assert [p.exitcode for p in ranks] == [0, 0, 0]
-    finally:
-        for p in ranks:
-            if p.pid is not None and p.is_alive():
-                p.kill()
-                p.join()
-        # the fork server would otherwise idle (holding torch) until pytest exits; CPython has no public stop
-        multiprocessing.forkserver._forkserver._stop()
+        assert exit_codes(ranks) == [0, 0, 0]
 
     blocked = results[1]
     print(f"\nrelease timings: {json.dumps(results, sort_keys=True)}")
