@@ -39,9 +39,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+#: the one failure a job test is run again for: a survivor ended by the stuck-worker backstop, after a gloo
+#: operation that the generation's socket shutdown did not release (docs/fault-tolerance.md#limitations). The
+#: run still trains correctly, but that node is counted lost, which the test's expectations do not foresee.
+STUCK_WORKER = r"exited with code 75 \(stuck in an ended generation\)"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--reverse-order"):
         items.reverse()
+    for item in items:  # job tests: one more run when, and only when, the backstop shows in the failure
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=[STUCK_WORKER]))
 
 
 @pytest.fixture(scope="module")
