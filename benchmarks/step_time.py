@@ -4,7 +4,7 @@ The runs are :mod:`benchmarks.memory`'s: the ``tiny`` and ``small`` GPT presets 
 global batch 32) with ``training.recompute`` ``none`` and ``full``, each one ``oobleck run`` on 4 local CPU
 nodes (f = 1, device memory that makes two-node pipelines, so stage boundaries and the gradient all-reduce
 both cost). Every step record carries the measured ``step_time_s`` (and its ``startup_s``) next to the
-plan's ``predicted_step_s`` (:mod:`planner.templates`, "Local runs"). The table shows the median of the
+plan's ``predicted_step_s`` (:mod:`planner.local_step`). The table shows the median of the
 steady-state steps (all but the first, whose time is mostly start-up) and the ratio predicted / measured.
 Timing on a shared machine is noisy: run it when the machine is idle, and more than once.
 

@@ -1,5 +1,5 @@
 """Measure, on this machine, what a local run's step costs beyond the layer profile: the planner's
-:class:`planner.templates.StepCosts` (its formula is in :mod:`planner.templates`, "Local runs").
+:class:`planner.local_step.StepCosts` (its model is in :mod:`planner.local_step`).
 
 Cores. A local run's workers are processes on this machine: ``workers`` of them share the C cores this
 process may run on (``os.sched_getaffinity``), and each runs T = :func:`threads_per_worker` intra-op
@@ -36,7 +36,7 @@ from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
 from oobleck.store_server import start_store
 from planner.profile import ModelProfile
-from planner.templates import StepCosts
+from planner.local_step import StepCosts
 
 #: repetitions whose fastest each figure is (after one warm-up)
 _REPEATS = 9
@@ -165,7 +165,7 @@ def _optimizer_byte_s(grad_bytes: int) -> float:
 
 
 def measure_step_costs(workers: int, device: torch.device, carry_bytes: int, grad_bytes: int) -> StepCosts:
-    """The :class:`~planner.templates.StepCosts` of a local run of ``workers`` workers on ``device``, whose
+    """The :class:`~planner.local_step.StepCosts` of a local run of ``workers`` workers on ``device``, whose
     stage boundaries carry ``carry_bytes`` per microbatch and whose stages hold up to ``grad_bytes`` of
     gradients (see the module notes)."""
     cores = local_cores()

@@ -18,7 +18,8 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError
 from planner.instantiate import Instantiation, instantiate
 from planner.profile import ModelProfile, fingerprint_hash
-from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
+from planner.local_step import StepCosts, local_step_time
+from planner.templates import PipelineTemplate, build_templates
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Plan:
 
     def local_step_time_s(self, costs: StepCosts) -> float:
         """Predicted step time of a local run of this plan whose steps cost ``costs``
-        (:func:`planner.templates.local_step_time`)."""
+        (:func:`planner.local_step.local_step_time`)."""
         return local_step_time(self.instantiation.pipelines, costs)
 
     def replan(self, nodes: int) -> "Plan":

@@ -25,28 +25,6 @@ memory still grow with its layers, so the searches below are unchanged: a stage 
 it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
 recomputing stage where that lowers the bottleneck.
 
-Local runs (:class:`StepCosts`, :func:`local_step_time`). The formula above is the cluster's: every stage
-on a device of its own, communication only the bytes over the links. A local run's W workers (one per
-stage of every pipeline) share one machine's C cores, each with T intra-op threads, and pay per-step costs
-the layer profile does not see. Per pipeline of m microbatches::
-
-    busy_i = f_i + b_i + messages_i * message_s
-    path   = sum_i (busy_i + comm_i) + (m - 1) * max_i busy_i + max_i optimizer_byte_s * grad_bytes_i
-    work   = T * sum_i (m * (f_i + b_i) + optimizer_byte_s * grad_bytes_i)      (core-seconds)
-
-    local_step = max(max_p path_p, sum_p work_p / C) + max_i syncs_i + commit_s
-
-The profile times a layer with T threads on otherwise idle cores, so a pipeline alone takes ``path``; the
-cores bound the job from below by its total work over C. While every worker computes, each gets C/W cores,
-and halving that doubles the time; in the pipelines' fill and drain the working ones get more (which a
-plain "each worker is W*T/C times slower" would miss). ``messages_i`` counts the p2p messages stage i
-sends or receives per microbatch: 2 per neighbouring stage (the activation one way, its gradient the
-other). ``syncs_i`` is the all-reduces after the last backward: the gradient norm's (``allreduce_s``, when
-the job has more than one rank) and, with more than one pipeline (every layer then has copies), the
-gradients' (``allreduce_s + allreduce_byte_s * grad_bytes_i``). ``commit_s`` is the round trip through the
-master's store. With :data:`NO_COSTS` (C infinite, no overheads) the local step is the slowest pipeline's
-``iteration_time(m)``.
-
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
 1. Bottleneck: binary search over the sorted set of possible stage costs ``T[e] - T[j]`` (prefix sums)
@@ -159,52 +137,6 @@ class PipelineTemplate:
     def fits(self, device_memory_bytes: float, num_microbatches: int) -> bool:
         """Whether every stage fits in one device's memory."""
         return all(mem <= device_memory_bytes for mem in self.stage_memory(num_microbatches))
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """What a local run's step costs beyond the profile's layer times (see "Local runs" in the module
-    notes); measured on the machine by :mod:`oobleck.step_costs`."""
-
-    #: the cores the workers share (infinite: each has a device of its own)
-    cores: float = math.inf
-    #: intra-op threads per worker, with which the profile timed the layers
-    threads: int = 1
-    #: seconds of one p2p message at a stage boundary, on each side
-    message_s: float = 0.0
-    #: seconds of one all-reduce among the local workers, fixed part
-    allreduce_s: float = 0.0
-    #: and per byte reduced
-    allreduce_byte_s: float = 0.0
-    #: seconds of the commit round trip through the master's store
-    commit_s: float = 0.0
-    #: seconds of AdamW's step per byte of gradient, with ``threads`` threads
-    optimizer_byte_s: float = 0.0
-
-
-#: no costs beyond the profile: a local step is then the slowest pipeline's ``iteration_time``
-NO_COSTS = StepCosts()
-
-
-def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: StepCosts) -> float:
-    """Predicted step time of a local run of ``pipelines`` (template, microbatches per step), one worker per
-    stage, whose steps cost ``costs`` (see "Local runs" in the module notes)."""
-    c = costs
-    ranks = sum(t.num_stages for t, _ in pipelines)
-    path = work = syncs = 0.0
-    for t, m in pipelines:
-        if m < 1:
-            raise ValueError(f"num_microbatches must be >= 1, got {m}")
-        k = t.num_stages
-        busy = [s.compute_s + 2 * ((i > 0) + (i < k - 1)) * c.message_s for i, s in enumerate(t.stages)]
-        optimizer = [c.optimizer_byte_s * s.grad_bytes for s in t.stages]
-        fill = sum(b + s.send_s for b, s in zip(busy, t.stages))
-        path = max(path, fill + (m - 1) * max(busy) + max(optimizer))
-        work += c.threads * sum(m * s.compute_s + o for s, o in zip(t.stages, optimizer))
-        norm = c.allreduce_s if ranks > 1 else 0.0
-        grads = [c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if len(pipelines) > 1 else 0.0 for s in t.stages]
-        syncs = max(syncs, norm + max(grads))
-    return max(path, work / c.cores) + syncs + c.commit_s
 
 
 #: the values of ``training.recompute`` (see the module notes)

@@ -21,7 +21,7 @@ from oobleck.engine.api import PipelinePlan
 from oobleck.engine.commit import CommitCoordinator, StepAborted, report_ready
 from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
-from oobleck.engine.schedule import max_in_flight, one_f_one_b
+from planner.schedule import max_in_flight, one_f_one_b
 from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import StageExecutor, build_stage_layers
 from oobleck.engine.store_keys import ready_key

@@ -1,4 +1,4 @@
-"""The local step-time prediction: the planner's formula (planner/templates.py, "Local runs"), how the plan
+"""The local step-time prediction: the planner's formula (planner/local_step.py), how the plan
 and the master's placement carry it, and what oobleck.step_costs measures it from."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from oobleck.step_costs import local_workers, measure_step_costs
 from planner.cluster import ClusterSpec
 from planner.plan import make_plan
 from planner.profile import LayerProfile, ModelProfile
-from planner.templates import NO_COSTS, PipelineTemplate, Stage, StepCosts, local_step_time
+from planner.local_step import NO_COSTS, StepCosts, local_step_time
+from planner.templates import PipelineTemplate, Stage
 
 # f + b per stage: 3, 6, 2; boundaries 0.5 and 0.25; gradients 100, 200, 50 bytes
 STAGES = (
@@ -26,10 +27,15 @@ STAGES = (
 TEMPLATE = PipelineTemplate(3, 1, STAGES)
 
 
-def test_without_costs_the_local_step_is_the_slowest_iteration_time() -> None:
-    for m in (1, 2, 7):
-        assert local_step_time([(TEMPLATE, m)], NO_COSTS) == TEMPLATE.iteration_time(m)
-    assert local_step_time([(TEMPLATE, 2), (TEMPLATE, 7)], NO_COSTS) == TEMPLATE.iteration_time(7)
+def test_without_costs_each_pipeline_plays_out_1f1b_on_devices_of_its_own() -> None:
+    # m = 1: one forward chain and one backward chain, each boundary's send_s split between them
+    assert local_step_time([(TEMPLATE, 1)], NO_COSTS) == TEMPLATE.iteration_time(1) == 11.75
+    # m = 2, worked by hand: stage 1's second forward holds up stage 2, whose backward then holds up stage 1's
+    assert local_step_time([(TEMPLATE, 2)], NO_COSTS) == 15.75
+    assert local_step_time([(TEMPLATE, 2), (TEMPLATE, 7)], NO_COSTS) == local_step_time([(TEMPLATE, 7)], NO_COSTS)
+    equal = PipelineTemplate(4, 1, tuple(Stage(i, i + 1, 1.0, 2.0, 0.0, 0, 0, 0) for i in range(4)))
+    for m in (1, 3, 8):  # equal stages: the templates' formula is exact
+        assert local_step_time([(equal, m)], NO_COSTS) == equal.iteration_time(m)
 
 
 def test_halving_the_cores_per_worker_doubles_the_compute_time() -> None:
@@ -44,34 +50,42 @@ def test_halving_the_cores_per_worker_doubles_the_compute_time() -> None:
     assert local_step_time(four, StepCosts(cores=4, threads=2)) == 2 * alone  # 2 threads each on 4 cores
 
 
-def test_workers_in_the_fill_and_drain_leave_their_cores_to_the_others() -> None:
-    # work = 2 pipelines x 3 microbatches x (3 + 6 + 2) = 66 core-seconds; each pipeline alone: 11.75 + 2 * 6
+def test_a_waiting_worker_leaves_its_core_to_the_others() -> None:
+    # one pipeline of two stages and one microbatch on one core: only one worker can run at any time, so
+    # sharing the core costs nothing, where "two workers on one core, each half as fast" would double it
+    two_stages = PipelineTemplate(2, 1, (Stage(0, 1, 1.0, 1.0, 0.0, 0, 0, 0), Stage(1, 2, 1.0, 1.0, 0.0, 0, 0, 0)))
+    assert local_step_time([(two_stages, 1)], StepCosts(cores=1)) == 4.0
+    # two such pipelines: both first stages, then both second stages, ... share the core
+    assert local_step_time([(two_stages, 1)] * 2, StepCosts(cores=1)) == 8.0
+    # the job's work over the cores bounds the step from below, the naive slowdown from above
     two = [(TEMPLATE, 3), (TEMPLATE, 3)]
-    assert local_step_time(two, StepCosts(cores=6)) == TEMPLATE.iteration_time(3) == 23.75
-    assert local_step_time(two, StepCosts(cores=2)) == 33.0  # 6 workers on 2 cores: not 3 x 23.75
+    alone = local_step_time([(TEMPLATE, 3)], NO_COSTS)
+    assert local_step_time(two, StepCosts(cores=6)) == alone
+    shared = local_step_time(two, StepCosts(cores=2))
+    assert 66 / 2 <= shared < 3 * alone  # 66 core-seconds of work; 6 workers on 2 cores
 
 
-def test_messages_count_per_microbatch_and_boundary() -> None:
+def test_messages_count_per_op_and_boundary() -> None:
     x = 0.125
-    costs = StepCosts(message_s=x)
-    # an end stage sends or receives 2 messages per microbatch, the middle stage 4
-    busy = [3 + 2 * x, 6 + 4 * x, 2 + 2 * x]
-    for m in (1, 5):
-        expected = sum(busy) + 0.75 + (m - 1) * max(busy)
-        assert local_step_time([(TEMPLATE, m)], costs) == pytest.approx(expected)
+    # an end stage sends or receives one message per forward and one per backward, the middle stage two
+    assert local_step_time([(TEMPLATE, 1)], StepCosts(message_s=x)) == pytest.approx(11.75 + 8 * x)
     single = PipelineTemplate(1, 1, (Stage(0, 4, 4.0, 7.0, 0.0, 0, 0, 0),))
-    assert local_step_time([(single, 3)], costs) == single.iteration_time(3)  # no boundary, no message
+    assert local_step_time([(single, 3)], StepCosts(message_s=x)) == single.iteration_time(3)  # no boundary
 
 
-def test_the_tail_adds_optimizer_all_reduces_and_commit_once_per_step() -> None:
+def test_the_tail_adds_all_reduces_optimizer_and_commit_once_per_step() -> None:
     costs = StepCosts(allreduce_s=0.5, allreduce_byte_s=0.01, optimizer_byte_s=0.001, commit_s=0.25)
-    # the stage of 200 gradient bytes is the slowest: its optimizer, then its all-reduces
     alone = local_step_time([(TEMPLATE, 3)], costs)
-    assert alone == pytest.approx(TEMPLATE.iteration_time(3) + 0.001 * 200 + 0.5 + 0.25)  # the norm's all-reduce
+    makespan = local_step_time([(TEMPLATE, 3)], NO_COSTS)
+    # the norm's all-reduce, then the slowest AdamW step (200 bytes), then the commit
+    assert alone == pytest.approx(makespan + 0.5 + 0.001 * 200 + 0.25)
     one_stage = PipelineTemplate(1, 1, (Stage(0, 4, 1.0, 2.0, 0.0, 0, 0, 0, grad_bytes=100),))
     assert local_step_time([(one_stage, 2)], costs) == pytest.approx(6 + 0.1 + 0.25)  # one rank: no all-reduce
     replicated = local_step_time([(TEMPLATE, 3), (TEMPLATE, 3)], costs)
     assert replicated == pytest.approx(alone + 0.5 + 0.01 * 200)  # and the gradients'
+    # on one core the three AdamW steps share it: their sum, not the slowest
+    one_core = local_step_time([(TEMPLATE, 3)], StepCosts(cores=1, optimizer_byte_s=0.001))
+    assert one_core == pytest.approx(local_step_time([(TEMPLATE, 3)], StepCosts(cores=1)) + 0.001 * 350)
 
 
 def _profile(layers: int) -> ModelProfile:

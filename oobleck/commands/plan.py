@@ -23,7 +23,7 @@ from planner.cluster import ClusterSpec
 from planner.errors import PlanningError, ProfileError
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
-from planner.templates import StepCosts
+from planner.local_step import StepCosts
 
 if TYPE_CHECKING:
     from oobleck.config import ClusterConfig
@@ -225,7 +225,7 @@ LEGEND = (
 
 def _local(plan: Plan, costs: StepCosts) -> str:
     """The legend's line on a local run of the plan: the cores its workers share, the overheads measured
-    here, and the step time and throughput they give (:mod:`planner.templates`, "Local runs")."""
+    here, and the step time and throughput they give (:mod:`planner.local_step`)."""
     c = costs
     step = plan.local_step_time_s(c)
     workers = sum(t.num_stages for t, _ in plan.instantiation.pipelines)

@@ -13,7 +13,8 @@ from planner.errors import PlanningError
 from planner.homogeneous import HomogeneousPlan, best_homogeneous, redundant_profile
 from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
-from planner.templates import PipelineTemplate, StepCosts, build_templates, local_step_time
+from planner.local_step import StepCosts, local_step_time
+from planner.templates import PipelineTemplate, build_templates
 
 
 def shape(template: PipelineTemplate, count: int, step_s: float) -> PipelineShape:

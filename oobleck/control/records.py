@@ -39,7 +39,7 @@ class StepRecord:
     #: per rank: the plan's prediction of that peak (0 where the plan made none)
     predicted_bytes: list[int] = field(default_factory=list)
     #: the plan's prediction of ``step_time_s - startup_s`` for a local run (0 where it made none;
-    #: :mod:`planner.templates`, "Local runs")
+    #: :mod:`planner.local_step`)
     predicted_step_s: float = 0.0
 
 

@@ -19,7 +19,7 @@ from oobleck import checkpoint
 from oobleck.config import Precision, TrainingConfig
 from oobleck.engine.memory import StageMemory
 from oobleck.engine.p2p import FromPrevious, ToNext
-from oobleck.engine.schedule import Op, max_in_flight, one_f_one_b
+from planner.schedule import Op, max_in_flight, one_f_one_b
 from oobleck.precision import LossScale, forward_layers, initial_scale
 from oobleck.training import layer_optimizers
 
