@@ -3,9 +3,11 @@
 For layer ``i`` the profiler builds the layer alone (``spec.build_layer(i)``, as a pipeline stage does),
 feeds it the carry that layers ``0 .. i-1`` produce on one real microbatch (detached, with
 ``requires_grad`` on floating tensors, as it arrives over a stage boundary), and times ``warmup + repeats``
-forward and backward passes, keeping the fastest of the ``repeats`` (other processes' load only ever adds
-time, so the fastest pass is the layer's own cost; :mod:`oobleck.step_costs` accounts for the cores a
-worker shares). Sizes come from the tensors:
+forward and backward passes, keeping the median of the ``repeats``: a step's time is the sum of many
+passes, so the typical pass counts rather than the luckiest (the fastest was 10-20% below the median on
+this machine's GPT blocks, and predicted local steps that much too short), and a burst of other processes'
+load that hits fewer than half the passes leaves the median alone (:mod:`oobleck.step_costs` accounts for
+the cores a worker shares). Sizes come from the tensors:
 
 * ``param_bytes``: every parameter of the layer (a tied copy counts in each layer that holds it, since
   each stage keeps its own copy); ``grad_bytes``: the trainable ones; ``optimizer_bytes``: AdamW's two
@@ -23,6 +25,7 @@ worker shares). Sizes come from the tensors:
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +83,7 @@ def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device, 
         "device": device_name(device),
         "threads": torch.get_num_threads() if threads is None else threads,
         "source": "measured",
+        "timing": "median",  # profiles that kept the fastest pass time too short a step: measure again
     }
 
 
@@ -166,8 +170,8 @@ def profile_model(
         profiles.append(
             LayerProfile(
                 name=spec.layer_meta(index).name,
-                forward_s=min(f for f, _ in times[index]),
-                backward_s=min(b for _, b in times[index]),
+                forward_s=statistics.median(f for f, _ in times[index]),
+                backward_s=statistics.median(b for _, b in times[index]),
                 param_bytes=sum(_nbytes(p) for p in params),
                 grad_bytes=sum(_nbytes(p) for p in trainable),
                 optimizer_bytes=2 * sum(_nbytes(p) for p in trainable),

@@ -86,6 +86,32 @@ def _worker_ops(template: PipelineTemplate, m: int, first: int, costs: StepCosts
     return workers
 
 
+def _dedicated_makespan(workers: list[list[_Op]]) -> float:
+    """:func:`_shared_makespan` when there are at least as many slots as workers, so none ever shares: each
+    op starts once its worker's previous op and
+    its dependency (plus the delay) have ended. Linear in the ops, for clusters with a device per worker."""
+    ended: dict[tuple[int, bool, int], float] = {}
+    position = [0] * len(workers)
+    free = [0.0] * len(workers)
+    left = sum(len(ops) for ops in workers)
+    while left:
+        progressed = False
+        for w, ops in enumerate(workers):
+            while position[w] < len(ops):
+                forward, microbatch, seconds, after, delay = ops[position[w]]
+                if after is not None and after not in ended:
+                    break
+                ready = ended[after] + delay if after is not None else 0.0
+                free[w] = max(free[w], ready) + seconds
+                ended[(w, forward, microbatch)] = free[w]
+                position[w] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("the ops wait on each other: not a 1F1B order")
+    return max(free, default=0.0)
+
+
 def _shared_makespan(workers: list[list[_Op]], slots: float) -> float:
     """When the last op ends, each worker running its ops in order once its dependency has ended, and the
     ``slots`` (cores over threads) shared evenly by the workers whose op can run (processor sharing)."""
@@ -139,4 +165,8 @@ def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: St
         grads = max(c.allreduce_s + c.allreduce_byte_s * s.grad_bytes for s in t.stages) if len(pipelines) > 1 else 0.0
         syncs = max(syncs, norm + grads)
     slots = c.cores / c.threads
-    return _shared_makespan(workers, slots) + syncs + _shared_makespan(optimizer, slots) + c.commit_s
+
+    def makespan(ops: list[list[_Op]]) -> float:
+        return _dedicated_makespan(ops) if slots >= len(ops) else _shared_makespan(ops, slots)
+
+    return makespan(workers) + syncs + makespan(optimizer) + c.commit_s

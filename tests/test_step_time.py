@@ -4,6 +4,7 @@ and the master's placement carry it, and what oobleck.step_costs measures it fro
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -15,7 +16,7 @@ from oobleck.step_costs import local_workers, measure_step_costs
 from planner.cluster import ClusterSpec
 from planner.plan import make_plan
 from planner.profile import LayerProfile, ModelProfile
-from planner.local_step import NO_COSTS, StepCosts, local_step_time
+from planner.local_step import NO_COSTS, StepCosts, _dedicated_makespan, _shared_makespan, _worker_ops, local_step_time
 from planner.templates import PipelineTemplate, Stage
 
 # f + b per stage: 3, 6, 2; boundaries 0.5 and 0.25; gradients 100, 200, 50 bytes
@@ -63,6 +64,16 @@ def test_a_waiting_worker_leaves_its_core_to_the_others() -> None:
     assert local_step_time(two, StepCosts(cores=6)) == alone
     shared = local_step_time(two, StepCosts(cores=2))
     assert 66 / 2 <= shared < 3 * alone  # 66 core-seconds of work; 6 workers on 2 cores
+
+
+def test_with_a_slot_per_worker_sharing_is_the_dedicated_schedule() -> None:
+    # the linear-time schedule used when no worker shares is what the processor-sharing one gives then
+    rng = random.Random(0)
+    for _ in range(200):
+        k, m = rng.randint(1, 5), rng.randint(1, 6)
+        template = PipelineTemplate(k, 1, tuple(Stage(i, i + 1, rng.random(), rng.random(), rng.random(), 0, 0, 0) for i in range(k)))
+        ops = _worker_ops(template, m, 0, StepCosts(message_s=rng.random() / 10))
+        assert _shared_makespan(ops, len(ops)) == pytest.approx(_dedicated_makespan(ops), rel=1e-9)
 
 
 def test_messages_count_per_op_and_boundary() -> None:
