@@ -71,7 +71,8 @@ def test_with_a_slot_per_worker_sharing_is_the_dedicated_schedule() -> None:
     rng = random.Random(0)
     for _ in range(200):
         k, m = rng.randint(1, 5), rng.randint(1, 6)
-        template = PipelineTemplate(k, 1, tuple(Stage(i, i + 1, rng.random(), rng.random(), rng.random(), 0, 0, 0) for i in range(k)))
+        stages = tuple(Stage(i, i + 1, rng.random(), rng.random(), rng.random(), 0, 0, 0) for i in range(k))
+        template = PipelineTemplate(k, 1, stages)
         ops = _worker_ops(template, m, 0, StepCosts(message_s=rng.random() / 10))
         assert _shared_makespan(ops, len(ops)) == pytest.approx(_dedicated_makespan(ops), rel=1e-9)
 
