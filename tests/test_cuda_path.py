@@ -1,6 +1,6 @@
-"""oobleck.engine.nccl_abort on this CPU build: which groups' communicators it would abort. Only the
-selection can run here (no NCCL in the build, and one GPU cannot host several NCCL ranks); the abort itself
-is unverified."""
+"""The CUDA path's parts that a CPU build can run: which groups' communicators oobleck.engine.nccl_abort
+would abort, and oobleck.engine.p2p_stream's choice of stream. The abort itself and the streams are
+unverified here (no NCCL in this build, and one GPU cannot host several NCCL ranks)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from oobleck.engine.nccl_abort import abort_nccl_communicators, nccl_backends
+from oobleck.engine.p2p_stream import comm_stream
 
 
 @pytest.fixture
@@ -34,3 +35,10 @@ def test_gloo_groups_and_cpu_only_groups_are_never_aborted(world: None) -> None:
     flat = torch.ones(3)
     dist.all_reduce(flat, group=gloo)
     assert flat.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_links_on_the_cpu_keep_the_calling_stream_and_on_cuda_get_their_own() -> None:
+    assert comm_stream(torch.device("cpu")) is None  # the gloo path: interrupt.post and work.wait, as before
+    if torch.cuda.is_available():
+        stream = comm_stream(torch.device("cuda"))
+        assert stream is not None and stream != torch.cuda.current_stream()
