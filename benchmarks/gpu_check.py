@@ -27,7 +27,6 @@ the code is tested without a GPU. Bad flags: one line, exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from benchmarks.engine import Bench, job_config, steady_rate
-from benchmarks.jobs import bad_flag, machine_info
+from benchmarks.jobs import bad_flag, machine_info, write_report
 from models.gpt import PRESETS
 from oobleck.cluster_spec import cluster_spec
 from oobleck.config import JobConfig, config_from_dict
@@ -185,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_check(Bench(preset=args.preset, warmup=args.warmup, steps=args.steps), device, nodes)
     print(format_table(report))
     if device.type == "cuda":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_report(args.out, report)
     return 0
 
 

@@ -16,7 +16,7 @@ to the worker's own thread, which destroys them when it leaves the generation (c
 thread would race with that thread's use of it).
 
 Unverified: this build has no NCCL, and one GPU cannot host several NCCL ranks; only the selection (gloo
-groups are never touched, a group without a CUDA backend is skipped) is tested (tests/test_nccl_abort.py).
+groups are never touched, a group without a CUDA backend is skipped) is tested (tests/test_cuda_path.py).
 """
 
 from __future__ import annotations

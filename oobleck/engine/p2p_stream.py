@@ -49,16 +49,6 @@ def post(operation: Operation, tensor: torch.Tensor, peer: int, stream: torch.cu
     return work
 
 
-def wait_received(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
-    """Wait for a receive posted by :func:`post`: on CUDA, the current (compute) stream waits for it."""
-    if stream is None:
-        work.wait()
-        return
-    with torch.cuda.stream(stream):
-        work.wait()
-    torch.cuda.current_stream(stream.device).wait_stream(stream)
-
-
 def wait_sent(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
     """Wait for a send posted by :func:`post`: on CUDA, only ``stream`` waits for it (module notes)."""
     if stream is None:
@@ -66,3 +56,11 @@ def wait_sent(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
         return
     with torch.cuda.stream(stream):
         work.wait()
+
+
+def wait_received(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
+    """Wait for a receive posted by :func:`post`: on CUDA, ``stream`` waits for it (as for a send), then the
+    current (compute) stream waits for ``stream``."""
+    wait_sent(work, stream)
+    if stream is not None:
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
