@@ -447,6 +447,13 @@ def bad_flag(prog: str, checks: Sequence[tuple[str, Any, bool, str]]) -> bool:
     return False
 
 
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``out`` as indented JSON (creating its folder) and say so on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def run_and_report(
     prog: str,
     work_prefix: str,

@@ -176,15 +176,17 @@ def test_non_socket_descriptors_are_skipped() -> None:
 
 
 
-def test_generation_watch_releases_a_store_wait_begun_after_the_end() -> None:
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_generation_watch_releases_a_store_wait_begun_after_the_end(backend: str) -> None:
     """The race CI once hit: a worker connects to the store (to join the next rendezvous) just after its
     generation ended. The watch keeps sweeping until closed, so that wait fails at once instead of after
-    the collective timeout; after close, new sockets are left alone."""
+    the collective timeout; after close, new sockets are left alone. Under NCCL the watch aborts the
+    communicators first (none here) and sweeps all the same: store waits are freed whatever the backend."""
     from oobleck.engine.elastic import GenerationWatch
 
     host = torch_tcpstore(is_master=True, port=0)
     base = torch_tcpstore(is_master=False, port=host.port)
-    watch = GenerationWatch(base, 1, store_key())
+    watch = GenerationWatch(base, 1, store_key(), backend=backend)
     end_generation(host, 1)
     assert watch.ended.wait(30)
     late = torch_tcpstore(is_master=False, port=host.port)  # opened after the first sweep

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from oobleck.config import config_from_dict
 from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment, Restore
+from oobleck.engine.nccl_abort import abort_nccl_communicators
 from oobleck.engine.release import SocketSnapshot, socket_inodes
 from oobleck.engine.signed_store import SignedStore
 from oobleck.engine.stage import HeldLayer
@@ -94,6 +95,9 @@ class GenerationWatch:
     generation ended (about to connect to the store, or to a gloo peer) opens its socket after the first
     sweep, and would otherwise block on it until the collective timeout. If :meth:`close` has not come
     ``stuck_after_s`` after the end, the watch logs where the constructing thread is and calls ``on_stuck``.
+    With ``backend`` ``nccl`` it first aborts the generation's NCCL communicators
+    (:mod:`oobleck.engine.nccl_abort`), which frees an operation blocked on the GPU; the sweep still frees
+    waits on the store.
     """
 
     def __init__(
@@ -104,8 +108,10 @@ class GenerationWatch:
         exclude_ports: Collection[int] = (),
         on_stuck: OnStuck | None = None,
         stuck_after_s: float = 30.0,
+        backend: str = "gloo",
     ) -> None:
         self.generation = generation
+        self._aborts_nccl = backend == "nccl"
         self.ended = threading.Event()
         self._exclude = tuple(exclude_ports)
         self._on_stuck = on_stuck
@@ -140,6 +146,8 @@ class GenerationWatch:
             return
         interrupt.end(self.ended)  # no operation is posted from here on (see oobleck.engine.interrupt)
         ended_at = time.monotonic()
+        if self._aborts_nccl:
+            log.info("generation %d ended: aborted %d NCCL communicators", self.generation, abort_nccl_communicators())
         released: set[int] = set()
         while True:
             with self._sweeping:
@@ -194,7 +202,9 @@ def run_elastic(
     left_at: float | None = None  # None: this process held no earlier generation
     assigned_at = time.time()  # the first assignment has just arrived
     while True:
-        watch = GenerationWatch(base, assignment.generation, store_key, exclude_ports, stuck, stuck_after_s)
+        watch = GenerationWatch(
+            base, assignment.generation, store_key, exclude_ports, stuck, stuck_after_s, backend=assignment.backend
+        )
         interrupt.watch(watch.ended)
         worker: StageWorker | None = None
         try:

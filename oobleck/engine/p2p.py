@@ -9,6 +9,7 @@ Every send is asynchronous (``isend``) and its handle is kept until :meth:`flush
 blocks on a neighbour that is busy; receives are posted ahead (``post_*``) and waited for when the data is
 needed (``take_*``), which lets transfers overlap compute. Between any two ranks activations travel only
 one way and gradients only the other, so messages pair up in posting order.
+On CUDA each link posts and waits on a stream of its own (:mod:`oobleck.engine.p2p_stream`).
 
 Under ``training.precision`` bf16 or fp16 the carry a stage sends is already in 16 bits (every layer's
 output is cast, :func:`oobleck.precision.forward_layers`), so the header announces 16-bit tensors, the
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models.base import Carry
-from oobleck.engine import interrupt
+from oobleck.engine import p2p_stream
 
 _DTYPES = [
     torch.float32,
@@ -107,21 +108,29 @@ class _Link:
         self.peer = peer
         self.device = device
         self.spec: CarrySpec | None = None
+        self._stream = p2p_stream.comm_stream(device)  # None on CPU (oobleck.engine.p2p_stream)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         #: bytes of carries or gradients sent so far (headers not counted)
         self.sent_bytes = 0
 
     def _isend(self, tensor: torch.Tensor, header: bool = False) -> None:
         # the tensor is kept with its handle: it must stay alive until the send completes
-        self._sends.append((interrupt.post(dist.isend, tensor, self.peer), tensor))
+        self._sends.append((p2p_stream.post(dist.isend, tensor, self.peer, self._stream), tensor))
         if not header:
             self.sent_bytes += tensor.numel() * tensor.element_size()
 
     def flush(self) -> None:
         """Wait for every send posted so far."""
         for work, _ in self._sends:
-            work.wait()
+            p2p_stream.wait_sent(work, self._stream)
         self._sends.clear()
+
+    def _irecv(self, tensor: torch.Tensor) -> dist.Work:
+        return p2p_stream.post(dist.irecv, tensor, self.peer, self._stream)
+
+    def _wait_received(self, works: list[dist.Work]) -> None:
+        for work in works:
+            p2p_stream.wait_received(work, self._stream)
 
 
 class FromPrevious(_Link):
@@ -142,16 +151,15 @@ class FromPrevious(_Link):
         """Post the receive of microbatch ``k``'s carry (the first call first receives the header)."""
         if self.spec is None:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            interrupt.post(dist.irecv, header, self.peer).wait()
+            self._wait_received([self._irecv(header)])
             self.spec = CarrySpec.decode(header)
             self._buffers = [_buffers(list(self.spec.tensors), self.device) for _ in range(self._slots)]
-        self._pending[k] = [interrupt.post(dist.irecv, b, self.peer) for b in self._buffers[k % self._slots]]
+        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self._slots]]
 
     def take_forward(self, k: int) -> Carry:
         """Microbatch ``k``'s carry (its receive must have been posted): fresh leaves over the receive
         buffers, requiring a gradient where the sender's tensor did."""
-        for work in self._pending.pop(k):
-            work.wait()
+        self._wait_received(self._pending.pop(k))
         assert self.spec is not None
         tensors = tuple(
             b.detach().requires_grad_() if s.requires_grad else b
@@ -206,10 +214,9 @@ class ToNext(_Link):
             self._irecv_grads(k)
 
     def _irecv_grads(self, k: int) -> None:
-        self._pending[k] = [interrupt.post(dist.irecv, b, self.peer) for b in self._buffers[k % self.GRAD_SLOTS]]
+        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self.GRAD_SLOTS]]
 
     def take_backward(self, k: int) -> list[torch.Tensor]:
         """The gradients of microbatch ``k``'s carry (their receive must have been posted)."""
-        for work in self._pending.pop(k):
-            work.wait()
+        self._wait_received(self._pending.pop(k))
         return self._buffers[k % self.GRAD_SLOTS]
