@@ -113,23 +113,19 @@ def test_only_varuna_waits_for_a_checkpoint_to_grow(checkpoint_after: bool) -> N
     assert policy_for("varuna").grows_after(7, checkpoint_after) is checkpoint_after
 
 
-def test_ready_joins_fold_at_once_unless_a_node_is_still_starting() -> None:
-    step = 0.1
-    ready = [(10.0, 20.0)]  # registered at 10 s, workers ready at 20 s
-    assert joins_due(ready, [], now=20.01, step_s=step)  # nothing else starting: the next boundary
-    assert joins_due([], [19.0], now=20.01, step_s=step)  # no instant known: at once
-    # a node registered long before is still starting: wait one step, so a node ready within it folds too
-    assert not joins_due(ready, [15.0], now=20.05, step_s=step)
-    assert joins_due(ready, [15.0], now=20.1, step_s=step)
+def test_ready_joins_fold_at_once_unless_a_node_started_with_them_is_still_starting() -> None:
+    ready = [(10.0, 20.0)]  # registered at 10 s, workers ready at 20 s: a 10 s start-up
+    assert joins_due(ready, [], now=20.01)  # nothing else starting: the next boundary
+    assert joins_due(ready, [15.0], now=20.01)  # a node registered apart from it: not waited for
+    assert joins_due([], [10.0], now=20.01)  # no instant known: at once
     # a node started together with it (registered within TOGETHER_S): wait for it, up to GATHER_FRACTION of
-    # the ready node's own 10 s start-up
+    # the ready node's own start-up
     together, gather = [10.0 + TOGETHER_S], GATHER_FRACTION * 10.0
-    assert not joins_due(ready, together, now=20.0 + gather - 0.01, step_s=step)
-    assert joins_due(ready, together, now=20.0 + gather, step_s=step)
-    assert not joins_due(ready, together, now=20.0 + gather, step_s=gather + 1)  # at least one step
+    assert not joins_due(ready, together, now=20.0 + gather - 0.01)
+    assert joins_due(ready, together, now=20.0 + gather)
     # the first ready join's wait counts, and any of them may have a starting partner
-    assert not joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather - 0.01, step_s=step)
-    assert joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather, step_s=step)
+    assert not joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather - 0.01)
+    assert joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather)
 
 
 def test_a_join_record_times_each_joined_node_from_its_workers_being_ready() -> None:

@@ -76,23 +76,20 @@ TOGETHER_S = 0.5
 GATHER_FRACTION = 0.5
 
 
-def joins_due(ready: Sequence[tuple[float, float]], starting: Sequence[float], now: float, step_s: float) -> bool:
+def joins_due(ready: Sequence[tuple[float, float]], starting: Sequence[float], now: float) -> bool:
     """Whether the ready joins fold in at a step boundary at ``now``. ``ready``: each ready joining node's
     (registration, workers-ready) instants; ``starting``: the registration instants of the nodes whose
-    workers are still starting (alive, some not yet asking for work); ``step_s``: the step just committed
-    took that long. All instants are ``time.time()``.
+    workers are still starting (alive, some not yet asking for work). All instants are ``time.time()``.
 
-    With no node starting, or no ready instant known (a ready node reported with an earlier change), they
-    fold in at once. Otherwise they wait until the first of them has been ready for one step, so that nodes
-    ready within one step of each other fold into one generation (one re-plan, one rebuild, one record); and
-    while a starting node registered within :data:`TOGETHER_S` of one of them, for up to
-    :data:`GATHER_FRACTION` of the first one's start-up.
+    They fold in at once (every node ready by then in one generation: one re-plan, one rebuild, one record)
+    unless a starting node registered within :data:`TOGETHER_S` of one of them: then they wait for it, up to
+    :data:`GATHER_FRACTION` of the first ready one's start-up. A ready node whose instant was reported with an
+    earlier change (``ready`` empty) folds in at once.
     """
-    if not starting or not ready:
+    if not ready or not any(abs(s - r) <= TOGETHER_S for s in starting for r, _ in ready):
         return True
     registered, first = min(ready, key=lambda r: r[1])
-    together = any(abs(s - r) <= TOGETHER_S for s in starting for r, _ in ready)
-    return now - first >= max(step_s, GATHER_FRACTION * (first - registered) if together else 0.0)
+    return now - first >= GATHER_FRACTION * (first - registered)
 
 
 class JobState:
@@ -185,15 +182,14 @@ class JobState:
             self.change.joined.append(joined)
             self.change.ready_at.append(now)
 
-    def joins_due(self, step_s: float) -> bool:
-        """Whether the joins ready now fold in at this step boundary (:func:`joins_due`; ``step_s``: the step
-        just committed took that long)."""
+    def joins_due(self) -> bool:
+        """Whether the joins ready now fold in at this step boundary (:func:`joins_due`)."""
         if not self.joins_ready:
             return False
         change = self.change or Change(noticed_at=0.0)
         ready = [(self.nodes[n].registered_at, at) for n, at in zip(change.joined, change.ready_at)]
         starting = [n.registered_at for n in self.nodes.values() if n.alive and len(n.waiting) < n.devices]
-        return joins_due(ready, starting, time.time(), step_s)
+        return joins_due(ready, starting, time.time())
 
     def end(self, gen: Generation) -> None:
         """End ``gen``: its workers leave it (they watch this key); none of its steps commits after this."""
