@@ -420,6 +420,30 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def join_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The joins of a run's recovery records: each joined node's ready-to-training seconds (the records'
+    ``joined_ready_s``, in record order), their median (None without a join) and how many generations
+    folded more than one node in."""
+    times = [t for r in records for t in r.get("joined_ready_s", [])]
+    return {
+        "join_ready_to_training_s": times,
+        "join_ready_to_training_median_s": median(times) if times else None,
+        "generations_folding_several_joins": sum(len(r["joined"]) > 1 for r in records),
+    }
+
+
+def join_line(figures: dict[str, Any]) -> str:
+    """One summary line of :func:`join_figures`."""
+    times = figures["join_ready_to_training_s"]
+    if not times:
+        return "joins: none folded in"
+    return (
+        f"joins ready-to-training: median {figures['join_ready_to_training_median_s'] * 1000:.0f} ms, "
+        f"max {max(times) * 1000:.0f} ms over {len(times)} joined nodes; "
+        f"{figures['generations_folding_several_joins']} generations folded several nodes in"
+    )
+
+
 def verdict_lines(report: dict[str, Any]) -> list[str]:
     """The closing lines of a checking benchmark's summary: its comparison with train-local
     (``report["reference"]``, from :func:`compare_with_reference`), the job's failure if any, and the checks."""

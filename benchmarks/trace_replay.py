@@ -65,6 +65,8 @@ from benchmarks.jobs import (
     Sampler,
     bad_flag,
     compare_with_reference,
+    join_figures,
+    join_line,
     launch,
     machine_info,
     matches,
@@ -254,6 +256,7 @@ def run_replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "max": totals[-1] if totals else None,
             "over_5s": len(slow),
         },
+        **join_figures(records),
         "nodes_alive_in_metrics": {
             "min": min((r["nodes_alive"] for r in rows), default=0),
             "max": max((r["nodes_alive"] for r in rows), default=0),
@@ -310,6 +313,7 @@ def format_summary(report: dict[str, Any]) -> str:
             f"recovery total_s: min {rt['min'] * 1000:.0f} ms, median {rt['median'] * 1000:.0f} ms, "
             f"max {rt['max'] * 1000:.0f} ms; {rt['over_5s']} over 5 s"
         )
+    lines.append(join_line(report))
     na, pp = report["nodes_alive_in_metrics"], report["pipelines_in_metrics"]
     lines.append(
         f"nodes alive per step {na['min']}-{na['max']}, pipelines {pp['min']}-{pp['max']}; processes "

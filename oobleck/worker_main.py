@@ -18,6 +18,7 @@ restarts instead).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -55,6 +56,16 @@ class AssignmentClient:
         self._channel = open_channel(master, read_token(token_file), cert)
         wait_ready(self._channel, master, connect_timeout_s, tls=cert is not None)
         self._stub = master_stub(self._channel)
+
+    def config(self) -> dict[str, Any]:
+        """The job's config (``JobConfig.to_dict()``), at once; OobleckError when the master refuses or is
+        unreachable. Asking for it does not count this worker as waiting for work."""
+        request = pb.AssignmentRequest(node=self.node, device=self.device, config_only=True)
+        try:
+            reply = self._stub.GetAssignment(request, timeout=ASSIGNMENT_POLL_S)
+        except grpc.RpcError as e:
+            raise OobleckError(f"no config from {self.master}: {e.details()}") from None
+        return dict(json.loads(reply.config_json))
 
     def next(self, after_generation: int) -> Assignment:
         """The first generation newer than ``after_generation`` with a stage for this worker (blocks while
@@ -151,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     # joining a running job would otherwise hold up everyone's rendezvous while it imports)
     import torch.distributed as dist
 
-    from oobleck.config import config_from_dict
-    from oobleck.engine.elastic import RestartRequested, run_elastic
+    from oobleck.engine.elastic import RestartRequested, prepare, run_elastic
     from oobleck.engine.signed_store import SignedStore, store_key
     from oobleck.engine.store_keys import fault_key
     from oobleck.faults import FaultHook
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         client = AssignmentClient(
             args.master, args.token_file, args.node, args.device, args.connect_timeout, args.cert_file
         )
+        # the model too is built before asking for work, for the same reason
+        prepared = prepare(client.config())
         first = client.next(0)
         key = store_key(read_token(args.token_file))
     except OobleckError as e:
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         store = SignedStore(dist.TCPStore(first.store_host, first.store_port, is_master=False), key)
         store.set(fault_key(args.node), repr(at))
 
-    config = config_from_dict(first.config)
+    config = prepared.config
     hook = FaultHook(config.faults, args.node, args.device, record)
     own_argv = sys.argv[1:] if argv is None else argv
 
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_elastic(
-            first, client.next, on_phase=hook, exclude_ports={_port(args.master)}, on_stuck=on_stuck, store_key=key
+            first, prepared, client.next, on_phase=hook, exclude_ports={_port(args.master)}, on_stuck=on_stuck, store_key=key
         )
     except OobleckError as e:
         print(f"worker {args.node}/{args.device}: error: {e}", file=sys.stderr)

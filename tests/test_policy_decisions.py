@@ -11,6 +11,7 @@ from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policy import Bamboo, Membership, Policy, Varuna, choose_nodes, policy_for, stage_layers
 from oobleck.control.records import Change, recovery_record
 from oobleck.control.sources import layer_moves
+from oobleck.control.state import GATHER_FRACTION, TOGETHER_S, joins_due
 from oobleck.engine.transfer import LayerLost
 
 THREE = ((0, 2), (2, 4), (4, 6))
@@ -110,6 +111,34 @@ def test_only_varuna_waits_for_a_checkpoint_to_grow(checkpoint_after: bool) -> N
     assert policy_for("oobleck").grows_after(7, checkpoint_after)
     assert policy_for("bamboo").grows_after(7, checkpoint_after)
     assert policy_for("varuna").grows_after(7, checkpoint_after) is checkpoint_after
+
+
+def test_ready_joins_fold_at_once_unless_a_node_started_with_them_is_still_starting() -> None:
+    ready = [(10.0, 20.0)]  # registered at 10 s, workers ready at 20 s: a 10 s start-up
+    assert joins_due(ready, [], now=20.01)  # nothing else starting: the next boundary
+    assert joins_due(ready, [15.0], now=20.01)  # a node registered apart from it: not waited for
+    assert joins_due([], [10.0], now=20.01)  # no instant known: at once
+    # a node started together with it (registered within TOGETHER_S): wait for it, up to GATHER_FRACTION of
+    # the ready node's own start-up
+    together, gather = [10.0 + TOGETHER_S], GATHER_FRACTION * 10.0
+    assert not joins_due(ready, together, now=20.0 + gather - 0.01)
+    assert joins_due(ready, together, now=20.0 + gather)
+    # the first ready join's wait counts, and any of them may have a starting partner
+    assert not joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather - 0.01)
+    assert joins_due([(10.0, 20.0), (12.0, 20.5)], [12.2], now=20.0 + gather)
+
+
+def test_a_join_record_times_each_joined_node_from_its_workers_being_ready() -> None:
+    change = Change(noticed_at=100.0, reasons=["a joined", "b joined"], joined=["a", "b"], ready_at=[100.0, 100.5])
+    timing = {"left_at": 100.75, "assigned_at": 100.8, "resumed_at": 101.25, "join_s": 0.25, "groups_s": 0.0, "transfer_s": 0.125}
+    record = recovery_record(
+        generation=3, change=change, mode="memory", start_step=7, steps_lost=0, layers_moved=2,
+        placement=three_deep(1), plan_s=0.0, timings=[timing],
+    )  # fmt: skip
+    assert record.joined == ("a", "b") and record.joined_ready_s == (1.25, 0.75)
+    assert record.joined_ready_s[0] == record.resume_s == record.total_s
+    merged = Change(1.0, joined=["a"], ready_at=[1.0]).merged(Change(2.0, joined=["b"], ready_at=[2.5]))
+    assert (merged.joined, merged.ready_at) == (["a", "b"], [1.0, 2.5])
 
 
 def test_choose_nodes_keeps_the_most_distinct_layers_in_placement_order() -> None:

@@ -62,7 +62,7 @@ class CommitDriver:
                         state.committed_placement = gen.placement
                     if config.periodic_checkpoint_after(step):
                         state.checkpoints.append(step + 1)
-                    fold = state.joins_ready and self.policy.grows_after(step, config.periodic_checkpoint_after(step))
+                    fold = state.joins_due() and self.policy.grows_after(step, config.periodic_checkpoint_after(step))
                 if fold:
                     self._await_checkpoint(step + 1, gen)
                     with state.lock:

@@ -40,6 +40,7 @@ and the records (:mod:`~oobleck.control.records`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -343,6 +344,8 @@ class Master(oobleck_pb2_grpc.MasterServicer):
         with self.state.lock:
             node = self._known_node(request.node, context)
             self._check_device(request.device, context)
+            if request.config_only:  # the worker builds its model first; it waits for work only once it asks
+                return pb.AssignmentReply(generation=0, config_json=json.dumps(self.config.to_dict()))
             current = self.state.generation.number if self.state.generation else 0
             if not 0 <= request.after_generation <= current:
                 _invalid(

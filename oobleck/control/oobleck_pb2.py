@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doobleck/control/oobleck.proto\x12\x0foobleck.control\"=\n\x0fRegisterRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"y\n\rRegisterReply\x12\x16\n\x0enodes_expected\x18\x01 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x18\n\x10worker_timeout_s\x18\x03 \x01(\x01\x12\x18\n\x10master_timeout_s\x18\x04 \x01(\x01\"2\n\tHeartbeat\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0frunning_devices\x18\x02 \x03(\x05\"\xd3\x01\n\x0bMasterEvent\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.oobleck.control.MasterEvent.Kind\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\x05\"S\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SHUTDOWN\x10\x01\x12\x10\n\x0cSESSION_OPEN\x10\x02\x12\n\n\x06INJECT\x10\x03\x12\t\n\x05\x41LIVE\x10\x04\"L\n\nWorkerExit\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x05\n\x03\x41\x63k\"K\n\x11\x41ssignmentRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x18\n\x10\x61\x66ter_generation\x18\x03 \x01(\x03\">\n\x0f\x41ssignmentReply\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x17\n\x0f\x61ssignment_json\x18\x02 \x01(\t\">\n\rInjectRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x05\"\x1c\n\x0bInjectReply\x12\r\n\x05nodes\x18\x01 \x03(\t2\x85\x03\n\x06Master\x12L\n\x08Register\x12 .oobleck.control.RegisterRequest\x1a\x1e.oobleck.control.RegisterReply\x12G\n\x07Session\x12\x1a.oobleck.control.Heartbeat\x1a\x1c.oobleck.control.MasterEvent(\x01\x30\x01\x12\x45\n\x10ReportWorkerExit\x12\x1b.oobleck.control.WorkerExit\x1a\x14.oobleck.control.Ack\x12U\n\rGetAssignment\x12\".oobleck.control.AssignmentRequest\x1a .oobleck.control.AssignmentReply\x12\x46\n\x06Inject\x12\x1e.oobleck.control.InjectRequest\x1a\x1c.oobleck.control.InjectReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doobleck/control/oobleck.proto\x12\x0foobleck.control\"=\n\x0fRegisterRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"y\n\rRegisterReply\x12\x16\n\x0enodes_expected\x18\x01 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x18\n\x10worker_timeout_s\x18\x03 \x01(\x01\x12\x18\n\x10master_timeout_s\x18\x04 \x01(\x01\"2\n\tHeartbeat\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0frunning_devices\x18\x02 \x03(\x05\"\xd3\x01\n\x0bMasterEvent\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.oobleck.control.MasterEvent.Kind\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\x05\"S\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SHUTDOWN\x10\x01\x12\x10\n\x0cSESSION_OPEN\x10\x02\x12\n\n\x06INJECT\x10\x03\x12\t\n\x05\x41LIVE\x10\x04\"L\n\nWorkerExit\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x05\n\x03\x41\x63k\"`\n\x11\x41ssignmentRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x18\n\x10\x61\x66ter_generation\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_only\x18\x04 \x01(\x08\"S\n\x0f\x41ssignmentReply\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x17\n\x0f\x61ssignment_json\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\">\n\rInjectRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x05\"\x1c\n\x0bInjectReply\x12\r\n\x05nodes\x18\x01 \x03(\t2\x85\x03\n\x06Master\x12L\n\x08Register\x12 .oobleck.control.RegisterRequest\x1a\x1e.oobleck.control.RegisterReply\x12G\n\x07Session\x12\x1a.oobleck.control.Heartbeat\x1a\x1c.oobleck.control.MasterEvent(\x01\x30\x01\x12\x45\n\x10ReportWorkerExit\x12\x1b.oobleck.control.WorkerExit\x1a\x14.oobleck.control.Ack\x12U\n\rGetAssignment\x12\".oobleck.control.AssignmentRequest\x1a .oobleck.control.AssignmentReply\x12\x46\n\x06Inject\x12\x1e.oobleck.control.InjectRequest\x1a\x1c.oobleck.control.InjectReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,13 +46,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACK']._serialized_start=580
   _globals['_ACK']._serialized_end=585
   _globals['_ASSIGNMENTREQUEST']._serialized_start=587
-  _globals['_ASSIGNMENTREQUEST']._serialized_end=662
-  _globals['_ASSIGNMENTREPLY']._serialized_start=664
-  _globals['_ASSIGNMENTREPLY']._serialized_end=726
-  _globals['_INJECTREQUEST']._serialized_start=728
-  _globals['_INJECTREQUEST']._serialized_end=790
-  _globals['_INJECTREPLY']._serialized_start=792
-  _globals['_INJECTREPLY']._serialized_end=820
-  _globals['_MASTER']._serialized_start=823
-  _globals['_MASTER']._serialized_end=1212
+  _globals['_ASSIGNMENTREQUEST']._serialized_end=683
+  _globals['_ASSIGNMENTREPLY']._serialized_start=685
+  _globals['_ASSIGNMENTREPLY']._serialized_end=768
+  _globals['_INJECTREQUEST']._serialized_start=770
+  _globals['_INJECTREQUEST']._serialized_end=832
+  _globals['_INJECTREPLY']._serialized_start=834
+  _globals['_INJECTREPLY']._serialized_end=862
+  _globals['_MASTER']._serialized_start=865
+  _globals['_MASTER']._serialized_end=1254
 # @@protoc_insertion_point(module_scope)

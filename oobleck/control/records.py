@@ -77,7 +77,11 @@ class RecoveryRecord:
     * ``plan_s``: re-planning in the master; it runs during ``end``, ``leave`` and ``assign`` and is not
       added to the total;
     * ``resume_s``: from the notice until the last worker was ready (``total - detect``);
-    * ``total_s``: from the kill (the notice when the kill time is unknown) until the last worker was ready.
+    * ``total_s``: from the kill (the notice when the kill time is unknown) until the last worker was ready;
+    * ``joined_ready_s``: for each node of ``joined``, in that order, from the moment its workers were
+      ready (the last of them asked for work, with its model built) until the last worker of the new
+      generation was ready: the join's ready-to-training time. The first joined node's is ``resume_s``
+      when no loss came before it.
     """
 
     generation: int
@@ -100,6 +104,7 @@ class RecoveryRecord:
     leave_s: float = 0.0
     assign_s: float = 0.0
     setup_s: float = 0.0
+    joined_ready_s: tuple[float, ...] = ()
 
 
 @dataclass
@@ -111,6 +116,8 @@ class Change:
     lost: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     kill_times: list[float] = field(default_factory=list)
+    #: when each node of ``joined`` had its workers ready (time.time(), in the same order)
+    ready_at: list[float] = field(default_factory=list)
     #: when the master ended the generation (time.time(), just before writing ``ended/gen{g}``; None until then)
     ended_at: float | None = None
 
@@ -125,6 +132,7 @@ class Change:
             self.lost + later.lost,
             self.joined + later.joined,
             self.kill_times + later.kill_times,
+            self.ready_at + later.ready_at,
             later.ended_at if later.ended_at is not None else self.ended_at,
         )
 
@@ -175,4 +183,5 @@ def recovery_record(
         leave_s=left_at - ended_at,
         assign_s=assigned_at - left_at,
         setup_s=resumed_at - assigned_at - rebuild - last["transfer_s"],
+        joined_ready_s=tuple(resumed_at - ready for ready in change.ready_at),
     )

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from oobleck import checkpoint
 from oobleck.config import JobConfig
@@ -43,6 +44,8 @@ class Node:
     waiting: set[int] = field(default_factory=set)
     #: whether some generation placed this node (a node that joins later is placed once all its workers wait)
     in_job: bool = False
+    #: when it registered (time.time())
+    registered_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -62,6 +65,31 @@ class Generation:
     steps_lost: int = 0
     #: the workers restart their processes before joining (the baselines' stop-everything restart)
     restart: bool = False
+
+
+#: nodes that register within this many seconds of each other were started together (one ``oobleck inject
+#: --add``, one trace instant, one autoscaler batch): a ready join waits for the others (see :func:`joins_due`)
+TOGETHER_S = 0.5
+#: how long, at most, a ready join waits for the nodes started together with it, as a fraction of its own
+#: start-up (registration to ready): the start-ups of nodes started together differ by 1-2 s of 5-10 s on a
+#: loaded machine, and less on an idle one. The job trains meanwhile.
+GATHER_FRACTION = 0.5
+
+
+def joins_due(ready: Sequence[tuple[float, float]], starting: Sequence[float], now: float) -> bool:
+    """Whether the ready joins fold in at a step boundary at ``now``. ``ready``: each ready joining node's
+    (registration, workers-ready) instants; ``starting``: the registration instants of the nodes whose
+    workers are still starting (alive, some not yet asking for work). All instants are ``time.time()``.
+
+    They fold in at once (every node ready by then in one generation: one re-plan, one rebuild, one record)
+    unless a starting node registered within :data:`TOGETHER_S` of one of them: then they wait for it, up to
+    :data:`GATHER_FRACTION` of the first ready one's start-up. A ready node whose instant was reported with an
+    earlier change (``ready`` empty) folds in at once.
+    """
+    if not ready or not any(abs(s - r) <= TOGETHER_S for s in starting for r, _ in ready):
+        return True
+    registered, first = min(ready, key=lambda r: r[1])
+    return now - first >= GATHER_FRACTION * (first - registered)
 
 
 class JobState:
@@ -139,10 +167,11 @@ class JobState:
 
     def note_change(self, reason: str, lost: str | None = None, joined: str | None = None) -> None:
         """Record a membership change for the next recovery record (a lost node's kill time, when an
-        injected fault wrote one to the store)."""
+        injected fault wrote one to the store; a joined node's ready time: now, when its workers are all up)."""
         self.membership += 1
+        now = time.time()
         if self.change is None:
-            self.change = Change(noticed_at=time.time())
+            self.change = Change(noticed_at=now)
         self.change.reasons.append(reason)
         if lost is not None:
             self.change.lost.append(lost)
@@ -151,6 +180,16 @@ class JobState:
                 self.change.kill_times.append(float(kill_time))
         if joined is not None:
             self.change.joined.append(joined)
+            self.change.ready_at.append(now)
+
+    def joins_due(self) -> bool:
+        """Whether the joins ready now fold in at this step boundary (:func:`joins_due`)."""
+        if not self.joins_ready:
+            return False
+        change = self.change or Change(noticed_at=0.0)
+        ready = [(self.nodes[n].registered_at, at) for n, at in zip(change.joined, change.ready_at)]
+        starting = [n.registered_at for n in self.nodes.values() if n.alive and len(n.waiting) < n.devices]
+        return joins_due(ready, starting, time.time())
 
     def end(self, gen: Generation) -> None:
         """End ``gen``: its workers leave it (they watch this key); none of its steps commits after this."""

@@ -40,12 +40,15 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Collection
+from typing import Any, Callable, Collection
 
 import torch.distributed as dist
 
-from oobleck.config import config_from_dict
+from models.base import ModelSpec
+from models.data import BatchSource
+from oobleck.config import JobConfig, config_from_dict
 from oobleck.engine import interrupt
 from oobleck.engine.api import Assignment, Restore
 from oobleck.engine.nccl_abort import abort_nccl_communicators
@@ -177,8 +180,30 @@ class GenerationWatch:
         )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a worker builds from the job's config before it asks for work, so that a worker that asks is
+    ready to join at once: a node joining a running job would otherwise hold up every rank's rendezvous
+    while it builds its model and collects its garbage (:func:`settle_imports`, 150-500 ms)."""
+
+    config: JobConfig
+    spec: ModelSpec
+    batches: BatchSource
+
+
+def prepare(raw_config: dict[str, Any]) -> Prepared:
+    """Build the model spec and the batch source of the job whose config (``JobConfig.to_dict()``) is
+    ``raw_config``, then settle the imports; the spec's layers are built later, per stage."""
+    config = config_from_dict(raw_config)
+    spec = build_model(config.model, config.training.seed)
+    batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
+    settle_imports()
+    return Prepared(config, spec, batches)
+
+
 def run_elastic(
     first: Assignment,
+    prepared: Prepared,
     next_assignment: NextAssignment,
     on_phase: PhaseHook | None = None,
     exclude_ports: Collection[int] = (),
@@ -186,15 +211,12 @@ def run_elastic(
     *,
     store_key: bytes,
 ) -> None:
-    """Train from ``first`` through every later generation until training finishes (see the module notes).
-    ``store_key`` signs and verifies this worker's store values (:func:`~oobleck.engine.signed_store.store_key`
-    of the job's token)."""
-    config = config_from_dict(first.config)
+    """Train from ``first`` through every later generation until training finishes (see the module notes),
+    with the model ``prepared`` from the job's config. ``store_key`` signs and verifies this worker's store
+    values (:func:`~oobleck.engine.signed_store.store_key` of the job's token)."""
+    config, spec, batches = prepared.config, prepared.spec, prepared.batches
     stuck_after_s = config.fault_tolerance.stuck_after_s
     stuck = on_stuck if stuck_after_s > 0 else None  # 0: no backstop
-    spec = build_model(config.model, config.training.seed)
-    batches = build_batches(config, spec)  # imports the model's and the dataset's modules, before the freeze
-    settle_imports()
     base = dist.TCPStore(first.store_host, first.store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     pool: dict[int, HeldLayer] = {}
     assignment = first
