@@ -5,7 +5,8 @@ global batch 32) with ``training.recompute`` ``none`` and ``full``, each one ``o
 nodes (f = 1, device memory that makes two-node pipelines, so stage boundaries and the gradient all-reduce
 both cost). Every step record carries the measured ``step_time_s`` (and its ``startup_s``) next to the
 plan's ``predicted_step_s`` (:mod:`planner.local_step`). The table shows the median of the
-steady-state steps (all but the first, whose time is mostly start-up) and the ratio predicted / measured.
+steady-state steps (all but the first ``WARM_STEPS``: the first one's time is mostly start-up, and the
+next few run slower while the allocator and the caches warm up) and the ratio predicted / measured.
 Timing on a shared machine is noisy: run it when the machine is idle, and more than once.
 
 ``python -m benchmarks.step_time [--steps N] [--out benchmarks/results/step_time.json]``
@@ -25,13 +26,15 @@ from benchmarks.jobs import ROOT
 from benchmarks.memory import DEVICE_GIB, MODES, run_rows
 
 OUT = ROOT / "benchmarks" / "results" / "step_time.json"
+#: the steps left out of the median
+WARM_STEPS = 5
 
 
 def measure(preset: str, recompute: str, steps: int, workdir: Path) -> dict[str, Any]:
     """One run: the predicted and the median measured steady-state step time, their ratio, the pipelines."""
-    rows = run_rows(preset, recompute, steps, workdir)[1:]
+    rows = run_rows(preset, recompute, steps, workdir)[WARM_STEPS:]
     if not rows:
-        raise ValueError(f"{steps} steps leave no steady-state step; use --steps 2 or more")
+        raise ValueError(f"{steps} steps leave no steady-state step; use --steps {WARM_STEPS + 1} or more")
     measured = statistics.median(r["step_time_s"] - r["startup_s"] for r in rows)
     predicted = rows[-1]["predicted_step_s"]
     return {
@@ -46,7 +49,7 @@ def measure(preset: str, recompute: str, steps: int, workdir: Path) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0], "runs": []}

@@ -58,6 +58,11 @@ def test_a_waiting_worker_leaves_its_core_to_the_others() -> None:
     assert local_step_time([(two_stages, 1)], StepCosts(cores=1)) == 4.0
     # two such pipelines: both first stages, then both second stages, ... share the core
     assert local_step_time([(two_stages, 1)] * 2, StepCosts(cores=1)) == 8.0
+    # one pipeline of four equal stages (f + b = 3) and four microbatches on two cores: the job's 48
+    # core-seconds over 2 cores bound it below by 24, the path by 21; in the fill and drain fewer than two
+    # workers can run, so the played-out step is longer than either bound
+    four_stages = PipelineTemplate(4, 1, tuple(Stage(i, i + 1, 1.0, 2.0, 0.0, 0, 0, 0) for i in range(4)))
+    assert local_step_time([(four_stages, 4)], StepCosts(cores=2)) == 27.0
     # the job's work over the cores bounds the step from below, the naive slowdown from above
     two = [(TEMPLATE, 3), (TEMPLATE, 3)]
     alone = local_step_time([(TEMPLATE, 3)], NO_COSTS)
