@@ -69,8 +69,8 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 #: called with (step, phase) as a step passes "forward", "backward" (first of each in the step), "sync",
 #: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation), and with
 #: (training.steps, "exit") once the final checkpoint is written (:mod:`oobleck.engine.elastic`); failure
-#: injection hooks in here. A hook returning True at "sync" puts an inf into this rank's gradients of the
-#: step (the ``overflow`` fault, fp16 only; any other return value is ignored)
+#: injection hooks in here. A hook returning True at "sync" puts an inf into this rank's summed gradients of
+#: the step and its norm share (the ``overflow`` fault, fp16 only; any other return value is ignored)
 PhaseHook = Callable[[int, str], object]
 
 
@@ -139,6 +139,7 @@ class StageWorker:
             self.layers,
             self.device,
             COLLECTIVE_TIMEOUT,
+            overlap=config.training.overlap_grad_sync,
         )
         holders = layer_holders(assignment.pipelines, self.spec.num_layers)
         #: layers this rank writes into checkpoints (it is their lowest-rank holder)
@@ -239,13 +240,19 @@ class StageWorker:
         """Run, synchronise, commit and apply ``step`` (see the module notes)."""
         loading = self._loading.pop(step, None) or self._loader.submit(self.microbatches, step)
         scale = self.scale.value
-        loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase), scale)
+        arm = self.sync.arm if self.config.training.overlap_grad_sync else None
+        try:
+            loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase), scale, arm)
+        except Exception:  # gradient pieces posted during the backward pass must not block the groups' end
+            self.sync.abandon()
+            raise
         if step + 1 < self.config.training.steps:
             # load the next step's data while this one syncs and waits for the commit (cores are idle then)
             self._loading[step + 1] = self._loader.submit(self.microbatches, step + 1)
-        if self.on_phase(step, "sync") is True:
-            _inject_overflow(self.layers)
+        overflow_fault = self.on_phase(step, "sync") is True
         squares = self.sync.reduce()
+        if overflow_fault:
+            squares = _inject_overflow(self.layers)
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
         interrupt.wait(interrupt.post(dist.all_reduce, totals, async_op=True), None)
         global_squares, global_units = totals.tolist()
@@ -346,9 +353,11 @@ class StageWorker:
         self.save_checkpoint(steps)
 
     def close(self) -> None:
-        """Stop the loader thread (dropping data loaded ahead) and finish the checkpoint writes under way."""
+        """Stop the loader thread (dropping data loaded ahead), finish the checkpoint writes under way and
+        remove the gradient sync's hooks."""
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        self.sync.close()
 
 
 def _step_layer(held: HeldLayer, lr: float, step: int, scale: LossScale, skip: bool) -> None:
@@ -360,12 +369,15 @@ def _step_layer(held: HeldLayer, lr: float, step: int, scale: LossScale, skip: b
     held.scale = scale
 
 
-def _inject_overflow(layers: list[HeldLayer]) -> None:
-    """Put an inf into the gradient of this rank's first trainable parameter (the ``overflow`` fault)."""
+def _inject_overflow(layers: list[HeldLayer]) -> float:
+    """The ``overflow`` fault, after the gradients are summed (they may be summed during the backward pass):
+    put an inf into this rank's summed gradient of its first trainable parameter and return inf, this rank's
+    share of the squared norm, as an inf from this rank's backward pass would have made them."""
     param = next(p for held in layers for p in held.module.parameters() if p.requires_grad)
     if param.grad is None:
         param.grad = torch.zeros_like(param)
     param.grad.view(-1)[0] = math.inf
+    return math.inf
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
