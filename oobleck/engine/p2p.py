@@ -197,7 +197,7 @@ class ToNext(_Link):
     def post_backward(self, k: int) -> None:
         """Post the receive of the gradients of microbatch ``k``'s carry. Before the first carry is sent
         the gradients' shapes are unknown, so the receive is posted by that send instead (a stage with a
-        single microbatch posts its backward, one op ahead, before its forward has run); only gradients
+        single microbatch posts its backward ahead, before its forward has run); only gradients
         come from the next stage, so receives still match messages in posting order."""
         if self.spec is None:
             self._deferred.append(k)

@@ -7,7 +7,8 @@ One step on a worker:
 1. load the pipeline's microbatches (every stage loads them itself; the data is a function of seed and
    step; a helper thread loads the next step's while this one synchronises) and run them under 1F1B
    (:mod:`oobleck.engine.stage`);
-2. sum every gradient over the ranks holding it (:mod:`oobleck.engine.gradsync`);
+2. sum every gradient over the ranks holding it (:mod:`oobleck.engine.gradsync`; with
+   ``training.overlap_grad_sync`` the sums start during step 1's last backward pass);
 3. one world all-reduce of (squared-norm shares, unit count): the global unit count ``U`` and
    norm follow, and every gradient is scaled by ``clip_coefficient(norm) / U`` (the reference divides the
    loss by ``U`` before backward; dividing after the sum gives the same numbers up to rounding);
