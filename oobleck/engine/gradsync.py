@@ -18,12 +18,14 @@ Buckets
 Overlap (``training.overlap_grad_sync``)
     A bucket is all-reduced in *pieces*, each posted as soon as its gradients are final, and all are
     awaited only in :meth:`GradSync.reduce`, before the commit. The stage's last backward pass (the last
-    microbatch's) is *armed* (:meth:`GradSync.arm`): from then on a parameter's gradient is final once
-    autograd has accumulated into it (recomputation uses non-reentrant checkpoints, so each parameter
-    accumulates once per backward pass). A bucket of a two-rank holder set is split into one piece per layer
-    plus one for its flags: a two-way sum is a single addition, the same whichever piece an element
-    travels in, so the sums are bitwise those of the unsplit bucket. A larger holder set keeps its bucket
-    whole, because gloo's ring orders the additions by an element's position in the buffer. Pieces are
+    microbatch's) is *armed* (:meth:`GradSync.arm` registers a post-accumulate-grad hook on every
+    parameter; :meth:`~GradSync.reduce` and :meth:`~GradSync.abandon` remove them): from then on a
+    parameter's gradient is final once autograd has accumulated into it (recomputation uses non-reentrant
+    checkpoints, so each parameter accumulates once per backward pass). A bucket of a two-rank holder set
+    is split into one piece per layer plus one for its flags: a two-way sum is a single addition, the
+    same whichever piece an element travels in, so the sums are bitwise those of the unsplit bucket. A
+    larger holder set keeps its bucket whole, because gloo's ring orders the additions by an element's
+    position in the buffer. Pieces are
     posted in one order on every rank (from the last layer down, ties by bucket order), so the members of
     each group post its collectives alike; a piece waits for the ones before it, and :meth:`reduce` posts
     whatever the backward pass left (e.g. an MoE expert no token of the last microbatch reached). Without
@@ -215,26 +217,24 @@ class GradSync:
         if overlap:
             self.pieces.sort(key=lambda piece: -piece.level)  # a stable sort: ties keep bucket order
         self._posted = 0  # pieces posted so far this step
-        self._armed = False
-        self._hooks = []
-        if overlap:
-            waiting: dict[int, list[_Piece]] = {}  # id(param) -> the pieces that need its gradient
-            for piece in self.pieces:
-                for j in piece.needs:
-                    waiting.setdefault(id(piece.bucket.entries[j].param), []).append(piece)
-            for b in self.buckets:
-                for e in b.entries:
-                    hook = functools.partial(self._gradient_final, waiting[id(e.param)])
-                    self._hooks.append(e.param.register_post_accumulate_grad_hook(hook))
+        #: each trainable parameter with the pieces that need its gradient
+        self._waiting: list[tuple[torch.nn.Parameter, list[_Piece]]] = [
+            (e.param, [piece for piece in self.pieces if any(piece.bucket.entries[j] is e for j in piece.needs)])
+            for b in self.buckets
+            for e in b.entries
+        ]
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def arm(self) -> None:
-        """Called before the stage's last backward pass of the step (overlap only): from now on a parameter's
-        gradient accumulation is its last of the step, and pieces are posted as they become ready."""
-        self._armed = True
+        """Called before the stage's last backward pass of the step (overlap only): from now until
+        :meth:`reduce` or :meth:`abandon`, a parameter's gradient accumulation is its last of the step, and
+        pieces are posted as they become ready."""
+        self._hooks = [
+            param.register_post_accumulate_grad_hook(functools.partial(self._gradient_final, pieces))
+            for param, pieces in self._waiting
+        ]
 
     def _gradient_final(self, pieces: list[_Piece], param: torch.Tensor) -> None:
-        if not self._armed:
-            return
         for piece in pieces:
             piece.done += 1
         self._post_ready()
@@ -275,16 +275,12 @@ class GradSync:
         self._reset()
 
     def _reset(self) -> None:
-        for piece in self.pieces:
-            piece.work, piece.done = None, 0
-        self._posted = 0
-        self._armed = False
-
-    def close(self) -> None:
-        """Remove the gradient hooks (the layers may move on to another generation's sync)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for piece in self.pieces:
+            piece.work, piece.done = None, 0
+        self._posted = 0
 
     def scale(self, factor: float) -> None:
         """Multiply every summed gradient by ``factor`` (the gradients are views of the flat buffers)."""

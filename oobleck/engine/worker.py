@@ -354,11 +354,9 @@ class StageWorker:
         self.save_checkpoint(steps)
 
     def close(self) -> None:
-        """Stop the loader thread (dropping data loaded ahead), finish the checkpoint writes under way and
-        remove the gradient sync's hooks."""
+        """Stop the loader thread (dropping data loaded ahead) and finish the checkpoint writes under way."""
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
-        self.sync.close()
 
 
 def _step_layer(held: HeldLayer, lr: float, step: int, scale: LossScale, skip: bool) -> None:
