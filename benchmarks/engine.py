@@ -1,7 +1,10 @@
 """Our pipeline engine side by side with DeepSpeed's, and a single process for reference.
 
 ``python -m benchmarks.engine [--steps N] [--warmup W] [--microbatch M] [--microbatches K] [--rounds R]
-[--single-threads T] [--quick] [--out PATH]``
+[--single-threads T] [--presets P,...] [--quick] [--out PATH]``
+
+Every preset of ``--presets`` (default ``tiny,small``) is measured in the same invocation; then the overlap
+gain: our engine on a multi-pipeline job with ``training.overlap_grad_sync`` on and off.
 
 All three train the same model (a GPT preset, float32, seed 0) on the same deterministic batches with the
 same AdamW and gradient clipping off (DeepSpeed's pipeline engine would otherwise clip, by default to 1.0,
@@ -30,9 +33,14 @@ Rounds: ``--rounds R`` runs the three engines R times in turn; the median counts
 DeepSpeed ratio is kept, since two runs next to each other in time see about the same load. Each pipeline
 worker runs one torch thread (four workers share the cores); the single process runs ``--single-threads``.
 
-The results go to ``benchmarks/results/engine.json`` (or ``--out``) with the config, the partition, the
-machine (including its load average, since other work on a shared machine skews the figures) and a
-timestamp.
+Overlap: the last preset's job as two pipelines of two stages (the four nodes; ``K / 2`` microbatches each),
+our engine only, with the gradient all-reduce overlapped with the backward pass and without, alternating
+within each of the R rounds. The gain is the median of the rounds' on / off ratios; the two runs compute the
+same sums, so their losses must be equal.
+
+The results go to ``benchmarks/results/engine.json`` (or ``--out``): ``presets: {name: {partition, engines,
+ratios, max_loss_diff_vs_single_process}}`` and ``overlap``, with the config, the machine (including its
+load average, since other work on a shared machine skews the figures) and a timestamp.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ RUN_TIMEOUT_S = 600.0
 class Bench:
     """What one benchmark invocation runs."""
 
-    preset: str = "tiny"
+    presets: tuple[str, ...] = ("tiny", "small")
     microbatch: int = 4
     microbatches: int = 8
     warmup: int = 3
@@ -97,12 +105,13 @@ class Figures:
     cpu_s_per_step: dict[str, float]
 
 
-def job_config(bench: Bench, run_dir: str) -> JobConfig:
-    """The job every engine runs: ``bench.warmup + bench.steps`` steps of a GPT on pydoc text, four
-    single-device CPU nodes, no fault tolerance (f = 0), clipping off, constant learning rate."""
+def job_config(bench: Bench, preset: str, run_dir: str, overlap: bool = True) -> JobConfig:
+    """The job every engine runs: ``bench.warmup + bench.steps`` steps of the GPT ``preset`` on pydoc text,
+    four single-device CPU nodes, no fault tolerance (f = 0), clipping off, constant learning rate;
+    ``overlap`` is ``training.overlap_grad_sync``."""
     return config_from_dict(
         {
-            "model": {"family": "gpt", "preset": bench.preset, "dtype": "float32"},
+            "model": {"family": "gpt", "preset": preset, "dtype": "float32"},
             "data": {"dataset": "pydoc"},
             "training": {
                 "steps": bench.warmup + bench.steps,
@@ -111,6 +120,7 @@ def job_config(bench: Bench, run_dir: str) -> JobConfig:
                 "grad_clip": None,
                 "lr_schedule": "constant",
                 "seed": 0,
+                "overlap_grad_sync": overlap,
             },
             "cluster": {"nodes": STAGES, "devices_per_node": 1, "device": "cpu"},
             "fault_tolerance": {"f": 0},
@@ -177,12 +187,20 @@ def cpu_by_role() -> dict[str, float]:
 
 
 def run_oobleck_side(bench: Bench, job: JobConfig, parts: tuple[int, ...]) -> Figures:
-    """Our engine through the local launcher, one single-device node per stage; a step ends when the
-    master commits it."""
+    """Our engine through the local launcher as one pipeline cut at ``parts``."""
+    return run_oobleck_pipelines(bench, job, [parts])
+
+
+def run_oobleck_pipelines(bench: Bench, job: JobConfig, pipelines: list[tuple[int, ...]]) -> Figures:
+    """Our engine through the local launcher, one pipeline per cut list of ``pipelines`` sharing the step's
+    microbatches equally, one single-device node per stage; a step ends when the master commits it."""
     from launcher import local
     from oobleck.control.placement import PipelineShape
 
-    shape = PipelineShape(layer_ranges=tuple(zip(parts, parts[1:])), num_microbatches=bench.microbatches)
+    shapes = [
+        PipelineShape(layer_ranges=tuple(zip(parts, parts[1:])), num_microbatches=bench.microbatches // len(pipelines))
+        for parts in pipelines
+    ]
     end_times: list[float] = []
     losses: list[float] = []
     cpu_marks: list[dict[str, float]] = []
@@ -199,7 +217,7 @@ def run_oobleck_side(bench: Bench, job: JobConfig, parts: tuple[int, ...]) -> Fi
     os.environ["OMP_NUM_THREADS"] = str(bench.worker_threads)
     start = time.perf_counter()
     try:
-        local.run(job, lambda nodes: [shape], on_step=on_step)
+        local.run(job, lambda nodes: shapes, on_step=on_step)
     finally:
         if saved is None:
             del os.environ["OMP_NUM_THREADS"]
@@ -258,20 +276,37 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_bench(bench: Bench) -> dict[str, Any]:
-    """Run every engine ``bench.rounds`` times (engines alternating within each round, so slow drift in
-    the machine's load hits all of them) and return the report that :func:`main` writes."""
-    from oobleck.model_building import build_model
-
+    """Run every preset's engines, then the overlap pair, ``bench.rounds`` times each (engines alternating
+    within each round, so slow drift in the machine's load hits all of them), and return the report that
+    :func:`main` writes."""
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="oobleck-bench-") as run_dir:
-        job = job_config(bench, run_dir)
-        parts = stage_boundaries(build_model(job.model, job.training.seed).num_layers, STAGES)
-        runs: dict[str, list[Figures]] = {name: [] for name in ENGINES}
-        for _ in range(bench.rounds):
-            for name, measure in ENGINES.items():
-                runs[name].append(measure(bench, job, parts))
+        presets = {preset: run_preset(bench, preset, f"{run_dir}/{preset}") for preset in bench.presets}
+        overlap = run_overlap(bench, bench.presets[-1], f"{run_dir}/overlap")
     machine["loadavg_1m_at_end"] = os.getloadavg()[0]
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {**asdict(bench), "global_batch": bench.global_batch, "stages": STAGES, "dtype": "float32"},
+        "machine": machine,
+        "presets": presets,
+        "overlap": overlap,
+    }
 
+
+def num_layers(job: JobConfig) -> int:
+    from oobleck.model_building import build_model
+
+    return build_model(job.model, job.training.seed).num_layers
+
+
+def run_preset(bench: Bench, preset: str, run_dir: str) -> dict[str, Any]:
+    """Every engine on ``preset``'s job, ``bench.rounds`` times: figures, ratios and loss agreement."""
+    job = job_config(bench, preset, run_dir)
+    parts = stage_boundaries(num_layers(job), STAGES)
+    runs: dict[str, list[Figures]] = {name: [] for name in ENGINES}
+    for _ in range(bench.rounds):
+        for name, measure in ENGINES.items():
+            runs[name].append(measure(bench, job, parts))
     engines = {}
     for name, figures in runs.items():
         rates = [f.samples_per_s for f in figures]
@@ -288,10 +323,7 @@ def run_bench(bench: Bench) -> dict[str, Any]:
         }
     reference = engines["single_process"]["losses"]
     return {
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {**asdict(bench), "global_batch": bench.global_batch, "stages": STAGES, "dtype": "float32"},
         "partition": [list(r) for r in zip(parts, parts[1:])],
-        "machine": machine,
         "engines": engines,
         "ratios": {
             "oobleck_over_deepspeed": engines["oobleck"]["samples_per_s"] / engines["deepspeed"]["samples_per_s"],
@@ -310,28 +342,62 @@ def run_bench(bench: Bench) -> dict[str, Any]:
     }
 
 
+def run_overlap(bench: Bench, preset: str, run_dir: str) -> dict[str, Any]:
+    """Our engine on ``preset``'s job as two pipelines of two stages, with ``training.overlap_grad_sync``
+    on and off alternating, ``bench.rounds`` times (see the module notes)."""
+    jobs = {on: job_config(bench, preset, run_dir, overlap=on) for on in (True, False)}
+    parts = stage_boundaries(num_layers(jobs[True]), 2)
+    runs: dict[bool, list[Figures]] = {True: [], False: []}
+    for _ in range(bench.rounds):
+        for on, job in jobs.items():
+            runs[on].append(run_oobleck_pipelines(bench, job, [parts, parts]))
+    gains = [on.samples_per_s / off.samples_per_s for on, off in zip(runs[True], runs[False])]
+    return {
+        "preset": preset,
+        "pipelines": [[list(r) for r in zip(parts, parts[1:])]] * 2,
+        "microbatches_per_pipeline": bench.microbatches // 2,
+        "samples_per_s": {key: statistics.median(f.samples_per_s for f in runs[on]) for key, on in (("on", True), ("off", False))},
+        "cpu_ms_per_step": {
+            key: 1000 * statistics.median(sum(f.cpu_s_per_step.values()) for f in runs[on])
+            for key, on in (("on", True), ("off", False))
+        },
+        "gain": statistics.median(gains),
+        "gain_per_round": gains,
+        "max_loss_diff_on_vs_off": max(abs(a - b) for a, b in zip(runs[True][0].losses, runs[False][0].losses)),
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a few lines of text: one row per engine, then the ratios."""
+    """The report as a few lines of text: per preset one row per engine, then the ratios; then the overlap."""
     c = report["config"]
-    lines = [
-        f"{c['preset']} GPT, {c['stages']} stages {report['partition']}, {c['microbatches']} x {c['microbatch']} "
-        f"samples per step, {c['steps']} timed steps after {c['warmup']} warm-up, {c['rounds']} round(s)",
-        f"{'engine':<16}{'samples/s':>12}{'step (ms)':>12}{'CPU ms/step':>20}{'wall (s)':>10}{'loss diff':>12}",
-    ]
-    diffs = report["max_loss_diff_vs_single_process"]
-    for name, e in report["engines"].items():
-        diff = f"{diffs[name]:.1e}" if name in diffs else "-"
-        wall = statistics.median(e["wall_s_per_round"])
-        cpu = " + ".join(f"{v:.0f}" for v in e["cpu_ms_per_step"].values())
+    lines = []
+    for preset, r in report["presets"].items():
+        lines += [
+            f"{preset} GPT, {c['stages']} stages {r['partition']}, {c['microbatches']} x {c['microbatch']} "
+            f"samples per step, {c['steps']} timed steps after {c['warmup']} warm-up, {c['rounds']} round(s)",
+            f"{'engine':<16}{'samples/s':>12}{'step (ms)':>12}{'CPU ms/step':>20}{'wall (s)':>10}{'loss diff':>12}",
+        ]
+        diffs = r["max_loss_diff_vs_single_process"]
+        for name, e in r["engines"].items():
+            diff = f"{diffs[name]:.1e}" if name in diffs else "-"
+            wall = statistics.median(e["wall_s_per_round"])
+            cpu = " + ".join(f"{v:.0f}" for v in e["cpu_ms_per_step"].values())
+            lines.append(
+                f"{name:<16}{e['samples_per_s']:>12.1f}{e['mean_step_s'] * 1000:>12.1f}{cpu:>20}{wall:>10.1f}{diff:>12}"
+            )
+        ratios = r["ratios"]
+        per_round = ", ".join(f"{x:.2f}" for x in ratios["oobleck_over_deepspeed_per_round"])
         lines.append(
-            f"{name:<16}{e['samples_per_s']:>12.1f}{e['mean_step_s'] * 1000:>12.1f}{cpu:>20}{wall:>10.1f}{diff:>12}"
+            f"ours / DeepSpeed = {ratios['oobleck_over_deepspeed']:.2f}x (per round: {per_round}); "
+            f"ours / single process = {ratios['oobleck_over_single_process']:.2f}x; "
+            f"CPU per step, ours / DeepSpeed = {ratios['oobleck_over_deepspeed_cpu']:.2f}"
         )
-    r = report["ratios"]
-    per_round = ", ".join(f"{x:.2f}" for x in r["oobleck_over_deepspeed_per_round"])
+    o = report["overlap"]
+    rates, cpu = o["samples_per_s"], o["cpu_ms_per_step"]
     lines.append(
-        f"ours / DeepSpeed = {r['oobleck_over_deepspeed']:.2f}x (per round: {per_round}); "
-        f"ours / single process = {r['oobleck_over_single_process']:.2f}x; "
-        f"CPU per step, ours / DeepSpeed = {r['oobleck_over_deepspeed_cpu']:.2f}"
+        f"overlap ({o['preset']} GPT, 2 pipelines {o['pipelines'][0]}): on {rates['on']:.1f} samples/s "
+        f"({cpu['on']:.0f} CPU ms/step), off {rates['off']:.1f} ({cpu['off']:.0f}); gain {o['gain']:.2f}x "
+        f"(per round: {', '.join(f'{g:.2f}' for g in o['gain_per_round'])}); loss diff {o['max_loss_diff_on_vs_off']:.1e}"
     )
     return "\n".join(lines)
 
@@ -345,13 +411,13 @@ def parse_bench(argv: list[str] | None) -> tuple[Bench, Path]:
     parser.add_argument("--microbatches", type=int, help="microbatches per step, at least 4 (default 8; 4 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of every engine; the median counts")
     parser.add_argument("--single-threads", type=int, default=Bench.single_threads, help="torch threads of the single process")
-    parser.add_argument("--preset", default=Bench.preset, help="GPT preset (default tiny)")
+    parser.add_argument("--presets", default=",".join(Bench.presets), help="GPT presets, comma-separated (default tiny,small)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 warm-up and 2 timed steps of 4 microbatches")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
     args = parser.parse_args(argv)
     quick = args.quick
     bench = Bench(
-        preset=args.preset,
+        presets=tuple(p for p in args.presets.split(",") if p),
         microbatch=args.microbatch,
         microbatches=args.microbatches or (4 if quick else Bench.microbatches),
         warmup=args.warmup if args.warmup is not None else (1 if quick else Bench.warmup),
@@ -364,6 +430,8 @@ def parse_bench(argv: list[str] | None) -> tuple[Bench, Path]:
         ("--warmup", bench.warmup, bench.warmup >= 1, "must be at least 1 (the first step includes start-up)"),
         ("--microbatch", bench.microbatch, bench.microbatch >= 1, "must be at least 1"),
         ("--microbatches", bench.microbatches, bench.microbatches >= STAGES, f"must be at least {STAGES} (1F1B over {STAGES} stages)"),
+        ("--microbatches", bench.microbatches, bench.microbatches % 2 == 0, "must be even (the overlap job has 2 pipelines)"),
+        ("--presets", args.presets, bool(bench.presets), "must name at least one preset"),
         ("--rounds", bench.rounds, bench.rounds >= 1, "must be at least 1"),
         ("--single-threads", bench.single_threads, bench.single_threads >= 1, "must be at least 1"),
     ]

@@ -92,6 +92,8 @@ class TrainingConfig:
     #: fp32 (model.dtype throughout), bf16 or fp16 (autocast compute and carries, fp32 parameters and
     #: optimizer state; fp16 with dynamic loss scaling): oobleck.precision
     precision: Precision = "fp32"
+    #: start each layer's gradient all-reduce during the last backward pass (oobleck.engine.gradsync)
+    overlap_grad_sync: bool = True
 
 
 @dataclass

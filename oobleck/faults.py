@@ -11,7 +11,7 @@ where the master reads it for the recovery report's detection time) and then:
 * ``hang`` ``worker``: SIGSTOP itself (its agent's watchdog then kills it);
 * ``hang`` ``node``: SIGSTOP its agent and itself (the master then misses the agent's heartbeats);
 * ``overflow`` (fp16): the hook returns True when the fault's step reaches "sync", and the worker puts an
-  inf into its gradients of that step (:data:`oobleck.engine.worker.PhaseHook`); ``phase`` and ``target``
+  inf into its summed gradients of that step (:data:`oobleck.engine.worker.PhaseHook`); ``phase`` and ``target``
   are not used.
 
 A node fault is carried out by the node's worker on device ``worker`` (default 0). Node ``i`` of a fault is

@@ -1,12 +1,14 @@
-"""Real rank processes for the release and interrupt tests: started from a fork server that imported torch
-once (instead of once per rank: seconds of CPU each), and always reaped."""
+"""Real rank processes for the release, interrupt and gradient-sync tests: started from a fork server that
+imported torch once (instead of once per rank: seconds of CPU each), and always reaped."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.forkserver
 from multiprocessing.process import BaseProcess
+from datetime import timedelta
 from typing import Callable, Iterator
 
 
@@ -35,3 +37,17 @@ def exit_codes(ranks: list[BaseProcess], timeout_s: float = 30) -> list[int | No
     for p in ranks:
         p.join(timeout=timeout_s)
     return [p.exitcode for p in ranks]
+
+
+def rank_results(target: Callable[[int, int], None], count: int, timeout: timedelta) -> dict[int, dict]:
+    """Run ``count`` processes of ``target(rank, store_port)`` around a TCPStore hosted here and return each
+    rank's JSON result, which ``target`` sets at ``result/<rank>`` before it waits for ``finish``; every
+    process must then exit with code 0."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    with rank_processes(target, count, store.port) as ranks:
+        results = {rank: json.loads(store.get(f"result/{rank}")) for rank in range(count)}
+        store.set("finish", "1")
+        assert exit_codes(ranks) == [0] * count
+    return results

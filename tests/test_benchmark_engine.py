@@ -1,4 +1,5 @@
-"""The engine benchmark: a smoke run that writes both pipeline engines' figures, and its pure helpers."""
+"""The engine benchmark: a smoke run that writes both pipeline engines' figures and the overlap gain, and its
+pure helpers."""
 
 from __future__ import annotations
 
@@ -39,28 +40,48 @@ def test_bad_flag_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.slow  # a benchmark run: ~35 s
-def test_quick_run_writes_both_engines_figures(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+@pytest.mark.slow  # a benchmark run: ~60 s
+def test_quick_run_writes_both_engines_figures_and_the_overlap_gain(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.engine", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=140,
+        [sys.executable, "-m", "benchmarks.engine", "--quick", "--presets", "tiny", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     config = report["config"]
     assert (config["warmup"], config["steps"], config["microbatches"]) == (1, 2, 4)
-    assert report["partition"] == [[0, 2], [2, 3], [3, 4], [4, 6]]
-    engines = report["engines"]
+    assert list(report["presets"]) == ["tiny"]
+    tiny = report["presets"]["tiny"]
+    assert tiny["partition"] == [[0, 2], [2, 3], [3, 4], [4, 6]]
+    engines = tiny["engines"]
     for name in ("deepspeed", "oobleck", "single_process"):
         assert engines[name]["samples_per_s"] > 0
         assert engines[name]["cpu_ms_per_step"]["stages"] > 0
         assert len(engines[name]["losses"]) == 3
     # the engines train the same model on the same data with the same optimizer: equal losses
-    for name, diff in report["max_loss_diff_vs_single_process"].items():
+    for name, diff in tiny["max_loss_diff_vs_single_process"].items():
         assert diff < 1e-4, (name, engines[name]["losses"], engines["single_process"]["losses"])
     ratio = engines["oobleck"]["samples_per_s"] / engines["deepspeed"]["samples_per_s"]
-    assert report["ratios"]["oobleck_over_deepspeed"] == pytest.approx(ratio)
-    assert report["ratios"]["oobleck_over_deepspeed_per_round"] == [pytest.approx(ratio)]  # one round
-    assert "ours / DeepSpeed" in proc.stdout
+    assert tiny["ratios"]["oobleck_over_deepspeed"] == pytest.approx(ratio)
+    assert tiny["ratios"]["oobleck_over_deepspeed_per_round"] == [pytest.approx(ratio)]  # one round
+    overlap = report["overlap"]
+    assert overlap["pipelines"] == [[[0, 3], [3, 6]]] * 2 and overlap["microbatches_per_pipeline"] == 2
+    assert overlap["gain"] == pytest.approx(overlap["samples_per_s"]["on"] / overlap["samples_per_s"]["off"])
+    assert overlap["max_loss_diff_on_vs_off"] == 0.0  # the overlap changes when the sums happen, not what they are
+    assert "ours / DeepSpeed" in proc.stdout and "overlap (tiny GPT" in proc.stdout
+
+
+def test_profile_table_is_per_step_and_shares_sum_to_the_total() -> None:
+    from benchmarks.engine_profile import format_profile
+
+    records = [
+        {"rank": 0, "steps": 2, "phases": {"forward compute": [0.2, 0.1], "p2p receive wait": [0.6, 0.0]}},
+        {"rank": 1, "steps": 2, "phases": {"forward compute": [0.4, 0.3]}},
+    ]
+    lines = format_profile(records).splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["forward", "p2p", "total"]  # by wall time, largest first
+    # forward: rank 0 100 ms wall / 50 ms CPU per step, rank 1 200 / 150; 300 of 600 ms wall, all 200 ms CPU
+    assert "100.0 / 50.0" in lines[1] and "200.0 /150.0" in lines[1] and lines[1].endswith("50.0% /100.0%")
+    assert lines[3].endswith("100.0% /100.0%")

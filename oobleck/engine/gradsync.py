@@ -15,13 +15,30 @@ Buckets
     means no holder produced a gradient (e.g. an MoE expert no token reached), and the parameter keeps
     ``grad = None``, exactly as in a single process, so its optimizer skips it.
 
+Overlap (``training.overlap_grad_sync``)
+    A bucket is all-reduced in *pieces*, each posted as soon as its gradients are final, and all are
+    awaited only in :meth:`GradSync.reduce`, before the commit. The stage's last backward pass (the last
+    microbatch's) is *armed* (:meth:`GradSync.arm` registers a post-accumulate-grad hook on every
+    parameter; :meth:`~GradSync.reduce` and :meth:`~GradSync.abandon` remove them): from then on a
+    parameter's gradient is final once autograd has accumulated into it (recomputation uses non-reentrant
+    checkpoints, so each parameter accumulates once per backward pass). A bucket of a two-rank holder set
+    is split into one piece per layer plus one for its flags: a two-way sum is a single addition, the
+    same whichever piece an element travels in, so the sums are bitwise those of the unsplit bucket. A
+    larger holder set keeps its bucket whole, because gloo's ring orders the additions by an element's
+    position in the buffer. Pieces are
+    posted in one order on every rank (from the last layer down, ties by bucket order), so the members of
+    each group post its collectives alike; a piece waits for the ones before it, and :meth:`reduce` posts
+    whatever the backward pass left (e.g. an MoE expert no token of the last microbatch reached). Without
+    overlap every bucket is one piece, posted by :meth:`reduce` in bucket order.
+
 Norm
     Each logical parameter is counted once in the global gradient norm: only the lowest rank of its
-    holder set adds its squares.
+    holder set adds its squares, summed per bucket over its whole buffer whatever its pieces.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -85,9 +102,11 @@ class Bucket:
         self.numel = offset
         self.flat = torch.zeros(offset + len(self.entries), dtype=dtype, device=device)
 
-    def pack(self) -> None:
+    def pack(self, entries: range) -> None:
+        """Copy the gradients of ``entries`` (indices into :attr:`entries`) into the buffer, with their flags."""
         flags = self.flat[self.numel :]
-        for j, e in enumerate(self.entries):
+        for j in entries:
+            e = self.entries[j]
             view = self.flat[e.offset : e.offset + e.param.numel()]
             if e.param.grad is None:
                 view.zero_()
@@ -95,6 +114,22 @@ class Bucket:
             else:
                 view.copy_(e.param.grad.reshape(-1))
                 flags[j] = 1
+
+    def pieces(self, split: bool) -> list["_Piece"]:
+        """The bucket as one piece, or (``split``) one piece per layer (tied parameters, at level -1, form
+        one too) and a last one for the flags. A piece's level is its layer, the lowest of them when it has
+        several: pieces are posted from the highest level down."""
+        levels = [e.key[1] if e.key[0] == 1 else -1 for e in self.entries]
+        everything = range(len(self.entries))
+        if not split:
+            return [_Piece(self, min(levels), 0, self.flat.numel(), everything, everything)]
+        pieces = []
+        for level in sorted(set(levels), reverse=True):
+            js = range(levels.index(level), len(levels) - levels[::-1].index(level))  # keys sort by level
+            first, last = self.entries[js[0]], self.entries[js[-1]]
+            pieces.append(_Piece(self, level, first.offset, last.offset + last.param.numel(), js, js))
+        pieces.append(_Piece(self, -1, self.numel, self.flat.numel(), range(0), everything))
+        return pieces
 
     def unpack(self) -> None:
         """Point every parameter's gradient at its summed slice (None where no holder had one)."""
@@ -104,9 +139,36 @@ class Bucket:
             e.param.grad = self.flat[e.offset : e.offset + n].view_as(e.param) if flag > 0 else None
 
 
+@dataclass
+class _Piece:
+    """``bucket.flat[start:stop]``, all-reduced in one operation. It packs ``packs`` (entry indices) when it
+    is posted, and it is ready once every entry in ``needs`` has its final gradient."""
+
+    bucket: Bucket
+    level: int
+    start: int
+    stop: int
+    packs: range
+    needs: range
+    work: dist.Work | None = None
+    done: int = 0  # entries of ``needs`` whose gradient is final (overlap only)
+
+    @property
+    def ready(self) -> bool:
+        return self.done == len(self.needs)
+
+    def post(self) -> None:
+        """Pack and post the all-reduce (nothing to post when this rank is the only holder)."""
+        self.bucket.pack(self.packs)
+        if self.bucket.group is not None:
+            flat = self.bucket.flat[self.start : self.stop]
+            self.work = interrupt.post(dist.all_reduce, flat, group=self.bucket.group, async_op=True)
+
+
 class GradSync:
     """Creates the gradient-sync groups (collectively: every rank must construct it at the same point) and
-    sums this rank's gradients each step."""
+    sums this rank's gradients each step; ``overlap`` posts pieces during the last backward pass (see the
+    module notes)."""
 
     def __init__(
         self,
@@ -117,6 +179,7 @@ class GradSync:
         layers: list[HeldLayer],
         device: torch.device,
         timeout: timedelta,
+        overlap: bool = False,
     ) -> None:
         self.rank = rank
         holders = layer_holders(pipelines, num_layers)
@@ -149,29 +212,75 @@ class GradSync:
         self.buckets = [buckets[k] for k in sorted(buckets, key=lambda k: (k[0], str(k[1])))]
         for (_, dtype), bucket in buckets.items():
             bucket.finalize(dtype, device)
+        #: the pieces in posting order (see the module notes)
+        self.pieces = [piece for b in self.buckets for piece in b.pieces(split=overlap and len(b.ranks) == 2)]
+        if overlap:
+            self.pieces.sort(key=lambda piece: -piece.level)  # a stable sort: ties keep bucket order
+        self._posted = 0  # pieces posted so far this step
+        #: each trainable parameter with the pieces that need its gradient
+        self._waiting: list[tuple[torch.nn.Parameter, list[_Piece]]] = [
+            (e.param, [piece for piece in self.pieces if any(piece.bucket.entries[j] is e for j in piece.needs)])
+            for b in self.buckets
+            for e in b.entries
+        ]
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def arm(self) -> None:
+        """Called before the stage's last backward pass of the step (overlap only): from now until
+        :meth:`reduce` or :meth:`abandon`, a parameter's gradient accumulation is its last of the step, and
+        pieces are posted as they become ready."""
+        self._hooks = [
+            param.register_post_accumulate_grad_hook(functools.partial(self._gradient_final, pieces))
+            for param, pieces in self._waiting
+        ]
+
+    def _gradient_final(self, pieces: list[_Piece], param: torch.Tensor) -> None:
+        for piece in pieces:
+            piece.done += 1
+        self._post_ready()
+
+    def _post_ready(self) -> None:
+        while self._posted < len(self.pieces) and self.pieces[self._posted].ready:
+            self.pieces[self._posted].post()
+            self._posted += 1
 
     def reduce(self) -> float:
-        """Sum every gradient over its holders (all buckets in flight at once) and return this rank's share
-        of the squared global norm (the buckets whose lowest holder is this rank), as float64."""
-        works: list[dist.Work | None] = []
+        """Sum every gradient over its holders and return this rank's share of the squared global norm (the
+        buckets whose lowest holder is this rank), as float64. Posts the pieces not posted yet (all of them
+        without overlap), then waits for every piece, bucket by bucket. If the generation ends meanwhile,
+        every piece still in flight is abandoned (:func:`oobleck.engine.interrupt.abandon`) and the error
+        is raised; the gradients are then partial and must be dropped."""
         squares = []
         try:
+            for piece in self.pieces:
+                piece.done = len(piece.needs)  # the backward pass is over: every gradient is final
+            self._post_ready()
             for bucket in self.buckets:
-                bucket.pack()
-                if bucket.group is not None:
-                    works.append(interrupt.post(dist.all_reduce, bucket.flat, group=bucket.group, async_op=True))
-                else:
-                    works.append(None)
-            for bucket, work in zip(self.buckets, works):
-                if work is not None:
-                    interrupt.wait(work, bucket.group)
+                for piece in self.pieces:
+                    if piece.bucket is bucket and piece.work is not None:
+                        interrupt.wait(piece.work, bucket.group)
                 bucket.unpack()
                 if bucket.ranks[0] == self.rank:
                     squares.append(bucket.flat[: bucket.numel].double().pow(2).sum())
-        except Exception:  # the generation ended: buckets still in flight must not block its groups' end
-            interrupt.abandon((work, bucket.group) for bucket, work in zip(self.buckets, works))
+        except Exception:  # the generation ended: pieces still in flight must not block its groups' end
+            self.abandon()
             raise
+        self._reset()
         return float(torch.stack(squares).sum()) if squares else 0.0
+
+    def abandon(self) -> None:
+        """Give up on this step's pieces in flight (the step failed): keep them referenced until they finish
+        (:func:`oobleck.engine.interrupt.abandon`) and start the next step afresh."""
+        interrupt.abandon((piece.work, piece.bucket.group) for piece in self.pieces)
+        self._reset()
+
+    def _reset(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for piece in self.pieces:
+            piece.work, piece.done = None, 0
+        self._posted = 0
 
     def scale(self, factor: float) -> None:
         """Multiply every summed gradient by ``factor`` (the gradients are views of the flat buffers)."""

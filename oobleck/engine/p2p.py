@@ -176,13 +176,12 @@ class FromPrevious(_Link):
 
 
 class ToNext(_Link):
-    """The link to the next stage: sends carries, receives their gradients (two buffer sets: the one
-    being used by a backward pass and the one being filled ahead)."""
+    """The link to the next stage: sends carries, receives their gradients (``slots`` buffer sets, reused
+    round-robin by microbatch index: the one a backward pass is using and those being filled ahead)."""
 
-    GRAD_SLOTS = 2
-
-    def __init__(self, peer: int, device: torch.device) -> None:
+    def __init__(self, peer: int, device: torch.device, slots: int = 2) -> None:
         super().__init__(peer, device)
+        self._slots = slots
         self._buffers: list[list[torch.Tensor]] = []
         self._pending: dict[int, list[dist.Work]] = {}
         #: gradient receives posted before the first carry was sent, whose buffers' shapes were unknown
@@ -195,7 +194,7 @@ class ToNext(_Link):
         if self.spec is None:
             self.spec = CarrySpec.of(carry)
             self._isend(self.spec.encode(self.device), header=True)
-            self._buffers = [_buffers(self.spec.grad_specs, self.device) for _ in range(self.GRAD_SLOTS)]
+            self._buffers = [_buffers(self.spec.grad_specs, self.device) for _ in range(self._slots)]
             for k in self._deferred:
                 self._irecv_grads(k)
             self._deferred.clear()
@@ -206,7 +205,7 @@ class ToNext(_Link):
     def post_backward(self, k: int) -> None:
         """Post the receive of the gradients of microbatch ``k``'s carry. Before the first carry is sent
         the gradients' shapes are unknown, so the receive is posted by that send instead (a stage with a
-        single microbatch posts its backward, one op ahead, before its forward has run); only gradients
+        single microbatch posts its backward ahead, before its forward has run); only gradients
         come from the next stage, so receives still match messages in posting order."""
         if self.spec is None:
             self._deferred.append(k)
@@ -214,9 +213,9 @@ class ToNext(_Link):
             self._irecv_grads(k)
 
     def _irecv_grads(self, k: int) -> None:
-        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self.GRAD_SLOTS]]
+        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self._slots]]
 
     def take_backward(self, k: int) -> list[torch.Tensor]:
         """The gradients of microbatch ``k``'s carry (their receive must have been posted)."""
         self._wait_received(self._pending.pop(k))
-        return self._buffers[k % self.GRAD_SLOTS]
+        return self._buffers[k % self._slots]

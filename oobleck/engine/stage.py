@@ -68,6 +68,11 @@ def build_stage_layers(
     return [HeldLayer(i, modules[i], opt, step, scale) for i, opt in zip(range(first, last), optimizers)]
 
 
+#: ops whose receives are posted ahead of the op being run: two, so that in 1F1B's steady state (forward,
+#: backward, forward, ...) both the next forward's activation and the next backward's gradient are in flight
+LOOKAHEAD = 2
+
+
 @dataclass
 class _Saved:
     """What a forward pass keeps for its backward pass."""
@@ -113,16 +118,21 @@ class StageExecutor:
         self.device = device
         self.modules = [h.module for h in layers]
         self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
-        in_flight = max_in_flight(stage, num_stages, num_microbatches) + 1  # +1: receives posted one op ahead
+        in_flight = max_in_flight(stage, num_stages, num_microbatches) + LOOKAHEAD  # + the receives posted ahead
         self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
-        self.next = ToNext(next_, device) if next_ is not None else None
+        self.next = ToNext(next_, device, LOOKAHEAD + 1) if next_ is not None else None
 
     def run(
-        self, microbatches: list[MicroBatch], on_phase: Callable[[str], None] | None = None, loss_scale: float = 1.0
+        self,
+        microbatches: list[MicroBatch],
+        on_phase: Callable[[str], None] | None = None,
+        loss_scale: float = 1.0,
+        before_last_backward: Callable[[], None] | None = None,
     ) -> tuple[float, float]:
         """Forward and backward every microbatch (in pipeline-local order); returns the summed main loss and
         the summed loss units of the microbatches, both 0 except on the last stage. ``on_phase`` is called
-        with "forward" and "backward" before the first of each; losses are backpropagated times ``loss_scale``."""
+        with "forward" and "backward" before the first of each; losses are backpropagated times ``loss_scale``;
+        ``before_last_backward`` is called before the step's last backward pass (the schedule's last op)."""
         self._mbs = microbatches
         self._loss_scale = loss_scale
         self._saved: dict[int, _Saved] = {}
@@ -135,14 +145,16 @@ class StageExecutor:
             if on_phase is not None and op.forward not in seen:
                 seen.add(op.forward)
                 on_phase("forward" if op.forward else "backward")
-            # post this op's receive and the next one's, in schedule order: messages from one peer match
-            # receives in the order they were posted
-            while posted <= min(j + 1, len(self.ops) - 1):
+            # post the receives of this op and the LOOKAHEAD next, in schedule order: messages from one peer
+            # match receives in the order they were posted
+            while posted <= min(j + LOOKAHEAD, len(self.ops) - 1):
                 self._post(self.ops[posted])
                 posted += 1
             if op.forward:
                 self._forward(op.microbatch)
             else:
+                if j == len(self.ops) - 1 and before_last_backward is not None:
+                    before_last_backward()
                 self._backward(op.microbatch)
         for link in (self.prev, self.next):
             if link is not None:

@@ -7,7 +7,8 @@ One step on a worker:
 1. load the pipeline's microbatches (every stage loads them itself; the data is a function of seed and
    step; a helper thread loads the next step's while this one synchronises) and run them under 1F1B
    (:mod:`oobleck.engine.stage`);
-2. sum every gradient over the ranks holding it (:mod:`oobleck.engine.gradsync`);
+2. sum every gradient over the ranks holding it (:mod:`oobleck.engine.gradsync`; with
+   ``training.overlap_grad_sync`` the sums start during step 1's last backward pass);
 3. one world all-reduce of (squared-norm shares, unit count): the global unit count ``U`` and
    norm follow, and every gradient is scaled by ``clip_coefficient(norm) / U`` (the reference divides the
    loss by ``U`` before backward; dividing after the sum gives the same numbers up to rounding);
@@ -69,8 +70,8 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 #: called with (step, phase) as a step passes "forward", "backward" (first of each in the step), "sync",
 #: "optimizer", "checkpoint", and "recovery" (layers about to move in a new generation), and with
 #: (training.steps, "exit") once the final checkpoint is written (:mod:`oobleck.engine.elastic`); failure
-#: injection hooks in here. A hook returning True at "sync" puts an inf into this rank's gradients of the
-#: step (the ``overflow`` fault, fp16 only; any other return value is ignored)
+#: injection hooks in here. A hook returning True at "sync" puts an inf into this rank's summed gradients of
+#: the step and its norm share (the ``overflow`` fault, fp16 only; any other return value is ignored)
 PhaseHook = Callable[[int, str], object]
 
 
@@ -139,6 +140,7 @@ class StageWorker:
             self.layers,
             self.device,
             COLLECTIVE_TIMEOUT,
+            overlap=config.training.overlap_grad_sync,
         )
         holders = layer_holders(assignment.pipelines, self.spec.num_layers)
         #: layers this rank writes into checkpoints (it is their lowest-rank holder)
@@ -239,13 +241,19 @@ class StageWorker:
         """Run, synchronise, commit and apply ``step`` (see the module notes)."""
         loading = self._loading.pop(step, None) or self._loader.submit(self.microbatches, step)
         scale = self.scale.value
-        loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase), scale)
+        arm = self.sync.arm if self.config.training.overlap_grad_sync else None
+        try:
+            loss_sum, units = self.executor.run(loading.result(), lambda phase: self.on_phase(step, phase), scale, arm)
+        except Exception:  # gradient pieces posted during the backward pass must not block the groups' end
+            self.sync.abandon()
+            raise
         if step + 1 < self.config.training.steps:
             # load the next step's data while this one syncs and waits for the commit (cores are idle then)
             self._loading[step + 1] = self._loader.submit(self.microbatches, step + 1)
-        if self.on_phase(step, "sync") is True:
-            _inject_overflow(self.layers)
+        overflow_fault = self.on_phase(step, "sync") is True
         squares = self.sync.reduce()
+        if overflow_fault:
+            squares = _inject_overflow(self.layers)
         totals = torch.tensor([squares, units], dtype=torch.float64, device=self.device)
         interrupt.wait(interrupt.post(dist.all_reduce, totals, async_op=True), None)
         global_squares, global_units = totals.tolist()
@@ -360,12 +368,15 @@ def _step_layer(held: HeldLayer, lr: float, step: int, scale: LossScale, skip: b
     held.scale = scale
 
 
-def _inject_overflow(layers: list[HeldLayer]) -> None:
-    """Put an inf into the gradient of this rank's first trainable parameter (the ``overflow`` fault)."""
+def _inject_overflow(layers: list[HeldLayer]) -> float:
+    """The ``overflow`` fault, after the gradients are summed (they may be summed during the backward pass):
+    put an inf into this rank's summed gradient of its first trainable parameter and return inf, this rank's
+    share of the squared norm, as an inf from this rank's backward pass would have made them."""
     param = next(p for held in layers for p in held.module.parameters() if p.requires_grad)
     if param.grad is None:
         param.grad = torch.zeros_like(param)
     param.grad.view(-1)[0] = math.inf
+    return math.inf
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
