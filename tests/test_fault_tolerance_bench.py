@@ -37,7 +37,7 @@ ROWS = [
     row(4, 3, 11.0, 3.0),
     row(5, 3, 12.0, 1.0),
 ]
-RECORDS = [record(2, 1.5), record(3, 2.25, lost=("node5",), mode="restart", steps_lost=1)]
+RECORDS = [record(2, 1.5), record(3, 2.25, lost=("node5",), mode="restart", steps_lost=1, leave_s=0.5, assign_s=1.0)]
 GEN_STARTS = {1: -8.0, 2: 3.6, 3: 8.0}
 
 
@@ -148,6 +148,7 @@ def test_measured_costs_take_medians_of_the_runs(tmp_path: Path) -> None:
     costs, sources = ft.measured_costs(runs)
     assert costs.recovery_fixed_s == pytest.approx(1.7)  # median of 1.4 and 2.0
     assert costs.restart_s == pytest.approx(2.0)  # varuna's generation 3
+    assert costs.restart_join_s == pytest.approx(1.5)  # its leave_s + assign_s
     assert costs.checkpoint_write_s == pytest.approx(0.25)
     assert costs.checkpoint_every == 10 and costs.oobleck_checkpoint_every == ft.NEVER
     assert costs.bamboo_takeover_s == 0.0 and "none measured" in sources["bamboo_takeover_s"]
