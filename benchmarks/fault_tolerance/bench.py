@@ -70,8 +70,9 @@ def run_rows(run: Run, initial: int) -> list[dict[str, Any]]:
 
 def run_bench(opts: Options, schedule: Schedule, work: Path, plot_path: Path | None) -> dict[str, Any]:
     """Every policy fault-free and under the schedule, the summaries, ratios and the simulator's check; the
-    plot is written to ``plot_path`` unless None. ``passed``: each acceptance check that applies holds (Oobleck faster than every
-    baseline run, when both ran; every simulator error within :data:`MAX_SIM_ERROR`)."""
+    plot is written to ``plot_path`` unless None. ``passed``: each acceptance check that applies holds
+    (Oobleck faster than every baseline run, when both ran; every simulator error within
+    :data:`MAX_SIM_ERROR`)."""
     if opts.cpu_share == "node":
         remove_stale_groups()  # those of an earlier benchmark that was killed
     machine = machine_info()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.fault_tolerance.accounting import rolling_throughput
-from benchmarks.fault_tolerance.seeds import BASELINES
+from benchmarks.fault_tolerance.seeds import BASELINES, sim_max_abs_error
 from benchmarks.fault_tolerance.validation import MAX_SIM_ERROR
 from benchmarks.sim.core import CATEGORIES
 
@@ -41,11 +41,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"{'seed':<8}" + "".join(f"{p:>10}" for p in policies) + "".join(f"{'vs ' + b:>11}" for b in baselines) + f"{'sim error':>11}"
         )
         for seed, run in runs.items():
-            errors = [abs(v["relative_error"]) for v in run["simulator"]["policies"].values()]
+            error = sim_max_abs_error(run)
             lines.append(
                 f"{seed:<8}" + "".join(f"{run['policies'][p]['samples_per_s']:>10.1f}" for p in policies)
                 + "".join(f"{_ratio(run['ratios'][f'oobleck/{b}']['failures']):>11}" for b in baselines)
-                + f"{_pct(max(errors)):>11}"
+                + f"{'-' if error is None else _pct(error):>11}"
             )  # fmt: skip
         for b in baselines:
             low, mid, high = (summary[f"{stat}_ratio_vs_{b}"] for stat in ("min", "median", "max"))

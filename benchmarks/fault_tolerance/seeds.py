@@ -16,6 +16,12 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def sim_max_abs_error(report: dict[str, Any]) -> float | None:
+    """The simulator's largest ``|predicted / measured - 1|`` over the policies of one run's report (None
+    without a prediction)."""
+    return max((abs(p["relative_error"]) for p in report["simulator"]["policies"].values()), default=None)
+
+
 def seed_summary(reports: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
     """The summary over ``reports`` (seed -> the report of :func:`benchmarks.fault_tolerance.bench.run_bench`).
 
@@ -33,6 +39,6 @@ def seed_summary(reports: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
                 ratios.append(math.inf if ratio["failures"] is None else ratio["failures"])
         for stat, f in (("median", median), ("min", min), ("max", max)):
             out[f"{stat}_ratio_vs_{baseline}"] = _finite_or_none(f(ratios)) if ratios else None
-    errors = [abs(p["relative_error"]) for r in reports.values() for p in r["simulator"]["policies"].values()]
-    out["sim_max_abs_error"] = max(errors) if errors else None
+    errors = [e for e in map(sim_max_abs_error, reports.values()) if e is not None]
+    out["sim_max_abs_error"] = max(errors, default=None)
     return out
