@@ -37,7 +37,7 @@ ROWS = [
     row(4, 3, 11.0, 3.0),
     row(5, 3, 12.0, 1.0),
 ]
-RECORDS = [record(2, 1.5), record(3, 2.25, lost=("node5",), mode="restart", steps_lost=1)]
+RECORDS = [record(2, 1.5), record(3, 2.25, lost=("node5",), mode="restart", steps_lost=1, leave_s=0.5, assign_s=1.0)]
 GEN_STARTS = {1: -8.0, 2: 3.6, 3: 8.0}
 
 
@@ -148,6 +148,7 @@ def test_measured_costs_take_medians_of_the_runs(tmp_path: Path) -> None:
     costs, sources = ft.measured_costs(runs)
     assert costs.recovery_fixed_s == pytest.approx(1.7)  # median of 1.4 and 2.0
     assert costs.restart_s == pytest.approx(2.0)  # varuna's generation 3
+    assert costs.restart_join_s == pytest.approx(1.5)  # its leave_s + assign_s
     assert costs.checkpoint_write_s == pytest.approx(0.25)
     assert costs.checkpoint_every == 10 and costs.oobleck_checkpoint_every == ft.NEVER
     assert costs.bamboo_takeover_s == 0.0 and "none measured" in sources["bamboo_takeover_s"]
@@ -170,6 +171,85 @@ def test_fixed_schedule_is_seeded_and_counts_its_losses() -> None:
     late = ft.fixed_schedule(6, 3.0, 2, 4.0, 0)  # a replacement arrives after the next loss
     assert [(e.at_s, e.kind) for e in late.events] == [(3.0, "remove"), (6.0, "remove"), (7.0, "add"), (10.0, "add")]
     assert late.events[0] == a.events[0]  # the same first victim: the RNG draws from the same nodes
+
+
+def test_step_schedule_loses_a_seeded_node_every_20_steps_and_replaces_it_10_steps_later() -> None:
+    a = ft.fixed_schedule(6, 20, 3, 10, 0, "steps")
+    assert a.unit == "steps" and a.initial == tuple(f"node{i}" for i in range(1, 7))
+    assert [(e.at_s, e.kind) for e in a.events] == [(20, "remove"), (30, "add"), (40, "remove"), (50, "add"), (60, "remove"), (70, "add")]
+    assert [e.node for e in a.events if e.kind == "add"] == ["node7", "node8", "node9"]
+    alive = set(a.initial)
+    for e in a.events:  # every victim is alive when it is lost
+        assert (e.node in alive) == (e.kind == "remove")
+        alive ^= {e.node}
+    assert a == ft.fixed_schedule(6, 20, 3, 10, 0, "steps")
+    victims = {seed: [e.node for e in ft.fixed_schedule(6, 20, 3, 10, seed, "steps").events if e.kind == "remove"] for seed in range(4)}
+    assert len({tuple(v) for v in victims.values()}) > 1  # the seed chooses the victims
+    # the same draws as the interval schedule of the same seed, in steps instead of seconds
+    assert [e.node for e in a.events] == [e.node for e in ft.fixed_schedule(6, 6.0, 3, 3.0, 0).events]
+
+
+def test_schedules_and_seeds_from_the_command_line() -> None:
+    opts = ft.parse_args(["--schedule", "interval", "steps", "--seeds", "0", "1", "2", "--failures", "2"])
+    schedules = ft.build_schedules(opts)
+    assert list(schedules) == ["interval", "steps"] and all(list(s) == [0, 1, 2] for s in schedules.values())
+    assert schedules["steps"][1] == ft.fixed_schedule(6, 20, 2, 10, 1, "steps")
+    assert schedules["interval"][2] == ft.fixed_schedule(6, 6.0, 2, 1.5, 2)
+    assert ft.build_schedules(ft.parse_args([]))["interval"] == {0: ft.fixed_schedule(6, 6.0, 3, 1.5, 0)}
+    assert ft.build_schedules(ft.parse_args(["--seed", "4", "--schedule", "steps", "--every-steps", "7"]))["steps"] == {
+        4: ft.fixed_schedule(6, 7, 3, 10, 4, "steps")
+    }
+
+
+class _Job:
+    """A job with no agent running: a loss is replayed as 'no agent running'."""
+
+    class proc:
+        @staticmethod
+        def poll() -> None:
+            return None
+
+    @staticmethod
+    def agent(node: str) -> None:
+        return None
+
+
+def test_step_events_are_replayed_once_enough_steps_are_committed() -> None:
+    import time
+
+    events = [ft.fixed_schedule(6, 20, 2, 10, 0, "steps").events[i] for i in (0, 2)]  # the losses at 20 and 40
+    replayer = ft.Replayer(_Job(), events, 0.0, "steps")
+    replayer.advance(25)
+    deadline = time.monotonic() + 30
+    while not replayer.done and time.monotonic() < deadline:  # the replayer's thread acts on its own
+        time.sleep(0.01)
+    replayer.advance(39)
+    replayer.advance(12)  # a step committed again after a restore does not go back
+    done = replayer.stop()
+    assert [(e.kind, e.node, e.note) for e in done] == [("remove", events[0].node, "no agent running")]
+
+
+def _report(ratios: dict[str, float | None], errors: list[float]) -> dict[str, Any]:
+    return {
+        "ratios": {f"oobleck/{b}": {"failures": r, "fault_free": 1.1} for b, r in ratios.items()},
+        "simulator": {"policies": {f"p{i}": {"relative_error": e} for i, e in enumerate(errors)}},
+    }
+
+
+def test_seed_summary_takes_median_spread_and_the_largest_simulator_error() -> None:
+    reports = {
+        0: _report({"bamboo": 1.6, "varuna": 2.1}, [0.03, -0.13, 0.06]),
+        1: _report({"bamboo": 2.4, "varuna": None}, [0.05, -0.34, 0.02]),  # Varuna committed nothing
+        2: _report({"bamboo": 2.0, "varuna": 2.7}, [-0.18, 0.12, 0.2]),
+    }
+    summary = ft.seed_summary(reports)
+    assert summary == pytest.approx({
+        "median_ratio_vs_bamboo": 2.0, "min_ratio_vs_bamboo": 1.6, "max_ratio_vs_bamboo": 2.4,
+        "median_ratio_vs_varuna": 2.7, "min_ratio_vs_varuna": 2.1, "max_ratio_vs_varuna": None,
+        "sim_max_abs_error": 0.34,
+    })  # fmt: skip
+    alone = ft.seed_summary({0: _report({"varuna": 3.0}, [0.1])})  # no Bamboo run
+    assert alone["median_ratio_vs_bamboo"] is None and alone["min_ratio_vs_varuna"] == 3.0
 
 
 def test_trace_schedule_compresses_and_checks_the_trace(tmp_path: Path) -> None:
@@ -197,9 +277,19 @@ def test_trace_schedule_compresses_and_checks_the_trace(tmp_path: Path) -> None:
         (["--run-timeout-s", "nan"], "--run-timeout-s: got nan"),
         (["--compression", "2"], "--compression: applies to --trace only"),
         (["--trace", "t.csv"], "--trace: needs --compression"),
-        (["--trace", "t.csv", "--compression", "2", "--nodes", "5"], "--nodes: applies to the fixed interval only"),
+        (["--trace", "t.csv", "--compression", "2", "--nodes", "5"], "--nodes: applies to the generated schedules only"),
         (["--trace", "/nonexistent/t.csv", "--compression", "2"], "cannot read it"),
         (["--trace", "t.csv", "--compression", "0"], "--compression: got 0.0"),
+        (["--seeds", "0", "1", "0"], "--seeds: got 0 1 0; each must be at least 0, and given once"),
+        (["--seeds", "-1"], "--seeds: got -1"),
+        (["--seed", "-1"], "--seed: got -1"),
+        (["--schedule", "steps", "--every-steps", "0"], "--every-steps: got 0"),
+        (["--schedule", "steps", "--replace-after-steps", "-1"], "--replace-after-steps: got -1"),
+        (["--every-steps", "5"], "--every-steps: applies to --schedule steps only"),
+        (["--schedule", "steps", "--every-s", "3"], "--every-s: applies to --schedule interval only"),
+        (["--schedule", "interval", "steps", "--steps", "70"], "--steps: got 70; --schedule steps adds its last node after step 70"),
+        (["--trace", "t.csv", "--compression", "2", "--seeds", "1"], "--seeds: applies to the generated schedules only"),
+        (["--trace", "t.csv", "--compression", "2", "--schedule", "steps"], "--schedule: applies to the generated schedules only"),
     ],
 )
 def test_bad_command_lines_exit_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +305,10 @@ def test_argparse_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as e:
         ft.main(["--every-s", "3", "--trace", "t.csv"])
     assert e.value.code == 2
+    for argv in (["--seed", "1", "--seeds", "2"], ["--schedule", "hourly"], ["--seeds"]):
+        with pytest.raises(SystemExit) as e:
+            ft.main(argv)
+        assert e.value.code == 2
 
 
 def test_nan_costs_do_not_pass_silently() -> None:

@@ -208,6 +208,24 @@ def test_varuna_takes_a_node_ready_during_a_restart_in_at_its_next_checkpoint() 
     assert r.breakdown["checkpoint"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("second_loss_after, downtime, joined", [(4.0, 10.0, 1), (7.0, 17.0, 0)])
+def test_a_loss_during_a_restart_joins_it_while_its_processes_are_starting(
+    second_loss_after: float, downtime: float, joined: int
+) -> None:
+    """restart_s 10 s, of which the first 6 s are the processes starting: a loss 4 s into the restart joins
+    it (it ends when it would have: 10 s down, not 4 + 10), one 7 s in starts it over (7 + 10 s down)."""
+    pc = toy(restart_join_s=6.0)
+    t6, t4 = pc.varuna.config(6).step_time_s, pc.varuna.config(4).step_time_s
+    fail_at = 0.5 * t6
+    duration = fail_at + downtime + 2 * t4
+    events = start(6) + lose(fail_at, "node6") + lose(fail_at + second_loss_after, "node5")
+    r = simulate("varuna", pc, events, duration)
+    assert r.counts["restarts"] == 1 and r.counts.get("restart_joins", 0) == joined
+    assert r.breakdown["recovery"] == pytest.approx(downtime)
+    assert downtime < 2 * COSTS.restart_s
+    assert r.steps == 2 and r.breakdown["useful"] == pytest.approx(2 * t4)
+
+
 def test_bamboo_takes_over_one_loss_and_restarts_on_two_consecutive() -> None:
     pc = toy(nodes=4, checkpoint_write_s=0.0)
     cfg = pc.bamboo.config(4)

@@ -1,5 +1,6 @@
-"""The whole benchmark: every policy fault-free and under the schedule, their summaries and ratios, the
-simulator's check and the JSON report (see the package notes)."""
+"""The whole benchmark: for each schedule and seed, every policy fault-free and under the schedule, their
+summaries and ratios and the simulator's check; the summary over the seeds and the JSON report (see the
+package notes)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from benchmarks.fault_tolerance.accounting import kept_rows, summarize
 from benchmarks.fault_tolerance.harness import Run, job_config, measure_profile, run_policy
 from benchmarks.fault_tolerance.report import plot
 from benchmarks.fault_tolerance.schedule import Schedule
+from benchmarks.fault_tolerance.seeds import seed_summary
 from benchmarks.fault_tolerance.validation import validate_simulator
 from benchmarks.jobs import SMALL_DEVICE_GIB, machine_info
 
@@ -30,13 +32,17 @@ class Options:
     trace: Path | None
     compression: float
     policies: list[str]
-    seed: int
+    seeds: list[int]
     run_timeout_s: float
     out: Path
     plot: Path | None
     keep: Path | None
     argv: list[str] = field(default_factory=list)
     cpu_share: str = "node"
+    #: the generated schedules to run (names of :data:`benchmarks.fault_tolerance.schedule.UNITS`)
+    schedules: list[str] = field(default_factory=lambda: ["interval"])
+    every_steps: int = 20
+    replace_after_steps: int = 10
 
 
 def run_rows(run: Run, initial: int) -> list[dict[str, Any]]:
@@ -62,10 +68,11 @@ def run_rows(run: Run, initial: int) -> list[dict[str, Any]]:
     ]
 
 
-def run_bench(opts: Options, schedule: Schedule, work: Path) -> dict[str, Any]:
+def run_bench(opts: Options, schedule: Schedule, work: Path, plot_path: Path | None) -> dict[str, Any]:
     """Every policy fault-free and under the schedule, the summaries, ratios and the simulator's check; the
-    plot is written too. ``passed``: each acceptance check that applies holds (Oobleck faster than every
-    baseline run, when both ran; every simulator error within :data:`MAX_SIM_ERROR`)."""
+    plot is written to ``plot_path`` unless None. ``passed``: each acceptance check that applies holds
+    (Oobleck faster than every baseline run, when both ran; every simulator error within
+    :data:`MAX_SIM_ERROR`)."""
     if opts.cpu_share == "node":
         remove_stale_groups()  # those of an earlier benchmark that was killed
     machine = machine_info()
@@ -129,8 +136,39 @@ def run_bench(opts: Options, schedule: Schedule, work: Path) -> dict[str, Any]:
         "simulator": simulator,
         "acceptance": acceptance,
         "passed": all(ok is not False for ok in acceptance.values()),
-        "plot": str(opts.plot) if opts.plot is not None else None,
+        "plot": str(plot_path) if plot_path is not None else None,
     }
-    if opts.plot is not None:
-        plot(report, opts.plot)
+    if plot_path is not None:
+        plot(report, plot_path)
     return report
+
+
+def plot_path(opts: Options, name: str, seed: int, runs: int) -> Path | None:
+    """Where the plot of one run goes: ``--plot`` itself when the invocation makes one run, else
+    ``STEM-NAME-seedS.SUFFIX`` beside it."""
+    if opts.plot is None or runs == 1:
+        return opts.plot
+    return opts.plot.with_name(f"{opts.plot.stem}-{name}-seed{seed}{opts.plot.suffix}")
+
+
+def run_schedules(opts: Options, schedules: dict[str, dict[int, Schedule]], work: Path) -> dict[str, Any]:
+    """:func:`run_bench` for each schedule (name -> seed -> schedule; a trace is one schedule of seed 0),
+    one after the other in ``WORK/NAME-seedS``, and per schedule the summary over its seeds
+    (:func:`~benchmarks.fault_tolerance.seeds.seed_summary`). ``passed``: every run passed."""
+    started = time.monotonic()
+    runs = sum(len(by_seed) for by_seed in schedules.values())
+    out: dict[str, Any] = {}
+    for name, by_seed in schedules.items():
+        reports = {}
+        for seed, schedule in by_seed.items():
+            run_dir = work / f"{name}-seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            reports[seed] = run_bench(opts, schedule, run_dir, plot_path(opts, name, seed, runs))
+        out[name] = {**seed_summary(reports), "seeds": {str(seed): r for seed, r in reports.items()}}
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.fault_tolerance " + " ".join(opts.argv),
+        "wall_s": time.monotonic() - started,
+        "schedules": out,
+        "passed": all(r["passed"] for s in out.values() for r in s["seeds"].values()),
+    }

@@ -46,23 +46,45 @@ class Replayed:
 
 
 class Replayer:
-    """Replays ``events`` against ``job`` from a background thread, each at ``anchor + event.at_s``."""
+    """Replays ``events`` against ``job`` from a background thread. With ``unit`` ``s`` each at wall time
+    ``anchor + event.at_s``; with ``steps`` as soon as :meth:`advance` has reported ``event.at_s`` steps
+    committed (the run's loop reads the rows every :data:`POLL_S`, so a loss due after step ``k`` lands in
+    step ``k`` or, for steps shorter than that, a little later)."""
 
-    def __init__(self, job: Job, events: Sequence[TraceEvent], anchor: float) -> None:
+    def __init__(self, job: Job, events: Sequence[TraceEvent], anchor: float, unit: str = "s") -> None:
         self.job = job
         self.events = list(events)
         self.anchor = anchor
+        self.unit = unit
         self.done: list[Replayed] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._committed = 0
         self._adds: list[threading.Thread] = []
         self._injects: list[subprocess.Popen] = []
         self._thread = threading.Thread(target=self._run, name="replayer", daemon=True)
         self._thread.start()
 
+    def advance(self, committed: int) -> None:
+        """The job has committed ``committed`` steps (its highest step + 1; a step committed again after a
+        restore does not count twice)."""
+        with self._progress:
+            if committed > self._committed:
+                self._committed = committed
+                self._progress.notify_all()
+
+    def _wait(self, event: TraceEvent) -> bool:
+        """Wait until ``event`` is due; True when stopped meanwhile."""
+        if self.unit == "s":
+            return self._stop.wait(max(0.0, self.anchor + event.at_s - time.time()))
+        with self._progress:
+            self._progress.wait_for(lambda: self._stop.is_set() or self._committed >= event.at_s)
+        return self._stop.is_set()
+
     def _run(self) -> None:
         for event in self.events:
-            if self._stop.wait(max(0.0, self.anchor + event.at_s - time.time())) or self.job.proc.poll() is not None:
+            if self._wait(event) or self.job.proc.poll() is not None:
                 return
             if event.kind == "remove":
                 self._kill(event.node)
@@ -110,6 +132,8 @@ class Replayer:
         """Stop replaying (an ``oobleck inject`` still running is killed); the events replayed so far, in
         time order."""
         self._stop.set()
+        with self._progress:
+            self._progress.notify_all()
         self._thread.join()
         with self._lock:
             injects = list(self._injects)
@@ -234,11 +258,14 @@ def run_policy(
             raise HarnessError(f"{name}: {e}\n{job.output()[-2000:]}") from None
         start = job.launched_at + ready["ready_s"]
         tail = MetricsTail(job.run_dir / "metrics.jsonl")
-        replayer = Replayer(job, schedule.events if faults else (), job.launched_at + ready["first_commit_seen_s"])
+        anchor = job.launched_at + ready["first_commit_seen_s"]
+        replayer = Replayer(job, schedule.events if faults else (), anchor, schedule.unit)
         deadline = job.launched_at + timeout_s
         replayed: list[Replayed] | None = None
         while job.proc.poll() is None and time.time() < deadline:
             tail.poll()
+            if tail.rows:
+                replayer.advance(max(r["step"] for r in tail.rows) + 1)
             if replayed is None and tail.rows and tail.rows[-1]["step"] == steps - 1:
                 replayed = replayer.stop()  # the last step is committed: no event may hit the job's shutdown
             time.sleep(POLL_S)

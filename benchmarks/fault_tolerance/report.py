@@ -1,5 +1,6 @@
-"""The benchmark's printed summary and its plot, both from the JSON report of
-:func:`benchmarks.fault_tolerance.harness.run_bench`."""
+"""The benchmark's printed summary (each run's, then each schedule's per-seed table) and each run's plot,
+from the JSON reports of :func:`benchmarks.fault_tolerance.bench.run_schedules` and
+:func:`~benchmarks.fault_tolerance.bench.run_bench`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.fault_tolerance.accounting import rolling_throughput
+from benchmarks.fault_tolerance.seeds import BASELINES, sim_max_abs_error
 from benchmarks.fault_tolerance.validation import MAX_SIM_ERROR
 from benchmarks.sim.core import CATEGORIES
 
@@ -24,6 +26,38 @@ def _ratio(x: float | None) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    """Every run's summary (:func:`format_run`), then per schedule the table of its seeds: each policy's
+    samples/s under failures, Oobleck's ratio to each baseline and the simulator's largest error, and the
+    ratios' median and spread (min-max) over the seeds."""
+    lines = []
+    for name, summary in report["schedules"].items():
+        runs = summary["seeds"]
+        for seed, run in runs.items():
+            lines += [f"== schedule {name}, seed {seed}", format_run(run)]
+        policies = next(iter(runs.values()))["config"]["policies"]
+        baselines = [b for b in BASELINES if b in policies and "oobleck" in policies]
+        lines.append(f"== schedule {name}: {len(runs)} seed(s)")
+        lines.append(
+            f"{'seed':<8}" + "".join(f"{p:>10}" for p in policies) + "".join(f"{'vs ' + b:>11}" for b in baselines) + f"{'sim error':>11}"
+        )
+        for seed, run in runs.items():
+            error = sim_max_abs_error(run)
+            lines.append(
+                f"{seed:<8}" + "".join(f"{run['policies'][p]['samples_per_s']:>10.1f}" for p in policies)
+                + "".join(f"{_ratio(run['ratios'][f'oobleck/{b}']['failures']):>11}" for b in baselines)
+                + f"{'-' if error is None else _pct(error):>11}"
+            )  # fmt: skip
+        for b in baselines:
+            low, mid, high = (summary[f"{stat}_ratio_vs_{b}"] for stat in ("min", "median", "max"))
+            lines.append(f"Oobleck / {b}: median {_ratio(mid)}, spread {_ratio(low)} to {_ratio(high)}")
+        if summary["sim_max_abs_error"] is not None:
+            lines.append(f"simulator: largest error {_pct(summary['sim_max_abs_error'])} over every policy and seed")
+    lines.append(f"{report['wall_s']:.0f} s in all")
+    return "\n".join(lines)
+
+
+def format_run(report: dict[str, Any]) -> str:
+    """One run's summary (one schedule and seed: :func:`~benchmarks.fault_tolerance.bench.run_bench`)."""
     c = report["config"]
     lines = [
         f"fault tolerance: tiny GPT (float64, n0=2, f=1), {c['steps']} steps; {c['schedule']}; "

@@ -1,5 +1,5 @@
 """The failure schedule every policy's run is measured under: its starting nodes and the losses and adds
-replayed after the first commit (see the package notes)."""
+replayed after the first commit, timed in wall seconds or in committed steps (see the package notes)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,21 @@ from oobleck.trace import TraceEvent, load_trace, peak_nodes, replay_schedule
 
 #: at most this many nodes alive at once on this machine (each is an agent and a worker importing torch)
 MAX_NODES = 8
+#: the generated schedules by name (``--schedule``) and the unit their events are timed in
+UNITS = {"interval": "s", "steps": "steps"}
 
 
 @dataclass(frozen=True)
 class Schedule:
     """The nodes that start every job (``initial``), the events replayed after the first commit (``events``,
-    seconds after it, in time order) and a one-line description."""
+    in time order) and a one-line description. ``unit``: what an event's ``at_s`` counts: ``s``, wall
+    seconds after the first commit; ``steps``, steps committed (the event is replayed once the job has
+    committed that many steps: its highest committed step is ``at_s - 1``)."""
 
     initial: tuple[str, ...]
     events: tuple[TraceEvent, ...]
     description: str
+    unit: str = "s"
 
     @property
     def nodes(self) -> list[str]:
@@ -36,18 +41,21 @@ class Schedule:
         return peak_nodes(timeline)
 
 
-def fixed_schedule(nodes: int, every_s: float, failures: int, replace_after_s: float, seed: int) -> Schedule:
-    """``nodes`` nodes; ``failures`` losses ``every_s`` seconds apart, each replaced ``replace_after_s`` later:
-    the first losses of the simulator's :func:`~benchmarks.sim.timeline.fixed_interval_trace` with ``seed``, and
-    their replacements."""
-    last = failures * every_s + 1e-9
-    timeline = fixed_interval_trace(nodes, every_s, (failures + 1) * every_s + replace_after_s, replace_after_s, seed)
+def fixed_schedule(
+    nodes: int, every: float, failures: int, replace_after: float, seed: int, unit: str = "s"
+) -> Schedule:
+    """``nodes`` nodes; ``failures`` losses ``every`` ``unit`` apart (seconds, or committed steps), each
+    replaced ``replace_after`` later: the first losses of the simulator's
+    :func:`~benchmarks.sim.timeline.fixed_interval_trace` with ``seed`` (each victim drawn by the seeded RNG
+    among the nodes the schedule has alive), and their replacements (new names)."""
+    last = failures * every + 1e-9
+    timeline = fixed_interval_trace(nodes, every, (failures + 1) * every + replace_after, replace_after, seed)
     events = tuple(
-        e for e in timeline if 0 < e.at_s <= (last if e.kind == "remove" else last + replace_after_s)
+        e for e in timeline if 0 < e.at_s <= (last if e.kind == "remove" else last + replace_after)
     )
     initial = tuple(node_name(i) for i in range(1, nodes + 1))
-    text = f"{nodes} nodes; a node lost every {every_s:g} s ({failures} in all), each replaced {replace_after_s:g} s later; seed {seed}"
-    return Schedule(initial, events, text)
+    text = f"{nodes} nodes; a node lost every {every:g} {unit} ({failures} in all), each replaced {replace_after:g} {unit} later; seed {seed}"
+    return Schedule(initial, events, text, unit)
 
 
 def trace_schedule(path: Path, compression: float) -> Schedule:

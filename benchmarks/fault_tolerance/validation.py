@@ -80,7 +80,8 @@ def measured_costs(runs: dict[str, Run]) -> tuple[Costs, dict[str, str]]:
     where each figure came from. Medians of :func:`recovery_durations`: Oobleck's
     recoveries (``recovery_fixed_s``; the layer copy is inside, so ``copy_bandwidth`` is made negligible),
     restarts of any policy (``restart_s``, also Bamboo's restart after a fatal loss), Bamboo's takeovers (losses) and its re-plans for joins (its
-    ``reconfigure``); the median foreground checkpoint write; each policy's checkpoint interval. A figure no
+    ``reconfigure``); the median of the restart records' ``leave_s + assign_s`` (``restart_join_s``: until
+    the restarted processes ask for their place, a loss joins the restart); the median foreground checkpoint write; each policy's checkpoint interval. A figure no
     run produced is 0 (no event of that kind happened, so the simulator should not need it either). The
     simulator's Bamboo re-partitions after a takeover once 2 x overloaded / active nodes exceeds a threshold
     (the Oobleck artifact's rule); the engine's never does (it re-plans when nodes join), so the threshold is
@@ -98,6 +99,10 @@ def measured_costs(runs: dict[str, Run]) -> tuple[Costs, dict[str, str]]:
         "bamboo_reconfigure_s": (
             pick(["bamboo"], lambda r: bool(r["joined"]) and not r["lost"] and not_restart(r)),
             "Bamboo re-plans for joining nodes",
+        ),
+        "restart_join_s": (
+            [r.get("leave_s", 0.0) + r.get("assign_s", 0.0) for run in runs.values() for r in run.records if r["mode"] == "restart"],
+            "restarts' process starts (leave + assign: until the last restarted worker held its place in the plan)",
         ),
         "checkpoint_write_s": (
             [r.get("checkpoint_s", 0.0) for run in runs.values() for r in run.rows if r.get("checkpoint_s", 0.0) > 0],

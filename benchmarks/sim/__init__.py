@@ -31,7 +31,8 @@ Policies
   n) with the best planner step time. A foreground checkpoint every ``checkpoint_every`` steps. Losing a node
   in use: stop, lose the steps since the latest complete checkpoint (and the partial step, and a checkpoint
   being written), restart (``restart_s``: processes, rendezvous, checkpoint load) on the nodes alive then; a
-  loss during the restart starts it over (nodes ready during a restart wait). A joined node waits for the
+  loss during the restart joins it when it comes within ``restart_join_s`` of the restart's start (the
+  processes are still starting and take the newer plan), else starts it over (nodes ready during a restart wait). A joined node waits for the
   next periodic checkpoint, after which the job restarts to take it in when the best configuration for the
   new count is faster (Varuna morphs on membership change); otherwise it waits as a spare.
 * **Bamboo-style**: homogeneous pipelines of >= 2 nodes where every stage also holds a shadow of the stage on
@@ -46,7 +47,8 @@ Policies
   (``bamboo_reconfigure_s``, no lost work; best depth and replica count again) when spares can replace the
   overloaded nodes, when 2 x overloaded / active nodes exceeds 5%, or when the alive nodes fit another pipeline
   of the current depth (the artifact's three rules); never when no pipeline fits the alive nodes (it then keeps
-  running taken over). A failure during a re-partition or restart starts it over.
+  running taken over). A failure during a re-partition starts it over; one during a restart joins it or
+  starts it over as for Varuna.
 * All: the global batch is constant; at most ``--nodes`` nodes are in the job (more alive nodes queue); a node
   added after the start trains ``node_ready_s`` after its add; a lost node that was not in use costs nothing.
 

@@ -41,7 +41,8 @@ class HomogeneousSim(PolicySim):
 
 class VarunaSim(HomogeneousSim):
     """Varuna-style: any loss of a node in use stops everything, rolls back to the latest checkpoint and
-    restarts on the nodes alive when the restart begins (a loss during it starts it over). A node that
+    restarts on the nodes alive when the restart begins (a loss during it joins it or starts it over:
+    :meth:`~benchmarks.sim.core.PolicySim.restart_after_loss`). A node that
     becomes ready later waits for the next periodic checkpoint, after which the job restarts to take it in
     if that makes it faster (growing costs a restart but loses no step; the engine's master grows at the same
     checkpoint boundary, ``Varuna.grows_after`` in :mod:`oobleck.control.policy`, but restarts even when the plan does not improve)."""
@@ -97,7 +98,11 @@ class VarunaSim(HomogeneousSim):
         if self.mode == "busy" and self.busy_kind == "restart":
             if lost:
                 self.counts["node_losses"] += len(lost)
-                self._restart(now, count=False)  # the rendezvous starts over
+                if len(self.alive) < self.configs.n0:
+                    self.wait(now)
+                else:
+                    self.restart_nodes = list(self.alive)  # the newer plan
+                    self.restart_after_loss(now, self.costs.restart_s)
             return  # a node ready now waits for the next checkpoint
         assert self.cfg is not None
         in_use = set(self.placed[: self.cfg.nodes_used])
@@ -180,9 +185,12 @@ class BambooSim(HomogeneousSim):
         if self._counted_or_waiting(now, ready):
             return
         if self.mode == "busy" and self.busy_kind in ("restart", "reconfigure"):
-            if lost:  # the rendezvous starts over
+            if lost:
                 self.counts["node_losses"] += len(lost)
-                self._restart(now, self.busy_kind, count=False)
+                if self.busy_kind == "restart" and len(self.alive) >= self.configs.n0:
+                    self.restart_after_loss(now, self.costs.bamboo_fatal_restart_s)
+                else:  # a re-partition's rendezvous starts over
+                    self._restart(now, self.busy_kind, count=False)
             return
         assert self.cfg is not None
         depth, used = self.cfg.depth, self.cfg.nodes_used

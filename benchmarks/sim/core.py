@@ -96,6 +96,7 @@ class PolicySim:
         self.busy_kind = ""
         self.busy_cat = ""
         self.busy_until = 0.0
+        self.busy_since = 0.0
         self.started = False
         self.acc = dict.fromkeys(CATEGORIES, 0.0)
         self.samples = 0.0
@@ -149,7 +150,20 @@ class PolicySim:
         self.mode = "busy"
         self.busy_kind = kind
         self.busy_cat = category
+        self.busy_since = now
         self.busy_until = now + seconds
+
+    def restart_after_loss(self, now: float, seconds: float) -> None:
+        """A node in the job was lost during the process restart under way (busy ``restart``, ``seconds``
+        long when begun anew). Within ``costs.restart_join_s`` of its start the restarted processes are
+        still starting and have not asked for their place in the plan: they take the newer plan when they
+        do, so the loss joins the restart, which ends when it would have (counted in ``restart_joins``).
+        Later they hold the older plan and, as in the engine, restart again: a whole new restart from
+        ``now``."""
+        if now < self.busy_since + self.costs.restart_join_s:
+            self.counts["restart_joins"] += 1
+        else:
+            self.start_busy(now, "restart", "recovery", seconds)
 
     def wait(self, now: float) -> None:
         self.t = now

@@ -76,6 +76,9 @@ class Costs:
       ``bamboo_restart_s``: its restart from the checkpoint after a fatal failure (None: the same as
       ``bamboo_reconfigure_s``, as the published figures have one number for both; in this engine a
       restart is a process restart, measured separately); ``bamboo_reconfigure_threshold``: see :data:`BAMBOO_RECONFIGURE_THRESHOLD`.
+    * ``restart_join_s``: the first part of every process restart, until the restarted processes ask for
+      their place in the plan; a loss within it joins the restart, a later one starts it over
+      (:meth:`benchmarks.sim.core.PolicySim.restart_after_loss`; 0, the default: every loss starts it over).
     """
 
     recovery_fixed_s: float
@@ -89,6 +92,7 @@ class Costs:
     bamboo_checkpoint_every: int = 100
     bamboo_reconfigure_threshold: float = BAMBOO_RECONFIGURE_THRESHOLD
     bamboo_restart_s: float | None = None
+    restart_join_s: float = 0.0
 
     @property
     def bamboo_fatal_restart_s(self) -> float:

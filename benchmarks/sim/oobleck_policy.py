@@ -101,10 +101,10 @@ class OobleckSim(PolicySim):
                 self.start_busy(now, "restart", "recovery", self.costs.restart_s)
             return
         if self.mode == "busy" and self.busy_kind == "restart":
-            if lost:  # the rendezvous starts over
+            if lost:
                 self.counts["node_losses"] += len(lost)
                 if len(self.alive) >= self.configs.n0:
-                    self.start_busy(now, "restart", "recovery", self.costs.restart_s)
+                    self.restart_after_loss(now, self.costs.restart_s)
                 else:
                     self.wait(now)
             return  # nodes that joined are in the restart's rendezvous
