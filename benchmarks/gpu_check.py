@@ -58,9 +58,10 @@ def precisions(device: torch.device) -> list[str]:
     return ["fp32", "bf16"] if bf16 else ["fp32"]
 
 
-def check_config(bench: Bench, run_dir: str, device: torch.device, precision: str) -> JobConfig:
-    """The engine benchmark's job (:func:`benchmarks.engine.job_config`) on ``device`` in ``precision``."""
-    raw = job_config(bench, run_dir).to_dict()
+def check_config(bench: Bench, preset: str, run_dir: str, device: torch.device, precision: str) -> JobConfig:
+    """The engine benchmark's job of ``preset`` (:func:`benchmarks.engine.job_config`) on ``device`` in
+    ``precision``."""
+    raw = job_config(bench, preset, run_dir).to_dict()
     raw["cluster"]["device"] = device.type
     raw["training"]["precision"] = precision
     return config_from_dict(raw)
@@ -108,15 +109,15 @@ def profile_and_plan(config: JobConfig, device: torch.device, nodes: list[int]) 
     }
 
 
-def run_check(bench: Bench, device: torch.device, nodes: list[int]) -> dict[str, Any]:
+def run_check(bench: Bench, preset: str, device: torch.device, nodes: list[int]) -> dict[str, Any]:
     """Train in each precision, profile and plan; the report :func:`main` prints (and writes on CUDA)."""
     with tempfile.TemporaryDirectory(prefix="oobleck-gpu-check-") as run_dir:
-        configs = [check_config(bench, run_dir, device, p) for p in precisions(device)]
+        configs = [check_config(bench, preset, run_dir, device, p) for p in precisions(device)]
         runs = [train(config, bench, device) for config in configs]
         profiled = profile_and_plan(configs[0], device, nodes)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "config": {"preset": bench.preset, "warmup": bench.warmup, "steps": bench.steps,
+        "config": {"preset": preset, "warmup": bench.warmup, "steps": bench.steps,
                    "global_batch": bench.global_batch, "microbatch": bench.microbatch, "f": F},  # fmt: skip
         "runs": runs,
         "profile": profiled,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     assert nodes is not None
     device = torch.device(args.device)
-    report = run_check(Bench(preset=args.preset, warmup=args.warmup, steps=args.steps), device, nodes)
+    report = run_check(Bench(warmup=args.warmup, steps=args.steps), args.preset, device, nodes)
     print(format_table(report))
     if device.type == "cuda":
         write_report(args.out, report)
