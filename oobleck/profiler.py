@@ -7,7 +7,10 @@ forward and backward passes, keeping the median of the ``repeats``: a step's tim
 passes, so the typical pass counts rather than the luckiest (the fastest was 10-20% below the median on
 this machine's GPT blocks, and predicted local steps that much too short), and a burst of other processes'
 load that hits fewer than half the passes leaves the median alone (:mod:`oobleck.step_costs` accounts for
-the cores a worker shares). Sizes come from the tensors:
+the cores a worker shares). When a local run's workers outnumber the cores, other processes compute the
+model meanwhile (:mod:`oobleck.shared_cores`) and a pass is timed by its thread's CPU clock: the CPU it
+costs a worker whose core switches between processes, which the planner then shares among the workers.
+Sizes come from the tensors:
 
 * ``param_bytes``: every parameter of the layer (a tied copy counts in each layer that holds it, since
   each stage keeps its own copy); ``grad_bytes``: the trainable ones; ``optimizer_bytes``: AdamW's two
@@ -17,7 +20,8 @@ the cores a worker shares). Sizes come from the tensors:
 * ``output_bytes``: the carry sent downstream; 0 for the last layer, whose output (the loss) crosses no
   stage boundary.
 
-:func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device, threads) in
+:func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device, threads, the
+processes computing beside it) in
 ``profile.cache_dir``, named by the fingerprint's hash. A cached file is used only when
 ``ModelProfile.load`` accepts it for the expected fingerprint; a stale or damaged one is measured again.
 """
@@ -38,7 +42,8 @@ from oobleck.config import JobConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, config_errors
-from oobleck.step_costs import local_workers, threads_per_worker, torch_threads
+from oobleck.shared_cores import computing_neighbours, neighbours_for
+from oobleck.step_costs import local_cores, local_workers, threads_per_worker, torch_threads
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 
@@ -71,9 +76,12 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device, threads: int | None = None) -> dict:
-    """What a profile depends on: the model's own fingerprint, microbatch size, dtype, device and the
-    intra-op threads the layers ran with (``threads``; default: this process's current count)."""
+def profile_fingerprint(
+    spec: ModelSpec, microbatch: int, device: torch.device, threads: int | None = None, neighbours: int = 0
+) -> dict:
+    """What a profile depends on: the model's own fingerprint, microbatch size, dtype, device, the intra-op
+    threads the layers ran with (``threads``; default: this process's current count) and the processes that
+    computed beside the profiler (``neighbours``; :mod:`oobleck.shared_cores`)."""
     with config_errors():  # your own layers measure themselves here, and may refuse in one line
         model = spec.fingerprint()
     return {
@@ -84,6 +92,7 @@ def profile_fingerprint(spec: ModelSpec, microbatch: int, device: torch.device, 
         "threads": torch.get_num_threads() if threads is None else threads,
         "source": "measured",
         "timing": "median",  # profiles that kept the fastest pass time too short a step: measure again
+        "neighbours": neighbours,
     }
 
 
@@ -113,26 +122,37 @@ def _backward(out: Carry, mb: MicroBatch) -> None:
         torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
 
 
-def _run_once(layer: torch.nn.Module, carry: Carry | None, mb: MicroBatch, device: torch.device) -> tuple[float, float]:
-    """One forward and one backward pass of ``layer`` on a received copy of ``carry``; their seconds."""
+def _run_once(
+    layer: torch.nn.Module, carry: Carry | None, mb: MicroBatch, device: torch.device, clock: Callable[[], float]
+) -> tuple[float, float]:
+    """One forward and one backward pass of ``layer`` on a received copy of ``carry``; their seconds by
+    ``clock``."""
     layer.zero_grad(set_to_none=True)
     inputs = _as_boundary_input(carry)
     run_mb = mb.fresh()
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     out = layer(inputs, run_mb)
     _sync(device)
-    middle = time.perf_counter()
+    middle = clock()
     _backward(out, run_mb)
     _sync(device)
-    return middle - start, time.perf_counter() - middle
+    return middle - start, clock() - middle
 
 
 def profile_model(
-    spec: ModelSpec, batches: BatchSource, microbatch: int, device: torch.device, warmup: int = 2, repeats: int = 5
+    spec: ModelSpec,
+    batches: BatchSource,
+    microbatch: int,
+    device: torch.device,
+    warmup: int = 2,
+    repeats: int = 5,
+    neighbours: int = 0,
 ) -> ModelProfile:
     """Measure every layer of ``spec`` on samples ``[0, microbatch)`` of step 0 of ``batches`` on
-    ``device`` (see the module docstring).
+    ``device`` (see the module docstring). With ``neighbours`` > 0, that many processes the caller started
+    compute meanwhile (:func:`oobleck.shared_cores.computing_neighbours`), and passes are timed by this
+    thread's CPU clock rather than the wall clock.
 
     Timing goes round by round over all layers (round r times layer 0, then 1, ...), so a burst of load
     from other processes spreads over every layer instead of inflating the one measured at that moment.
@@ -155,10 +175,11 @@ def profile_model(
         activation_bytes.append(saved.total)
         carry = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
 
+    clock = time.thread_time if neighbours else time.perf_counter
     times: list[list[tuple[float, float]]] = [[] for _ in layers]
     for round_index in range(warmup + repeats):
         for layer, layer_carry, measured in zip(layers, carries, times):
-            seconds = _run_once(layer, layer_carry, mb, device)
+            seconds = _run_once(layer, layer_carry, mb, device, clock)
             if round_index >= warmup:
                 measured.append(seconds)
 
@@ -179,7 +200,7 @@ def profile_model(
                 output_bytes=0 if outgoing is None else sum(_nbytes(t) for t in _tensors(outgoing)),
             )
         )
-    return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device))
+    return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device, neighbours=neighbours))
 
 
 def _threads(config: JobConfig) -> int:
@@ -188,10 +209,19 @@ def _threads(config: JobConfig) -> int:
     return threads_per_worker(local_workers(config))
 
 
+def _neighbours(config: JobConfig) -> int:
+    """The processes that compute beside the profiler for ``config``: a local run's workers beyond the cores
+    (:func:`oobleck.shared_cores.neighbours_for`) when they run on this machine's CPU, else none."""
+    if resolve_device(config.cluster.device).type != "cpu":
+        return 0
+    return neighbours_for(local_workers(config), local_cores())
+
+
 def expected_fingerprint(config: JobConfig) -> dict:
     """The fingerprint a measured profile of ``config`` must carry (builds the spec, not its layers)."""
     spec = build_model(config.model, config.training.seed)
-    return profile_fingerprint(spec, config.training.microbatch, resolve_device(config.cluster.device), _threads(config))
+    device = resolve_device(config.cluster.device)
+    return profile_fingerprint(spec, config.training.microbatch, device, _threads(config), _neighbours(config))
 
 
 def profile_path(config: JobConfig) -> Path:
@@ -226,7 +256,8 @@ def ensure_profile(
     spec = build_model(config.model, config.training.seed)
     device = resolve_device(config.cluster.device)
     microbatch = config.training.microbatch
-    expect = profile_fingerprint(spec, microbatch, device, _threads(config))
+    neighbours = _neighbours(config)
+    expect = profile_fingerprint(spec, microbatch, device, _threads(config), neighbours)
     target = Path(path) if path is not None else profile_path(config)
     if target.exists() and not force:
         try:
@@ -234,9 +265,9 @@ def ensure_profile(
         except ProfileError as e:
             if log is not None:
                 log(f"{e}; profiling again")
-    with torch_threads(_threads(config)):
+    with torch_threads(_threads(config)), computing_neighbours(config, neighbours, _threads(config)):
         profile = profile_model(
-            spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats
+            spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats, neighbours
         )
     profile.save(target)
     return profile

@@ -141,7 +141,10 @@ def test_measured_costs_follow_the_cores_rule(monkeypatch: pytest.MonkeyPatch) -
 def test_the_profile_is_measured_with_each_local_workers_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     raw = {"model": {"family": "gpt", "preset": "tiny"}, "data": {"dataset": "pydoc"}}
-    for nodes, threads in ((2, 4), (4, 2), (16, 1)):
+    # and with more workers than cores, other processes compute beside the profiler: as many as make the
+    # run's workers, at most twice the cores
+    for nodes, threads, neighbours in ((2, 4, 0), (4, 2, 0), (8, 1, 0), (9, 1, 8), (16, 1, 15), (40, 1, 15)):
         config = config_from_dict({**raw, "cluster": {"nodes": nodes, "device": "cpu"}})
         assert local_workers(config) == nodes
-        assert expected_fingerprint(config)["threads"] == threads
+        fingerprint = expected_fingerprint(config)
+        assert (fingerprint["threads"], fingerprint["neighbours"]) == (threads, neighbours)
