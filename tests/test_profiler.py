@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL_GPT = {"n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 16}
 
 
+@pytest.fixture(autouse=True)
+def _a_core_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core for each of the configs' 4 workers, so that these tests of what a profile holds and how it is
+    cached start no processes beside the profiler (tests/test_shared_cores.py covers those)."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
+
+
 def _config(tmp_path: Path, model: dict, microbatch: int = 2) -> JobConfig:
     return config_from_dict(
         {
