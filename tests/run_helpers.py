@@ -5,6 +5,7 @@ and the assertions a finished run must pass."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -116,5 +117,16 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 def recoveries(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir, RECOVERIES_FILE)
+
+
+def stuck_nodes(records: list[dict[str, Any]]) -> list[str]:
+    """The nodes whose worker the stuck-worker backstop ended, as the recovery records' reasons name them
+    (docs/fault-tolerance.md#limitations)."""
+    return sorted(
+        node
+        for r in records
+        for node in r["lost"]
+        if re.search(rf"worker {node}/\d+ exited with code 75 \(stuck in an ended generation\)", r["reason"])
+    )
 
 

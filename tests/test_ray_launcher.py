@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import time
@@ -29,7 +28,8 @@ import pytest
 
 from oobleck.metrics import RECOVERIES_FILE
 from tests.run_helpers import (
-    TAG_ENV, ReferenceRun, assert_matches_reference, gpt_job, kill_tagged, start_run, tagged, tiny_gpt, write_config,
+    TAG_ENV, ReferenceRun, assert_matches_reference, gpt_job, kill_tagged, start_run, stuck_nodes, tagged, tiny_gpt,
+    write_config,
 )  # fmt: skip
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # every test runs a real job
@@ -288,16 +288,6 @@ def test_removed_ray_node_is_recovered_and_added_ray_node_joins(
     assert found[0]["mode"] == "memory" and found[0]["steps_lost"] == 0 and found[0]["pipelines"] == 2
     if not wait_for("", lambda: not ray_cluster.job_processes(), 60, fail=False):
         pytest.fail(f"the job's actors, agents or workers outlived it: {describe(ray_cluster.job_processes())}")
-
-
-def stuck_nodes(records: list[dict]) -> list[str]:
-    """The nodes whose worker the stuck-worker backstop ended, as the recovery records' reasons name them."""
-    return sorted(
-        node
-        for r in records
-        for node in r["lost"]
-        if re.search(rf"worker {node}/\d+ exited with code 75 \(stuck in an ended generation\)", r["reason"])
-    )
 
 
 def test_too_few_ray_nodes_is_a_one_line_error(ray_cluster: RayCluster, tmp_path: Path, profile_dir: Path) -> None:

@@ -25,6 +25,7 @@ from tests.run_helpers import (
     recoveries,
     run_job,
     start_run,
+    stuck_nodes,
     tagged,
     tiny_gpt,
 )
@@ -83,7 +84,12 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(
     run_dir, output = run_job(tmp_path, raw)
     assert_matches_reference(run_dir, raw, reference_run(raw))
     lost = [node for r in recoveries(run_dir) for node in r["lost"]]
-    assert sorted(lost) == ["node0", "node2", "node5"], output[-2000:]
+    # node5 dies while the survivors build the recovery's process group: a survivor still connecting to it
+    # inside gloo's rendezvous is, now and then, not released by the socket sweep, and the stuck-worker
+    # backstop ends it (docs/fault-tolerance.md#limitations); its node is then lost too, and training goes on
+    stuck = stuck_nodes(recoveries(run_dir))
+    assert len(stuck) <= 1 and not {"node0", "node2", "node5"} & set(stuck), output[-2000:]
+    assert sorted(lost) == sorted(["node0", "node2", "node5", *stuck]), output[-2000:]
     # step 2 was committed before its kill: the recovery resumes at step 3, with nothing lost or re-applied
     assert recoveries(run_dir)[0]["start_step"] == 3
     interrupted = checkpoint.checkpoint_dir(run_dir, 6)
