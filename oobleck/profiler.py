@@ -114,7 +114,7 @@ class _SavedBytes:
         return sum(self.storages.values())
 
 
-def _backward(out: Carry, mb: MicroBatch) -> None:
+def backward_with_ones(out: Carry, mb: MicroBatch) -> None:
     """Backpropagate one forward pass as a stage would: a gradient of ones into every output that needs one
     (the last layer's loss gets exactly 1) and into the layer's auxiliary losses."""
     roots = [t for t in _tensors(out) if t.requires_grad] + list(mb.aux_losses)
@@ -135,7 +135,7 @@ def _run_once(
     out = layer(inputs, run_mb)
     _sync(device)
     middle = clock()
-    _backward(out, run_mb)
+    backward_with_ones(out, run_mb)
     _sync(device)
     return middle - start, clock() - middle
 

@@ -44,6 +44,10 @@ def neighbours_for(workers: int, cores: int) -> int:
 
 def _compute(config: JobConfig, stop: threading.Event) -> None:
     """A neighbour: forward and backward the whole model on one microbatch, over and over, until ``stop``."""
+    # the profiler imports this module, so its backward pass (seeds of ones, aux losses included) is
+    # imported here, in the neighbour's own process, where it is used
+    from oobleck.profiler import backward_with_ones
+
     spec = build_model(config.model, config.training.seed)
     sample = build_batches(config, spec).samples(0, 0, config.training.microbatch)
     mb = MicroBatch(dict(sample.data))
@@ -54,10 +58,8 @@ def _compute(config: JobConfig, stop: threading.Event) -> None:
         carry = None
         for layer in layers:
             carry = layer(carry, run_mb)
-        outputs = [t for t in (carry if isinstance(carry, tuple) else (carry,)) if t.requires_grad]
-        roots = outputs + list(run_mb.aux_losses)
-        if roots:
-            torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+        assert carry is not None
+        backward_with_ones(carry, run_mb)
         for layer in layers:
             layer.zero_grad(set_to_none=True)
 

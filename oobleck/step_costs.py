@@ -7,8 +7,9 @@ threads (the launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the 
 (``oobleck.profiler``), so ``StepCosts`` carries C and T and the planner divides the job's work among the
 cores: with 4 workers of 1 thread on 2 cores, each gets half a core while all compute.
 
-Overheads, each timed here with T threads (the fastest of a few repetitions, as the profile keeps: other
-processes' load only adds time; about a second in all): two threads of this process, joined by a gloo
+Overheads, each timed here with T threads (the fastest of a few repetitions: other processes' load only
+adds time; the profile keeps the median of its passes instead, since a step sums many of them; about a
+second in all): two threads of this process, joined by a gloo
 process group over loopback TCP as two workers are, time a p2p ping-pong of a boundary carry
 (``message_s`` is half a round trip), an all-reduce of one number (``allreduce_s``) and of ``grad_bytes``
 (``allreduce_byte_s`` is the difference per byte); a set-then-wait round trip through a TCPStore, as a
