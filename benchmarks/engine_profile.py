@@ -10,11 +10,16 @@ and posts, the gradient sync's own work and its all-reduce wait, the norm all-re
 the optimizer, the schedule loop and the rest of the step. Each phase gets its wall time and its main-thread
 CPU time, exclusive of the phases it calls, per timed step. Waits are where a worker idles: the pipeline
 bubble and, on a machine with fewer cores than workers, the time other workers hold the cores.
+
+The timeline (:func:`concurrency`) then says how many workers were working (in a phase that is not a wait)
+at each moment of the timed steps, and what the others were waiting on while at most one worked: on a
+machine with C cores, the time fewer than C work is where cores idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -67,6 +72,66 @@ def format_profile(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the phases in which a worker waits for others (every other phase is work on its core)
+WAITS = frozenset({"p2p receive wait", "grad all-reduce wait", "norm all-reduce wait", "commit wait"})
+
+
+def innermost(events: list[list[Any]]) -> list[tuple[float, float, str]]:
+    """One rank's timeline as ``(start, end, phase)`` pieces, each labelled with the innermost phase running
+    then (phases nest: a phase's callees lie within it); gaps between phases are left out."""
+    # at a shared instant, ends come before starts, and an outer phase starts before the ones it calls
+    marks = sorted([(a, 1, -b, label) for label, a, b in events] + [(b, 0, 0.0, label) for label, a, b in events])
+    pieces: list[tuple[float, float, str]] = []
+    stack: list[str] = []
+    last = None
+    for t, is_start, _, label in marks:
+        if stack and last is not None and t > last:
+            pieces.append((last, t, stack[-1]))
+        if is_start:
+            stack.append(label)
+        else:  # the innermost open phase of that name: the top one, unless clock ties reordered the marks
+            del stack[len(stack) - 1 - stack[::-1].index(label)]
+        last = t
+    return pieces
+
+
+def concurrency(records: list[dict[str, Any]]) -> tuple[dict[int, float], list[tuple[float, tuple[str, ...]]]]:
+    """Over the timed steps of ``records``: the share of the time during which k workers worked, per k, and
+    the commonest phase combinations (share, every rank's phase, sorted) while at most one worked. A rank
+    outside every phase (between steps) counts as working."""
+    timelines = [innermost(r["events"]) for r in records]
+    cuts = sorted({t for pieces in timelines for a, b, _ in pieces for t in (a, b)})
+    if len(cuts) < 2:
+        return {}, []
+    at = [0] * len(timelines)
+    shares: dict[int, float] = collections.Counter()
+    idle: dict[tuple[str, ...], float] = collections.Counter()
+    for a, b in zip(cuts, cuts[1:]):
+        phases = []
+        for i, pieces in enumerate(timelines):
+            while at[i] < len(pieces) and pieces[at[i]][1] <= a:
+                at[i] += 1
+            inside = at[i] < len(pieces) and pieces[at[i]][0] <= a
+            phases.append(pieces[at[i]][2] if inside else "between steps")
+        working = sum(p not in WAITS for p in phases)
+        shares[working] += b - a
+        if working <= 1:
+            idle[tuple(sorted(phases))] += b - a
+    total = cuts[-1] - cuts[0]
+    return (
+        {k: v / total for k, v in sorted(shares.items())},
+        [(v / total, k) for k, v in sorted(idle.items(), key=lambda kv: -kv[1])[:5]],
+    )
+
+
+def format_concurrency(records: list[dict[str, Any]]) -> str:
+    shares, idle = concurrency(records)
+    lines = ["share of the timed steps with k workers working (not waiting): "
+             + ", ".join(f"{k}: {v:.1%}" for k, v in shares.items())]
+    lines += ["while at most one worked, commonest:"] + [f"  {share:6.1%}  " + ", ".join(phases) for share, phases in idle]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_profile", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", help="GPT preset (default tiny)")
@@ -82,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     records, rate = profile(bench, args.preset, args.pipelines, args.overlap == "on")
     print(f"{args.preset} GPT, {args.pipelines} pipeline(s) of {STAGES // args.pipelines} stages, overlap {args.overlap}: {rate:.1f} samples/s")
     print(format_profile(records))
+    print(format_concurrency(records))
     return 0
 
 

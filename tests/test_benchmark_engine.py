@@ -85,3 +85,21 @@ def test_profile_table_is_per_step_and_shares_sum_to_the_total() -> None:
     # forward: rank 0 100 ms wall / 50 ms CPU per step, rank 1 200 / 150; 300 of 600 ms wall, all 200 ms CPU
     assert "100.0 / 50.0" in lines[1] and "200.0 /150.0" in lines[1] and lines[1].endswith("50.0% /100.0%")
     assert lines[3].endswith("100.0% /100.0%")
+
+
+def test_timeline_counts_the_workers_not_waiting_by_their_innermost_phase() -> None:
+    from benchmarks.engine_profile import concurrency, innermost
+
+    # rank 0: a step 0-10 s whose forward 0-4 s holds a receive wait 1-3 s, then a commit wait 8-10 s
+    rank0 = [["forward compute", 0.0, 4.0], ["p2p receive wait", 1.0, 3.0], ["commit wait", 8.0, 10.0], ["step other", 0.0, 10.0]]
+    assert innermost(rank0) == [
+        (0.0, 1.0, "forward compute"), (1.0, 3.0, "p2p receive wait"), (3.0, 4.0, "forward compute"),
+        (4.0, 8.0, "step other"), (8.0, 10.0, "commit wait"),
+    ]  # fmt: skip
+    # rank 1 works 0-5 s and waits on the all-reduce 5-10 s
+    rank1 = [["backward compute", 0.0, 5.0], ["grad all-reduce wait", 5.0, 10.0]]
+    shares, idle = concurrency([{"events": rank0}, {"events": rank1}])
+    # both work 0-1, 3-4 (forward) and 4-5 (step other): 3 s; one works 1-3 and 5-8: 5 s; none 8-10: 2 s
+    assert shares == pytest.approx({0: 0.2, 1: 0.5, 2: 0.3})
+    assert idle[0] == (pytest.approx(0.3), ("grad all-reduce wait", "step other"))
+    assert sum(share for share, _ in idle) == pytest.approx(0.7)

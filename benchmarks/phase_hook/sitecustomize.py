@@ -2,9 +2,10 @@
 puts it there); acts only in a worker (``oobleck.worker_main``) with ``OOBLECK_PHASE_DIR`` set.
 
 It wraps the engine's step phases and adds up, per phase, the wall time and the main thread's CPU time spent
-in it *exclusively* (a phase's time excludes the phases it calls). After every step past
-``OOBLECK_PHASE_WARMUP`` steps it writes ``{"rank", "steps", "phases": {phase: [wall_s, cpu_s]}}`` to
-``$OOBLECK_PHASE_DIR/<pid>.json``.
+in it *exclusively* (a phase's time excludes the phases it calls), and keeps every phase's ``[label, start,
+end]`` on the monotonic clock every process shares (``time.perf_counter``), for the timeline. After every
+step past ``OOBLECK_PHASE_WARMUP`` steps it writes ``{"rank", "steps", "phases": {phase: [wall_s, cpu_s]},
+"events": [[label, start_s, end_s], ...]}`` to ``$OOBLECK_PHASE_DIR/<pid>.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if os.environ.get("OOBLECK_PHASE_DIR") and "oobleck.worker_main" in " ".join(sys
     import oobleck.engine.worker as worker
 
     _phases: dict[str, list[float]] = {}
+    _events: list[tuple[str, float, float]] = []
     _stack: list[tuple[str, list[float]]] = []  # (phase, [wall, cpu] of the phases it called)
 
     def _wrap(owner: Any, name: str, phase: Callable[[], str] | str) -> None:
@@ -34,11 +36,13 @@ if os.environ.get("OOBLECK_PHASE_DIR") and "oobleck.worker_main" in " ".join(sys
         def timed(*args: Any, **kwargs: Any) -> Any:
             label = phase if isinstance(phase, str) else phase()
             _stack.append((label, [0.0, 0.0]))
-            wall, cpu = time.perf_counter(), time.thread_time()
+            started = wall = time.perf_counter()
+            cpu = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+                _events.append((label, started, started + wall))
                 _, inner = _stack.pop()
                 total = _phases.setdefault(label, [0.0, 0.0])
                 total[0] += wall - inner[0]
@@ -74,9 +78,10 @@ if os.environ.get("OOBLECK_PHASE_DIR") and "oobleck.worker_main" in " ".join(sys
         _train_step(self, step)
         if step == _warmup - 1:
             _phases.clear()
+            _events.clear()
         elif step >= _warmup:
             path = os.path.join(os.environ["OOBLECK_PHASE_DIR"], f"{os.getpid()}.json")
             with open(path, "w") as f:
-                json.dump({"rank": self.rank, "steps": step - _warmup + 1, "phases": _phases}, f)
+                json.dump({"rank": self.rank, "steps": step - _warmup + 1, "phases": _phases, "events": _events}, f)
 
     worker.StageWorker.train_step = _counted_step  # type: ignore[method-assign]
