@@ -13,6 +13,13 @@ engine's memory counter (:mod:`oobleck.engine.memory`), whose Python calls a sta
 tensor. Both raise a GPT block's passes by about 10% on this machine over back-to-back passes without the
 hook, and bring them to within about 5% of what the engine's workers measure per microbatch.
 
+On CPU each round then times every layer's once-a-step work (``update_s``): packing its gradients into
+a flat buffer with their presence flags and back, their squared norm in float64 and an AdamW step made by
+:func:`oobleck.training.make_optimizer` (at learning rate 0, so the layers do not change), as a worker does
+after its last backward (:mod:`oobleck.engine.gradsync`, :mod:`oobleck.engine.worker`). On this machine a
+GPT block's takes several times what AdamW on one flat tensor of its size takes: the optimizer steps every
+parameter on its own, and the packing goes parameter by parameter. On accelerators it is not measured (0).
+
 The median, because a step's time is the sum of many
 passes, so the typical pass counts rather than the luckiest (the fastest was 10-20% below the median on
 this machine's GPT blocks, and predicted local steps that much too short), and a burst of other processes'
@@ -49,12 +56,13 @@ import torch
 
 from models.base import Carry, MicroBatch, ModelSpec
 from models.data import BatchSource
-from oobleck.config import JobConfig
+from oobleck.config import JobConfig, TrainingConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.model_building import build_batches, build_model, config_errors
 from oobleck.shared_cores import computing_neighbours, neighbours_for
 from oobleck.step_costs import local_cores, local_workers, threads_per_worker, torch_threads
+from oobleck.training import make_optimizer, set_lr
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 
@@ -103,7 +111,7 @@ def profile_fingerprint(
         "threads": torch.get_num_threads() if threads is None else threads,
         "source": "measured",
         # profiles that kept the fastest pass, or timed a layer's passes back to back, time too short a step
-        "timing": "median of stage-order rounds",
+        "timing": "median of stage-order rounds, with the update",
         "neighbours": neighbours,
     }
 
@@ -141,11 +149,47 @@ def in_flight(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 1
 
 
+class _Update:
+    """One layer's once-a-step work after its last backward, as a worker does it (module notes)."""
+
+    def __init__(self, layer: torch.nn.Module, training: TrainingConfig) -> None:
+        self.params = list(dict.fromkeys(p for p in layer.parameters() if p.requires_grad))
+        self.numel = sum(p.numel() for p in self.params)
+        dtype = self.params[0].dtype if self.params else torch.float32
+        self.flat = torch.zeros(self.numel + len(self.params), dtype=dtype)
+        self.optimizer = make_optimizer(layer.named_parameters(), training)
+        set_lr(self.optimizer, 0.0)
+
+    def run(self) -> None:
+        flags, views, offset = self.flat[self.numel :], [], 0
+        for j, param in enumerate(self.params):
+            view = self.flat[offset : offset + param.numel()]
+            offset += param.numel()
+            views.append(view)
+            if param.grad is None:
+                view.zero_()
+                flags[j] = 0
+            else:
+                view.copy_(param.grad.reshape(-1))
+                flags[j] = 1
+        self.flat[: self.numel].double().pow(2).sum()
+        for param, view, flag in zip(self.params, views, flags.tolist()):
+            param.grad = view.view_as(param) if flag > 0 else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def _timed_round(
-    layers: list[torch.nn.Module], carries: list[Carry | None], mb: MicroBatch, device: torch.device, clock: Callable[[], float]
-) -> list[list[tuple[float, float]]]:
+    layers: list[torch.nn.Module],
+    carries: list[Carry | None],
+    mb: MicroBatch,
+    device: torch.device,
+    clock: Callable[[], float],
+    updates: list[_Update] | None,
+) -> tuple[list[list[tuple[float, float]]], list[float]]:
     """One round of the module notes: per layer, the (forward, backward) seconds by ``clock`` of each of its
-    :func:`in_flight` microbatches, every pass on a received copy of the layer's input carry."""
+    :func:`in_flight` microbatches, every pass on a received copy of the layer's input carry; then, with
+    ``updates`` (one per layer), each layer's update seconds (else none)."""
     for layer in layers:
         layer.zero_grad(set_to_none=True)
     hook = _SavedBytes(set())
@@ -166,7 +210,12 @@ def _timed_round(
         backward_with_ones(out, run_mb)
         _sync(device)
         seconds[index].append((forward_s, clock() - start))
-    return seconds
+    updated = []
+    for update in updates or ():
+        start = clock()
+        update.run()
+        updated.append(clock() - start)
+    return seconds, updated
 
 
 def _counting(hook: _SavedBytes, device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -188,11 +237,13 @@ def profile_model(
     warmup: int = 2,
     repeats: int = 5,
     neighbours: int = 0,
+    training: TrainingConfig | None = None,
 ) -> ModelProfile:
     """Measure every layer of ``spec`` on samples ``[0, microbatch)`` of step 0 of ``batches`` on
     ``device`` (see the module docstring). With ``neighbours`` > 0, that many processes the caller started
     compute meanwhile (:func:`oobleck.shared_cores.computing_neighbours`), and passes are timed by this
-    thread's CPU clock rather than the wall clock.
+    thread's CPU clock rather than the wall clock. The update's optimizer is ``training``'s (default: the
+    default training config's).
 
     Timing goes round by round over all layers (each round as the module notes say), so a burst of load
     from other processes spreads over every layer instead of inflating the one measured at that moment.
@@ -217,11 +268,15 @@ def profile_model(
 
     clock = time.thread_time if neighbours else time.perf_counter
     times: list[list[tuple[float, float]]] = [[] for _ in layers]
+    update_times: list[list[float]] = [[] for _ in layers]
+    updates = [_Update(layer, training or TrainingConfig()) for layer in layers] if device.type == "cpu" else None
     for round_index in range(warmup + repeats):
-        seconds = _timed_round(layers, carries, mb, device, clock)
+        seconds, updated = _timed_round(layers, carries, mb, device, clock, updates)
         if round_index >= warmup:
             for measured, passes in zip(times, seconds):
                 measured.extend(passes)
+            for measured, update_s in zip(update_times, updated):
+                measured.append(update_s)
 
     profiles = []
     for index, layer in enumerate(layers):
@@ -238,6 +293,7 @@ def profile_model(
                 optimizer_bytes=2 * sum(_nbytes(p) for p in trainable),
                 activation_bytes=activation_bytes[index],
                 output_bytes=0 if outgoing is None else sum(_nbytes(t) for t in _tensors(outgoing)),
+                update_s=statistics.median(update_times[index]) if update_times[index] else 0.0,
             )
         )
     return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device, neighbours=neighbours))
@@ -307,7 +363,14 @@ def ensure_profile(
                 log(f"{e}; profiling again")
     with torch_threads(_threads(config)), computing_neighbours(config, neighbours, _threads(config)):
         profile = profile_model(
-            spec, build_batches(config, spec), microbatch, device, config.profile.warmup, config.profile.repeats, neighbours
+            spec,
+            build_batches(config, spec),
+            microbatch,
+            device,
+            config.profile.warmup,
+            config.profile.repeats,
+            neighbours,
+            config.training,
         )
     profile.save(target)
     return profile

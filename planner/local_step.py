@@ -18,11 +18,12 @@ gradient its core goes to the others, and in the pipelines' fill and drain fewer
   j once stage i+1's backward of j has ended, plus the other half.
 * **Cores (processor sharing).** At every moment the R workers whose next op can run share the cores:
   each runs at ``min(1, C / (T * R))`` of its speed alone. Waiting workers use none.
-* **Tail.** After the last backward: the all-reduces (the gradient norm's, ``allreduce_s``, when the job
-  has more than one rank; with more than one pipeline, where every layer has copies, the gradients',
-  ``allreduce_s + allreduce_byte_s * grad_bytes_i``: the slowest stage's counts), every worker's AdamW
-  step (``optimizer_byte_s * grad_bytes_i``, the workers sharing the cores as above), and the commit's
-  round trip through the master's store (``commit_s``), once.
+* **Tail.** After the last backward, each worker's once-a-step work, the workers sharing the cores as
+  above: its layers' ``update_s`` (the profile's packing of the gradients, their norm and the optimizer
+  step; where the profile has none, AdamW's ``optimizer_byte_s * grad_bytes_i``) and, with more than one
+  pipeline, where every layer has copies, the gradient all-reduce (``allreduce_s + allreduce_byte_s *
+  grad_bytes_i``). Then the gradient norm's all-reduce (``allreduce_s``, when the job has more than one
+  rank) and the commit's round trip through the master's store (``commit_s``), once.
 
 With :data:`NO_COSTS` (C infinite, no overheads) the local step is the slowest pipeline's 1F1B makespan
 with a device per stage, which for equal stages is the templates' ``iteration_time``.
@@ -153,20 +154,20 @@ def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: St
     stage, whose steps cost ``costs`` (see the module notes)."""
     c = costs
     workers: list[list[_Op]] = []
-    optimizer: list[list[_Op]] = []
-    syncs = 0.0
+    tail: list[list[_Op]] = []
     ranks = sum(t.num_stages for t, _ in pipelines)
     for t, m in pipelines:
         if m < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {m}")
         workers += _worker_ops(t, m, len(workers), c)
-        optimizer += [[(False, 0, c.optimizer_byte_s * s.grad_bytes, None, 0.0)] for s in t.stages]
-        norm = c.allreduce_s if ranks > 1 else 0.0
-        grads = max(c.allreduce_s + c.allreduce_byte_s * s.grad_bytes for s in t.stages) if len(pipelines) > 1 else 0.0
-        syncs = max(syncs, norm + grads)
+        for s in t.stages:
+            update = s.update_s or c.optimizer_byte_s * s.grad_bytes
+            sync = c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if len(pipelines) > 1 else 0.0
+            tail.append([(False, 0, update + sync, None, 0.0)])
     slots = c.cores / c.threads
 
     def makespan(ops: list[list[_Op]]) -> float:
         return _dedicated_makespan(ops) if slots >= len(ops) else _shared_makespan(ops, slots)
 
-    return makespan(workers) + syncs + makespan(optimizer) + c.commit_s
+    norm = c.allreduce_s if ranks > 1 else 0.0
+    return makespan(workers) + makespan(tail) + norm + c.commit_s

@@ -12,7 +12,9 @@ File format (``oobleck-profile/1``)::
      "fingerprint_hash": "<sha256 of the canonical JSON of fingerprint>",
      "layers": [{"name": "embed", "forward_s": ..., "backward_s": ..., "param_bytes": ...,
                  "grad_bytes": ..., "optimizer_bytes": ..., "activation_bytes": ...,
-                 "output_bytes": ...}, ...]}
+                 "output_bytes": ..., "update_s": ...}, ...]}
+
+``update_s`` may be left out (it then reads as 0: not measured).
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ _NUMERIC_FIELDS = (
     "activation_bytes",
     "output_bytes",
 )
+#: numeric fields a file may leave out (they then read as 0)
+_OPTIONAL_FIELDS = ("update_s",)
 
 
 #: a profile file is tens of kilobytes; a model has at most this many layers (template search is
 #: quadratic in layers), a layer at most a day per microbatch and a petabyte
 MAX_PROFILE_BYTES = 64 << 20
 MAX_LAYERS = 4096
-_LIMITS = {field: 86400.0 if field.endswith("_s") else float(2**50) for field in _NUMERIC_FIELDS}
+_LIMITS = {field: 86400.0 if field.endswith("_s") else float(2**50) for field in _NUMERIC_FIELDS + _OPTIONAL_FIELDS}
 
 
 def _no_constant(name: str) -> Any:
@@ -64,7 +68,9 @@ class LayerProfile:
     ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``: held for the whole run by the stage that owns
     the layer. ``activation_bytes``: kept from forward until backward, per microbatch in flight.
     ``output_bytes``: size of the layer's output (the carry sent downstream) for one microbatch; the
-    gradient sent back upstream has the same size.
+    gradient sent back upstream has the same size. ``update_s``: seconds of the work on the layer once per
+    step, after its last backward: packing its gradients for the sync, their squared norm and its optimizer
+    step (0: not measured; the planner then estimates the optimizer step from ``grad_bytes``).
     """
 
     name: str
@@ -75,9 +81,10 @@ class LayerProfile:
     optimizer_bytes: int
     activation_bytes: int
     output_bytes: int
+    update_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for field in _NUMERIC_FIELDS:
+        for field in _NUMERIC_FIELDS + _OPTIONAL_FIELDS:
             value = getattr(self, field)
             if (
                 isinstance(value, bool)
@@ -211,7 +218,8 @@ def _layer_from_dict(entry: Any, index: int) -> LayerProfile:
     missing = [field for field in _NUMERIC_FIELDS if field not in entry]
     if missing:
         raise ProfileError(f"layer {index} ({name!r}): missing {', '.join(missing)}")
-    return LayerProfile(name=name, **{field: entry[field] for field in _NUMERIC_FIELDS})
+    present = [field for field in _NUMERIC_FIELDS + _OPTIONAL_FIELDS if field in entry]
+    return LayerProfile(name=name, **{field: entry[field] for field in present})
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:

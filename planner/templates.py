@@ -68,7 +68,8 @@ class Stage:
     the stage recomputes its activations in backward (``backward_s`` includes the recomputation).
     ``memory_bytes``: static plus the activations of the worst-case number of microbatches in flight
     (``k - i`` for stage i of k). ``grad_bytes``: the gradients of its trainable parameters (what its
-    optimizer steps and the gradient all-reduce sums).
+    optimizer steps and the gradient all-reduce sums). ``update_s``: its layers' ``update_s`` (the profile's
+    once-a-step work on gradients and parameters; 0 when not measured).
     """
 
     layer_start: int
@@ -81,6 +82,7 @@ class Stage:
     activation_bytes: float
     recompute: bool = False
     grad_bytes: float = 0.0
+    update_s: float = 0.0
 
     def memory(self, in_flight: int) -> float:
         """Bytes the stage needs with ``in_flight`` microbatches in flight."""
@@ -157,6 +159,7 @@ class _Prefix:
         self.compute = _prefix([layer.forward_s + layer.backward_s for layer in profile.layers])
         self.static = _prefix([layer.static_bytes for layer in profile.layers])
         self.grads = _prefix([layer.grad_bytes for layer in profile.layers])
+        self.update = _prefix([layer.update_s for layer in profile.layers])
         self.activation = _prefix([layer.activation_bytes for layer in profile.layers])
         # a recomputed layer keeps its input: the carry the layer before it sends
         self.kept = _prefix([0] + [layer.output_bytes for layer in profile.layers[:-1]])
@@ -335,6 +338,7 @@ def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int
                 activation_bytes=activation,
                 recompute=recompute,
                 grad_bytes=p.grads[b] - p.grads[a],
+                update_s=p.update[b] - p.update[a],
             )
         )
     return PipelineTemplate(num_nodes, g, tuple(stages))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,6 +44,7 @@ layer_strategy = st.builds(
     optimizer_bytes=st.integers(0, 10**12),
     activation_bytes=st.integers(0, 10**12),
     output_bytes=st.integers(0, 10**12),
+    update_s=st.floats(0, 10, allow_subnormal=False),
 )
 
 
@@ -109,6 +111,7 @@ def test_stale_fingerprint_names_the_keys(tmp_path: Path) -> None:
         (lambda raw: raw["fingerprint"].update(microbatch=99), "fingerprint_hash does not match"),
         (lambda raw: raw.update(layers=[]), "layers missing or empty"),
         (lambda raw: raw["layers"].__setitem__(0, 7), "layers[0]: got 7"),
+        (lambda raw: raw["layers"][1].update(update_s=-1.0), "layer 'block0': update_s got -1.0"),
     ],
 )
 def test_malformed_fields(tmp_path: Path, edit, expected: str) -> None:
@@ -118,6 +121,18 @@ def test_malformed_fields(tmp_path: Path, edit, expected: str) -> None:
     edit(raw)
     path.write_text(json.dumps(raw))
     assert expected in _one_line_error(path)
+
+
+def test_a_file_without_update_times_reads_them_as_zero(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    profile = ModelProfile(tuple(dataclasses.replace(layer, update_s=0.5) for layer in _profile().layers), FP)
+    profile.save(path)
+    assert ModelProfile.load(path).layers == profile.layers
+    raw = json.loads(path.read_text())
+    for layer in raw["layers"]:
+        del layer["update_s"]
+    path.write_text(json.dumps(raw))
+    assert [layer.update_s for layer in ModelProfile.load(path).layers] == [0.0, 0.0, 0.0]
 
 
 def test_all_zero_timings_rejected() -> None:

@@ -105,6 +105,15 @@ def test_the_tail_adds_all_reduces_optimizer_and_commit_once_per_step() -> None:
     assert one_core == pytest.approx(local_step_time([(TEMPLATE, 3)], StepCosts(cores=1)) + 0.001 * 350)
 
 
+def test_a_stages_measured_update_replaces_the_adamw_estimate_and_shares_the_cores() -> None:
+    measured = PipelineTemplate(1, 1, (Stage(0, 4, 1.0, 2.0, 0.0, 0, 0, 0, grad_bytes=100, update_s=0.75),))
+    costs = StepCosts(optimizer_byte_s=0.001)
+    assert local_step_time([(measured, 2)], costs) == pytest.approx(6 + 0.75)  # not + 0.1
+    # two one-stage pipelines on one core: both updates share it, each with its gradient all-reduce
+    shared = StepCosts(cores=1, allreduce_s=0.5, optimizer_byte_s=0.001)
+    assert local_step_time([(measured, 2), (measured, 2)], shared) == pytest.approx(12 + 2 * (0.75 + 0.5) + 0.5)
+
+
 def _profile(layers: int) -> ModelProfile:
     return ModelProfile(
         tuple(LayerProfile(f"l{i}", 0.01, 0.02, 4000, 4000, 8000, 1000, 512) for i in range(layers)),
