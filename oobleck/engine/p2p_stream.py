@@ -17,10 +17,19 @@ Posting and waiting with the link's stream current, rather than the compute stre
   to compute before the link's stream has passed that wait, even once the link drops the tensor.
 
 Unverified: no GPU ran this (see docs/design.md, "Pipeline transfers on CUDA").
+
+:class:`Receives` also tells, without blocking, whether a receive has completed (for the Bamboo-style
+baseline, which fills the time a stage waits for one with redundant work). On CUDA an NCCL work says so
+itself. Gloo's receive handle does not: ``is_completed()`` stays False until ``wait()`` has returned (checked
+on torch 2.13) and it has no future; so on CPU the first test starts a thread that waits for the receive, and
+the receive has completed once that thread has finished. The shutdown that releases a blocked receive at a
+generation's end (:mod:`oobleck.engine.interrupt`) releases that thread as well, and its error is raised
+where the receive is waited for.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -64,3 +73,43 @@ def wait_received(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
     wait_sent(work, stream)
     if stream is not None:
         torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
+class Receives:
+    """The receives of one message (one or more tensors from one peer), posted by :func:`post` on ``stream``
+    (None on CPU), to be waited for once with :meth:`wait`."""
+
+    def __init__(self, works: list[dist.Work], stream: torch.cuda.Stream | None) -> None:
+        self._works = works
+        self._stream = stream
+        #: CPU only: the thread started by :meth:`ready` that waits for the works (module notes)
+        self._waiter: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def ready(self) -> bool:
+        """Whether every receive has completed, without blocking (module notes: on CPU the first call starts
+        a thread that waits for them). A failed receive counts as completed; :meth:`wait` raises its error."""
+        if self._stream is not None:
+            return all(work.is_completed() for work in self._works)
+        if self._waiter is None:
+            self._waiter = threading.Thread(target=self._wait_in_thread, name="oobleck-receive", daemon=True)
+            self._waiter.start()
+        return not self._waiter.is_alive()
+
+    def _wait_in_thread(self) -> None:
+        try:
+            for work in self._works:
+                work.wait()
+        except BaseException as e:  # re-raised by wait(), in the thread that needs the data
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for every receive as :func:`wait_received` does; after :meth:`ready` (CPU), for its thread,
+        raising the error a receive failed with."""
+        if self._waiter is None:
+            for work in self._works:
+                wait_received(work, self._stream)
+            return
+        self._waiter.join()
+        if self._error is not None:
+            raise self._error
