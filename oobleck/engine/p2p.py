@@ -106,8 +106,10 @@ class _Link:
     """State shared by both directions: the peer, the device, the pending sends and the posted receives by
     microbatch index."""
 
-    def __init__(self, peer: int, device: torch.device) -> None:
+    def __init__(self, peer: int, device: torch.device, watched: bool = False) -> None:
         self.peer = peer
+        #: posted receives are watched from their posting, for :meth:`ready` (:meth:`p2p_stream.Receives.watch`)
+        self.watched = watched
         self.device = device
         self.spec: CarrySpec | None = None
         self._stream = p2p_stream.comm_stream(device)  # None on CPU (oobleck.engine.p2p_stream)
@@ -132,9 +134,16 @@ class _Link:
         works = [p2p_stream.post(dist.irecv, t, self.peer, self._stream) for t in tensors]
         return p2p_stream.Receives(works, self._stream)
 
+    def _post_pending(self, k: int, buffers: list[torch.Tensor]) -> None:
+        receives = self._irecv(buffers)
+        if self.watched:
+            receives.watch()
+        self._pending[k] = receives
+
     def ready(self, k: int) -> bool:
         """Whether microbatch ``k``'s posted receive (its carry from the previous stage, or its gradients from
-        the next) has completed, without blocking; the receive must have been posted."""
+        the next) has completed, without blocking; the receive must have been posted. On CPU it tells reliably
+        only on a ``watched`` link (:mod:`oobleck.engine.p2p_stream`)."""
         return self._pending[k].ready()
 
 
@@ -143,11 +152,11 @@ class FromPrevious(_Link):
 
     ``in_flight`` is the most microbatches whose received carries are alive at once (the schedule's
     in-flight bound plus the receives posted ahead); that many buffer sets are allocated and reused
-    round-robin by microbatch index.
+    round-robin by microbatch index. ``watched``: see :meth:`ready`.
     """
 
-    def __init__(self, peer: int, device: torch.device, in_flight: int) -> None:
-        super().__init__(peer, device)
+    def __init__(self, peer: int, device: torch.device, in_flight: int, watched: bool = False) -> None:
+        super().__init__(peer, device, watched)
         self._slots = in_flight
         self._buffers: list[list[torch.Tensor]] = []
 
@@ -158,7 +167,7 @@ class FromPrevious(_Link):
             self._irecv([header]).wait()
             self.spec = CarrySpec.decode(header)
             self._buffers = [_buffers(list(self.spec.tensors), self.device) for _ in range(self._slots)]
-        self._pending[k] = self._irecv(self._buffers[k % self._slots])
+        self._post_pending(k, self._buffers[k % self._slots])
 
     def take_forward(self, k: int) -> Carry:
         """Microbatch ``k``'s carry (its receive must have been posted): fresh leaves over the receive
@@ -181,10 +190,11 @@ class FromPrevious(_Link):
 
 class ToNext(_Link):
     """The link to the next stage: sends carries, receives their gradients (``slots`` buffer sets, reused
-    round-robin by microbatch index: the one a backward pass is using and those being filled ahead)."""
+    round-robin by microbatch index: the one a backward pass is using and those being filled ahead).
+    ``watched``: see :meth:`ready`."""
 
-    def __init__(self, peer: int, device: torch.device, slots: int = 2) -> None:
-        super().__init__(peer, device)
+    def __init__(self, peer: int, device: torch.device, slots: int = 2, watched: bool = False) -> None:
+        super().__init__(peer, device, watched)
         self._slots = slots
         self._buffers: list[list[torch.Tensor]] = []
         #: gradient receives posted before the first carry was sent, whose buffers' shapes were unknown
@@ -216,7 +226,7 @@ class ToNext(_Link):
             self._irecv_grads(k)
 
     def _irecv_grads(self, k: int) -> None:
-        self._pending[k] = self._irecv(self._buffers[k % self._slots])
+        self._post_pending(k, self._buffers[k % self._slots])
 
     def take_backward(self, k: int) -> list[torch.Tensor]:
         """The gradients of microbatch ``k``'s carry (their receive must have been posted)."""

@@ -21,10 +21,12 @@ Unverified: no GPU ran this (see docs/design.md, "Pipeline transfers on CUDA").
 :class:`Receives` also tells, without blocking, whether a receive has completed (for the Bamboo-style
 baseline, which fills the time a stage waits for one with redundant work). On CUDA an NCCL work says so
 itself. Gloo's receive handle does not: ``is_completed()`` stays False until ``wait()`` has returned (checked
-on torch 2.13) and it has no future; so on CPU the first test starts a thread that waits for the receive, and
-the receive has completed once that thread has finished. The shutdown that releases a blocked receive at a
-generation's end (:mod:`oobleck.engine.interrupt`) releases that thread as well, and its error is raised
-where the receive is waited for.
+on torch 2.13) and it has no future; so on CPU a thread waits for the receive (:meth:`Receives.watch`), and
+the receive has completed once that thread has finished. The thread is best started when the receive is
+posted: one started by the test itself has usually not run yet when the test looks, so a receive already
+complete would read as pending. The shutdown that releases a blocked receive at a generation's end
+(:mod:`oobleck.engine.interrupt`) releases that thread as well, and its error is raised where the receive is
+waited for.
 """
 
 from __future__ import annotations
@@ -86,14 +88,20 @@ class Receives:
         self._waiter: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def ready(self) -> bool:
-        """Whether every receive has completed, without blocking (module notes: on CPU the first call starts
-        a thread that waits for them). A failed receive counts as completed; :meth:`wait` raises its error."""
-        if self._stream is not None:
-            return all(work.is_completed() for work in self._works)
-        if self._waiter is None:
+    def watch(self) -> None:
+        """Make :meth:`ready` able to tell: on CPU, start the thread that waits for the receives (once; module
+        notes); on CUDA nothing is needed."""
+        if self._stream is None and self._waiter is None:
             self._waiter = threading.Thread(target=self._wait_in_thread, name="oobleck-receive", daemon=True)
             self._waiter.start()
+
+    def ready(self) -> bool:
+        """Whether every receive has completed, without blocking (:meth:`watch`es them if not yet). A failed
+        receive counts as completed; :meth:`wait` raises its error."""
+        if self._stream is not None:
+            return all(work.is_completed() for work in self._works)
+        self.watch()
+        assert self._waiter is not None
         return not self._waiter.is_alive()
 
     def _wait_in_thread(self) -> None:
@@ -104,7 +112,7 @@ class Receives:
             self._error = e
 
     def wait(self) -> None:
-        """Wait for every receive as :func:`wait_received` does; after :meth:`ready` (CPU), for its thread,
+        """Wait for every receive as :func:`wait_received` does; once :meth:`watch`ed (CPU), for its thread,
         raising the error a receive failed with."""
         if self._waiter is None:
             for work in self._works:
