@@ -22,6 +22,7 @@ from oobleck.engine.api import PipelinePlan
 from oobleck.engine.commit import CommitCoordinator, StepAborted, report_ready
 from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
+from oobleck.engine.p2p_stream import Receives
 from planner.schedule import max_in_flight, one_f_one_b
 from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import StageExecutor, _kept_apart, build_stage_layers
@@ -188,6 +189,46 @@ def test_a_queued_carry_copies_what_aliases_a_receive_buffer() -> None:
     assert isinstance(kept, tuple) and not kept[0].requires_grad and kept[0].data_ptr() == own.data_ptr()
     assert kept[1].data_ptr() != received[1].data_ptr() and torch.equal(kept[1], received[1])
     assert _kept_apart(own, None).data_ptr() == own.data_ptr() and _kept_apart(None, received) is None
+
+
+class _HeldWork:
+    """A stand-in for a receive's work handle: ``wait`` returns once ``arrive`` is set, raising ``error`` if
+    given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.arrive = threading.Event()
+        self.error = error
+
+    def wait(self) -> bool:
+        self.arrive.wait(30)
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_a_watched_receive_tells_whether_it_came_and_passes_on_its_error() -> None:
+    """On CPU a watched receive is waited for by a thread of its own: ``ready`` is False until every work has
+    completed and True after, without blocking; ``wait`` then returns, or raises the error a work failed with
+    (a generation's end releasing the receive)."""
+    works = [_HeldWork(), _HeldWork()]
+    receives = Receives(works, None)
+    receives.watch()
+    assert not receives.ready()
+    works[0].arrive.set()
+    time.sleep(0.05)
+    assert not receives.ready()
+    works[1].arrive.set()
+    deadline = time.monotonic() + 10
+    while not receives.ready() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert receives.ready()
+    receives.wait()
+    failing = _HeldWork(RuntimeError("connection closed"))
+    failed = Receives([failing], None)
+    assert not failed.ready()  # watched by the test itself
+    failing.arrive.set()
+    with pytest.raises(RuntimeError, match="connection closed"):
+        failed.wait()
 
 
 def test_holder_sets_follow_the_plan_and_tied_groups() -> None:

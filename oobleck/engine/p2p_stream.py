@@ -31,7 +31,7 @@ waited for.
 
 from __future__ import annotations
 
-import threading
+import _thread
 from typing import Callable
 
 import torch
@@ -84,16 +84,19 @@ class Receives:
     def __init__(self, works: list[dist.Work], stream: torch.cuda.Stream | None) -> None:
         self._works = works
         self._stream = stream
-        #: CPU only: the thread started by :meth:`ready` that waits for the works (module notes)
-        self._waiter: threading.Thread | None = None
+        #: CPU only, once :meth:`watch`ed: held until the thread waiting for the works has finished
+        self._done: _thread.LockType | None = None
         self._error: BaseException | None = None
 
     def watch(self) -> None:
         """Make :meth:`ready` able to tell: on CPU, start the thread that waits for the receives (once; module
         notes); on CUDA nothing is needed."""
-        if self._stream is None and self._waiter is None:
-            self._waiter = threading.Thread(target=self._wait_in_thread, name="oobleck-receive", daemon=True)
-            self._waiter.start()
+        if self._stream is None and self._done is None:
+            self._done = _thread.allocate_lock()
+            self._done.acquire()
+            # _thread, not threading: Thread.start() waits until the new thread runs, a hand-shake that doubled
+            # a watched receive's cost (about 60 us against 30 us more than a plain wait, gloo ping-pong)
+            _thread.start_new_thread(self._wait_in_thread, (self._done,))
 
     def ready(self) -> bool:
         """Whether every receive has completed, without blocking (:meth:`watch`es them if not yet). A failed
@@ -101,23 +104,25 @@ class Receives:
         if self._stream is not None:
             return all(work.is_completed() for work in self._works)
         self.watch()
-        assert self._waiter is not None
-        return not self._waiter.is_alive()
+        assert self._done is not None
+        return not self._done.locked()
 
-    def _wait_in_thread(self) -> None:
+    def _wait_in_thread(self, done: _thread.LockType) -> None:
         try:
             for work in self._works:
                 work.wait()
         except BaseException as e:  # re-raised by wait(), in the thread that needs the data
             self._error = e
+        finally:
+            done.release()
 
     def wait(self) -> None:
         """Wait for every receive as :func:`wait_received` does; once :meth:`watch`ed (CPU), for its thread,
         raising the error a receive failed with."""
-        if self._waiter is None:
+        if self._done is None:
             for work in self._works:
                 wait_received(work, self._stream)
             return
-        self._waiter.join()
+        self._done.acquire()
         if self._error is not None:
             raise self._error
