@@ -25,6 +25,11 @@ memory still grow with its layers, so the searches below are unchanged: a stage 
 it fits within the bound (recomputing where the mode says), and ``auto`` can so choose a longer,
 recomputing stage where that lowers the bottleneck.
 
+The Bamboo-style baseline (``holds_sent_carry``) queues each microbatch's redundant forward of the next
+stage's layers to run in a pipeline bubble (:mod:`oobleck.engine.shadow`), keeping, per microbatch in
+flight, the carry the stage sends (its last layer's ``output_bytes``; the last stage, whose redundant
+forward starts from the microbatch itself, keeps nothing). That carry counts with the stage's activations.
+
 Algorithm, per stage count k (all k share the sorted candidate bottlenecks):
 
 1. Bottleneck: binary search over the sorted set of possible stage costs ``T[e] - T[j]`` (prefix sums)
@@ -64,7 +69,8 @@ class Stage:
 
     ``send_s``: per-microbatch boundary time to the next stage (activation out plus gradient back; 0 for
     the last stage). ``static_bytes``: parameters, gradients and optimizer state. ``activation_bytes``:
-    activations kept per microbatch in flight (for a recomputing stage, its layers' inputs). ``recompute``:
+    activations kept per microbatch in flight (for a recomputing stage, its layers' inputs; with
+    ``holds_sent_carry``, plus the carry it sends, see the module notes). ``recompute``:
     the stage recomputes its activations in backward (``backward_s`` includes the recomputation).
     ``memory_bytes``: static plus the activations of the worst-case number of microbatches in flight
     (``k - i`` for stage i of k). ``grad_bytes``: the gradients of its trainable parameters (what its
@@ -147,9 +153,9 @@ RECOMPUTE_MODES = ("none", "full", "auto")
 
 class _Prefix:
     """Prefix sums of a profile so that any contiguous run of layers costs O(1), and the recomputation
-    rule of the module notes (``recompute``) applied to a stage."""
+    rule of the module notes (``recompute``) applied to a stage; ``holds_sent_carry``: see the module notes."""
 
-    def __init__(self, profile: ModelProfile, recompute: str = "none") -> None:
+    def __init__(self, profile: ModelProfile, recompute: str = "none", holds_sent_carry: bool = False) -> None:
         if recompute not in RECOMPUTE_MODES:
             raise PlanningError(f"recompute: got {recompute!r}; allowed: {', '.join(RECOMPUTE_MODES)}")
         self.mode = recompute
@@ -164,6 +170,10 @@ class _Prefix:
         # a recomputed layer keeps its input: the carry the layer before it sends
         self.kept = _prefix([0] + [layer.output_bytes for layer in profile.layers[:-1]])
         self.output = [layer.output_bytes for layer in profile.layers]
+        #: by a stage's end layer: the carry it keeps per microbatch in flight besides its activations
+        self.sent = [0.0] * (self.num_layers + 1)
+        if holds_sent_carry:
+            self.sent[1 : self.num_layers] = [float(b) for b in self.output[:-1]]
         self._candidates: list[float] | None = None
 
     def cost(self, start: int, end: int, recompute: bool = False) -> float:
@@ -173,8 +183,8 @@ class _Prefix:
     def memory(self, start: int, end: int, held: int, recompute: bool = False) -> float:
         static = self.static[end] - self.static[start]
         if recompute:
-            return static + held * (self.kept[end] - self.kept[start])
-        return static + held * (self.activation[end] - self.activation[start])
+            return static + held * (self.kept[end] - self.kept[start] + self.sent[end])
+        return static + held * (self.activation[end] - self.activation[start] + self.sent[end])
 
     def recomputes(self, start: int, end: int, held: int, memory: float) -> bool:
         """Whether the stage of layers ``[start, end)`` with ``held`` microbatches in flight recomputes."""
@@ -195,8 +205,9 @@ class _Prefix:
         return plain
 
     def most_memory(self, held: int) -> float:
-        """Memory with which the whole model as one stage fits, however it is cut (a bound for bisection)."""
-        return max(self.memory(0, self.num_layers, held, r) for r in (False, True))
+        """Memory with which any stage fits, however the model is cut (a bound for bisection): the whole model's,
+        plus the largest carry a stage may hold besides its activations."""
+        return max(self.memory(0, self.num_layers, held, r) for r in (False, True)) + held * max(self.sent)
 
     @property
     def candidates(self) -> list[float]:
@@ -349,13 +360,15 @@ def _max_nodes_by_layers(profile: ModelProfile, cluster: ClusterSpec) -> int:
     return profile.num_layers // cluster.devices_per_node
 
 
-def min_nodes(profile: ModelProfile, cluster: ClusterSpec, recompute: str = "none") -> int:
+def min_nodes(
+    profile: ModelProfile, cluster: ClusterSpec, recompute: str = "none", holds_sent_carry: bool = False
+) -> int:
     """n0: the fewest nodes on which one pipeline of the model fits in memory under 1F1B, recomputing as
-    ``recompute`` says (see the module notes).
+    ``recompute`` says and holding the sent carries as ``holds_sent_carry`` says (see the module notes).
 
     Raises :class:`PlanningError` when no node count up to the cluster's size fits.
     """
-    p = _Prefix(profile, recompute)
+    p = _Prefix(profile, recompute, holds_sent_carry)
     g = cluster.devices_per_node
     most = min(cluster.nodes, _max_nodes_by_layers(profile, cluster))
     if most < 1:
@@ -425,16 +438,19 @@ def _templates_for(p: _Prefix, cluster: ClusterSpec, node_counts: Sequence[int])
     return out
 
 
-def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int, recompute: str = "none") -> dict[int, PipelineTemplate]:
+def build_templates(
+    profile: ModelProfile, cluster: ClusterSpec, f: int, recompute: str = "none", holds_sent_carry: bool = False
+) -> dict[int, PipelineTemplate]:
     """Templates for every node count n in [n0, N - f*n0] that fits, keyed by n, recomputing as
-    ``recompute`` says (see the module notes).
+    ``recompute`` says and holding the sent carries as ``holds_sent_carry`` says (the Bamboo-style
+    baseline; see the module notes).
 
     The range is capped at ``L // G`` nodes (each device needs a layer). Raises :class:`PlanningError`
     when the cluster cannot host f+1 pipelines of n0 nodes.
     """
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
         raise PlanningError(f"f: got {f!r}; must be an integer >= 0")
-    n0 = min_nodes(profile, cluster, recompute)
+    n0 = min_nodes(profile, cluster, recompute, holds_sent_carry)
     need = (f + 1) * n0
     if cluster.nodes < need:
         raise PlanningError(
@@ -442,4 +458,4 @@ def build_templates(profile: ModelProfile, cluster: ClusterSpec, f: int, recompu
             f"lower f to {cluster.nodes // n0 - 1} or add nodes"
         )
     top = min(cluster.nodes - f * n0, _max_nodes_by_layers(profile, cluster))
-    return _templates_for(_Prefix(profile, recompute), cluster, range(n0, top + 1))
+    return _templates_for(_Prefix(profile, recompute, holds_sent_carry), cluster, range(n0, top + 1))

@@ -69,13 +69,15 @@ def run_engine(
     workdir: Path,
     timeout_s: float = 120.0,
     abort_at: int | None = None,
+    redundant: bool = False,
 ) -> EngineRun:
     """Train ``config`` with the engine over the given pipelines; returns each step's report and the final
     checkpoint. Raises AssertionError with the workers' output when a worker fails, or when a step (the
     first one including start-up) or the final exit takes longer than ``timeout_s``.
 
     With ``abort_at``, the master aborts that step once every rank is ready instead of committing it; then
-    every worker must exit with an error, and no final checkpoint is expected."""
+    every worker must exit with an error, and no final checkpoint is expected. ``redundant``: every worker
+    keeps the Bamboo-style shadow of its successor stage (``Assignment.redundant``)."""
     pipelines = plan(cuts, microbatches)
     world = sum(len(p.ranks) for p in pipelines)
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -101,6 +103,7 @@ def run_engine(
                 device="cpu",
                 pipelines=pipelines,
                 config=config_dict,
+                redundant=redundant,
             )
             path = workdir / f"assignment_{rank}.json"
             path.write_text(assignment.to_json())

@@ -11,16 +11,26 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+from oobleck import checkpoint
+from oobleck.config import config_from_dict
 from oobleck.control.placement import PipelineShape, place
 from oobleck.control.policy import shadow_holdings, takeover
 from planner.homogeneous import best_homogeneous, even_split
 from planner.templates import PipelineTemplate
+from tests.engine_harness import run_engine
 from tests.run_helpers import ReferenceRun, assert_matches_reference, gpt_job, recoveries, run_job
 
 pytestmark = pytest.mark.timeout(400)
 
 
 PLANNED = {(0, 2), (2, 4), (4, 6)}
+#: the engine tests' tiny models: 6 layers each (an embedding, 4 blocks, a head)
+TINY = {
+    "gpt": {"n_layer": 4, "d_model": 32, "n_head": 2, "seq_len": 16},
+    "dit": {"n_layer": 4, "d_model": 32, "n_head": 2},
+}
 
 
 def three_deep(pipelines: int) -> object:
@@ -107,6 +117,49 @@ def test_bamboo_takes_over_a_lost_stage_and_restarts_when_adjacent_stages_die(
     assert second["mode"] == "restart" and second["start_step"] == 6 and second["steps_lost"] == 2
     rows = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
     assert rows and all('"redundant_s"' in r for r in rows)
+
+
+@pytest.mark.parametrize("family,dataset", [("gpt", "pydoc"), ("dit", "digits")])
+def test_bamboo_redundant_forwards_in_the_bubbles_change_no_number(tmp_path: Path, family: str, dataset: str) -> None:
+    """One pipeline of three stages, four microbatches a step, float64: with every stage holding its
+    successor's shadow and running its redundant forwards in the pipeline's bubbles (queued, see
+    :class:`oobleck.engine.stage.StageExecutor`), every loss and every final parameter and optimizer moment
+    equal, bit for bit, those of the same run without redundancy; the redundant work is measured every step.
+    DiT's carries are tuples, with a condition each stage passes through from its received carry."""
+
+    def train(name: str, redundant: bool) -> tuple[list[float], list[float], Path]:
+        config = config_from_dict(
+            {
+                "model": {"family": family, "dtype": "float64", "overrides": TINY[family]},
+                "data": {"dataset": dataset},
+                "training": {"steps": 3, "global_batch": 8, "microbatch": 2, "lr": 3e-3, "grad_clip": None},
+                "run": {"dir": str(tmp_path / name / "run")},
+            }
+        )
+        (tmp_path / name).mkdir()
+        run = run_engine(config, [[0, 2, 4, 6]], [4], tmp_path / name, redundant=redundant)
+        assert run.checkpoint is not None
+        return run.losses, [r.redundant_s for r in run.reports], run.checkpoint
+
+    plain_losses, plain_redundant, plain = train("plain", False)
+    losses, redundant_s, shadowed = train("bamboo", True)
+    assert losses == plain_losses
+    assert all(s == 0.0 for s in plain_redundant) and all(s > 0.0 for s in redundant_s)
+    for index in range(6):
+        want, got = checkpoint.load_layer_state(plain, index), checkpoint.load_layer_state(shadowed, index)
+        assert _identical(got["params"], want["params"]), f"layer {index}: parameters"
+        assert _identical(got["optimizer"], want["optimizer"]), f"layer {index}: optimizer state"
+
+
+def _identical(a: object, b: object) -> bool:
+    """Whether two nested dicts/lists of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_heterogeneous_benchmark_refuses_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

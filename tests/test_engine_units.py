@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 
 from pathlib import Path
@@ -21,9 +22,10 @@ from oobleck.engine.api import PipelinePlan
 from oobleck.engine.commit import CommitCoordinator, StepAborted, report_ready
 from oobleck.engine.gradsync import layer_holders, sync_sets, tied_holders
 from oobleck.engine.p2p import CarrySpec
+from oobleck.engine.p2p_stream import Receives
 from planner.schedule import max_in_flight, one_f_one_b
 from oobleck.engine.signed_store import SignedStore, store_key
-from oobleck.engine.stage import StageExecutor, build_stage_layers
+from oobleck.engine.stage import StageExecutor, _kept_apart, build_stage_layers
 from oobleck.engine.store_keys import ready_key
 from oobleck.model_building import build_batches, build_model
 from oobleck.precision import forward_layers
@@ -116,6 +118,117 @@ def test_a_pipeline_of_one_microbatch_computes_the_whole_models_numbers(tmp_path
     assert first.keys() | second.keys() == want.keys()
     # float64 reductions (layer norms' backward) may run over other thread counts here than in the workers
     assert all((g - want[key]).abs().max() <= 1e-12 * want[key].abs().max() for key, g in (first | second).items())
+
+
+def _stage_with_queued_redundancy(rank: int, init_file: str, gate: str, out: dict) -> None:
+    """Rank ``rank`` of a two-stage pipeline (cut at 3) runs a step of four microbatches with a recording
+    stand-in for the redundant forward. Stage 1 starts only once stage 0 has made its first redundant call,
+    so stage 0's first backward waits for a gradient that cannot have come yet."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        spec = build_model(_TINY.model, 0)
+        layers = build_stage_layers(spec, *((0, 3), (3, 6))[rank], _TINY.training, torch.device("cpu"))
+        #: per call: its microbatch, those forwarded and not yet backwarded, whether B0's gradient has come
+        #: (stage 0, before B0 took it; else None), whether the carry is None
+        calls: list[tuple[int, list[int], bool | None, bool]] = []
+        batches = build_batches(_TINY, spec)
+        mbs = [batches.microbatch(0, j) for j in range(4)]
+
+        def redundant(carry: object, mb: object) -> None:
+            k = next(j for j, m in enumerate(mbs) if m is mb)
+            pending = executor.next.ready(0) if rank == 0 and 0 in executor.next._pending else None
+            calls.append((k, sorted(executor._saved), pending, carry is None))
+            if rank == 0:
+                Path(gate).touch()
+
+        executor = StageExecutor(
+            spec, layers, rank, 2, 4, prev=0 if rank else None, next_=None if rank else 1, device=torch.device("cpu"),
+            redundant=redundant,
+        )  # fmt: skip
+        if rank == 1:
+            deadline = time.monotonic() + 60
+            while not Path(gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        loss, _ = executor.run(mbs)
+        out[rank] = (loss, calls, len(executor._queued))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_redundant_forwards_wait_for_a_bubble_and_all_run_within_the_step(tmp_path: Path) -> None:
+    """The Bamboo-style redundant forwards are queued, not run after each forward: stage 0's first one runs
+    once both of its first forwards are done, while its first backward's gradient receive is still pending
+    (``ready`` False); every microbatch's runs exactly once, oldest first, before ``run`` returns; the last
+    stage passes None (its successor, the first stage, starts from the microbatch)."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_stage_with_queued_redundancy, args=(str(tmp_path / "init"), str(tmp_path / "gate"), out), nprocs=2)
+        (_, first, left_first), (loss, last, left_last) = out[0], out[1]
+    assert left_first == left_last == 0
+    assert [c[0] for c in first] == [c[0] for c in last] == [0, 1, 2, 3]
+    assert first[0] == (0, [0, 1], False, False)  # in the bubble before B0: F0 and F1 done, gradient pending
+    assert all(not none for *_, none in first) and all(none for *_, none in last)
+    spec = build_model(_TINY.model, 0)
+    layers, batches = spec.build_all(), build_batches(_TINY, spec)
+    with torch.no_grad():
+        want = sum(
+            float(forward_layers(layers, None, batches.microbatch(0, j).fresh(), "fp32", torch.device("cpu"), True))
+            for j in range(4)
+        )
+    assert abs(loss - want) <= 1e-12 * abs(want)
+
+
+def test_a_queued_carry_copies_what_aliases_a_receive_buffer() -> None:
+    """A carry kept for a later redundant forward is detached, and a tensor the stage passed through from its
+    received input (a receive buffer, refilled for a later microbatch) is a copy; the stage's own output is
+    not copied."""
+    received = (torch.ones(2, 3).requires_grad_(), torch.arange(3.0))
+    own = received[0] * 2
+    kept = _kept_apart((own, received[1]), received)
+    assert isinstance(kept, tuple) and not kept[0].requires_grad and kept[0].data_ptr() == own.data_ptr()
+    assert kept[1].data_ptr() != received[1].data_ptr() and torch.equal(kept[1], received[1])
+    assert _kept_apart(own, None).data_ptr() == own.data_ptr() and _kept_apart(None, received) is None
+
+
+class _HeldWork:
+    """A stand-in for a receive's work handle: ``wait`` returns once ``arrive`` is set, raising ``error`` if
+    given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.arrive = threading.Event()
+        self.error = error
+
+    def wait(self) -> bool:
+        self.arrive.wait(30)
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_a_watched_receive_tells_whether_it_came_and_passes_on_its_error() -> None:
+    """On CPU a watched receive is waited for by a thread of its own: ``ready`` is False until every work has
+    completed and True after, without blocking; ``wait`` then returns, or raises the error a work failed with
+    (a generation's end releasing the receive)."""
+    works = [_HeldWork(), _HeldWork()]
+    receives = Receives(works, None)
+    receives.watch()
+    assert not receives.ready()
+    works[0].arrive.set()
+    time.sleep(0.05)
+    assert not receives.ready()
+    works[1].arrive.set()
+    deadline = time.monotonic() + 10
+    while not receives.ready() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert receives.ready()
+    receives.wait()
+    failing = _HeldWork(RuntimeError("connection closed"))
+    failed = Receives([failing], None)
+    assert not failed.ready()  # watched by the test itself
+    failing.arrive.set()
+    with pytest.raises(RuntimeError, match="connection closed"):
+        failed.wait()
 
 
 def test_holder_sets_follow_the_plan_and_tied_groups() -> None:

@@ -285,6 +285,21 @@ def _uniform(layers: int, static: int, activation: int = 0) -> ModelProfile:
     return ModelProfile(tuple(LayerProfile(f"l{i}", 1.0, 2.0, static, 0, 0, activation, 8) for i in range(layers)), FP)
 
 
+def test_holding_the_sent_carry_counts_it_per_microbatch_in_flight_and_moves_the_cut() -> None:
+    """Bamboo's queued redundant forwards (``holds_sent_carry``): each stage but the last holds its last
+    layer's output per microbatch in flight, so a 2-stage cut of 4 layers of 10 static bytes sending 8-byte
+    carries, on 30-byte devices, can no longer be even (stage 0: 20 + 2 * 8 > 30) and gives stage 0 one layer."""
+    profile, cluster = _uniform(4, 10), _cluster(2, 1, 30)
+    plain = build_templates(profile, cluster, 0)[2]
+    held = build_templates(profile, cluster, 0, holds_sent_carry=True)[2]
+    assert plain.layer_ranges == ((0, 2), (2, 4)) and held.layer_ranges == ((0, 1), (1, 4))
+    assert [s.activation_bytes for s in held.stages] == [8, 0]
+    assert held.stage_memory(4) == [10 + 2 * 8, 30] and held.stage_memory(1) == [10 + 8, 30]
+    assert min_nodes(profile, _cluster(4, 1, 25)) == 2
+    with pytest.raises(PlanningError):  # stage 0 never fits: one layer and its carries need at least 26 bytes
+        min_nodes(profile, _cluster(4, 1, 25), holds_sent_carry=True)
+
+
 def test_plan_to_dict_and_replan() -> None:
     profile = _uniform(8, 10)
     plan = make_plan(profile, _cluster(12, 1, 20), 1, 24, 2)

@@ -278,6 +278,8 @@ class BambooPipeline:
 
     Stage i (device i) computes its own layers forward and backward (``own[i]``) and, eagerly, the forward
     of stage ``succ(i) = (i + G) mod k``: the same device slot on the next node, wrapping around (``fwd``).
+    Eagerly is an upper bound: the engine runs that forward in the pipeline's bubbles where it can
+    (:mod:`oobleck.engine.shadow`), which this model does not credit.
     After node q is lost, the node before it (q - 1, wrapping) runs q's stages fully, with no redundant
     forward for them (nothing shadows the node after q any more).
     """
@@ -324,12 +326,13 @@ class BambooConfig(HomogeneousConfig):
 class BambooConfigs:
     """Cuts from the redundant profile for every depth >= 2 (a one-node pipeline has no neighbour to
     shadow it); a depth counts only where the exact per-stage memory (own static + successor's shadow
-    static + own activations in flight) fits. Best depth and replica count as for Varuna."""
+    static + own activations and queued redundant forwards' carries in flight, see
+    :func:`planner.templates.build_templates`) fits. Best depth and replica count as for Varuna."""
 
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
         try:
-            templates = build_templates(redundant_profile(setup.profile), setup.cluster, 0)
+            templates = build_templates(redundant_profile(setup.profile), setup.cluster, 0, holds_sent_carry=True)
         except PlanningError as e:
             raise PlanningError(f"Bamboo (redundant copies double the static memory): {e}") from None
         self.pipelines: dict[int, BambooPipeline] = {}
@@ -366,8 +369,12 @@ class BambooConfigs:
         memory = []
         for i in range(k):
             j = (i + g) % k
-            shadow = static[j] - sum(x.grad_bytes for x in layers[template.stages[j].layer_start : template.stages[j].layer_end])
-            memory.append(static[i] + (shadow if j // g != i // g else 0.0) + (k - i) * act[i])
+            start, end = template.stages[j].layer_start, template.stages[j].layer_end
+            shadow = static[j] - sum(x.grad_bytes for x in layers[start:end])
+            # each queued redundant forward keeps its input, stage j's (none when j starts the model)
+            queued = layers[start - 1].output_bytes if start > 0 else 0
+            redundant = shadow + (k - i) * queued if j // g != i // g else 0.0
+            memory.append(static[i] + redundant + (k - i) * act[i])
         return BambooPipeline(template.num_nodes, g, tuple(own), tuple(fwd), tuple(send), tuple(memory))
 
     def config(self, nodes: int) -> BambooConfig | None:

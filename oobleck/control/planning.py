@@ -72,7 +72,9 @@ def _homogeneous_planner(
     microbatches = config.training.global_batch // config.training.microbatch
     recompute = config.training.recompute
     if policy == "bamboo":
-        redundant = build_templates(redundant_profile(profile), cluster_spec(config.cluster), 0, recompute)
+        # the shadow's memory: its copies (the redundant profile) and the carries its queued forwards keep
+        cluster = cluster_spec(config.cluster)
+        redundant = build_templates(redundant_profile(profile), cluster, 0, recompute, holds_sent_carry=True)
         templates = {d: t for d, t in redundant.items() if d >= 2}
     else:
         templates = build_templates(profile, cluster_spec(config.cluster), 0, recompute)

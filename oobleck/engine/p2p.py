@@ -7,8 +7,9 @@ receive buffers allocated once. Gradients travel back only for the tensors that 
 
 Every send is asynchronous (``isend``) and its handle is kept until :meth:`flush`, so a stage never
 blocks on a neighbour that is busy; receives are posted ahead (``post_*``) and waited for when the data is
-needed (``take_*``), which lets transfers overlap compute. Between any two ranks activations travel only
-one way and gradients only the other, so messages pair up in posting order.
+needed (``take_*``), which lets transfers overlap compute; ``ready`` tells without blocking whether a
+posted receive has completed (:class:`oobleck.engine.p2p_stream.Receives`). Between any two ranks
+activations travel only one way and gradients only the other, so messages pair up in posting order.
 On CUDA each link posts and waits on a stream of its own (:mod:`oobleck.engine.p2p_stream`).
 
 Under ``training.precision`` bf16 or fp16 the carry a stage sends is already in 16 bits (every layer's
@@ -102,14 +103,18 @@ def _buffers(specs: list[TensorSpec], device: torch.device) -> list[torch.Tensor
 
 
 class _Link:
-    """State shared by both directions: the peer, the device and the pending sends."""
+    """State shared by both directions: the peer, the device, the pending sends and the posted receives by
+    microbatch index."""
 
-    def __init__(self, peer: int, device: torch.device) -> None:
+    def __init__(self, peer: int, device: torch.device, watched: bool = False) -> None:
         self.peer = peer
+        #: posted receives are watched from their posting, for :meth:`ready` (:meth:`p2p_stream.Receives.watch`)
+        self.watched = watched
         self.device = device
         self.spec: CarrySpec | None = None
         self._stream = p2p_stream.comm_stream(device)  # None on CPU (oobleck.engine.p2p_stream)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._pending: dict[int, p2p_stream.Receives] = {}
         #: bytes of carries or gradients sent so far (headers not counted)
         self.sent_bytes = 0
 
@@ -125,12 +130,21 @@ class _Link:
             p2p_stream.wait_sent(work, self._stream)
         self._sends.clear()
 
-    def _irecv(self, tensor: torch.Tensor) -> dist.Work:
-        return p2p_stream.post(dist.irecv, tensor, self.peer, self._stream)
+    def _irecv(self, tensors: list[torch.Tensor]) -> p2p_stream.Receives:
+        works = [p2p_stream.post(dist.irecv, t, self.peer, self._stream) for t in tensors]
+        return p2p_stream.Receives(works, self._stream)
 
-    def _wait_received(self, works: list[dist.Work]) -> None:
-        for work in works:
-            p2p_stream.wait_received(work, self._stream)
+    def _post_pending(self, k: int, buffers: list[torch.Tensor]) -> None:
+        receives = self._irecv(buffers)
+        if self.watched:
+            receives.watch()
+        self._pending[k] = receives
+
+    def ready(self, k: int) -> bool:
+        """Whether microbatch ``k``'s posted receive (its carry from the previous stage, or its gradients from
+        the next) has completed, without blocking; the receive must have been posted. On CPU it tells reliably
+        only on a ``watched`` link (:mod:`oobleck.engine.p2p_stream`)."""
+        return self._pending[k].ready()
 
 
 class FromPrevious(_Link):
@@ -138,28 +152,27 @@ class FromPrevious(_Link):
 
     ``in_flight`` is the most microbatches whose received carries are alive at once (the schedule's
     in-flight bound plus the receives posted ahead); that many buffer sets are allocated and reused
-    round-robin by microbatch index.
+    round-robin by microbatch index. ``watched``: see :meth:`ready`.
     """
 
-    def __init__(self, peer: int, device: torch.device, in_flight: int) -> None:
-        super().__init__(peer, device)
+    def __init__(self, peer: int, device: torch.device, in_flight: int, watched: bool = False) -> None:
+        super().__init__(peer, device, watched)
         self._slots = in_flight
         self._buffers: list[list[torch.Tensor]] = []
-        self._pending: dict[int, list[dist.Work]] = {}
 
     def post_forward(self, k: int) -> None:
         """Post the receive of microbatch ``k``'s carry (the first call first receives the header)."""
         if self.spec is None:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            self._wait_received([self._irecv(header)])
+            self._irecv([header]).wait()
             self.spec = CarrySpec.decode(header)
             self._buffers = [_buffers(list(self.spec.tensors), self.device) for _ in range(self._slots)]
-        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self._slots]]
+        self._post_pending(k, self._buffers[k % self._slots])
 
     def take_forward(self, k: int) -> Carry:
         """Microbatch ``k``'s carry (its receive must have been posted): fresh leaves over the receive
         buffers, requiring a gradient where the sender's tensor did."""
-        self._wait_received(self._pending.pop(k))
+        self._pending.pop(k).wait()
         assert self.spec is not None
         tensors = tuple(
             b.detach().requires_grad_() if s.requires_grad else b
@@ -177,13 +190,13 @@ class FromPrevious(_Link):
 
 class ToNext(_Link):
     """The link to the next stage: sends carries, receives their gradients (``slots`` buffer sets, reused
-    round-robin by microbatch index: the one a backward pass is using and those being filled ahead)."""
+    round-robin by microbatch index: the one a backward pass is using and those being filled ahead).
+    ``watched``: see :meth:`ready`."""
 
-    def __init__(self, peer: int, device: torch.device, slots: int = 2) -> None:
-        super().__init__(peer, device)
+    def __init__(self, peer: int, device: torch.device, slots: int = 2, watched: bool = False) -> None:
+        super().__init__(peer, device, watched)
         self._slots = slots
         self._buffers: list[list[torch.Tensor]] = []
-        self._pending: dict[int, list[dist.Work]] = {}
         #: gradient receives posted before the first carry was sent, whose buffers' shapes were unknown
         self._deferred: list[int] = []
 
@@ -213,9 +226,9 @@ class ToNext(_Link):
             self._irecv_grads(k)
 
     def _irecv_grads(self, k: int) -> None:
-        self._pending[k] = [self._irecv(b) for b in self._buffers[k % self._slots]]
+        self._post_pending(k, self._buffers[k % self._slots])
 
     def take_backward(self, k: int) -> list[torch.Tensor]:
         """The gradients of microbatch ``k``'s carry (their receive must have been posted)."""
-        self._wait_received(self._pending.pop(k))
+        self._pending.pop(k).wait()
         return self._buffers[k % self._slots]

@@ -6,8 +6,17 @@ and keeps them exactly at the committed step:
 
 * **redundant forward**: for every microbatch it runs the shadow layers forward on what the successor gets
   as input (its own output; the last stage, shadowing the first, the microbatch itself), under
-  ``no_grad`` (and at ``training.precision``, as the successor runs them) and discarding the result. This is the computation Bamboo spends so that the predecessor could
-  take over a stage's forward pass at once; here it is paid every step and measured (``seconds``);
+  ``no_grad`` (and at ``training.precision``, as the successor runs them) and discarding the result. This
+  is the computation Bamboo spends so that the predecessor could take over a stage's forward pass at once;
+  here it is paid every step and measured (``seconds``). As in Bamboo it fills the pipeline's bubbles:
+  the stage queues each call (:class:`~oobleck.engine.stage.StageExecutor`) and runs the queue, oldest
+  first, while it waits for a receive that has not come yet (before each of its 1F1B forward and backward
+  passes that needs one), and runs what is left once its schedule is done, before the gradient sync. So
+  every step still does and measures every redundant forward; the queue holds at most the stage's
+  microbatches in flight, whose carries the plan counts in the stage's memory
+  (:func:`planner.templates.build_templates`, ``holds_sent_carry``). On a CPU machine with fewer cores
+  than workers a bubble is not idle time (the other workers' processes use the core), so the saving
+  there is smaller than on devices of their own;
 * **refresh**: once the step's gradients are final (synchronised and clipped), each stage sends its own
   layers' gradients to its predecessor and receives its successor's, then applies them to the shadow with
   the shadow's own optimizer at the same learning rate. Replaying the same update on the same state keeps

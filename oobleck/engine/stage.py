@@ -9,6 +9,7 @@ reference trainer: one AdamW per layer, and a Parameter several layers share bel
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,6 +85,25 @@ class _Saved:
     local: list[torch.Tensor]  # the part of ``outputs`` whose gradient this stage seeds itself (losses)
 
 
+def _kept_apart(carry: Carry | None, inputs: Carry | None) -> Carry | None:
+    """``carry`` detached from autograd, with a copy of each tensor that shares memory with ``inputs``. A
+    stage may pass an input tensor through unchanged (DiT's condition), and a received input lives in a
+    receive buffer the link refills for a later microbatch, so a carry kept for later must not alias one."""
+    if carry is None:
+        return None
+    received = {t.untyped_storage().data_ptr() for t in _tensors(inputs)}
+    kept = tuple(
+        t.detach().clone() if t.untyped_storage().data_ptr() in received else t.detach() for t in _tensors(carry)
+    )
+    return kept if isinstance(carry, tuple) else kept[0]
+
+
+def _tensors(carry: Carry | None) -> tuple[torch.Tensor, ...]:
+    if carry is None:
+        return ()
+    return carry if isinstance(carry, tuple) else (carry,)
+
+
 class StageExecutor:
     """Runs one stage's share of a step under 1F1B and leaves the summed gradients of the stage's
     microbatches, times the loss scale, in its parameters' ``.grad``.
@@ -92,6 +112,15 @@ class StageExecutor:
     received for their outputs plus their own aux losses times the loss scale. Nothing is divided here: the
     worker scales the gradients once by ``1 / (global units * loss scale)`` after they are summed across
     pipelines. The layers run under ``precision`` (:func:`oobleck.precision.forward_layers`).
+
+    ``redundant`` (the Bamboo-style baseline, :mod:`oobleck.engine.shadow`) is the successor's forward pass,
+    run on what the successor gets from each microbatch (the last stage: None, the first's input being the
+    microbatch itself). It is not run at once but queued, and the queue is run oldest first in the pipeline's
+    bubbles: before each blocking receive, one queued call at a time while that receive has not completed.
+    The queue holds at most the stage's microbatches in flight under 1F1B (a call beyond that runs at once),
+    the bound the plan's memory accounts for (:func:`planner.templates.build_templates`'s
+    ``holds_sent_carry``); what is left when the schedule ends runs then, so every call of a step is done
+    when :meth:`run` returns.
     """
 
     def __init__(
@@ -114,15 +143,20 @@ class StageExecutor:
         self.precision = precision
         #: the stage's measured peak memory of the step being run
         self.memory = StageMemory(layers, device)
-        #: called after each forward with what the successor stage gets (the last stage: None, the input
-        #: of the first), for the Bamboo-style redundant forward (:mod:`oobleck.engine.shadow`)
+        #: the Bamboo-style redundant forward, run from ``_queued`` (class notes)
         self.redundant = redundant
+        #: redundant forwards not yet run: (what the successor gets, the microbatch), oldest first
+        self._queued: deque[tuple[Carry | None, MicroBatch]] = deque()
+        self._most_queued = max_in_flight(stage, num_stages, num_microbatches)
         self.device = device
         self.modules = [h.module for h in layers]
         self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
         in_flight = max_in_flight(stage, num_stages, num_microbatches) + LOOKAHEAD  # + the receives posted ahead
-        self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
-        self.next = ToNext(next_, device, LOOKAHEAD + 1) if next_ is not None else None
+        # the bubbles are found by testing receives, which on CPU is reliable only for receives watched from
+        # their posting (oobleck.engine.p2p_stream)
+        watched = redundant is not None
+        self.prev = FromPrevious(prev, device, in_flight, watched) if prev is not None else None
+        self.next = ToNext(next_, device, LOOKAHEAD + 1, watched) if next_ is not None else None
 
     def run(
         self,
@@ -141,6 +175,7 @@ class StageExecutor:
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._units = 0
         self.memory.step_started()
+        self._queued.clear()  # a step that failed may have left some
         posted = 0
         seen: set[bool] = set()
         for j, op in enumerate(self.ops):
@@ -158,6 +193,8 @@ class StageExecutor:
                 if j == len(self.ops) - 1 and before_last_backward is not None:
                     before_last_backward()
                 self._backward(op.microbatch)
+        while self._queued:  # before the sends are waited for: they may still be in flight
+            self._run_queued()
         for link in (self.prev, self.next):
             if link is not None:
                 link.flush()
@@ -169,9 +206,23 @@ class StageExecutor:
         elif not op.forward and self.next is not None:
             self.next.post_backward(op.microbatch)
 
+    def _run_queued(self) -> None:
+        carry, mb = self._queued.popleft()
+        assert self.redundant is not None
+        self.redundant(carry, mb)
+
+    def _fill_bubble(self, link: FromPrevious | ToNext, k: int) -> None:
+        """Run queued redundant forwards, oldest first, while microbatch ``k``'s posted receive on ``link``
+        has not completed: time in which the stage would otherwise only wait."""
+        while self._queued and not link.ready(k):
+            self._run_queued()
+
     def _forward(self, k: int) -> None:
         mb = self._mbs[k].fresh()  # aux losses stay with the stage that made them
-        inputs = self.prev.take_forward(k) if self.prev is not None else None
+        inputs = None
+        if self.prev is not None:
+            self._fill_bubble(self.prev, k)
+            inputs = self.prev.take_forward(k)
         with self.memory.saving(k):
             carry = forward_layers(
                 self.modules, inputs, mb, self.precision, self.device, ends_model=self.next is None, recompute=self.recompute
@@ -189,11 +240,16 @@ class StageExecutor:
             local = [aux] if isinstance(aux, torch.Tensor) and aux.requires_grad else []
             self._saved[k] = _Saved(inputs, outputs + local, local)
         if self.redundant is not None:
-            self.redundant(carry if self.next is not None else None, self._mbs[k])
+            self._queued.append((_kept_apart(carry, inputs) if self.next is not None else None, self._mbs[k]))
+            if len(self._queued) > self._most_queued:
+                self._run_queued()
 
     def _backward(self, k: int) -> None:
+        grads: list[torch.Tensor] = []
+        if self.next is not None:
+            self._fill_bubble(self.next, k)
+            grads = self.next.take_backward(k)
         saved = self._saved.pop(k)
-        grads = self.next.take_backward(k) if self.next is not None else []
         seeds = [torch.full_like(t, self._loss_scale) for t in saved.local]
         if saved.outputs:
             torch.autograd.backward(saved.outputs, list(grads) + seeds)
