@@ -191,6 +191,19 @@ def test_varuna_loses_a_checkpoint_cut_short_and_ignores_a_spare() -> None:
     assert r.steps == 4 and r.breakdown["checkpoint"] == pytest.approx(0.5 + 1.0)  # the cut write counts too
 
 
+@pytest.mark.parametrize("only_if_faster, restarts", [(True, 0), (False, 1)])
+def test_varuna_grows_for_a_join_that_does_not_speed_it_up_only_as_the_engine_does(only_if_faster: bool, restarts: int) -> None:
+    """Four nodes make two 2-node pipelines; a fifth makes no faster plan. Varuna's morphing leaves it a
+    spare; the engine's Varuna-style master restarts at the next checkpoint to take it in anyway."""
+    pc = toy(5, varuna_grows_only_if_faster=only_if_faster)
+    t4 = pc.varuna.config(4).step_time_s
+    join = [TraceEvent(0.5 * t4, "add", "node5")]
+    duration = 12 * t4 + 4 * 1.0 + 10.0  # checkpoints every 3 steps, and a restart if one comes
+    r = simulate("varuna", pc, start(4) + join, duration)
+    assert r.counts.get("reconfigurations", 0) == restarts and r.counts.get("steps_lost", 0) == 0
+    assert r.breakdown["recovery"] == pytest.approx(10.0 * restarts)
+
+
 def test_varuna_takes_a_node_ready_during_a_restart_in_at_its_next_checkpoint() -> None:
     """As the engine's master does: a restart plans for the nodes alive when it began; a node ready during
     it waits for the next periodic checkpoint, after which the job restarts (losing no step) to take it in."""

@@ -44,8 +44,8 @@ class VarunaSim(HomogeneousSim):
     restarts on the nodes alive when the restart begins (a loss during it joins it or starts it over:
     :meth:`~benchmarks.sim.core.PolicySim.restart_after_loss`). A node that
     becomes ready later waits for the next periodic checkpoint, after which the job restarts to take it in
-    if that makes it faster (growing costs a restart but loses no step; the engine's master grows at the same
-    checkpoint boundary, ``Varuna.grows_after`` in :mod:`oobleck.control.policy`, but restarts even when the plan does not improve)."""
+    (growing costs a restart but loses no step): only if that makes it faster, or always, as the engine's
+    master does (``Costs.varuna_grows_only_if_faster``)."""
 
     policy = "varuna"
 
@@ -138,7 +138,9 @@ class VarunaSim(HomogeneousSim):
 
     def at_boundary(self, now: float) -> None:
         if self.step % self.costs.checkpoint_every == 0 and self.step != self.ckpt.step:
-            self.restart_after_checkpoint = self.pending_join and self._grows_faster()
+            self.restart_after_checkpoint = self.pending_join and (
+                not self.costs.varuna_grows_only_if_faster or self._grows_faster()
+            )
             self.start_busy(now, "checkpoint", "checkpoint", self.costs.checkpoint_write_s)
 
 

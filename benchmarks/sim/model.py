@@ -79,6 +79,9 @@ class Costs:
     * ``restart_join_s``: the first part of every process restart, until the restarted processes ask for
       their place in the plan; a loss within it joins the restart, a later one starts it over
       (:meth:`benchmarks.sim.core.PolicySim.restart_after_loss`; 0, the default: every loss starts it over).
+    * ``varuna_grows_only_if_faster``: at a checkpoint with a node waiting to join, Varuna restarts to take it
+      in only when that makes the job faster (True, the default: Varuna's morphing), or always (False: this
+      engine's Varuna-style master, ``Varuna.grows_after`` in :mod:`oobleck.control.policy`).
     """
 
     recovery_fixed_s: float
@@ -93,6 +96,7 @@ class Costs:
     bamboo_reconfigure_threshold: float = BAMBOO_RECONFIGURE_THRESHOLD
     bamboo_restart_s: float | None = None
     restart_join_s: float = 0.0
+    varuna_grows_only_if_faster: bool = True
 
     @property
     def bamboo_fatal_restart_s(self) -> float:
@@ -103,6 +107,10 @@ class Costs:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None and f.name == "bamboo_restart_s":
+                continue
+            if f.name == "varuna_grows_only_if_faster":
+                if not isinstance(value, bool):
+                    raise SimulatorError(f"costs.{f.name}: got {value!r}; must be true or false")
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SimulatorError(f"costs.{f.name}: got {value!r}; must be a finite number >= 0")
