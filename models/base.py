@@ -34,6 +34,13 @@ from torch import nn
 Carry = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
+def carry_tensors(carry: Carry | None) -> tuple[torch.Tensor, ...]:
+    """The tensors of a carry, in order: a tuple as it is, one tensor as a 1-tuple, None as no tensor."""
+    if carry is None:
+        return ()
+    return carry if isinstance(carry, tuple) else (carry,)
+
+
 @dataclass
 class MicroBatch:
     """One microbatch as a layer sees it.

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from models.base import Carry, MicroBatch, ModelSpec
+from models.base import Carry, MicroBatch, ModelSpec, carry_tensors
 from models.data import BatchSource
 from oobleck.config import JobConfig, TrainingConfig
 from oobleck.devices import resolve_device
@@ -67,10 +67,6 @@ from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
 
 
-def _tensors(carry: Carry) -> tuple[torch.Tensor, ...]:
-    return carry if isinstance(carry, tuple) else (carry,)
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -79,7 +75,7 @@ def _as_boundary_input(carry: Carry | None) -> Carry | None:
     """The carry as a stage receives it: a fresh leaf, requiring grad when it is floating point."""
     if carry is None:
         return None
-    received = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in _tensors(carry))
+    received = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in carry_tensors(carry))
     return received if isinstance(carry, tuple) else received[0]
 
 
@@ -137,7 +133,7 @@ class _SavedBytes:
 def backward_with_ones(out: Carry, mb: MicroBatch) -> None:
     """Backpropagate one forward pass as a stage would: a gradient of ones into every output that needs one
     (the last layer's loss gets exactly 1) and into the layer's auxiliary losses."""
-    roots = [t for t in _tensors(out) if t.requires_grad] + list(mb.aux_losses)
+    roots = [t for t in carry_tensors(out) if t.requires_grad] + list(mb.aux_losses)
     if roots:  # a frozen layer fed by nothing trainable has no backward pass
         torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
 
@@ -292,7 +288,7 @@ def profile_model(
                 grad_bytes=sum(_nbytes(p) for p in trainable),
                 optimizer_bytes=2 * sum(_nbytes(p) for p in trainable),
                 activation_bytes=activation_bytes[index],
-                output_bytes=0 if outgoing is None else sum(_nbytes(t) for t in _tensors(outgoing)),
+                output_bytes=0 if outgoing is None else sum(_nbytes(t) for t in carry_tensors(outgoing)),
                 update_s=statistics.median(update_times[index]) if update_times[index] else 0.0,
             )
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from models.base import Carry, Layer, MicroBatch
+from models.base import Carry, Layer, MicroBatch, carry_tensors
 
 
 def run_layer(layer: Layer, carry: Carry | None, mb: MicroBatch, recompute: bool) -> Carry:
@@ -34,7 +34,7 @@ def run_layer(layer: Layer, carry: Carry | None, mb: MicroBatch, recompute: bool
     if not recompute or not torch.is_grad_enabled():
         return layer(carry, mb)
     packed = isinstance(carry, tuple)
-    tensors = carry if isinstance(carry, tuple) else (() if carry is None else (carry,))
+    tensors = carry_tensors(carry)
 
     def forward(*received: torch.Tensor) -> Carry:
         again: Carry | None = tuple(received) if packed else (received[0] if received else None)

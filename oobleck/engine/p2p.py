@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from models.base import Carry
+from models.base import Carry, carry_tensors
 from oobleck.engine import p2p_stream
 
 _DTYPES = [
@@ -62,7 +62,7 @@ class CarrySpec:
 
     @classmethod
     def of(cls, carry: Carry) -> "CarrySpec":
-        tensors = carry if isinstance(carry, tuple) else (carry,)
+        tensors = carry_tensors(carry)
         if not 1 <= len(tensors) <= MAX_TENSORS:
             raise ValueError(f"a carry must hold 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
         specs = []
@@ -92,10 +92,6 @@ class CarrySpec:
     @property
     def grad_specs(self) -> list[TensorSpec]:
         return [t for t in self.tensors if t.requires_grad]
-
-
-def _as_tensors(carry: Carry) -> tuple[torch.Tensor, ...]:
-    return carry if isinstance(carry, tuple) else (carry,)
 
 
 def _buffers(specs: list[TensorSpec], device: torch.device) -> list[torch.Tensor]:
@@ -183,7 +179,7 @@ class FromPrevious(_Link):
     def send_backward(self, carry: Carry) -> None:
         """Send the gradients of a received carry's tensors that require one (zeros where autograd left
         none, i.e. the tensor did not influence this stage's outputs)."""
-        for t in _as_tensors(carry):
+        for t in carry_tensors(carry):
             if t.requires_grad:
                 self._isend(t.grad if t.grad is not None else torch.zeros_like(t))
 
@@ -203,7 +199,7 @@ class ToNext(_Link):
     def send_forward(self, carry: Carry) -> list[torch.Tensor]:
         """Send a carry (the first call sends the header first); returns the carry's tensors that require a
         gradient, in order, for the backward pass."""
-        tensors = _as_tensors(carry)
+        tensors = carry_tensors(carry)
         if self.spec is None:
             self.spec = CarrySpec.of(carry)
             self._isend(self.spec.encode(self.device), header=True)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from models.base import Carry, Layer, MicroBatch, ModelSpec, set_parameter
+from models.base import Carry, Layer, MicroBatch, ModelSpec, carry_tensors, set_parameter
 from oobleck import checkpoint
 from oobleck.config import Precision, TrainingConfig
 from oobleck.engine.memory import StageMemory
@@ -91,17 +91,11 @@ def _kept_apart(carry: Carry | None, inputs: Carry | None) -> Carry | None:
     receive buffer the link refills for a later microbatch, so a carry kept for later must not alias one."""
     if carry is None:
         return None
-    received = {t.untyped_storage().data_ptr() for t in _tensors(inputs)}
+    received = {t.untyped_storage().data_ptr() for t in carry_tensors(inputs)}
     kept = tuple(
-        t.detach().clone() if t.untyped_storage().data_ptr() in received else t.detach() for t in _tensors(carry)
+        t.detach().clone() if t.untyped_storage().data_ptr() in received else t.detach() for t in carry_tensors(carry)
     )
     return kept if isinstance(carry, tuple) else kept[0]
-
-
-def _tensors(carry: Carry | None) -> tuple[torch.Tensor, ...]:
-    if carry is None:
-        return ()
-    return carry if isinstance(carry, tuple) else (carry,)
 
 
 class StageExecutor:
@@ -151,7 +145,7 @@ class StageExecutor:
         self.device = device
         self.modules = [h.module for h in layers]
         self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
-        in_flight = max_in_flight(stage, num_stages, num_microbatches) + LOOKAHEAD  # + the receives posted ahead
+        in_flight = self._most_queued + LOOKAHEAD  # the schedule's in-flight bound + the receives posted ahead
         # the bubbles are found by testing receives, which on CPU is reliable only for receives watched from
         # their posting (oobleck.engine.p2p_stream)
         watched = redundant is not None
