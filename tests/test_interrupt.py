@@ -167,3 +167,92 @@ def test_an_operation_is_posted_before_the_end_or_refused() -> None:
             interrupt.post(operation)
     finally:
         interrupt.watch(None)
+
+
+#: how long a survivor may take from the generation's end to leaving a build that waits on a dead member
+#: (the grace plus a few wait slices; without the abandon it waits out gloo's timeout)
+LEFT_BUILD_WITHIN_S = 5.0
+
+
+def _build_rank_main(rank: int, store_port: int) -> None:
+    """Rank 2 posts its address for generation 1's group and is killed at once, before connecting to
+    anyone; ranks 0 and 1 build that group under a generation watch, then build generation 2's without it."""
+    import os
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from oobleck.engine import interrupt
+    from oobleck.engine.elastic import GenerationWatch
+    from test_release import store_key
+
+    base = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=START_TIMEOUT)
+    generation = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=GLOO_TIMEOUT)
+    gen1 = dist.PrefixStore("gen1", generation)
+    if rank == 2:
+
+        class _DiesAfterItsAddress(dist.Store):  # the rest of the Store calls are not used before the kill
+            def set(self, key: str, value: bytes) -> None:
+                gen1.set(key, value)
+                if key.endswith(f"/{rank}"):  # gloo's address of this rank: peers now wait for it
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def get(self, key: str) -> bytes:
+                return gen1.get(key)
+
+            def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+                gen1.wait(keys, timeout or GLOO_TIMEOUT)
+
+        base.wait(["go"])
+        dist.init_process_group("gloo", store=_DiesAfterItsAddress(), rank=rank, world_size=3, timeout=GLOO_TIMEOUT)
+        return
+    watch = GenerationWatch(base, 1, store_key(), exclude_ports=(store_port,), stuck_after_s=0)
+    interrupt.watch(watch.ended)
+    report: dict[str, object] = {}
+    base.wait(["go"])
+    try:
+        interrupt.build(dist.init_process_group, "gloo", store=gen1, rank=rank, world_size=3, timeout=GLOO_TIMEOUT)
+        report["built"] = True
+    except Exception as e:  # GenerationEnded, or gloo's own error if the sweep reached the build first
+        report["error"] = type(e).__name__
+    report["left_after_end_s"] = time.time() - float(base.get("ended_at"))
+    watch.close()
+    interrupt.watch(None)
+    report["abandoned_builds"] = interrupt.abandoned_builds()
+    dist.distributed_c10d._world.group_count = 0  # as oobleck.engine.elastic does between generations
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=GLOO_TIMEOUT)
+    dist.init_process_group("gloo", store=dist.PrefixStore("gen2", store), rank=rank, world_size=2, timeout=GLOO_TIMEOUT)
+    value = torch.tensor([rank + 1.0])
+    dist.all_reduce(value)
+    report["all_reduce"] = value.item()
+    base.set(f"result/{rank}", json.dumps(report))
+    base.wait(["finish"])
+    os._exit(0)  # an abandoned build's thread is still blocked in gloo: do not wait for it at exit
+
+
+@pytest.mark.slow  # three worker processes and gloo groups: ~5 s (30 s on a loaded machine)
+def test_a_group_build_waiting_on_a_member_killed_mid_rendezvous_is_abandoned_at_the_end() -> None:
+    """A member killed after it posted its address, before connecting: its peers wait inside gloo's
+    constructor on no socket (seen: until the 30 s stuck-worker backstop). After the generation's end they
+    leave the build within seconds, and build the next generation's group without it."""
+    import torch.distributed as dist
+
+    from test_release import end_generation
+
+    host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=START_TIMEOUT)
+    with rank_processes(_build_rank_main, 3, host.port) as ranks:
+        host.set("go", "1")
+        ranks[2].join(timeout=START_TIMEOUT.total_seconds())
+        assert ranks[2].exitcode == -9, "rank 2 was to be killed right after posting its address"
+        host.set("ended_at", str(time.time()))
+        end_generation(host, 1)
+        results = {rank: json.loads(host.get(f"result/{rank}")) for rank in (0, 1)}
+        host.set("finish", "1")
+        assert exit_codes(ranks[:2]) == [0, 0]
+    print(f"\nbuild abandon: {json.dumps(results, sort_keys=True)}")
+    for report in results.values():
+        assert "built" not in report, "a group with a dead member cannot have been built"
+        assert report["left_after_end_s"] < LEFT_BUILD_WITHIN_S, report
+        assert report["all_reduce"] == 3.0
+    assert any(r["error"] == "GenerationEnded" and r["abandoned_builds"] == 1 for r in results.values()), results

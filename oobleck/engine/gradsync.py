@@ -187,7 +187,7 @@ class GradSync:
         groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         started = time.perf_counter()
         for ranks in sync_sets(holders, tied):
-            group = dist.new_group(list(ranks), timeout=timeout)
+            group = interrupt.build(dist.new_group, list(ranks), timeout=timeout)
             if rank in ranks:
                 groups[ranks] = group
         #: seconds the ``new_group`` calls took on this rank (part of a recovery's rebuild)

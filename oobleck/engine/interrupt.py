@@ -20,6 +20,16 @@ generation's end by shutting down its sockets. Two gaps remain, and this module 
   joins its threads, which would block until the stuck operation times out; once the operation has
   finished (with gloo's timeout at the latest) the next :func:`abandon` lets both go.
 
+* Building a group (``init_process_group``, ``new_group``) connects every pair of its members. When a member
+  dies after it posted its address but before its peers connected to it, a peer that waits for the dead
+  member's connection waits in gloo's constructor, on no socket at all, for the group's timeout (120 s):
+  nothing the sweep shuts down releases it, so the worker sat out the stuck-worker backstop (30 s) and its
+  node was counted as lost (seen in the fault-tolerance benchmark; reproduced by killing a member right
+  after it posted its address). :func:`build` therefore builds a group on a thread of its own and, once the
+  generation has ended and ``BUILD_GRACE`` has passed without the build failing by itself (the sweep fails
+  a build waiting on the store within milliseconds), abandons it: the thread is left to fail at gloo's
+  timeout, holding nothing the next generation uses (that one names its groups under a new store prefix).
+
 Point-to-point waits cannot use slices: a timed-out gloo send or receive closes its pair for good. Those
 run in the calling thread, are released by the shutdown, and keep the stuck-worker backstop as their last
 resort.
@@ -28,6 +38,7 @@ resort.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Callable, Iterable, TypeVar
 
@@ -40,6 +51,10 @@ class GenerationEnded(RuntimeError):
 
 #: how often a worker waiting on a collective looks whether the generation has ended
 WAIT_SLICE = timedelta(milliseconds=50)
+#: how long a group's build may go on after the generation's end before it is abandoned: long enough for
+#: the build to fail by itself when the sweep released it, so that an abandoned build is surely blocked
+#: inside gloo's constructor rather than still running torch's Python bookkeeping
+BUILD_GRACE = timedelta(milliseconds=300)
 
 _ended: threading.Event | None = None
 #: held while an operation is posted and while the watched generation is marked ended (see the module notes)
@@ -47,6 +62,8 @@ _posting = threading.Lock()
 T = TypeVar("T")
 #: (work, group) of collectives given up while still running; see the module notes
 _abandoned: list[tuple[dist.Work, dist.ProcessGroup | None]] = []
+#: threads of group builds given up while still blocked (see the module notes)
+_abandoned_builds: list[threading.Thread] = []
 
 
 def watch(ended: threading.Event | None) -> None:
@@ -106,3 +123,43 @@ def abandon(works: Iterable[tuple[dist.Work | None, dist.ProcessGroup | None]]) 
 def abandoned() -> int:
     """How many abandoned collectives are still running."""
     return sum(not w.is_completed() for w, _ in _abandoned)
+
+
+def build(construct: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """``construct(*args, **kwargs)``, a torch.distributed call that builds a process group
+    (``init_process_group``, ``new_group``), run on a thread of its own while this one waits for it.
+    Returns its result or raises its error; raises :class:`GenerationEnded` (abandoning the build, see the
+    module notes) if the watched generation ended and the build went on ``BUILD_GRACE`` longer."""
+    if _ended is None:
+        return construct(*args, **kwargs)
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(construct(*args, **kwargs))
+        except BaseException as e:  # handed to the waiting thread; once abandoned, nobody looks
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="group-build", daemon=True)
+    thread.start()
+    ended_at: float | None = None
+    slice_s = WAIT_SLICE.total_seconds()
+    while True:
+        thread.join(slice_s)
+        if not thread.is_alive():
+            if failure:
+                raise failure[0]
+            return outcome[0]
+        if _ended.is_set():
+            now = time.monotonic()
+            ended_at = now if ended_at is None else ended_at
+            if now - ended_at >= BUILD_GRACE.total_seconds():
+                _abandoned_builds[:] = [t for t in _abandoned_builds if t.is_alive()]
+                _abandoned_builds.append(thread)
+                raise GenerationEnded("the generation ended while its process group was being built; abandoned it")
+
+
+def abandoned_builds() -> int:
+    """How many abandoned group builds are still blocked."""
+    return sum(t.is_alive() for t in _abandoned_builds)

@@ -425,13 +425,19 @@ def join_world(assignment: Assignment, store_key: bytes) -> SignedStore:
     signed = SignedStore(base, store_key, assignment.store_prefix)
     if assignment.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(assignment.device))
-    dist.init_process_group(
-        assignment.backend,
-        store=signed.raw,
-        rank=assignment.rank,
-        world_size=assignment.world_size,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
+
+    def init() -> None:
+        if assignment.device.startswith("cuda"):  # the current device is per thread
+            torch.cuda.set_device(torch.device(assignment.device))
+        dist.init_process_group(
+            assignment.backend,
+            store=signed.raw,
+            rank=assignment.rank,
+            world_size=assignment.world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+
+    interrupt.build(init)  # abandoned if the generation ends during it (oobleck.engine.interrupt)
     return signed
 
 
