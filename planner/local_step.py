@@ -22,7 +22,9 @@ gradient its core goes to the others, and in the pipelines' fill and drain fewer
   above: its layers' ``update_s`` (the profile's packing of the gradients, their norm and the optimizer
   step; where the profile has none, AdamW's ``optimizer_byte_s * grad_bytes_i``) and, with more than one
   pipeline, where every layer has copies, the gradient all-reduce (``allreduce_s + allreduce_byte_s *
-  grad_bytes_i``). Then the gradient norm's all-reduce (``allreduce_s``, when the job has more than one
+  grad_bytes_i * 2(P-1)/P`` among the P pipelines' copies: gloo's ring all-reduce sends and receives
+  ``2(P-1)/P`` times the buffer per rank, and ``allreduce_byte_s`` is measured between two ranks, where
+  that factor is 1). Then the gradient norm's all-reduce (``allreduce_s``, when the job has more than one
   rank) and the commit's round trip through the master's store (``commit_s``), once.
 
 With :data:`NO_COSTS` (C infinite, no overheads) the local step is the slowest pipeline's 1F1B makespan
@@ -156,13 +158,14 @@ def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: St
     workers: list[list[_Op]] = []
     tail: list[list[_Op]] = []
     ranks = sum(t.num_stages for t, _ in pipelines)
+    ring = 2 * (len(pipelines) - 1) / len(pipelines)  # bytes per rank of a ring all-reduce, over the two-rank figure
     for t, m in pipelines:
         if m < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {m}")
         workers += _worker_ops(t, m, len(workers), c)
         for s in t.stages:
             update = s.update_s or c.optimizer_byte_s * s.grad_bytes
-            sync = c.allreduce_s + c.allreduce_byte_s * s.grad_bytes if len(pipelines) > 1 else 0.0
+            sync = c.allreduce_s + c.allreduce_byte_s * s.grad_bytes * ring if ring else 0.0
             tail.append([(False, 0, update + sync, None, 0.0)])
     slots = c.cores / c.threads
 

@@ -100,6 +100,9 @@ def test_the_tail_adds_all_reduces_optimizer_and_commit_once_per_step() -> None:
     assert local_step_time([(one_stage, 2)], costs) == pytest.approx(6 + 0.1 + 0.25)  # one rank: no all-reduce
     replicated = local_step_time([(TEMPLATE, 3), (TEMPLATE, 3)], costs)
     assert replicated == pytest.approx(alone + 0.5 + 0.01 * 200)  # and the gradients'
+    # four copies of each layer: a ring all-reduce moves 2(4-1)/4 = 1.5 times the two-rank bytes per rank
+    four = local_step_time([(TEMPLATE, 3)] * 4, costs)
+    assert four == pytest.approx(alone + 0.5 + 0.01 * 200 * 1.5)
     # on one core the three AdamW steps share it: their sum, not the slowest
     one_core = local_step_time([(TEMPLATE, 3)], StepCosts(cores=1, optimizer_byte_s=0.001))
     assert one_core == pytest.approx(local_step_time([(TEMPLATE, 3)], StepCosts(cores=1)) + 0.001 * 350)
