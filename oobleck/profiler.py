@@ -14,7 +14,8 @@ tensor. Both raise a GPT block's passes by about 10% on this machine over back-t
 hook, and bring them to within about 5% of what the engine's workers measure per microbatch.
 
 On CPU each round then times every layer's once-a-step work (``update_s``): packing its gradients into
-a flat buffer with their presence flags and back, their squared norm in float64 and an AdamW step made by
+a flat buffer with their presence flags and back, their squared norm in float64 (the gradient sync's own
+:class:`oobleck.grad_buffer.GradBuffer`) and an AdamW step made by
 :func:`oobleck.training.make_optimizer` (at learning rate 0, so the layers do not change), as a worker does
 after its last backward (:mod:`oobleck.engine.gradsync`, :mod:`oobleck.engine.worker`). On this machine a
 GPT block's takes several times what AdamW on one flat tensor of its size takes: the optimizer steps every
@@ -59,6 +60,7 @@ from models.data import BatchSource
 from oobleck.config import JobConfig, TrainingConfig
 from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
+from oobleck.grad_buffer import GradBuffer
 from oobleck.model_building import build_batches, build_model, config_errors
 from oobleck.shared_cores import computing_neighbours, neighbours_for
 from oobleck.step_costs import local_cores, local_workers, threads_per_worker, torch_threads
@@ -149,28 +151,16 @@ class _Update:
     """One layer's once-a-step work after its last backward, as a worker does it (module notes)."""
 
     def __init__(self, layer: torch.nn.Module, training: TrainingConfig) -> None:
-        self.params = list(dict.fromkeys(p for p in layer.parameters() if p.requires_grad))
-        self.numel = sum(p.numel() for p in self.params)
-        dtype = self.params[0].dtype if self.params else torch.float32
-        self.flat = torch.zeros(self.numel + len(self.params), dtype=dtype)
+        params = list(dict.fromkeys(p for p in layer.parameters() if p.requires_grad))
+        dtype = params[0].dtype if params else torch.float32
+        self.buffer = GradBuffer(params, dtype, torch.device("cpu"))
         self.optimizer = make_optimizer(layer.named_parameters(), training)
         set_lr(self.optimizer, 0.0)
 
     def run(self) -> None:
-        flags, views, offset = self.flat[self.numel :], [], 0
-        for j, param in enumerate(self.params):
-            view = self.flat[offset : offset + param.numel()]
-            offset += param.numel()
-            views.append(view)
-            if param.grad is None:
-                view.zero_()
-                flags[j] = 0
-            else:
-                view.copy_(param.grad.reshape(-1))
-                flags[j] = 1
-        self.flat[: self.numel].double().pow(2).sum()
-        for param, view, flag in zip(self.params, views, flags.tolist()):
-            param.grad = view.view_as(param) if flag > 0 else None
+        self.buffer.pack()
+        self.buffer.squared_norm()
+        self.buffer.unpack()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -307,3 +307,23 @@ def test_worker_cli_refuses_a_bad_assignment_file_in_one_line(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--assignment-file" in proc.stderr
+
+
+def test_a_grad_buffer_packs_gradients_and_flags_and_unpacks_none_where_no_gradient_was() -> None:
+    """Round trip through the flat buffer the gradient sync all-reduces (and the profiler times): values,
+    flags, the float64 squared norm, and None back where a parameter had no gradient."""
+    from oobleck.grad_buffer import GradBuffer
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for shape in [(2, 3), (4,), (1,)])
+    a.grad = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    c.grad = torch.tensor([-2.0], dtype=torch.float64)
+    buffer = GradBuffer([a, b, c], torch.float64, torch.device("cpu"))
+    assert buffer.offsets == [0, 6, 10] and buffer.numel == 11 and buffer.flat.numel() == 14
+    b.grad = torch.ones(4, dtype=torch.float64)
+    buffer.pack([0, 2])  # b is not packed: its slice and flag keep their zeros
+    assert buffer.flat.tolist() == [0, 1, 2, 3, 4, 5, 0, 0, 0, 0, -2, 1, 0, 1]
+    assert buffer.squared_norm().item() == 55 + 4
+    buffer.scale(0.5)
+    buffer.unpack()
+    assert a.grad.tolist() == [[0, 0.5, 1], [1.5, 2, 2.5]] and b.grad is None and c.grad.tolist() == [-1.0]
+    assert a.grad.data_ptr() == buffer.flat.data_ptr()  # a view of the buffer, not a copy

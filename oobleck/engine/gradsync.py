@@ -50,6 +50,7 @@ from models.base import TiedGroup
 from oobleck.engine import interrupt
 from oobleck.engine.api import PipelinePlan
 from oobleck.engine.stage import HeldLayer
+from oobleck.grad_buffer import GradBuffer
 
 #: sort key of a logical parameter: (0, tied group, "") or (1, layer index, parameter name)
 ParamKey = tuple[int, int, str]
@@ -80,40 +81,21 @@ def sync_sets(holders: list[frozenset[int]], tied: list[TiedGroup]) -> list[tupl
 class _Entry:
     key: ParamKey
     param: torch.nn.Parameter
-    offset: int
 
 
 @dataclass
 class Bucket:
-    """The parameters of one (holder set, dtype) on this rank and their flat buffer."""
+    """The parameters of one (holder set, dtype) on this rank and their flat buffer (:meth:`finalize`
+    builds it, in key order)."""
 
     ranks: tuple[int, ...]
     group: dist.ProcessGroup | None  # None when this rank is the only holder: nothing to sum
     entries: list[_Entry] = field(default_factory=list)
-    flat: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    numel: int = 0  # gradient elements; flags follow
+    buffer: GradBuffer = field(default_factory=lambda: GradBuffer([], torch.float32, torch.device("cpu")))
 
     def finalize(self, dtype: torch.dtype, device: torch.device) -> None:
         self.entries.sort(key=lambda e: e.key)
-        offset = 0
-        for e in self.entries:
-            e.offset = offset
-            offset += e.param.numel()
-        self.numel = offset
-        self.flat = torch.zeros(offset + len(self.entries), dtype=dtype, device=device)
-
-    def pack(self, entries: range) -> None:
-        """Copy the gradients of ``entries`` (indices into :attr:`entries`) into the buffer, with their flags."""
-        flags = self.flat[self.numel :]
-        for j in entries:
-            e = self.entries[j]
-            view = self.flat[e.offset : e.offset + e.param.numel()]
-            if e.param.grad is None:
-                view.zero_()
-                flags[j] = 0
-            else:
-                view.copy_(e.param.grad.reshape(-1))
-                flags[j] = 1
+        self.buffer = GradBuffer([e.param for e in self.entries], dtype, device)
 
     def pieces(self, split: bool) -> list["_Piece"]:
         """The bucket as one piece, or (``split``) one piece per layer (tied parameters, at level -1, form
@@ -121,27 +103,21 @@ class Bucket:
         several: pieces are posted from the highest level down."""
         levels = [e.key[1] if e.key[0] == 1 else -1 for e in self.entries]
         everything = range(len(self.entries))
+        buffer = self.buffer
         if not split:
-            return [_Piece(self, min(levels), 0, self.flat.numel(), everything, everything)]
+            return [_Piece(self, min(levels), 0, buffer.flat.numel(), everything, everything)]
         pieces = []
         for level in sorted(set(levels), reverse=True):
             js = range(levels.index(level), len(levels) - levels[::-1].index(level))  # keys sort by level
-            first, last = self.entries[js[0]], self.entries[js[-1]]
-            pieces.append(_Piece(self, level, first.offset, last.offset + last.param.numel(), js, js))
-        pieces.append(_Piece(self, -1, self.numel, self.flat.numel(), range(0), everything))
+            stop = buffer.offsets[js[-1]] + self.entries[js[-1]].param.numel()
+            pieces.append(_Piece(self, level, buffer.offsets[js[0]], stop, js, js))
+        pieces.append(_Piece(self, -1, buffer.numel, buffer.flat.numel(), range(0), everything))
         return pieces
-
-    def unpack(self) -> None:
-        """Point every parameter's gradient at its summed slice (None where no holder had one)."""
-        present = self.flat[self.numel :].tolist()
-        for e, flag in zip(self.entries, present):
-            n = e.param.numel()
-            e.param.grad = self.flat[e.offset : e.offset + n].view_as(e.param) if flag > 0 else None
 
 
 @dataclass
 class _Piece:
-    """``bucket.flat[start:stop]``, all-reduced in one operation. It packs ``packs`` (entry indices) when it
+    """``bucket.buffer.flat[start:stop]``, all-reduced in one operation. It packs ``packs`` (entry indices) when it
     is posted, and it is ready once every entry in ``needs`` has its final gradient."""
 
     bucket: Bucket
@@ -159,9 +135,9 @@ class _Piece:
 
     def post(self) -> None:
         """Pack and post the all-reduce (nothing to post when this rank is the only holder)."""
-        self.bucket.pack(self.packs)
+        self.bucket.buffer.pack(self.packs)
         if self.bucket.group is not None:
-            flat = self.bucket.flat[self.start : self.stop]
+            flat = self.bucket.buffer.flat[self.start : self.stop]
             self.work = interrupt.post(dist.all_reduce, flat, group=self.bucket.group, async_op=True)
 
 
@@ -207,7 +183,7 @@ class GradSync:
                 seen.add(key)
                 ranks = tuple(sorted(tied_sets[g] if g is not None else holders[held.index]))
                 bucket = buckets.setdefault((ranks, param.dtype), Bucket(ranks, groups.get(ranks)))
-                bucket.entries.append(_Entry(key, param, 0))
+                bucket.entries.append(_Entry(key, param))
         # same order on every member of a group: by holder set, then dtype
         self.buckets = [buckets[k] for k in sorted(buckets, key=lambda k: (k[0], str(k[1])))]
         for (_, dtype), bucket in buckets.items():
@@ -259,9 +235,9 @@ class GradSync:
                 for piece in self.pieces:
                     if piece.bucket is bucket and piece.work is not None:
                         interrupt.wait(piece.work, bucket.group)
-                bucket.unpack()
+                bucket.buffer.unpack()
                 if bucket.ranks[0] == self.rank:
-                    squares.append(bucket.flat[: bucket.numel].double().pow(2).sum())
+                    squares.append(bucket.buffer.squared_norm())
         except Exception:  # the generation ended: pieces still in flight must not block its groups' end
             self.abandon()
             raise
@@ -285,4 +261,4 @@ class GradSync:
     def scale(self, factor: float) -> None:
         """Multiply every summed gradient by ``factor`` (the gradients are views of the flat buffers)."""
         for bucket in self.buckets:
-            bucket.flat[: bucket.numel].mul_(factor)
+            bucket.buffer.scale(factor)
