@@ -10,6 +10,7 @@ release misses: only :func:`interrupt.wait` stands between rank 0 and gloo's 60 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import timedelta
@@ -174,9 +175,22 @@ def test_an_operation_is_posted_before_the_end_or_refused() -> None:
 LEFT_BUILD_WITHIN_S = 5.0
 
 
+#: how long the peers build with the dead member's address posted before the generation ends
+BUILDING_S = 0.5
+#: the dead member's listening port in gloo's address record (a sockaddr_in: family 2, port, 127.0.0.1),
+#: which the test moves to the highest port: gloo compares the pair's addresses, and the lower side waits
+#: for the higher one to connect, so every survivor then waits on the dead member's connection, on no
+#: socket (with a lower port, a survivor would connect to it instead, be refused within a second, and
+#: fail its build by itself, taking its peers' builds down with it)
+DEAD_PORT = re.compile(rb"(\x02\x00)..(\x7f\x00\x00\x01)", re.DOTALL)
+#: where the rank to be killed leaves its gloo address (and the key it belongs under) for the test to post
+DEAD_ADDRESS_KEY, DEAD_ADDRESS_VALUE = "dead_address_key", "dead_address_value"
+
+
 def _build_rank_main(rank: int, store_port: int) -> None:
-    """Rank 2 posts its address for generation 1's group and is killed at once, before connecting to
-    anyone; ranks 0 and 1 build that group under a generation watch, then build generation 2's without it."""
+    """Rank 2 hands its address for generation 1's group to the test and is killed at once, before
+    connecting to anyone; ranks 0 and 1 build that group under a generation watch (the test posts the dead
+    member's address), then build generation 2's without it."""
     import os
     import signal
 
@@ -194,9 +208,15 @@ def _build_rank_main(rank: int, store_port: int) -> None:
 
         class _DiesAfterItsAddress(dist.Store):  # the rest of the Store calls are not used before the kill
             def set(self, key: str, value: bytes) -> None:
-                gen1.set(key, value)
-                if key.endswith(f"/{rank}"):  # gloo's address of this rank: peers now wait for it
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if not key.endswith(f"/{rank}"):
+                    gen1.set(key, value)
+                    return
+                # gloo's address of this rank: the test posts it once this process is dead, so that no peer
+                # can have connected to it while it was still alive (an initiator then counts the pair as
+                # connected, and builds a group with a dead member)
+                gen1.set(DEAD_ADDRESS_VALUE, value)
+                base.set(DEAD_ADDRESS_KEY, key)
+                os.kill(os.getpid(), signal.SIGKILL)
 
             def get(self, key: str) -> bytes:
                 return gen1.get(key)
@@ -234,8 +254,8 @@ def _build_rank_main(rank: int, store_port: int) -> None:
 @pytest.mark.slow  # three worker processes and gloo groups: ~5 s (30 s on a loaded machine)
 def test_a_group_build_waiting_on_a_member_killed_mid_rendezvous_is_abandoned_at_the_end() -> None:
     """A member killed after it posted its address, before connecting: its peers wait inside gloo's
-    constructor on no socket (seen: until the 30 s stuck-worker backstop). After the generation's end they
-    leave the build within seconds, and build the next generation's group without it."""
+    constructor on no socket (seen: until the 30 s stuck-worker backstop). After the generation's end both
+    abandon the build within seconds, and build the next generation's group without it."""
     import torch.distributed as dist
 
     from test_release import end_generation
@@ -244,7 +264,12 @@ def test_a_group_build_waiting_on_a_member_killed_mid_rendezvous_is_abandoned_at
     with rank_processes(_build_rank_main, 3, host.port) as ranks:
         host.set("go", "1")
         ranks[2].join(timeout=START_TIMEOUT.total_seconds())
-        assert ranks[2].exitcode == -9, "rank 2 was to be killed right after posting its address"
+        assert ranks[2].exitcode == -9, "rank 2 was to be killed right after handing over its address"
+        gen1 = dist.PrefixStore("gen1", host)
+        address, moved = DEAD_PORT.subn(lambda m: m[1] + b"\xff\xff" + m[2], gen1.get(DEAD_ADDRESS_VALUE))
+        assert moved == 1, f"no single IPv4 address in gloo's address record: {address!r}"
+        gen1.set(host.get(DEAD_ADDRESS_KEY).decode(), address)  # peers now wait for it
+        time.sleep(BUILDING_S)  # the peers are connecting, or waiting for the dead member to connect
         host.set("ended_at", str(time.time()))
         end_generation(host, 1)
         results = {rank: json.loads(host.get(f"result/{rank}")) for rank in (0, 1)}
@@ -255,4 +280,21 @@ def test_a_group_build_waiting_on_a_member_killed_mid_rendezvous_is_abandoned_at
         assert "built" not in report, "a group with a dead member cannot have been built"
         assert report["left_after_end_s"] < LEFT_BUILD_WITHIN_S, report
         assert report["all_reduce"] == 3.0
-    assert any(r["error"] == "GenerationEnded" and r["abandoned_builds"] == 1 for r in results.values()), results
+    assert all(r["error"] == "GenerationEnded" and r["abandoned_builds"] == 1 for r in results.values()), results
+
+
+def test_a_group_build_is_not_started_once_the_generation_has_ended() -> None:
+    """A member that starts its build late must not connect to the builds its peers abandoned: those would
+    then complete, and install a stale group behind the next generation's back."""
+    from oobleck.engine import interrupt
+
+    calls: list[str] = []
+    ended = threading.Event()
+    ended.set()
+    interrupt.watch(ended)
+    try:
+        with pytest.raises(interrupt.GenerationEnded):
+            interrupt.build(calls.append, "started")
+    finally:
+        interrupt.watch(None)
+    assert calls == []

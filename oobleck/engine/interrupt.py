@@ -29,6 +29,9 @@ generation's end by shutting down its sockets. Two gaps remain, and this module 
   generation has ended and ``BUILD_GRACE`` has passed without the build failing by itself (the sweep fails
   a build waiting on the store within milliseconds), abandons it: the thread is left to fail at gloo's
   timeout, holding nothing the next generation uses (that one names its groups under a new store prefix).
+  A build is not started once the generation has ended: a member arriving late would connect to its
+  peers' abandoned builds, which would then complete and install a stale group behind the next
+  generation's back.
 
 Point-to-point waits cannot use slices: a timed-out gloo send or receive closes its pair for good. Those
 run in the calling thread, are released by the shutdown, and keep the stuck-worker backstop as their last
@@ -132,6 +135,8 @@ def build(construct: Callable[..., T], *args: object, **kwargs: object) -> T:
     module notes) if the watched generation ended and the build went on ``BUILD_GRACE`` longer."""
     if _ended is None:
         return construct(*args, **kwargs)
+    if _ended.is_set():  # a member that starts late would complete its peers' abandoned builds
+        raise GenerationEnded("the generation ended before its process group was built")
     outcome: list[T] = []
     failure: list[BaseException] = []
 
