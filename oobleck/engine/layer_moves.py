@@ -5,12 +5,18 @@ the same layer can sit in stages that share its tied weight with another layer (
 owns the weight) or not (then its own optimizer does), and both must accept the same state. The moments of a
 parameter are looked up in whichever optimizer of the sending worker owns it (:func:`moments_by_param`).
 
-Wire format of one layer (``send_layer`` / ``recv_layer``), over the generation's process group:
+Wire format (``send_layers`` / ``recv_layers``): every layer one source sends one receiver in a recovery
+travels as **one** uint8 message, the layers' records back to back. One layer's record is
 
 1. a header, int64 ``[layer step, loss scale's log2 and good steps (oobleck.precision.LossScale), then for each
    parameter in named_parameters() order: has_moments, adam step]``;
 2. every tensor of ``module.state_dict()`` in key order (parameters and buffers);
-3. ``exp_avg`` and ``exp_avg_sq`` of every parameter whose ``has_moments`` flag is set.
+3. ``exp_avg`` and ``exp_avg_sq`` of every parameter, zeros where ``has_moments`` is 0, so that the receiver
+   knows the record's size from its own copy of the layer.
+
+One message instead of one per tensor: a transformer block has some thirty tensors, and on a CPU shared by
+more workers than cores each blocking message waited for both processes to be scheduled (six tiny-GPT
+layers took 0.6 s over two processes sharing one core, one tensor at a time).
 
 Both sides build the layer from the same model spec, so shapes and dtypes need not be sent.
 """
@@ -84,44 +90,67 @@ def import_layer(state: LayerState, held: HeldLayer) -> None:
     held.scale = state.scale
 
 
-def send_layer(state: LayerState, held: HeldLayer, dst: int, device: torch.device) -> int:
-    """Send ``state`` (a layer built like ``held``) to rank ``dst``; returns the bytes sent."""
-    names = [name for name, _ in held.module.named_parameters(remove_duplicate=False)]
+def group_moves(moves: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, list[int]]]:
+    """``moves`` ((layer, source, receiver), in the plan's order) as one entry (source, receiver, layers) per
+    pair, in the order each pair first appears, its layers in move order. Every rank walks the same list and
+    each entry is one send matched by one receive, so the earliest unfinished entry always has both of its
+    ranks at it: no rank waits on another forever."""
+    grouped: dict[tuple[int, int], list[int]] = {}
+    for layer, source, receiver in moves:
+        grouped.setdefault((source, receiver), []).append(layer)
+    return [(source, receiver, layers) for (source, receiver), layers in grouped.items()]
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view of its storage (a view: writing it writes the tensor)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _record(state: LayerState, held: HeldLayer, device: torch.device) -> list[torch.Tensor]:
+    """The tensors of ``state``'s record (see the module notes), on ``device``."""
+    params = held.module.named_parameters(remove_duplicate=False)
     header = [state.step, *state.scale.encode()]
-    for name in names:
+    moments = []
+    for name, param in params:
         entry = state.moments.get(name)
         header += [1, int(entry[0])] if entry is not None else [0, 0]
-    tensors = [torch.tensor(header, dtype=torch.int64)] + list(state.tensors.values())
-    tensors += [t for name in names if name in state.moments for t in state.moments[name][1:]]
-    sent = 0
-    for tensor in tensors:
-        tensor = tensor.detach().to(device).contiguous()
-        interrupt.post(dist.isend, tensor, dst).wait()
-        sent += tensor.numel() * tensor.element_size()
-    return sent
+        moments += entry[1:] if entry is not None else [torch.zeros_like(param), torch.zeros_like(param)]
+    tensors = [torch.tensor(header, dtype=torch.int64), *state.tensors.values(), *moments]
+    return [t.detach().to(device).contiguous() for t in tensors]
 
 
-def recv_layer(held: HeldLayer, src: int, device: torch.device) -> None:
-    """Receive a layer from rank ``src`` into ``held`` (built from the same spec as the sender's)."""
-    names = [name for name, param in held.module.named_parameters(remove_duplicate=False)]
-    params = dict(held.module.named_parameters(remove_duplicate=False))
-    header = torch.empty(3 + 2 * len(names), dtype=torch.int64, device=device)
-    interrupt.post(dist.irecv, header, src).wait()
-    values = header.tolist()
-    tensors = {}
-    for key, like in held.module.state_dict().items():
-        buffer = torch.empty_like(like, device=device)
-        interrupt.post(dist.irecv, buffer, src).wait()
-        tensors[key] = buffer
-    moments = {}
-    for j, name in enumerate(names):
-        if values[3 + 2 * j]:
-            exp_avg = torch.empty_like(params[name], device=device)
-            exp_avg_sq = torch.empty_like(params[name], device=device)
-            interrupt.post(dist.irecv, exp_avg, src).wait()
-            interrupt.post(dist.irecv, exp_avg_sq, src).wait()
-            moments[name] = (float(values[4 + 2 * j]), exp_avg, exp_avg_sq)
-    import_layer(LayerState(int(values[0]), tensors, moments, LossScale.decode(values[1:3])), held)
+def send_layers(states: list[LayerState], held: list[HeldLayer], dst: int, device: torch.device) -> None:
+    """Send ``states`` (``states[k]`` of a layer built like ``held[k]``) to rank ``dst`` in one message."""
+    records = [t for state, like in zip(states, held) for t in _record(state, like, device)]
+    interrupt.post(dist.isend, torch.cat([_as_bytes(t) for t in records]), dst).wait()
+
+
+def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
+    """Receive the message :func:`send_layers` sends from rank ``src`` into ``held`` (built from the same
+    spec as the sender's layers, in the same order)."""
+    slots = []
+    for layer in held:
+        params = dict(layer.module.named_parameters(remove_duplicate=False))
+        header = torch.empty(3 + 2 * len(params), dtype=torch.int64, device=device)
+        tensors = {key: torch.empty_like(like, device=device) for key, like in layer.module.state_dict().items()}
+        moments = {name: (torch.empty_like(p, device=device), torch.empty_like(p, device=device)) for name, p in params.items()}
+        slots.append((header, tensors, moments))
+    flat = [t for header, tensors, moments in slots for t in (header, *tensors.values(), *(m for pair in moments.values() for m in pair))]
+    message = torch.empty(sum(t.numel() * t.element_size() for t in flat), dtype=torch.uint8, device=device)
+    interrupt.post(dist.irecv, message, src).wait()
+    offset = 0
+    for t in flat:
+        size = t.numel() * t.element_size()
+        _as_bytes(t).copy_(message[offset : offset + size])
+        offset += size
+    for layer, (header, tensors, moments) in zip(held, slots):
+        values = header.tolist()
+        found = {
+            name: (float(values[4 + 2 * j]), *pair)
+            for j, (name, pair) in enumerate(moments.items())
+            if values[3 + 2 * j]
+        }
+        import_layer(LayerState(int(values[0]), tensors, found, LossScale.decode(values[1:3])), layer)
 
 
 def _scalar_dtype() -> torch.dtype:
