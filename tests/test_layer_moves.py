@@ -2,8 +2,8 @@
 
 Ranks 0 and 1 hold trained layers; rank 2 and rank 1 receive copies in one recovery's moves, given in an
 order that interleaves two pairs. Every receiver must end with bitwise the sender's parameters, buffers
-(an int64 one and an odd-sized float32 one, which leaves the float64 tensors after it unaligned in the
-packed message), AdamW moments and steps, layer step and loss scale; a parameter that never had a gradient
+(an int64 one, an odd-sized float32 one, which leaves the float64 tensors after it unaligned in the
+packed message, and a transposed one), AdamW moments and steps, layer step and loss scale; a parameter that never had a gradient
 must stay without optimizer state.
 """
 
@@ -50,6 +50,7 @@ def _rank_main(rank: int, store_port: int) -> None:
         module.register_parameter("unused", torch.nn.Parameter(torch.randn(2, dtype=torch.float64)))
         module.register_buffer("counts", torch.arange(3) * (index + 1))
         module.register_buffer("odd", torch.randn(3, dtype=torch.float32))
+        module.register_buffer("transposed", torch.randn(4, 2, dtype=torch.float64).t())  # not contiguous
         held = HeldLayer(index, module, torch.optim.AdamW(module.parameters(), lr=0.1))
         if trained:
             for _ in range(index + 1):

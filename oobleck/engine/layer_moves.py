@@ -130,12 +130,15 @@ def send_layers(states: list[LayerState], held: list[HeldLayer], dst: int, devic
 def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
     """Receive the message :func:`send_layers` sends from rank ``src`` into ``held`` (built from the same
     spec as the sender's layers, in the same order)."""
+    def slot(like: torch.Tensor) -> torch.Tensor:  # contiguous whatever ``like``'s strides: the sender's order
+        return torch.empty(like.shape, dtype=like.dtype, device=device)
+
     slots = []
     for layer in held:
         params = dict(layer.module.named_parameters(remove_duplicate=False))
         header = torch.empty(3 + 2 * len(params), dtype=torch.int64, device=device)
-        tensors = {key: torch.empty_like(like, device=device) for key, like in layer.module.state_dict().items()}
-        moments = {name: (torch.empty_like(p, device=device), torch.empty_like(p, device=device)) for name, p in params.items()}
+        tensors = {key: slot(like) for key, like in layer.module.state_dict().items()}
+        moments = {name: (slot(p), slot(p)) for name, p in params.items()}
         slots.append((header, tensors, moments))
     flat = [t for header, tensors, moments in slots for t in (header, *tensors.values(), *(m for pair in moments.values() for m in pair))]
     message = torch.empty(sum(t.numel() * t.element_size() for t in flat), dtype=torch.uint8, device=device)
