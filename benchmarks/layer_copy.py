@@ -1,4 +1,4 @@
-"""Copying layers in a recovery: one message per pair of workers against one message per tensor.
+"""Copying layers in a recovery: packed per pair of workers against one message per tensor.
 
 ``python -m benchmarks.layer_copy [--config examples/gpt-tiny.yaml] [--dtype float64] [--rounds 10] [--out PATH]``
 
@@ -7,7 +7,8 @@ state (one optimizer step taken); rank 1 holds fresh copies. Each round copies a
 rank 1 twice, alternating which goes first:
 
 * ``packed``: :func:`oobleck.engine.layer_moves.send_layers` / ``recv_layers``, what a recovery does: the
-  layers' records back to back in one message, unpacked into the receiver's layers;
+  layers' records back to back in messages of up to 64 MiB (one for the tiny GPT's 20 MiB), unpacked into
+  the receiver's layers;
 * ``per tensor`` (the baseline, what recoveries did before): the same records' tensors sent one blocking
   message each, received into fresh buffers (not unpacked, which favours the baseline).
 

@@ -1,10 +1,11 @@
 """Layer moves (oobleck.engine.layer_moves) for real: three rank processes over gloo.
 
 Ranks 0 and 1 hold trained layers; rank 2 and rank 1 receive copies in one recovery's moves, given in an
-order that interleaves two pairs. Every receiver must end with bitwise the sender's parameters, buffers
-(an int64 one, an odd-sized float32 one, which leaves the float64 tensors after it unaligned in the
-packed message, and a transposed one), AdamW moments and steps, layer step and loss scale; a parameter that never had a gradient
-must stay without optimizer state.
+order that interleaves two pairs, once with each pair's layers in one message and once cut into messages
+of at most 64 bytes. Every receiver must end with bitwise the sender's parameters, buffers (an int64 one,
+an odd-sized float32 one, which leaves the float64 tensors after it unaligned in a packed message, and a
+transposed one), AdamW moments and steps, layer step and loss scale; a parameter that never had a
+gradient must stay without optimizer state.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import json
 from datetime import timedelta
 
 import pytest
+import torch
 from rank_processes import rank_results
 
-from oobleck.engine.layer_moves import group_moves
+from oobleck.engine.layer_moves import MESSAGE_BYTES, group_moves, messages
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,11 +25,24 @@ START_TIMEOUT = timedelta(seconds=180)
 #: (layer, source, receiver), as a plan lists them: pairs (0 -> 2) and (1 -> 2) interleave, (0 -> 1) last
 MOVES = ((0, 0, 2), (2, 1, 2), (1, 0, 2), (0, 0, 1))
 HOLDS = {0: (0, 1), 1: (2,), 2: ()}
+#: message sizes: the default (each pair's layers in one message) and 64 bytes (tensors above it travel
+#: alone, from and into themselves; smaller ones, like the headers, are packed in runs)
+LIMITS = (MESSAGE_BYTES, 64)
 
 
 def test_moves_group_by_pair_in_first_appearance_order() -> None:
     assert group_moves(MOVES) == [(0, 2, [0, 1]), (1, 2, [2]), (0, 1, [0])]
     assert group_moves(()) == []
+
+
+def test_messages_cut_at_tensor_boundaries_and_a_large_tensor_goes_alone() -> None:
+    sizes = [3, 4, 20, 2, 2, 1]  # float64 elements: 24, 32, 160, 16, 16, 8 bytes
+    tensors = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+    cut = messages(tensors, 64)
+    assert [[t.numel() for t in m] for m in cut] == [[3, 4], [20], [2, 2, 1]]
+    assert [id(t) for m in cut for t in m] == [id(t) for t in tensors]  # every tensor once, in order
+    assert [len(m) for m in messages(tensors, 10**6)] == [6]
+    assert messages([], 64) == []
 
 
 def _rank_main(rank: int, store_port: int) -> None:
@@ -37,6 +52,7 @@ def _rank_main(rank: int, store_port: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from oobleck.engine import layer_moves
     from oobleck.engine.layer_moves import export_layer, moments_by_param, recv_layers, send_layers
     from oobleck.engine.stage import HeldLayer
     from oobleck.precision import LossScale
@@ -72,15 +88,18 @@ def _rank_main(rank: int, store_port: int) -> None:
 
     pool = {i: layer(i, trained=True) for i in HOLDS[rank]}
     moments = moments_by_param(pool.values())
-    received = {i: layer(i, trained=False) for i, _, receiver in MOVES if receiver == rank}
-    for source, receiver, indices in group_moves(MOVES):
-        if source == rank:
-            sent = [pool[i] for i in indices]
-            send_layers([export_layer(h, moments) for h in sent], sent, receiver, torch.device("cpu"))
-        elif receiver == rank:
-            recv_layers([received[i] for i in indices], source, torch.device("cpu"))
+    report: dict[str, object] = {"held": {i: describe(h) for i, h in pool.items()}}
+    for limit in LIMITS:
+        layer_moves.MESSAGE_BYTES = limit
+        received = {i: layer(i, trained=False) for i, _, receiver in MOVES if receiver == rank}
+        for source, receiver, indices in group_moves(MOVES):
+            if source == rank:
+                sent = [pool[i] for i in indices]
+                send_layers([export_layer(h, moments) for h in sent], sent, receiver, torch.device("cpu"))
+            elif receiver == rank:
+                recv_layers([received[i] for i in indices], source, torch.device("cpu"))
+        report[f"received/{limit}"] = {i: describe(h) for i, h in received.items()}
     dist.destroy_process_group()
-    report = {"held": {i: describe(h) for i, h in pool.items()}, "received": {i: describe(h) for i, h in received.items()}}
     store.set(f"result/{rank}", json.dumps(report))
     store.wait(["finish"])
 
@@ -89,11 +108,12 @@ def _rank_main(rank: int, store_port: int) -> None:
 def test_received_layers_equal_their_sources_bitwise() -> None:
     results = rank_results(_rank_main, 3, START_TIMEOUT)
     checked = 0
-    for index, source, receiver in MOVES:
-        sent = results[source]["held"][str(index)]
-        got = results[receiver]["received"][str(index)]
-        assert got == sent, f"layer {index} from rank {source} to rank {receiver}"
-        assert set(sent["moments"]) == {"weight", "bias"}  # "unused" never had a gradient: no state travels
-        assert sent["scale"] == [3 + index, 5] and sent["step"] == 7
-        checked += 1
-    assert checked == len(MOVES)
+    for limit in LIMITS:
+        for index, source, receiver in MOVES:
+            sent = results[source]["held"][str(index)]
+            got = results[receiver][f"received/{limit}"][str(index)]
+            assert got == sent, f"layer {index} from rank {source} to rank {receiver}, messages of {limit} bytes"
+            assert set(sent["moments"]) == {"weight", "bias"}  # "unused" never had a gradient: no state travels
+            assert sent["scale"] == [3 + index, 5] and sent["step"] == 7
+            checked += 1
+    assert checked == len(LIMITS) * len(MOVES)

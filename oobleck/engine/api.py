@@ -92,7 +92,7 @@ class Assignment:
     #: where the layers' state comes from (``start_step``'s checkpoint for :attr:`Restore.CHECKPOINT`)
     restore: Restore = Restore.INIT
     #: for ``memory``: ``(layer, source rank, receiver rank)``; each receiver gets the layer's parameters,
-    #: optimizer state and step from the source; the moves between one pair of ranks travel as one message
+    #: optimizer state and step from the source; the moves between one pair of ranks travel packed together
     #: (see :mod:`oobleck.engine.layer_moves`)
     moves: tuple[tuple[int, int, int], ...] = ()
     #: the worker process restarts (a fresh interpreter) before joining this generation: the Varuna-style

@@ -5,8 +5,10 @@ the same layer can sit in stages that share its tied weight with another layer (
 owns the weight) or not (then its own optimizer does), and both must accept the same state. The moments of a
 parameter are looked up in whichever optimizer of the sending worker owns it (:func:`moments_by_param`).
 
-Wire format (``send_layers`` / ``recv_layers``): every layer one source sends one receiver in a recovery
-travels as **one** uint8 message, the layers' records back to back. One layer's record is
+Wire format (``send_layers`` / ``recv_layers``): the layers one source sends one receiver in a recovery
+travel as their records back to back, cut at tensor boundaries into uint8 messages of at most
+:data:`MESSAGE_BYTES` (a larger tensor is a message of its own, sent from and received into the tensor
+itself), so a copy needs at most that much memory beyond the layers. One layer's record is
 
 1. a header, int64 ``[layer step, loss scale's log2 and good steps (oobleck.precision.LossScale), then for each
    parameter in named_parameters() order: has_moments, adam step]``;
@@ -14,7 +16,7 @@ travels as **one** uint8 message, the layers' records back to back. One layer's 
 3. ``exp_avg`` and ``exp_avg_sq`` of every parameter, zeros where ``has_moments`` is 0, so that the receiver
    knows the record's size from its own copy of the layer.
 
-One message instead of one per tensor: a transformer block has some thirty tensors, and on a CPU shared by
+Few messages instead of one per tensor: a transformer block has some thirty tensors, and on a CPU shared by
 more workers than cores each blocking message waited for both processes to be scheduled (six tiny-GPT
 layers took 0.6 s over two processes sharing one core, one tensor at a time, and 0.05 s packed:
 ``benchmarks/layer_copy.py``).
@@ -34,7 +36,10 @@ from oobleck.engine import interrupt
 from oobleck.engine.stage import HeldLayer
 from oobleck.precision import LossScale
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+#: the most bytes packed into one message of a layer copy: enough for a small model's every layer in one,
+#: while a large model's copy needs no more than this beyond its layers (a device copy of a 7B model's
+#: layers with AdamW state would otherwise double tens of GB)
+MESSAGE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -121,10 +126,28 @@ def layer_record(state: LayerState, held: HeldLayer, device: torch.device) -> li
     return [t.detach().to(device).contiguous() for t in tensors]
 
 
+def messages(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """``tensors`` cut, in order, into runs of at most ``limit`` bytes (a larger tensor alone): the messages.
+    Sender and receiver cut the same shapes and dtypes alike."""
+    cut: list[list[torch.Tensor]] = []
+    size = limit + 1  # nothing open yet
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > limit:
+            cut.append([])
+            size = 0
+        cut[-1].append(t)
+        size += nbytes
+    return cut
+
+
 def send_layers(states: list[LayerState], held: list[HeldLayer], dst: int, device: torch.device) -> None:
-    """Send ``states`` (``states[k]`` of a layer built like ``held[k]``) to rank ``dst`` in one message."""
+    """Send ``states`` (``states[k]`` of a layer built like ``held[k]``) to rank ``dst`` (see the module
+    notes for the messages)."""
     records = [t for state, like in zip(states, held) for t in layer_record(state, like, device)]
-    interrupt.post(dist.isend, torch.cat([_as_bytes(t) for t in records]), dst).wait()
+    for message in messages(records, MESSAGE_BYTES):
+        data = _as_bytes(message[0]) if len(message) == 1 else torch.cat([_as_bytes(t) for t in message])
+        interrupt.post(dist.isend, data, dst).wait()
 
 
 def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
@@ -141,13 +164,17 @@ def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
         moments = {name: (slot(p), slot(p)) for name, p in params.items()}
         slots.append((header, tensors, moments))
     flat = [t for header, tensors, moments in slots for t in (header, *tensors.values(), *(m for pair in moments.values() for m in pair))]
-    message = torch.empty(sum(t.numel() * t.element_size() for t in flat), dtype=torch.uint8, device=device)
-    interrupt.post(dist.irecv, message, src).wait()
-    offset = 0
-    for t in flat:
-        size = t.numel() * t.element_size()
-        _as_bytes(t).copy_(message[offset : offset + size])
-        offset += size
+    for message in messages(flat, MESSAGE_BYTES):
+        if len(message) == 1:
+            interrupt.post(dist.irecv, _as_bytes(message[0]), src).wait()
+            continue
+        data = torch.empty(sum(t.numel() * t.element_size() for t in message), dtype=torch.uint8, device=device)
+        interrupt.post(dist.irecv, data, src).wait()
+        offset = 0
+        for t in message:
+            size = t.numel() * t.element_size()
+            _as_bytes(t).copy_(data[offset : offset + size])
+            offset += size
     for layer, (header, tensors, moments) in zip(held, slots):
         values = header.tolist()
         found = {
