@@ -68,8 +68,10 @@ class Generation:
 
 
 #: nodes that register within this many seconds of each other were started together (one ``oobleck inject
-#: --add``, one trace instant, one autoscaler batch): a ready join waits for the others (see :func:`joins_due`)
-TOGETHER_S = 0.5
+#: --add``, one trace instant, one autoscaler batch): a ready join waits for the others (see :func:`joins_due`).
+#: Agents started at one instant register up to a second or more apart on a loaded machine (each imports its
+#: libraries under contention): at 0.5 s, two nodes one trace instant added joined a CI run apart
+TOGETHER_S = 2.0
 #: how long, at most, a ready join waits for the nodes started together with it, as a fraction of its own
 #: start-up (registration to ready): the start-ups of nodes started together differ by 1-2 s of 5-10 s on a
 #: loaded machine, and less on an idle one. The job trains meanwhile.
