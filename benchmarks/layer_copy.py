@@ -64,8 +64,7 @@ def _copy_rounds(rank: int, port: int, config: str, dtype: str, rounds: int, cor
 
     def packed() -> None:
         if rank == 0:
-            moments = moments_by_param(layers)
-            send_layers([export_layer(h, moments) for h in layers], layers, 1, cpu)
+            send_layers(layers, moments_by_param(layers), 1, cpu)
         else:
             recv_layers(layers, 0, cpu)
 

@@ -53,7 +53,7 @@ def _rank_main(rank: int, store_port: int) -> None:
     import torch.distributed as dist
 
     from oobleck.engine import layer_moves
-    from oobleck.engine.layer_moves import export_layer, moments_by_param, recv_layers, send_layers
+    from oobleck.engine.layer_moves import run_moves
     from oobleck.engine.stage import HeldLayer
     from oobleck.precision import LossScale
 
@@ -87,17 +87,11 @@ def _rank_main(rank: int, store_port: int) -> None:
         }
 
     pool = {i: layer(i, trained=True) for i in HOLDS[rank]}
-    moments = moments_by_param(pool.values())
     report: dict[str, object] = {"held": {i: describe(h) for i, h in pool.items()}}
     for limit in LIMITS:
         layer_moves.MESSAGE_BYTES = limit
         received = {i: layer(i, trained=False) for i, _, receiver in MOVES if receiver == rank}
-        for source, receiver, indices in group_moves(MOVES):
-            if source == rank:
-                sent = [pool[i] for i in indices]
-                send_layers([export_layer(h, moments) for h in sent], sent, receiver, torch.device("cpu"))
-            elif receiver == rank:
-                recv_layers([received[i] for i in indices], source, torch.device("cpu"))
+        run_moves(MOVES, rank, pool, received, torch.device("cpu"))
         report[f"received/{limit}"] = {i: describe(h) for i, h in received.items()}
     dist.destroy_process_group()
     store.set(f"result/{rank}", json.dumps(report))

@@ -27,7 +27,7 @@ Both sides build the layer from the same model spec, so shapes and dtypes need n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,19 @@ def group_moves(moves: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, l
     return [(source, receiver, layers) for (source, receiver), layers in grouped.items()]
 
 
+def run_moves(
+    moves: Iterable[tuple[int, int, int]], rank: int, pool: Mapping[int, HeldLayer], into: Mapping[int, HeldLayer], device: torch.device
+) -> None:
+    """This rank's part of ``moves`` ((layer, source, receiver), the same list on every rank): send the layers
+    it is the source of from ``pool``, receive those it is the receiver of into ``into`` (by layer index)."""
+    moments = moments_by_param(pool.values())
+    for source, receiver, indices in group_moves(moves):
+        if source == rank:
+            send_layers([pool[i] for i in indices], moments, receiver, device)
+        elif receiver == rank:
+            recv_layers([into[i] for i in indices], source, device)
+
+
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a flat uint8 view of its storage (a view: writing it writes the tensor)."""
     return tensor.reshape(-1).view(torch.uint8)
@@ -141,17 +154,17 @@ def messages(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
     return cut
 
 
-def send_layers(states: list[LayerState], held: list[HeldLayer], dst: int, device: torch.device) -> None:
-    """Send ``states`` (``states[k]`` of a layer built like ``held[k]``) to rank ``dst`` (see the module
-    notes for the messages)."""
-    records = [t for state, like in zip(states, held) for t in layer_record(state, like, device)]
+def send_layers(held: list[HeldLayer], moments: dict[int, dict[str, torch.Tensor]], dst: int, device: torch.device) -> None:
+    """Send ``held`` with their AdamW state (``moments`` from :func:`moments_by_param`) to rank ``dst`` (see
+    the module notes for the messages)."""
+    records = [t for layer in held for t in layer_record(export_layer(layer, moments), layer, device)]
     for message in messages(records, MESSAGE_BYTES):
         data = _as_bytes(message[0]) if len(message) == 1 else torch.cat([_as_bytes(t) for t in message])
         interrupt.post(dist.isend, data, dst).wait()
 
 
 def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
-    """Receive the message :func:`send_layers` sends from rank ``src`` into ``held`` (built from the same
+    """Receive the messages :func:`send_layers` sends from rank ``src`` into ``held`` (built from the same
     spec as the sender's layers, in the same order)."""
     def slot(like: torch.Tensor) -> torch.Tensor:  # contiguous whatever ``like``'s strides: the sender's order
         return torch.empty(like.shape, dtype=like.dtype, device=device)

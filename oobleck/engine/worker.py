@@ -52,7 +52,7 @@ from oobleck.engine import host_staging, interrupt
 from oobleck.engine.api import Assignment, Restore
 from oobleck.engine.commit import report_ready
 from oobleck.engine.gradsync import GradSync, layer_holders
-from oobleck.engine.layer_moves import export_layer, group_moves, import_layer, moments_by_param, recv_layers, send_layers
+from oobleck.engine.layer_moves import export_layer, import_layer, moments_by_param, run_moves
 from oobleck.engine.shadow import Shadow
 from oobleck.engine.signed_store import SignedStore, store_key
 from oobleck.engine.stage import HeldLayer, StageExecutor, build_stage_layers
@@ -198,14 +198,7 @@ class StageWorker:
                     import_layer(export_layer(pool[held.index], moments), held)
         if a.restore == Restore.MEMORY and a.moves:
             self.on_phase(a.start_step, "recovery")
-            by_index = {h.index: h for h in layers}
-            moments = moments_by_param(pool.values())
-            for source, receiver, indices in group_moves(a.moves):
-                if source == self.rank:
-                    sent = [pool[i] for i in indices]
-                    send_layers([export_layer(h, moments) for h in sent], sent, receiver, self.device)
-                elif receiver == self.rank:
-                    recv_layers([by_index[i] for i in indices], source, self.device)
+            run_moves(a.moves, self.rank, pool, {h.index: h for h in layers}, self.device)
         stale = [(h.index, h.step) for h in layers if h.step != a.start_step]
         if stale:
             raise RuntimeError(f"rank {self.rank}: layers (index, step) {stale} are not at step {a.start_step}")
