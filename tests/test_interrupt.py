@@ -101,20 +101,29 @@ def _rank_main(rank: int, store_port: int) -> None:
     else:
         store.wait(["left"])
     del sub  # as the engine does: the worker drops its groups when it leaves
+    _leave_and_join_the_next_generation(rank, store, report)
+    dist.destroy_process_group()
+    store.set(f"result/{rank}", json.dumps(report))
+    store.wait(["finish"])
+
+
+def _leave_and_join_the_next_generation(rank: int, store: object, report: dict[str, object]) -> None:
+    """Destroy this generation's world (timed in ``report["destroy_s"]``), then all-reduce rank + 1 in the next
+    one's (``report["next_sum"]``): it works although the abandoned operation's group lives on, on its own."""
+    import torch
+    import torch.distributed as dist
+
+    from oobleck.engine import interrupt
+
     started = time.perf_counter()
     dist.destroy_process_group()
     report["destroy_s"] = time.perf_counter() - started
-
-    # the next generation's world works (the abandoned operation's group lives on, on its own)
     dist.distributed_c10d._world.group_count = 0
     interrupt.watch(threading.Event())
     dist.init_process_group("gloo", store=dist.PrefixStore("gen1", store), rank=rank, world_size=2, timeout=GLOO_TIMEOUT)
     value = torch.tensor([rank + 1.0])
     interrupt.wait(dist.all_reduce(value, async_op=True), None)
     report["next_sum"] = value.item()
-    dist.destroy_process_group()
-    store.set(f"result/{rank}", json.dumps(report))
-    store.wait(["finish"])
 
 
 @pytest.mark.slow  # two worker processes and gloo groups: ~5 s (30 s on a loaded machine)
@@ -136,6 +145,58 @@ def test_a_collective_left_running_is_abandoned_when_the_generation_ends() -> No
     assert left["abandoned"] == 1
     assert left["destroy_s"] < 10  # the stuck group is kept, so its teardown does not wait for the timeout
     assert results[0]["next_sum"] == results[1]["next_sum"] == 3.0
+
+
+def _p2p_rank_main(rank: int, store_port: int) -> None:
+    """Rank 0 sends to rank 1 and rank 1 receives from rank 0, under tags that never match: both wait until
+    the generation ends (nothing shuts their sockets down, standing in for a transfer the release misses),
+    then build the next generation's group and all-reduce in it."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from oobleck.engine import interrupt, p2p_stream
+
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=START_TIMEOUT)
+    dist.init_process_group("gloo", store=dist.PrefixStore("gen0", store), rank=rank, world_size=2, timeout=GLOO_TIMEOUT)
+    ended = threading.Event()
+    interrupt.watch(ended)
+    report: dict[str, object] = {}
+    threading.Timer(LATE_S, ended.set).start()
+    started = time.perf_counter()
+    try:
+        if rank == 0:
+            p2p_stream.wait_all_sent([interrupt.post(dist.isend, torch.ones(4), 1, tag=1)], None)
+        else:
+            receives = p2p_stream.Receives([interrupt.post(dist.irecv, torch.empty(4), 0, tag=2)], None)
+            receives.watch()
+            receives.wait()
+        report["error"] = None
+    except interrupt.GenerationEnded as e:
+        report["error"] = str(e)
+    report.update(left_after_s=time.perf_counter() - started, abandoned=interrupt.abandoned_asides())
+    _leave_and_join_the_next_generation(rank, store, report)
+    store.set(f"result/{rank}", json.dumps(report))
+    store.wait(["finish"])
+    os._exit(0)  # the abandoned transfer's thread is still blocked in gloo: do not wait for it at exit
+
+
+@pytest.mark.slow  # two worker processes and gloo groups: ~5 s (30 s on a loaded machine)
+def test_a_point_to_point_transfer_left_waiting_is_abandoned_when_the_generation_ends() -> None:
+    """A send and a receive the generation's socket shutdown did not release (seen: a send, until the 30 s
+    stuck-worker backstop counted the survivor's node as lost) are given up within a wait slice of the end."""
+    from rank_processes import rank_results
+
+    results = rank_results(_p2p_rank_main, 2, START_TIMEOUT)
+    print(f"\np2p interrupt timings: {json.dumps(results, sort_keys=True)}")
+    for rank in (0, 1):
+        left = results[rank]
+        assert left["error"] is not None and "abandoned" in left["error"], left
+        assert LATE_S <= left["left_after_s"] < LATE_S + 5, left  # not gloo's 60 s timeout
+        assert left["abandoned"] == 1, left
+        assert left["destroy_s"] < 10, left
+        assert left["next_sum"] == 3.0, left
 
 
 def test_an_operation_is_posted_before_the_end_or_refused() -> None:

@@ -33,17 +33,21 @@ generation's end by shutting down its sockets. Two gaps remain, and this module 
   peers' abandoned builds, which would then complete and install a stale group behind the next
   generation's back.
 
-Point-to-point waits cannot use slices: a timed-out gloo send or receive closes its pair for good. Those
-run in the calling thread, are released by the shutdown, and keep the stuck-worker backstop as their last
-resort.
+* A point-to-point wait cannot use slices (a timed-out gloo send or receive closes its pair for good), and
+  now and then a send is not released by the shutdown either (seen in CI: a survivor waited on its last
+  step's send to a peer that had left, until the stuck-worker backstop counted its node as lost). So a
+  point-to-point wait runs on a thread of its own (:class:`Aside`) while the calling thread looks every
+  ``WAIT_SLICE`` whether the generation has ended, and then abandons it the same way: the thread and the
+  work handles (which hold their tensors) stay referenced until gloo's timeout finishes them.
 """
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from datetime import timedelta
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch.distributed as dist
 
@@ -67,6 +71,8 @@ T = TypeVar("T")
 _abandoned: list[tuple[dist.Work, dist.ProcessGroup | None]] = []
 #: threads of group builds given up while still blocked (see the module notes)
 _abandoned_builds: list[threading.Thread] = []
+#: point-to-point waits given up while still blocked (see the module notes)
+_abandoned_asides: list[Aside] = []
 
 
 def watch(ended: threading.Event | None) -> None:
@@ -168,3 +174,53 @@ def build(construct: Callable[..., T], *args: object, **kwargs: object) -> T:
 def abandoned_builds() -> int:
     """How many abandoned group builds are still blocked."""
     return sum(t.is_alive() for t in _abandoned_builds)
+
+
+class Aside:
+    """Point-to-point ``works`` (sends or receives posted through :func:`post`, on the default group) waited
+    for on a thread of its own, started at construction (see the module notes).
+
+    :meth:`finished` tells without blocking whether they have all completed (a failed one counts);
+    :meth:`wait` waits for them and raises the first error, or, once the watched generation has ended,
+    abandons them and raises :class:`GenerationEnded`."""
+
+    def __init__(self, works: Sequence[dist.Work]) -> None:
+        self._works = list(works)
+        self._error: BaseException | None = None
+        self._group: dist.ProcessGroup | None = None  # kept once abandoned
+        # _thread, not threading: Thread.start() waits until the new thread runs, a hand-shake that doubled
+        # the cost of a receive waited for aside (about 60 us against 30 us more than a plain wait)
+        self._running = _thread.allocate_lock()
+        self._running.acquire()
+        _thread.start_new_thread(self._wait_all, ())
+
+    def _wait_all(self) -> None:
+        try:
+            for work in self._works:
+                work.wait()
+        except BaseException as e:  # re-raised by wait(), in the thread that needs the outcome
+            self._error = e
+        finally:
+            self._running.release()
+
+    def finished(self) -> bool:
+        """Whether every work has completed or failed."""
+        return not self._running.locked()
+
+    def wait(self) -> None:
+        """Wait for every work (module notes); raise the first error, or :class:`GenerationEnded`."""
+        slice_s = WAIT_SLICE.total_seconds()
+        while not self._running.acquire(timeout=slice_s):
+            if _ended is not None and _ended.is_set():
+                self._group = dist.group.WORLD  # as for a collective: its teardown must not wait for the works
+                _abandoned_asides[:] = [a for a in _abandoned_asides if not a.finished()]
+                _abandoned_asides.append(self)
+                raise GenerationEnded("the generation ended during a point-to-point transfer; abandoned it")
+        self._running.release()  # finished() stays True
+        if self._error is not None:
+            raise self._error
+
+
+def abandoned_asides() -> int:
+    """How many abandoned point-to-point waits are still blocked."""
+    return sum(not a.finished() for a in _abandoned_asides)

@@ -154,13 +154,22 @@ def messages(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
     return cut
 
 
+def _wait(work: dist.Work, device: torch.device) -> None:
+    """Wait for one message: under gloo on a thread of its own, so that the generation's end abandons a
+    transfer its socket shutdown did not release (:class:`oobleck.engine.interrupt.Aside`)."""
+    if device.type == "cpu":
+        interrupt.Aside([work]).wait()
+    else:
+        work.wait()
+
+
 def send_layers(held: list[HeldLayer], moments: dict[int, dict[str, torch.Tensor]], dst: int, device: torch.device) -> None:
     """Send ``held`` with their AdamW state (``moments`` from :func:`moments_by_param`) to rank ``dst`` (see
     the module notes for the messages)."""
     records = [t for layer in held for t in layer_record(export_layer(layer, moments), layer, device)]
     for message in messages(records, MESSAGE_BYTES):
         data = _as_bytes(message[0]) if len(message) == 1 else torch.cat([_as_bytes(t) for t in message])
-        interrupt.post(dist.isend, data, dst).wait()
+        _wait(interrupt.post(dist.isend, data, dst), device)
 
 
 def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
@@ -179,10 +188,10 @@ def recv_layers(held: list[HeldLayer], src: int, device: torch.device) -> None:
     flat = [t for header, tensors, moments in slots for t in (header, *tensors.values(), *(m for pair in moments.values() for m in pair))]
     for message in messages(flat, MESSAGE_BYTES):
         if len(message) == 1:
-            interrupt.post(dist.irecv, _as_bytes(message[0]), src).wait()
+            _wait(interrupt.post(dist.irecv, _as_bytes(message[0]), src), device)
             continue
         data = torch.empty(sum(t.numel() * t.element_size() for t in message), dtype=torch.uint8, device=device)
-        interrupt.post(dist.irecv, data, src).wait()
+        _wait(interrupt.post(dist.irecv, data, src), device)
         offset = 0
         for t in message:
             size = t.numel() * t.element_size()

@@ -122,8 +122,8 @@ class _Link:
 
     def flush(self) -> None:
         """Wait for every send posted so far."""
-        for work, _ in self._sends:
-            p2p_stream.wait_sent(work, self._stream)
+        if self._sends:
+            p2p_stream.wait_all_sent([work for work, _ in self._sends], self._stream)
         self._sends.clear()
 
     def _irecv(self, tensors: list[torch.Tensor]) -> p2p_stream.Receives:

@@ -1,7 +1,8 @@
 """Where a pipeline link posts its sends and receives, and how it waits for them: a dedicated CUDA stream.
 
-On CPU (``stream`` None) :func:`post` is :func:`oobleck.engine.interrupt.post` and :func:`wait_sent` and
-:func:`wait_received` are ``work.wait()``: the gloo path is unchanged.
+On CPU (``stream`` None) :func:`post` is :func:`oobleck.engine.interrupt.post`, :func:`wait_received` is
+``work.wait()``, and :func:`wait_all_sent` waits on a thread of its own (:class:`oobleck.engine.interrupt.Aside`),
+so that a send the generation's end did not release is abandoned rather than waited out.
 
 On CUDA each link has its own stream (:func:`comm_stream`). NCCL runs an operation on its internal stream
 after the stream current at posting, and ``work.wait()`` makes the current stream wait for the operation.
@@ -26,12 +27,11 @@ the receive has completed once that thread has finished. The thread is best star
 posted: one started by the test itself has usually not run yet when the test looks, so a receive already
 complete would read as pending. The shutdown that releases a blocked receive at a generation's end
 (:mod:`oobleck.engine.interrupt`) releases that thread as well, and its error is raised where the receive is
-waited for.
+waited for; a receive it does not release is abandoned there.
 """
 
 from __future__ import annotations
 
-import _thread
 from typing import Callable
 
 import torch
@@ -69,6 +69,16 @@ def wait_sent(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
         work.wait()
 
 
+def wait_all_sent(works: list[dist.Work], stream: torch.cuda.Stream | None) -> None:
+    """Wait for sends posted by :func:`post`: on CPU on a thread of their own, so that a send the generation's
+    end did not release is abandoned (:class:`oobleck.engine.interrupt.Aside`); on CUDA as :func:`wait_sent`."""
+    if stream is None:
+        interrupt.Aside(works).wait()
+        return
+    for work in works:
+        wait_sent(work, stream)
+
+
 def wait_received(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
     """Wait for a receive posted by :func:`post`: on CUDA, ``stream`` waits for it (as for a send), then the
     current (compute) stream waits for ``stream``."""
@@ -84,19 +94,14 @@ class Receives:
     def __init__(self, works: list[dist.Work], stream: torch.cuda.Stream | None) -> None:
         self._works = works
         self._stream = stream
-        #: CPU only, once :meth:`watch`ed: held until the thread waiting for the works has finished
-        self._done: _thread.LockType | None = None
-        self._error: BaseException | None = None
+        #: CPU only, once :meth:`watch`ed: the thread waiting for the works
+        self._aside: interrupt.Aside | None = None
 
     def watch(self) -> None:
         """Make :meth:`ready` able to tell: on CPU, start the thread that waits for the receives (once; module
         notes); on CUDA nothing is needed."""
-        if self._stream is None and self._done is None:
-            self._done = _thread.allocate_lock()
-            self._done.acquire()
-            # _thread, not threading: Thread.start() waits until the new thread runs, a hand-shake that doubled
-            # a watched receive's cost (about 60 us against 30 us more than a plain wait, gloo ping-pong)
-            _thread.start_new_thread(self._wait_in_thread, (self._done,))
+        if self._stream is None and self._aside is None:
+            self._aside = interrupt.Aside(self._works)
 
     def ready(self) -> bool:
         """Whether every receive has completed, without blocking (:meth:`watch`es them if not yet). A failed
@@ -104,25 +109,14 @@ class Receives:
         if self._stream is not None:
             return all(work.is_completed() for work in self._works)
         self.watch()
-        assert self._done is not None
-        return not self._done.locked()
-
-    def _wait_in_thread(self, done: _thread.LockType) -> None:
-        try:
-            for work in self._works:
-                work.wait()
-        except BaseException as e:  # re-raised by wait(), in the thread that needs the data
-            self._error = e
-        finally:
-            done.release()
+        assert self._aside is not None
+        return self._aside.finished()
 
     def wait(self) -> None:
-        """Wait for every receive as :func:`wait_received` does; once :meth:`watch`ed (CPU), for its thread,
-        raising the error a receive failed with."""
-        if self._done is None:
+        """Wait for every receive as :func:`wait_received` does; once :meth:`watch`ed (CPU), through its thread
+        (:meth:`oobleck.engine.interrupt.Aside.wait`), raising the error a receive failed with."""
+        if self._aside is None:
             for work in self._works:
                 wait_received(work, self._stream)
             return
-        self._done.acquire()
-        if self._error is not None:
-            raise self._error
+        self._aside.wait()
