@@ -86,8 +86,13 @@ def test_trace_replay_matches_the_single_process_reference(tmp_path: Path, profi
     lost = {node for row in records for node in row["lost"]}
     assert {"node2", "node3"} <= lost <= {"node2", "node3", "node6", "node7"}, lost
     joins = [(row["joined"], row["joined_ready_s"]) for row in records if row["joined"]]
-    assert len(joins) == 1 and sorted(joins[0][0]) == ["node6", "node7"], joins
-    assert len(joins[0][1]) == 2 and all(0 < s < 30 for s in joins[0][1]), joins
+    # the master's log lines on registrations and joins, to tell why nodes added together did not join
+    # together (e.g. registered further apart than oobleck.control.state.TOGETHER_S)
+    master_log = (run_dir / "logs" / "master.log").read_text()
+    joining = [line for line in master_log.splitlines() if "registered" in line or "join" in line]
+    assert sum("registered mid-run (after the last registration: " in line for line in joining) == 2, joining
+    assert len(joins) == 1 and sorted(joins[0][0]) == ["node6", "node7"], (joins, joining)
+    assert len(joins[0][1]) == 2 and all(0 < s < 30 for s in joins[0][1]), (joins, joining)
     losses = {row["step"]: row["loss"] for row in read_metrics(run_dir)}  # a re-run step keeps its last loss
     assert sorted(losses) == list(range(STEPS))
 

@@ -1,6 +1,7 @@
 """Train a job on a cluster: plan (profiling first when no matching profile is cached), start the master
 and one agent per node (through the launcher ``cluster.launcher`` names), train with a live progress
-line, write ``RUN/metrics.jsonl`` and TensorBoard logs, and print a summary. The workers write the final
+line, write ``RUN/metrics.jsonl``, TensorBoard logs and the master's log (``RUN/logs/master.log``), and print
+a summary. The workers write the final
 checkpoint under the run directory. The data is checked before anything starts. Exits 2 with one line for
 bad input (the data, or --steps not beyond the checkpoint of --resume), also when a worker stops on its
 input (its own line); 1 with one line naming the lost worker or node when the job fails; Ctrl-C stops
@@ -9,11 +10,14 @@ every process the run started."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Iterator
 
 from oobleck.bounds import MAX_NODES, MAX_STEPS, int_flag
 from oobleck.config import JobConfig, load_config
@@ -94,6 +98,36 @@ def check_resume(config: JobConfig, steps_field: str) -> None:
         )
 
 
+#: the loggers of this process's part of a run: the master (oobleck.control) and the launcher
+_RUN_LOGGERS = ("oobleck", "launcher")
+
+
+@contextlib.contextmanager
+def master_log(path: Path) -> Iterator[None]:
+    """Write this process's run loggers at INFO, with times, to ``path`` (appended: a resumed run adds to it)
+    for the body; warnings still reach stderr as before (one line each)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s master %(name)s: %(message)s"))
+    # with a handler on their chain, Python no longer prints these loggers' warnings by its last resort
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.addHandler(to_file)
+        logger.addHandler(to_stderr)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(to_file)
+            logger.removeHandler(to_stderr)
+            logger.setLevel(level)
+        to_file.close()
+
+
 def train(config: JobConfig) -> int:
     """Run ``config`` with live progress and metrics; 0 on success, 1 (with one line) on a failed job, 2
     (with the worker's own line) when a worker failed on its input. The data is checked first
@@ -113,7 +147,7 @@ def train(config: JobConfig) -> int:
     started = time.monotonic()
     recoveries: list[object] = []
     try:
-        with Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir, append=config.run.resume) as metrics:
+        with master_log(run_dir / "logs" / "master.log"), Progress(config.training.steps, config.run.log_every) as progress, MetricsWriter(run_dir, append=config.run.resume) as metrics:
 
             def on_step(record: object) -> None:
                 metrics.write(record)

@@ -257,9 +257,16 @@ class Master(oobleck_pb2_grpc.MasterServicer):
             started = self.state.membership > 0 or self.state.generation is not None
             if not started and len(self.state.nodes) >= self._expected:
                 _invalid(context, f"node {request.node}: the job already has its {self._expected} nodes (cluster.nodes)")
-            self.state.nodes[request.node] = Node(request.node, request.devices, request.pid, time.monotonic())
+            node = Node(request.node, request.devices, request.pid, time.monotonic())
+            others = [n.registered_at for n in self.state.nodes.values() if n.alive]
+            self.state.nodes[request.node] = node
             if started:
-                log.info("node %s registered mid-run; it joins once its workers are up", request.node)
+                # how far apart nodes started together register decides whether they join together (TOGETHER_S)
+                gap = f"{node.registered_at - max(others):.2f} s" if others else "none"
+                log.info(
+                    "node %s registered mid-run (after the last registration: %s); it joins once its workers are up",
+                    request.node, gap,
+                )  # fmt: skip
             elif len(self.state.nodes) == self._expected:
                 self.state.membership += 1
                 self.state.replan = True
