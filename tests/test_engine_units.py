@@ -206,13 +206,12 @@ class _HeldWork:
         return True
 
 
-def test_a_watched_receive_tells_whether_it_came_and_passes_on_its_error() -> None:
-    """On CPU a watched receive is waited for by a thread of its own: ``ready`` is False until every work has
-    completed and True after, without blocking; ``wait`` then returns, or raises the error a work failed with
-    (a generation's end releasing the receive)."""
+def test_a_receive_tells_whether_it_came_and_passes_on_its_error() -> None:
+    """On CPU a receive is waited for by a thread of its own from its posting: ``ready`` is False until every
+    work has completed and True after, without blocking; ``wait`` then returns, or raises the error a work
+    failed with (a generation's end releasing the receive)."""
     works = [_HeldWork(), _HeldWork()]
     receives = Receives(works, None)
-    receives.watch()
     assert not receives.ready()
     works[0].arrive.set()
     time.sleep(0.05)
@@ -225,7 +224,7 @@ def test_a_watched_receive_tells_whether_it_came_and_passes_on_its_error() -> No
     receives.wait()
     failing = _HeldWork(RuntimeError("connection closed"))
     failed = Receives([failing], None)
-    assert not failed.ready()  # watched by the test itself
+    assert not failed.ready()
     failing.arrive.set()
     with pytest.raises(RuntimeError, match="connection closed"):
         failed.wait()

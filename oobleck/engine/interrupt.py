@@ -33,12 +33,17 @@ generation's end by shutting down its sockets. Two gaps remain, and this module 
   peers' abandoned builds, which would then complete and install a stale group behind the next
   generation's back.
 
-* A point-to-point wait cannot use slices (a timed-out gloo send or receive closes its pair for good), and
-  now and then a send is not released by the shutdown either (seen in CI: a survivor waited on its last
-  step's send to a peer that had left, until the stuck-worker backstop counted its node as lost). So a
-  point-to-point wait runs on a thread of its own (:class:`Aside`) while the calling thread looks every
-  ``WAIT_SLICE`` whether the generation has ended, and then abandons it the same way: the thread and the
-  work handles (which hold their tensors) stay referenced until gloo's timeout finishes them.
+* Why some operations are not released. When a gloo pair fails (its socket shut down, or the peer gone),
+  it tells every operation it has queued, but not the one it is in the middle of: a send whose bytes are
+  partly written (the transmit queue's operation is looked up as a bound buffer, which an unbound send is
+  not) and a receive whose bytes are partly read (it has left the pending queue). Both wait for the
+  group's timeout. Loopback's socket buffers hold a few MB, so this takes a transfer larger than that
+  whose peer stopped reading (stopped, busy leaving, or itself stuck) or died mid-send; a collective's
+  ring steps are such transfers too. ``tests/test_interrupt.py`` reproduces both with a 64 MB transfer.
+  A point-to-point wait cannot use slices (a timed-out gloo send or receive closes its pair for good), so
+  it runs on a thread of its own (:class:`Aside`) while the calling thread looks every ``WAIT_SLICE``
+  whether the generation has ended, and then abandons it the same way: the thread and the work handles
+  (which hold their tensors) stay referenced until gloo's timeout finishes them.
 """
 
 from __future__ import annotations

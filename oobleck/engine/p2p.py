@@ -102,10 +102,8 @@ class _Link:
     """State shared by both directions: the peer, the device, the pending sends and the posted receives by
     microbatch index."""
 
-    def __init__(self, peer: int, device: torch.device, watched: bool = False) -> None:
+    def __init__(self, peer: int, device: torch.device) -> None:
         self.peer = peer
-        #: posted receives are watched from their posting, for :meth:`ready` (:meth:`p2p_stream.Receives.watch`)
-        self.watched = watched
         self.device = device
         self.spec: CarrySpec | None = None
         self._stream = p2p_stream.comm_stream(device)  # None on CPU (oobleck.engine.p2p_stream)
@@ -131,15 +129,11 @@ class _Link:
         return p2p_stream.Receives(works, self._stream)
 
     def _post_pending(self, k: int, buffers: list[torch.Tensor]) -> None:
-        receives = self._irecv(buffers)
-        if self.watched:
-            receives.watch()
-        self._pending[k] = receives
+        self._pending[k] = self._irecv(buffers)
 
     def ready(self, k: int) -> bool:
         """Whether microbatch ``k``'s posted receive (its carry from the previous stage, or its gradients from
-        the next) has completed, without blocking; the receive must have been posted. On CPU it tells reliably
-        only on a ``watched`` link (:mod:`oobleck.engine.p2p_stream`)."""
+        the next) has completed, without blocking; the receive must have been posted."""
         return self._pending[k].ready()
 
 
@@ -148,11 +142,11 @@ class FromPrevious(_Link):
 
     ``in_flight`` is the most microbatches whose received carries are alive at once (the schedule's
     in-flight bound plus the receives posted ahead); that many buffer sets are allocated and reused
-    round-robin by microbatch index. ``watched``: see :meth:`ready`.
+    round-robin by microbatch index.
     """
 
-    def __init__(self, peer: int, device: torch.device, in_flight: int, watched: bool = False) -> None:
-        super().__init__(peer, device, watched)
+    def __init__(self, peer: int, device: torch.device, in_flight: int) -> None:
+        super().__init__(peer, device)
         self._slots = in_flight
         self._buffers: list[list[torch.Tensor]] = []
 
@@ -186,11 +180,10 @@ class FromPrevious(_Link):
 
 class ToNext(_Link):
     """The link to the next stage: sends carries, receives their gradients (``slots`` buffer sets, reused
-    round-robin by microbatch index: the one a backward pass is using and those being filled ahead).
-    ``watched``: see :meth:`ready`."""
+    round-robin by microbatch index: the one a backward pass is using and those being filled ahead)."""
 
-    def __init__(self, peer: int, device: torch.device, slots: int = 2, watched: bool = False) -> None:
-        super().__init__(peer, device, watched)
+    def __init__(self, peer: int, device: torch.device, slots: int = 2) -> None:
+        super().__init__(peer, device)
         self._slots = slots
         self._buffers: list[list[torch.Tensor]] = []
         #: gradient receives posted before the first carry was sent, whose buffers' shapes were unknown

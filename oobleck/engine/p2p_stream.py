@@ -1,8 +1,11 @@
 """Where a pipeline link posts its sends and receives, and how it waits for them: a dedicated CUDA stream.
 
-On CPU (``stream`` None) :func:`post` is :func:`oobleck.engine.interrupt.post`, :func:`wait_received` is
-``work.wait()``, and :func:`wait_all_sent` waits on a thread of its own (:class:`oobleck.engine.interrupt.Aside`),
-so that a send the generation's end did not release is abandoned rather than waited out.
+On CPU (``stream`` None) :func:`post` is :func:`oobleck.engine.interrupt.post`, and sends
+(:func:`wait_all_sent`) and receives (:class:`Receives`) are waited for on a thread of their own
+(:class:`oobleck.engine.interrupt.Aside`), so that a transfer the generation's end did not release is
+abandoned rather than waited out. Gloo leaves exactly those unreleased: a send whose bytes are partly
+written (its peer stopped reading) and a receive whose bytes are partly read (its peer died mid-send) are
+not told of their pair's error, and wait out the group's timeout (:mod:`oobleck.engine.interrupt`).
 
 On CUDA each link has its own stream (:func:`comm_stream`). NCCL runs an operation on its internal stream
 after the stream current at posting, and ``work.wait()`` makes the current stream wait for the operation.
@@ -22,12 +25,13 @@ Unverified: no GPU ran this (see docs/design.md, "Pipeline transfers on CUDA").
 :class:`Receives` also tells, without blocking, whether a receive has completed (for the Bamboo-style
 baseline, which fills the time a stage waits for one with redundant work). On CUDA an NCCL work says so
 itself. Gloo's receive handle does not: ``is_completed()`` stays False until ``wait()`` has returned (checked
-on torch 2.13) and it has no future; so on CPU a thread waits for the receive (:meth:`Receives.watch`), and
-the receive has completed once that thread has finished. The thread is best started when the receive is
-posted: one started by the test itself has usually not run yet when the test looks, so a receive already
-complete would read as pending. The shutdown that releases a blocked receive at a generation's end
-(:mod:`oobleck.engine.interrupt`) releases that thread as well, and its error is raised where the receive is
-waited for; a receive it does not release is abandoned there.
+on torch 2.13) and it has no future; the thread that waits for a receive on CPU tells instead: the receive
+has completed once that thread has finished. The thread starts when the receive is posted, not when it is
+needed: one started by the test itself has usually not run yet when the test looks, so a receive already
+complete would read as pending; and one started at the wait puts a thread hop on the critical path (the
+tiny GPT with four workers on two cores lost 7-15% of its throughput that way, against about 3%, within
+the runs' noise, when started at the posting). The shutdown that releases a blocked receive at a
+generation's end releases that thread as well, and its error is raised where the receive is waited for.
 """
 
 from __future__ import annotations
@@ -94,27 +98,20 @@ class Receives:
     def __init__(self, works: list[dist.Work], stream: torch.cuda.Stream | None) -> None:
         self._works = works
         self._stream = stream
-        #: CPU only, once :meth:`watch`ed: the thread waiting for the works
-        self._aside: interrupt.Aside | None = None
-
-    def watch(self) -> None:
-        """Make :meth:`ready` able to tell: on CPU, start the thread that waits for the receives (once; module
-        notes); on CUDA nothing is needed."""
-        if self._stream is None and self._aside is None:
-            self._aside = interrupt.Aside(self._works)
+        #: CPU only: the thread waiting for the works, started now (module notes)
+        self._aside = interrupt.Aside(works) if stream is None else None
 
     def ready(self) -> bool:
-        """Whether every receive has completed, without blocking (:meth:`watch`es them if not yet). A failed
-        receive counts as completed; :meth:`wait` raises its error."""
-        if self._stream is not None:
+        """Whether every receive has completed, without blocking. A failed receive counts as completed;
+        :meth:`wait` raises its error."""
+        if self._aside is None:
             return all(work.is_completed() for work in self._works)
-        self.watch()
-        assert self._aside is not None
         return self._aside.finished()
 
     def wait(self) -> None:
-        """Wait for every receive as :func:`wait_received` does; once :meth:`watch`ed (CPU), through its thread
-        (:meth:`oobleck.engine.interrupt.Aside.wait`), raising the error a receive failed with."""
+        """Wait for every receive: on CUDA as :func:`wait_received` does; on CPU through its thread
+        (:meth:`oobleck.engine.interrupt.Aside.wait`), raising the error a receive failed with, or
+        :class:`~oobleck.engine.interrupt.GenerationEnded` once the generation has ended."""
         if self._aside is None:
             for work in self._works:
                 wait_received(work, self._stream)

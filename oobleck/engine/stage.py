@@ -146,11 +146,8 @@ class StageExecutor:
         self.modules = [h.module for h in layers]
         self.ops = one_f_one_b(stage, num_stages, num_microbatches) if num_microbatches else []
         in_flight = self._most_queued + LOOKAHEAD  # the schedule's in-flight bound + the receives posted ahead
-        # the bubbles are found by testing receives, which on CPU is reliable only for receives watched from
-        # their posting (oobleck.engine.p2p_stream)
-        watched = redundant is not None
-        self.prev = FromPrevious(prev, device, in_flight, watched) if prev is not None else None
-        self.next = ToNext(next_, device, LOOKAHEAD + 1, watched) if next_ is not None else None
+        self.prev = FromPrevious(prev, device, in_flight) if prev is not None else None
+        self.next = ToNext(next_, device, LOOKAHEAD + 1) if next_ is not None else None
 
     def run(
         self,
