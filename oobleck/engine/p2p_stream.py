@@ -64,11 +64,8 @@ def post(operation: Operation, tensor: torch.Tensor, peer: int, stream: torch.cu
     return work
 
 
-def wait_sent(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
-    """Wait for a send posted by :func:`post`: on CUDA, only ``stream`` waits for it (module notes)."""
-    if stream is None:
-        work.wait()
-        return
+def wait_sent(work: dist.Work, stream: torch.cuda.Stream) -> None:
+    """Wait for a send posted by :func:`post` on CUDA: only ``stream`` waits for it (module notes)."""
     with torch.cuda.stream(stream):
         work.wait()
 
@@ -83,12 +80,11 @@ def wait_all_sent(works: list[dist.Work], stream: torch.cuda.Stream | None) -> N
         wait_sent(work, stream)
 
 
-def wait_received(work: dist.Work, stream: torch.cuda.Stream | None) -> None:
-    """Wait for a receive posted by :func:`post`: on CUDA, ``stream`` waits for it (as for a send), then the
+def wait_received(work: dist.Work, stream: torch.cuda.Stream) -> None:
+    """Wait for a receive posted by :func:`post` on CUDA: ``stream`` waits for it (as for a send), then the
     current (compute) stream waits for ``stream``."""
     wait_sent(work, stream)
-    if stream is not None:
-        torch.cuda.current_stream(stream.device).wait_stream(stream)
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 class Receives:
@@ -112,8 +108,9 @@ class Receives:
         """Wait for every receive: on CUDA as :func:`wait_received` does; on CPU through its thread
         (:meth:`oobleck.engine.interrupt.Aside.wait`), raising the error a receive failed with, or
         :class:`~oobleck.engine.interrupt.GenerationEnded` once the generation has ended."""
-        if self._aside is None:
-            for work in self._works:
-                wait_received(work, self._stream)
+        if self._aside is not None:
+            self._aside.wait()
             return
-        self._aside.wait()
+        assert self._stream is not None
+        for work in self._works:
+            wait_received(work, self._stream)
