@@ -62,7 +62,7 @@ def tiny_gpt(
         "training": {"steps": steps, "global_batch": 16, "microbatch": 2, "lr": 1e-3, "seed": 3},
         "cluster": cluster,
         "fault_tolerance": {"f": f, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": heartbeat_timeout_s},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1},
+        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0},
     }
     if faults:
         raw["faults"] = faults

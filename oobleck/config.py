@@ -192,6 +192,9 @@ class ProfileConfig:
     source: Literal["measured", "analytic"] = "measured"
     warmup: int = 2
     repeats: int = 5
+    #: rounds go on past ``repeats`` until this many seconds of them are timed: the medians then span the
+    #: machine's speed over that window, not over one moment of it
+    seconds: float = 5.0
 
 
 @dataclass

@@ -149,6 +149,7 @@ def validate(c: JobConfig) -> None:
     p = c.profile
     _require(p.warmup >= 0, "profile.warmup", p.warmup, "must be at least 0")
     _require(p.repeats >= 1, "profile.repeats", p.repeats, "must be at least 1")
+    _in_range(c, "profile.seconds", 0, 3600)
     _require(c.run.log_every >= 1, "run.log_every", c.run.log_every, "must be at least 1")
     _check_family(c)
     _require(

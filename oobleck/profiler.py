@@ -3,7 +3,11 @@
 For layer ``i`` the profiler builds the layer alone (``spec.build_layer(i)``, as a pipeline stage does),
 feeds it the carry that layers ``0 .. i-1`` produce on one real microbatch (detached, with
 ``requires_grad`` on floating tensors, as it arrives over a stage boundary), and times ``warmup + repeats``
-forward and backward passes, keeping the median of the ``repeats``.
+forward and backward passes, keeping the median of the timed ones: at least ``repeats`` rounds, and rounds
+until ``seconds`` have passed (``profile.seconds``, default 5). The window matters on a shared machine: a
+core's speed here drifted by up to 28% between 5-second windows of one minute, so the median of a
+second's passes timed whichever moment it fell on (six profiles of the tiny GPT in a row ranged 0.039-0.059 s
+a step's worth of passes, 5 rounds each; with 40 rounds, about 7 s, 0.046-0.054 s).
 
 Passes run in the order a stage runs them, not one layer's forward and backward back to back: each round
 runs every layer's forward for :func:`in_flight` microbatches, then their backwards in reverse, so between
@@ -224,9 +228,11 @@ def profile_model(
     repeats: int = 5,
     neighbours: int = 0,
     training: TrainingConfig | None = None,
+    seconds: float = 0.0,
 ) -> ModelProfile:
     """Measure every layer of ``spec`` on samples ``[0, microbatch)`` of step 0 of ``batches`` on
-    ``device`` (see the module docstring). With ``neighbours`` > 0, that many processes the caller started
+    ``device`` (see the module docstring): ``warmup`` untimed rounds, then timed rounds until there are at
+    least ``repeats`` and they have taken at least ``seconds``. With ``neighbours`` > 0, that many processes the caller started
     compute meanwhile (:func:`oobleck.shared_cores.computing_neighbours`), and passes are timed by this
     thread's CPU clock rather than the wall clock. The update's optimizer is ``training``'s (default: the
     default training config's).
@@ -256,13 +262,16 @@ def profile_model(
     times: list[list[tuple[float, float]]] = [[] for _ in layers]
     update_times: list[list[float]] = [[] for _ in layers]
     updates = [_Update(layer, training or TrainingConfig()) for layer in layers] if device.type == "cpu" else None
-    for round_index in range(warmup + repeats):
-        seconds, updated = _timed_round(layers, carries, mb, device, clock, updates)
-        if round_index >= warmup:
-            for measured, passes in zip(times, seconds):
-                measured.extend(passes)
-            for measured, update_s in zip(update_times, updated):
-                measured.append(update_s)
+    for _ in range(warmup):
+        _timed_round(layers, carries, mb, device, clock, updates)
+    timed, started = 0, time.perf_counter()
+    while timed < repeats or time.perf_counter() - started < seconds:
+        passes_s, updated = _timed_round(layers, carries, mb, device, clock, updates)
+        for measured, passes in zip(times, passes_s):
+            measured.extend(passes)
+        for measured, update_s in zip(update_times, updated):
+            measured.append(update_s)
+        timed += 1
 
     profiles = []
     for index, layer in enumerate(layers):
@@ -357,6 +366,7 @@ def ensure_profile(
             config.profile.repeats,
             neighbours,
             config.training,
+            config.profile.seconds,
         )
     profile.save(target)
     return profile

@@ -150,6 +150,8 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
         ({"cluster": {"master_host": "  "}}, "cluster.master_host: got '  '; must not be empty"),
         ({"run": {"dir": ""}}, "run.dir: got ''; must not be empty"),
         ({"profile": {"cache_dir": ""}}, "profile.cache_dir: got ''; must not be empty"),
+        ({"profile": {"seconds": -1}}, "profile.seconds: got -1.0; must be in [0, 3600]"),
+        ({"profile": {"seconds": "nan"}}, "profile.seconds: got nan; expected a finite number"),
         ({"cluster": {"nodes": 10**29}}, "cluster.nodes: got 100000000000000000000000000000; out of range"),
         ({"cluster": {"nodes": 1e29}}, "cluster.nodes: got 1e+29; expected an integer"),
         ({"cluster": {"nodes": 1000000}}, "cluster.nodes: got 1000000; must be at most 4096"),

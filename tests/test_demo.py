@@ -16,7 +16,7 @@ def test_demo_plans_heterogeneous_pipelines_and_its_failure_moves_layers(tmp_pat
     config = load_config(demo.EXAMPLE)
     # a quick profile in a private cache: the plan depends on memory (exact bytes), not on the timings
     config.profile.cache_dir = str(tmp_path / "profiles")
-    config.profile.warmup, config.profile.repeats = 0, 1
+    config.profile.warmup, config.profile.repeats, config.profile.seconds = 0, 1, 0
     planner = job_planner(config)
     nodes = [f"node{i}" for i in range(config.cluster.nodes)]
     [fault] = config.faults

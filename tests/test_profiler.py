@@ -33,7 +33,7 @@ def _config(tmp_path: Path, model: dict, microbatch: int = 2) -> JobConfig:
             "data": {"dataset": "pydoc" if model["family"] == "gpt" else "digits"},
             "training": {"global_batch": 8 * microbatch, "microbatch": microbatch},
             "cluster": {"device": "cpu", "nodes": 4},
-            "profile": {"cache_dir": str(tmp_path / "cache"), "warmup": 0, "repeats": 1},
+            "profile": {"cache_dir": str(tmp_path / "cache"), "warmup": 0, "repeats": 1, "seconds": 0},
         }
     )
 
@@ -132,7 +132,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_prints_the_table_and_where_it_saved(tmp_path: Path) -> None:
     config = tmp_path / "gpt.yaml"
-    raw = {"model": {"family": "gpt", "overrides": SMALL_GPT}, "cluster": {"device": "cpu"}, "profile": {"warmup": 0, "repeats": 1}}
+    raw = {"model": {"family": "gpt", "overrides": SMALL_GPT}, "cluster": {"device": "cpu"}, "profile": {"warmup": 0, "repeats": 1, "seconds": 0}}
     config.write_text(json.dumps(raw))  # JSON is YAML
     out = tmp_path / "p.json"
     done = _cli(str(config), "--out", str(out))
@@ -150,3 +150,29 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     done = _cli(str(config))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "model.preset: got 'huge'" in done.stderr
+
+
+def test_timing_goes_on_past_repeats_until_the_seconds_have_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import oobleck.profiler as profiler
+
+    rounds: list[float] = []
+    timed_round = profiler._timed_round
+
+    def counted(*args, **kwargs):  # the real round, its end time noted
+        result = timed_round(*args, **kwargs)
+        rounds.append(time.perf_counter())
+        return result
+
+    monkeypatch.setattr(profiler, "_timed_round", counted)
+    config = _config(tmp_path, {"family": "gpt", "overrides": SMALL_GPT})
+    config.profile.warmup, config.profile.repeats = 1, 2
+    ensure_profile(config)
+    assert len(rounds) == 3, "seconds 0: exactly warmup + repeats rounds"
+
+    rounds.clear()
+    config.profile.seconds = 0.4
+    ensure_profile(config, force=True)
+    # a round of this model takes milliseconds, so 0.4 s takes many more than the two repeats
+    assert len(rounds) > 10 and rounds[-1] - rounds[0] >= 0.4 - 0.1

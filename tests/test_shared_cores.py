@@ -58,7 +58,7 @@ def test_a_profile_with_neighbours_is_timed_by_cpu_and_cached_under_their_count(
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})  # two workers on one core: one neighbour
     config = config_from_dict(
         {"model": {"family": "gpt", "preset": "tiny"}, "data": {"dataset": "pydoc"},
-         "cluster": {"nodes": 2, "device": "cpu"}, "profile": {"cache_dir": str(tmp_path)}}  # fmt: skip
+         "cluster": {"nodes": 2, "device": "cpu"}, "profile": {"cache_dir": str(tmp_path), "seconds": 0}}  # fmt: skip
     )
     profile = ensure_profile(config)
     assert profile.fingerprint["neighbours"] == 1 == expected_fingerprint(config)["neighbours"]
