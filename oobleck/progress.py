@@ -60,17 +60,7 @@ class Progress:
     def recovery(self, record: Any) -> None:
         """Report a recovery (any object with RecoveryRecord's fields) on its own line."""
         self._recovered.add(record.generation)
-        what = f"lost {', '.join(record.lost)}" if record.lost else ""
-        if record.joined:
-            what += ("; " if what else "") + f"joined {', '.join(record.joined)}"
-        detect = f"detect {_ms(record.detect_s)}, " if record.detect_s is not None else ""
-        line = (
-            f"recovered ({what}) in {record.total_s:.2f} s: {detect}end {_ms(record.end_s)}, "
-            f"leave {_ms(record.leave_s)}, assign {_ms(record.assign_s)} (plan {_ms(record.plan_s)}), "
-            f"rebuild {_ms(record.rebuild_s)}, transfer {_ms(record.transfer_s)}, setup {_ms(record.setup_s)} "
-            f"({record.layers_moved} layers, from {record.mode}); {record.steps_lost} steps lost; "
-            f"now {record.nodes_alive} nodes, {record.pipelines} pipelines, resuming at step {record.start_step + 1}"
-        )
+        line = recovery_line(record)
         if self._live is not None:
             self._live.console.print(line, highlight=False, soft_wrap=True)
         else:
@@ -81,6 +71,22 @@ class Progress:
             self._live.update(Text(line))
         elif always:
             self.console.print(line, highlight=False, soft_wrap=True)
+
+
+def recovery_line(record: Any) -> str:
+    """One line for a recovery (any object with RecoveryRecord's fields): what changed, its phases, where
+    the layers came from and where training resumes."""
+    what = f"lost {', '.join(record.lost)}" if record.lost else ""
+    if record.joined:
+        what += ("; " if what else "") + f"joined {', '.join(record.joined)}"
+    detect = f"detect {_ms(record.detect_s)}, " if record.detect_s is not None else ""
+    return (
+        f"recovered ({what}) in {record.total_s:.2f} s: {detect}end {_ms(record.end_s)}, "
+        f"leave {_ms(record.leave_s)}, assign {_ms(record.assign_s)} (plan {_ms(record.plan_s)}), "
+        f"rebuild {_ms(record.rebuild_s)}, transfer {_ms(record.transfer_s)}, setup {_ms(record.setup_s)} "
+        f"({record.layers_moved} layers, from {record.mode}); {record.steps_lost} steps lost; "
+        f"now {record.nodes_alive} nodes, {record.pipelines} pipelines, resuming at step {record.start_step + 1}"
+    )
 
 
 def _ms(seconds: float) -> str:

@@ -91,6 +91,8 @@ def test_trace_replay_matches_the_single_process_reference(tmp_path: Path, profi
     master_log = (run_dir / "logs" / "master.log").read_text()
     joining = [line for line in master_log.splitlines() if "registered" in line or "join" in line]
     assert sum("registered mid-run (after the last registration: " in line for line in joining) == 2, joining
+    # and one line per recovery, as the console prints it
+    assert sum(": recovered (" in line for line in master_log.splitlines()) == len(records), master_log[-3000:]
     assert len(joins) == 1 and sorted(joins[0][0]) == ["node6", "node7"], (joins, joining)
     assert len(joins[0][1]) == 2 and all(0 < s < 30 for s in joins[0][1]), (joins, joining)
     losses = {row["step"]: row["loss"] for row in read_metrics(run_dir)}  # a re-run step keeps its last loss

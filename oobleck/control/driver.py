@@ -14,6 +14,7 @@ from oobleck.control.policy import Policy
 from oobleck.control.records import Change, RecoveryRecord, StepRecord, recovery_record
 from oobleck.control.state import Generation, JobState
 from oobleck.engine.signed_store import SignedStore
+from oobleck.progress import recovery_line
 
 log = logging.getLogger(__name__)
 #: how often the driver re-checks a step's readiness, and the varuna checkpoint it waits for
@@ -145,7 +146,7 @@ class CommitDriver:
         )
         with self.state.lock:
             self.state.recoveries.append(record)
-        log.info("recovered into generation %d: %s", gen.number, record)
+        log.info("generation %d: %s", gen.number, recovery_line(record))
         if self.on_recovery is not None:
             self.on_recovery(record)
 
