@@ -356,6 +356,12 @@ def ensure_profile(
         except ProfileError as e:
             if log is not None:
                 log(f"{e}; profiling again")
+    if log is not None:
+        p = config.profile
+        log(
+            f"profiling {spec.num_layers} layers ({p.warmup} rounds of warm-up, then at least {p.repeats} timed "
+            f"rounds and {p.seconds:g} s) into {target}"
+        )
     with torch_threads(_threads(config)), computing_neighbours(config, neighbours, _threads(config)):
         profile = profile_model(
             spec,

@@ -142,6 +142,7 @@ def test_cli_prints_the_table_and_where_it_saved(tmp_path: Path) -> None:
     assert [line.split()[1] for line in lines[1:5]] == ["embedding", "block0", "block1", "head"]
     assert lines[-1] == f"profile: {out}"
     assert ModelProfile.load(out).num_layers == 4
+    assert done.stderr == f"profiling 4 layers (0 rounds of warm-up, then at least 1 timed rounds and 0 s) into {out}\n"
 
 
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
