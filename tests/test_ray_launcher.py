@@ -275,16 +275,12 @@ def test_removed_ray_node_is_recovered_and_added_ray_node_joins(
     assert json.loads((run_dir / "ray_nodes.json").read_text())["node5"]["ray_node_id"] == added.node_id
     assert_matches_reference(run_dir, raw, reference_run(raw))
     found = rows(run_dir, RECOVERIES_FILE)
-    stuck = stuck_nodes(found)
-    if stuck:
-        # every worker was stopped mid-step: a send left pending when its pair closed is then, rarely, never
-        # released (docs/fault-tolerance.md#limitations), and the stuck-worker backstop ends that worker. Its
-        # node is counted lost with the victim, the join folds into that recovery, and training goes on.
-        assert len(stuck) == 1 and victim not in stuck, err[-3000:]
-        assert [(r["lost"], r["joined"]) for r in found] == [(sorted([victim, *stuck]), ["node5"])], err[-3000:]
-    else:
-        assert [(r["lost"], r["joined"]) for r in found] == [([victim], []), ([], ["node5"])], err[-3000:]
-        assert found[1]["nodes_alive"] == RAY_NODES
+    # every worker was stopped mid-step, so a transfer may be left partly done when its pair closes: it is
+    # abandoned at the generation's end (docs/design.md#releasing-a-blocked-worker), and no survivor is
+    # counted lost for it
+    assert not stuck_nodes(found), err[-3000:]
+    assert [(r["lost"], r["joined"]) for r in found] == [([victim], []), ([], ["node5"])], err[-3000:]
+    assert found[1]["nodes_alive"] == RAY_NODES
     assert found[0]["mode"] == "memory" and found[0]["steps_lost"] == 0 and found[0]["pipelines"] == 2
     if not wait_for("", lambda: not ray_cluster.job_processes(), 60, fail=False):
         pytest.fail(f"the job's actors, agents or workers outlived it: {describe(ray_cluster.job_processes())}")
