@@ -6,8 +6,8 @@ feeds it the carry that layers ``0 .. i-1`` produce on one real microbatch (deta
 forward and backward passes, keeping the median of the timed ones: at least ``repeats`` rounds, and rounds
 until ``seconds`` have passed (``profile.seconds``, default 5). The window matters on a shared machine: a
 core's speed here drifted by up to 28% between 5-second windows of one minute, so the median of a
-second's passes timed whichever moment it fell on (six profiles of the tiny GPT in a row ranged 0.039-0.059 s
-a step's worth of passes, 5 rounds each; with 40 rounds, about 7 s, 0.046-0.054 s).
+second's passes timed whichever moment it fell on (six profiles of the tiny GPT in a row, 5 rounds each:
+every layer's forward, backward and update summed to 0.039-0.059 s; 5 s each: 0.041-0.052 s).
 
 Passes run in the order a stage runs them, not one layer's forward and backward back to back: each round
 runs every layer's forward for :func:`in_flight` microbatches, then their backwards in reverse, so between
@@ -232,16 +232,16 @@ def profile_model(
 ) -> ModelProfile:
     """Measure every layer of ``spec`` on samples ``[0, microbatch)`` of step 0 of ``batches`` on
     ``device`` (see the module docstring): ``warmup`` untimed rounds, then timed rounds until there are at
-    least ``repeats`` and they have taken at least ``seconds``. With ``neighbours`` > 0, that many processes the caller started
-    compute meanwhile (:func:`oobleck.shared_cores.computing_neighbours`), and passes are timed by this
-    thread's CPU clock rather than the wall clock. The update's optimizer is ``training``'s (default: the
-    default training config's).
+    least ``repeats`` and they have taken at least ``seconds``. With ``neighbours`` > 0, that many processes
+    the caller started compute meanwhile (:func:`oobleck.shared_cores.computing_neighbours`), and passes
+    are timed by this thread's CPU clock rather than the wall clock. The update's optimizer is
+    ``training``'s (default: the default training config's).
 
     Timing goes round by round over all layers (each round as the module notes say), so a burst of load
     from other processes spreads over every layer instead of inflating the one measured at that moment.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if repeats < 1 or warmup < 0 or not seconds >= 0:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and seconds >= 0, got {repeats}, {warmup}, {seconds}")
     sample = batches.samples(0, 0, microbatch)
     mb = MicroBatch({k: v.to(device) for k, v in sample.data.items()})
     layers = [spec.build_layer(i).to(device) for i in range(spec.num_layers)]

@@ -103,7 +103,8 @@ def test_changed_config_makes_a_profile_stale_and_it_is_redone(tmp_path: Path) -
 
     logged: list[str] = []
     redone = ensure_profile(new, path=path, log=logged.append)
-    assert redone.num_layers == 5 and len(logged) == 1 and "stale" in logged[0]
+    assert redone.num_layers == 5 and len(logged) == 2 and "stale" in logged[0]
+    assert logged[1].startswith("profiling 5 layers") and logged[1].endswith(f"into {path}")
     assert ModelProfile.load(path, expect=expected_fingerprint(new)) == redone
 
 
