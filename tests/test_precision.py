@@ -271,7 +271,10 @@ def test_fp16_overflow_on_one_pipeline_is_skipped_by_all_and_the_scale_survives_
     run_dir, _ = run_job(tmp_path, raw)
     reference = reference_of(raw)
     rows = assert_losses_match(run_dir, reference)
-    assert [(r["nodes_alive"], r["pipelines"]) for r in rows] == [(4, 3)] * 8 + [(3, 3)] * 2
+    # steps 0-7 ran in the first generation (a 2-node and two 1-node pipelines), 8-9 on the 3 survivors; not
+    # nodes_alive for step 7: node 1 dies in step 8's forward, which may come before step 7's commit record
+    assert [(r["generation"], r["pipelines"]) for r in rows] == [(1, 3)] * 8 + [(2, 3)] * 2
+    assert [r["nodes_alive"] for r in rows[8:]] == [3, 3]
     (recovery,) = recoveries(run_dir)
     assert recovery["mode"] == "memory" and recovery["layers_moved"] > 0  # moved layers carried the scale
     skipped = [r["step"] for r in rows if not math.isfinite(r["grad_norm"])]

@@ -23,6 +23,8 @@ class StepRecord:
     #: global batch / (step_time_s - startup_s): the training rate, without start-up
     samples_per_s: float
     generation: int
+    #: the nodes the master counts alive when it commits the step: a node lost after the step's work was
+    #: done, before its commit, is already left out (the step itself ran on the generation's nodes)
     nodes_alive: int
     pipelines: int
     #: the slowest rank's seconds of redundant work in the step (Bamboo-style baseline; 0 otherwise)
