@@ -36,6 +36,10 @@ TAG_ENV = "OOBLECK_BENCH_TAG"
 SMALL_DEVICE_GIB = 0.002
 
 
+#: a profile's timing for jobs whose plan depends on memory, not on the layers' times: one timed round
+QUICK_PROFILE = {"warmup": 0, "repeats": 1, "seconds": 0}
+
+
 def tiny_gpt(
     profile_dir: Path,
     nodes: int,
@@ -62,7 +66,7 @@ def tiny_gpt(
         "training": {"steps": steps, "global_batch": 16, "microbatch": 2, "lr": 1e-3, "seed": 3},
         "cluster": cluster,
         "fault_tolerance": {"f": f, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": heartbeat_timeout_s},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0},
+        "profile": {"cache_dir": str(profile_dir), **QUICK_PROFILE},
     }
     if faults:
         raw["faults"] = faults

@@ -5,8 +5,10 @@ depends on the measured profile's timings; that some must does not)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from benchmarks.jobs import QUICK_PROFILE
 from oobleck.commands import demo
 from oobleck.config import load_config
 from oobleck.control.planning import job_planner
@@ -15,8 +17,7 @@ from oobleck.control.planning import job_planner
 def test_demo_plans_heterogeneous_pipelines_and_its_failure_moves_layers(tmp_path: Path) -> None:
     config = load_config(demo.EXAMPLE)
     # a quick profile in a private cache: the plan depends on memory (exact bytes), not on the timings
-    config.profile.cache_dir = str(tmp_path / "profiles")
-    config.profile.warmup, config.profile.repeats, config.profile.seconds = 0, 1, 0
+    config.profile = dataclasses.replace(config.profile, cache_dir=str(tmp_path / "profiles"), **QUICK_PROFILE)
     planner = job_planner(config)
     nodes = [f"node{i}" for i in range(config.cluster.nodes)]
     [fault] = config.faults

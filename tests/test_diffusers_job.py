@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.jobs import QUICK_PROFILE
 from tests.run_helpers import ReferenceRun, assert_matches_reference, recoveries, run_job
 from tests.test_diffusers_models import DIT, UNET
 
@@ -37,7 +38,7 @@ def test_run_with_a_node_killed_matches_train_local(
         "training": {"steps": 5, "global_batch": 8, "microbatch": 2, "lr": 3e-3, "seed": 1},
         "cluster": {"nodes": 4, "devices_per_node": 1, "device": "cpu", "device_memory_gib": memory_gib},
         "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0},
+        "profile": {"cache_dir": str(profile_dir), **QUICK_PROFILE},
         "faults": [{"step": 2, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]}],
     }
     run_dir, output = run_job(tmp_path, raw)

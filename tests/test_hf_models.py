@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.jobs import QUICK_PROFILE
 from models.base import MicroBatch, run_layers
 from models.hf import HFSpec, build_hf_spec
 from models.text import encode
@@ -305,7 +306,7 @@ def test_profile_plan_and_run_with_a_node_killed_matches_train_local(
         # small enough that a pipeline needs 2 nodes: 4 nodes run 2 pipelines
         "cluster": {"nodes": 4, "devices_per_node": 1, "device": "cpu", "device_memory_gib": {"gpt2": 0.0009, "llama": 0.0006}[architecture]},
         "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0},
+        "profile": {"cache_dir": str(profile_dir), **QUICK_PROFILE},
         "faults": [{"step": 3, "phase": "backward", "kind": "kill", "target": "node", "nodes": [1]}],
     }
     config = tmp_path / "job.yaml"

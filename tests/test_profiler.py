@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.jobs import QUICK_PROFILE
 from oobleck.config import JobConfig, config_from_dict
 from oobleck.model_building import build_model
 from oobleck.profiler import ensure_profile, expected_fingerprint, profile_path
@@ -33,7 +34,7 @@ def _config(tmp_path: Path, model: dict, microbatch: int = 2) -> JobConfig:
             "data": {"dataset": "pydoc" if model["family"] == "gpt" else "digits"},
             "training": {"global_batch": 8 * microbatch, "microbatch": microbatch},
             "cluster": {"device": "cpu", "nodes": 4},
-            "profile": {"cache_dir": str(tmp_path / "cache"), "warmup": 0, "repeats": 1, "seconds": 0},
+            "profile": {"cache_dir": str(tmp_path / "cache"), **QUICK_PROFILE},
         }
     )
 
@@ -133,7 +134,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_prints_the_table_and_where_it_saved(tmp_path: Path) -> None:
     config = tmp_path / "gpt.yaml"
-    raw = {"model": {"family": "gpt", "overrides": SMALL_GPT}, "cluster": {"device": "cpu"}, "profile": {"warmup": 0, "repeats": 1, "seconds": 0}}
+    raw = {"model": {"family": "gpt", "overrides": SMALL_GPT}, "cluster": {"device": "cpu"}, "profile": QUICK_PROFILE}
     config.write_text(json.dumps(raw))  # JSON is YAML
     out = tmp_path / "p.json"
     done = _cli(str(config), "--out", str(out))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.jobs import QUICK_PROFILE
 from oobleck import checkpoint
 from oobleck.metrics import read_metrics
 from tests.run_helpers import (
@@ -40,7 +41,7 @@ def dit_job(profile_dir: Path, nodes: int, steps: int, faults: list[dict[str, An
         "training": {"steps": steps, "global_batch": 12, "microbatch": 2, "lr": 3e-3, "seed": 1},
         "cluster": {"nodes": nodes, "devices_per_node": 1, "device": "cpu", "device_memory_gib": 0.003},
         "fault_tolerance": {"f": 1, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 2.0},
-        "profile": {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0},
+        "profile": {"cache_dir": str(profile_dir), **QUICK_PROFILE},
         "faults": faults,
     }
 

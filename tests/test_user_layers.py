@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.jobs import QUICK_PROFILE
 from models.base import MicroBatch, ModelSpec, run_layers
 from models.errors import ModelConfigError
 from models.gpt import GPTSpec
@@ -227,7 +228,7 @@ def test_example_trains_through_run_with_a_node_killed(tmp_path: Path, profile_d
     raw["training"].update(steps=10, global_batch=16, microbatch=2, lr=1e-2)
     raw["cluster"].update(device="cpu", device_memory_gib=0.0003)  # small devices: two-stage pipelines (n0 = 2)
     raw["fault_tolerance"].update(heartbeat_interval_s=0.1, heartbeat_timeout_s=2.0)
-    raw["profile"] = {"cache_dir": str(profile_dir), "warmup": 0, "repeats": 1, "seconds": 0}
+    raw["profile"] = {"cache_dir": str(profile_dir), **QUICK_PROFILE}
     raw["faults"] = [{"step": 3, "phase": "forward", "kind": "kill", "target": "node", "nodes": [1]}]
     del raw["run"]
     run_dir, output = run_job(tmp_path, raw)
