@@ -42,7 +42,7 @@ from oobleck.control.run_files import write_control_file
 from oobleck.control.tls import write_cert
 from oobleck.errors import OobleckError
 from oobleck.nodes import node_list
-from oobleck.step_costs import local_workers, threads_per_worker
+from oobleck.shared_cores import local_workers, threads_per_worker
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
     from typing_extensions import Unpack

@@ -28,7 +28,7 @@ parameter on its own, and the packing goes parameter by parameter. On accelerato
 The median, because a step's time is the sum of many
 passes, so the typical pass counts rather than the luckiest (the fastest was 10-20% below the median on
 this machine's GPT blocks, and predicted local steps that much too short), and a burst of other processes'
-load that hits fewer than half the passes leaves the median alone (:mod:`oobleck.step_costs` accounts for
+load that hits fewer than half the passes leaves the median alone (:mod:`oobleck.engine.step_costs` accounts for
 the cores a worker shares). When a local run's workers outnumber the cores, other processes compute the
 model meanwhile (:mod:`oobleck.shared_cores`) and a pass is timed by its thread's CPU clock: the CPU it
 costs a worker whose core switches between processes, which the planner then shares among the workers.
@@ -66,8 +66,14 @@ from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.grad_buffer import GradBuffer
 from oobleck.model_building import build_batches, build_model, config_errors
-from oobleck.shared_cores import computing_neighbours, neighbours_for
-from oobleck.step_costs import local_cores, local_workers, threads_per_worker, torch_threads
+from oobleck.shared_cores import (
+    computing_neighbours,
+    local_cores,
+    local_workers,
+    neighbours_for,
+    threads_per_worker,
+    torch_threads,
+)
 from oobleck.training import make_optimizer, set_lr
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
@@ -296,7 +302,7 @@ def profile_model(
 
 def _threads(config: JobConfig) -> int:
     """The intra-op threads ``config``'s profile is measured with: each local worker's
-    (:func:`oobleck.step_costs.threads_per_worker`), so a layer takes the time a worker alone computes it in."""
+    (:func:`oobleck.shared_cores.threads_per_worker`), so a layer takes the time a worker alone computes it in."""
     return threads_per_worker(local_workers(config))
 
 

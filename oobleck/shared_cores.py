@@ -1,4 +1,5 @@
-"""Other processes computing the model while the profiler times its layers, so that a local run whose
+"""How a local run's workers share this machine's cores (how many workers, how many intra-op threads each),
+and other processes computing the model while the profiler times its layers, so that a local run whose
 workers outnumber the cores is profiled the way its workers compute.
 
 With more workers than cores, the operating system switches the cores between the workers' processes,
@@ -31,6 +32,33 @@ from oobleck.model_building import build_batches, build_model
 START_TIMEOUT_S = 300.0
 #: what a neighbour prints once its model is built
 _READY = "ready"
+
+
+def local_workers(config: JobConfig) -> int:
+    """How many worker processes a local run of ``config`` starts on this machine: one per device."""
+    return config.cluster.nodes * config.cluster.devices_per_node
+
+
+def local_cores() -> int:
+    """The cores this process (and every local worker it starts) may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``workers`` workers sharing ``cores`` cores (default
+    :func:`local_cores`): the cores divided among the workers, at least 1."""
+    return max(1, (cores or local_cores()) // workers)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def neighbours_for(workers: int, cores: int) -> int:

@@ -2,7 +2,7 @@
 
 torch's own ``TCPStore(host, port, is_master=True)`` binds every interface whatever ``host`` says, which
 would listen beyond the address the user configured. :func:`start_store` binds the socket itself and hands
-it to the store. The master's job store and the step-cost measurement (:mod:`oobleck.step_costs`) use it.
+it to the store. The master's job store and the step-cost measurement (:mod:`oobleck.engine.step_costs`) use it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The templates' ``iteration_time`` (:mod:`planner.templates`) is the cluster's figure: every stage on a
 device of its own, communication only the bytes over the links. A local run's workers are processes that
 share the C cores this machine gives them, each with T intra-op threads, and each step pays costs the
-layer profile does not see (:class:`StepCosts`, measured on the machine by :mod:`oobleck.step_costs`).
+layer profile does not see (:class:`StepCosts`, measured on the machine by :mod:`oobleck.engine.step_costs`).
 
 :func:`local_step_time` plays one step out instead of bounding it, because the bounds miss by a wide
 margin on a machine with fewer cores than workers: while a worker waits for its neighbour's activation or
@@ -44,13 +44,13 @@ from planner.templates import PipelineTemplate
 @dataclass(frozen=True)
 class StepCosts:
     """What a local run's step costs beyond the profile's layer times (see the module notes); measured on
-    the machine by :mod:`oobleck.step_costs`."""
+    the machine by :mod:`oobleck.engine.step_costs`."""
 
     #: the cores the workers share (infinite: each has a device of its own)
     cores: float = math.inf
     #: intra-op threads per worker, with which the profile timed the layers
     threads: int = 1
-    #: seconds of one p2p message at a stage boundary, on each side
+    #: CPU seconds one p2p message at a stage boundary costs each side (every thread of the worker's process)
     message_s: float = 0.0
     #: seconds of one all-reduce among the local workers, fixed part
     allreduce_s: float = 0.0

@@ -166,7 +166,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str, StepCosts | None]:
         return (*_analytic_plan(config.model.preset, i, args.recompute, args.profile), None)
     # measured profiles need the models (torch): import only on this path
     from oobleck import profiler
-    from oobleck.step_costs import job_step_costs
+    from oobleck.engine.step_costs import job_step_costs
 
     if args.profile is not None:
         profile = ModelProfile.load(args.profile, expect=profiler.expected_fingerprint(config))

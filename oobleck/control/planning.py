@@ -44,7 +44,7 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
     profile's templates, Bamboo-style on its redundant profile's, two nodes deep at least (a stage's shadow
     lives on the next node)."""
     from oobleck.profiler import ensure_profile
-    from oobleck.step_costs import job_step_costs
+    from oobleck.engine.step_costs import job_step_costs
 
     t = config.training
     profile = ensure_profile(config, log=log)

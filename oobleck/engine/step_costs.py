@@ -2,19 +2,21 @@
 :class:`planner.local_step.StepCosts` (its model is in :mod:`planner.local_step`).
 
 Cores. A local run's workers are processes on this machine: ``workers`` of them share the C cores this
-process may run on (``os.sched_getaffinity``), and each runs T = :func:`threads_per_worker` intra-op
-threads (the launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the layers with the same T
-(``oobleck.profiler``), so ``StepCosts`` carries C and T and the planner divides the job's work among the
-cores: with 4 workers of 1 thread on 2 cores, each gets half a core while all compute.
+process may run on (``os.sched_getaffinity``), and each runs T = :func:`oobleck.shared_cores.threads_per_worker`
+intra-op threads (the launcher sets ``OMP_NUM_THREADS`` to it). The profile measures the layers with the
+same T (``oobleck.profiler``), so ``StepCosts`` carries C and T and the planner divides the job's work
+among the cores: with 4 workers of 1 thread on 2 cores, each gets half a core while all compute.
 
 Overheads, each timed here with T threads (the fastest of a few repetitions: other processes' load only
 adds time; the profile keeps the median of its passes instead, since a step sums many of them; about a
-second in all): two threads of this process, joined by a gloo
-process group over loopback TCP as two workers are, time a p2p ping-pong of a boundary carry
-(``message_s`` is half a round trip), an all-reduce of one number (``allreduce_s``) and of ``grad_bytes``
-(``allreduce_byte_s`` is the difference per byte); a set-then-wait round trip through a TCPStore, as a
-worker's commit goes through the master's store, gives ``commit_s``; AdamW steps a flat float32 tensor of
-``grad_bytes`` (``optimizer_byte_s``).
+second in all). Two threads of this process, joined by a gloo process group over loopback TCP as two
+workers are, exchange a boundary carry back and forth, each send and receive waited for as a worker
+waits for it on CPU (:mod:`oobleck.engine.p2p_stream`: on a thread of its own). ``message_s`` is the CPU
+time of the whole process (both ranks, their waiting threads and gloo's) per message and side: the model
+charges it as work on the sharing cores, and a wait's idle time is not work. The same pair times an
+all-reduce of one number (``allreduce_s``) and of ``grad_bytes`` (``allreduce_byte_s`` is the difference
+per byte); a set-then-wait round trip through a TCPStore, as a worker's commit goes through the master's
+store, gives ``commit_s``; AdamW steps a flat float32 tensor of ``grad_bytes`` (``optimizer_byte_s``).
 
 On CUDA (unverified: this module has run on CPU only) each worker has a device of its own, so C is
 infinite; the overheads are still those of gloo, the store and AdamW on this host's CPU.
@@ -22,25 +24,27 @@ infinite; the overheads are still those of gloo, the store and AdamW on this hos
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from oobleck.config import JobConfig
+from oobleck.engine import p2p_stream
 from oobleck.devices import resolve_device
+from oobleck.shared_cores import local_cores, local_workers, threads_per_worker, torch_threads
 from oobleck.store_server import start_store
 from planner.profile import ModelProfile
 from planner.local_step import StepCosts
 
 #: repetitions whose fastest each figure is (after one warm-up)
 _REPEATS = 9
+#: round trips of a carry per timed repetition (one takes well under a millisecond)
+_PING_PONGS = 10
 #: the most bytes the all-reduce and AdamW timings move: enough for a per-byte figure, bounded in time
 _MAX_TIMED_BYTES = 64 << 20
 _TIMEOUT = timedelta(seconds=60)
@@ -48,40 +52,13 @@ _TIMEOUT = timedelta(seconds=60)
 _LOOPBACK = "127.0.0.1"
 
 
-def local_workers(config: JobConfig) -> int:
-    """How many worker processes a local run of ``config`` starts on this machine: one per device."""
-    return config.cluster.nodes * config.cluster.devices_per_node
-
-
-def local_cores() -> int:
-    """The cores this process (and every local worker it starts) may run on."""
-    return len(os.sched_getaffinity(0))
-
-
-def threads_per_worker(workers: int, cores: int | None = None) -> int:
-    """Intra-op threads for each of ``workers`` workers sharing ``cores`` cores (default
-    :func:`local_cores`): the cores divided among the workers, at least 1."""
-    return max(1, (cores or local_cores()) // workers)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the body with ``threads`` intra-op threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _fastest_s(run: Callable[[], object]) -> float:
+def _fastest_s(run: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
     run()  # warm-up
     times = []
     for _ in range(_REPEATS):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -100,18 +77,27 @@ def _pair_timings(carry_bytes: int, grad_bytes: int) -> dict[str, float]:
             options._timeout = _TIMEOUT
             group = dist.ProcessGroupGloo(dist.PrefixStore("pair", store), r, 2, options)
             x = torch.zeros(carry)
+            peer = 1 - r
 
-            def ping_pong() -> None:
-                if r == 0:
-                    group.send([x], 1, 0).wait()
-                    group.recv([x], 1, 0).wait()
-                else:
-                    group.recv([x], 0, 0).wait()
-                    group.send([x], 0, 0).wait()
+            def send() -> None:
+                p2p_stream.wait_all_sent([group.send([x], peer, 0)], None)
+
+            def receive() -> None:
+                p2p_stream.Receives([group.recv([x], peer, 0)], None).wait()
+
+            def ping_pongs() -> None:
+                for _ in range(_PING_PONGS):
+                    if r == 0:
+                        send()
+                        receive()
+                    else:
+                        receive()
+                        send()
 
             one, many = torch.zeros(1), torch.zeros(grads)
             timings = {
-                "message_s": _fastest_s(ping_pong) / 2,
+                # both ranks' CPU: each of the 2 * _PING_PONGS messages costs its sender and its receiver
+                "message_s": _fastest_s(ping_pongs, time.process_time) / (4 * _PING_PONGS),
                 "allreduce_s": _fastest_s(lambda: group.allreduce([one]).wait()),
                 "allreduce_many_s": _fastest_s(lambda: group.allreduce([many]).wait()),
             }
