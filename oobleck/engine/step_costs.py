@@ -10,8 +10,8 @@ among the cores: with 4 workers of 1 thread on 2 cores, each gets half a core wh
 Overheads, each timed here with T threads (the fastest of a few repetitions: other processes' load only
 adds time; the profile keeps the median of its passes instead, since a step sums many of them; about a
 second in all). Two threads of this process, joined by a gloo process group over loopback TCP as two
-workers are, exchange a boundary carry back and forth, each send and receive waited for as a worker
-waits for it on CPU (:mod:`oobleck.engine.p2p_stream`: on a thread of its own). ``message_s`` is the CPU
+workers are, exchange a boundary carry back and forth, each send and receive posted and waited for as a
+worker's are on CPU (:mod:`oobleck.engine.p2p_stream`: waited for on a thread of its own). ``message_s`` is the CPU
 time of the whole process (both ranks, their waiting threads and gloo's) per message and side: the model
 charges it as work on the sharing cores, and a wait's idle time is not work. The same pair times an
 all-reduce of one number (``allreduce_s``) and of ``grad_bytes`` (``allreduce_byte_s`` is the difference
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from oobleck.config import JobConfig
-from oobleck.engine import p2p_stream
 from oobleck.devices import resolve_device
+from oobleck.engine import p2p_stream
 from oobleck.shared_cores import local_cores, local_workers, threads_per_worker, torch_threads
 from oobleck.store_server import start_store
 from planner.profile import ModelProfile
@@ -79,11 +79,13 @@ def _pair_timings(carry_bytes: int, grad_bytes: int) -> dict[str, float]:
             x = torch.zeros(carry)
             peer = 1 - r
 
+            # posted and waited for through p2p_stream as a worker's transfers are, on this pair's group
             def send() -> None:
-                p2p_stream.wait_all_sent([group.send([x], peer, 0)], None)
+                p2p_stream.wait_all_sent([p2p_stream.post(lambda t, to: group.send([t], to, 0), x, peer, None)], None)
 
             def receive() -> None:
-                p2p_stream.Receives([group.recv([x], peer, 0)], None).wait()
+                work = p2p_stream.post(lambda t, source: group.recv([t], source, 0), x, peer, None)
+                p2p_stream.Receives([work], None).wait()
 
             def ping_pongs() -> None:
                 for _ in range(_PING_PONGS):
