@@ -49,9 +49,14 @@ class GradBuffer:
         for param, offset, flag in zip(self.params, self.offsets, present):
             param.grad = self.flat[offset : offset + param.numel()].view_as(param) if flag > 0 else None
 
-    def squared_norm(self) -> torch.Tensor:
-        """The gradients' squared L2 norm, summed in float64 (exact enough to compare runs bitwise)."""
-        return self.flat[: self.numel].double().pow(2).sum()
+    def squared_norm(self, share: int = 0, shares: int = 1) -> torch.Tensor:
+        """The squared L2 norm of the gradients' ``share``-th of ``shares`` equal contiguous slices (default:
+        all of them), summed in float64 (exact enough to compare runs bitwise). ``square`` gives ``pow(2)``'s
+        bits in half its time here."""
+        if not 0 <= share < shares:
+            raise ValueError(f"share {share} of {shares}: need 0 <= share < shares")
+        start, stop = share * self.numel // shares, (share + 1) * self.numel // shares
+        return self.flat[start:stop].double().square().sum()
 
     def scale(self, factor: float) -> None:
         """Multiply the gradients (not the flags) by ``factor``."""

@@ -142,7 +142,7 @@ def grad_square_sum(params: Iterable[nn.Parameter]) -> float:
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
-        total += float(p.grad.detach().double().pow(2).sum())
+        total += float(p.grad.detach().double().square().sum())
     return total
 
 

@@ -322,6 +322,10 @@ def test_a_grad_buffer_packs_gradients_and_flags_and_unpacks_none_where_no_gradi
     buffer.pack([0, 2])  # b is not packed: its slice and flag keep their zeros
     assert buffer.flat.tolist() == [0, 1, 2, 3, 4, 5, 0, 0, 0, 0, -2, 1, 0, 1]
     assert buffer.squared_norm().item() == 55 + 4
+    # three holders' shares: slices [0, 3), [3, 7), [7, 11) of the gradients, never the flags
+    assert [buffer.squared_norm(p, 3).item() for p in range(3)] == [0 + 1 + 4, 9 + 16 + 25, 4]
+    with pytest.raises(ValueError, match="share 3 of 3"):
+        buffer.squared_norm(3, 3)
     buffer.scale(0.5)
     buffer.unpack()
     assert a.grad.tolist() == [[0, 0.5, 1], [1.5, 2, 2.5]] and b.grad is None and c.grad.tolist() == [-1.0]

@@ -32,8 +32,11 @@ Overlap (``training.overlap_grad_sync``)
     overlap every bucket is one piece, posted by :meth:`reduce` in bucket order.
 
 Norm
-    Each logical parameter is counted once in the global gradient norm: only the lowest rank of its
-    holder set adds its squares, summed per bucket over its whole buffer whatever its pieces.
+    Each logical parameter is counted once in the global gradient norm: once a bucket is summed, its
+    holders have the same buffer, and the holder at position p of the sorted set adds the squares of the
+    p-th of as many equal slices of it as there are holders, whatever its pieces. Each holder's share is
+    then a fraction of the work: with the whole buffer on the lowest rank, four single-stage pipelines of
+    the tiny GPT had the other three ranks wait about 10 ms a step while rank 0 summed every square.
 """
 
 from __future__ import annotations
@@ -221,8 +224,8 @@ class GradSync:
             self._posted += 1
 
     def reduce(self) -> float:
-        """Sum every gradient over its holders and return this rank's share of the squared global norm (the
-        buckets whose lowest holder is this rank), as float64. Posts the pieces not posted yet (all of them
+        """Sum every gradient over its holders and return this rank's share of the squared global norm (its
+        slice of each bucket, module notes), as float64. Posts the pieces not posted yet (all of them
         without overlap), then waits for every piece, bucket by bucket. If the generation ends meanwhile,
         every piece still in flight is abandoned (:func:`oobleck.engine.interrupt.abandon`) and the error
         is raised; the gradients are then partial and must be dropped."""
@@ -236,8 +239,7 @@ class GradSync:
                     if piece.bucket is bucket and piece.work is not None:
                         interrupt.wait(piece.work, bucket.group)
                 bucket.buffer.unpack()
-                if bucket.ranks[0] == self.rank:
-                    squares.append(bucket.buffer.squared_norm())
+                squares.append(bucket.buffer.squared_norm(bucket.ranks.index(self.rank), len(bucket.ranks)))
         except Exception:  # the generation ended: pieces still in flight must not block its groups' end
             self.abandon()
             raise
