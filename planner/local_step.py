@@ -16,8 +16,9 @@ gradient its core goes to the others, and in the pipelines' fill and drain fewer
 * **Dependencies.** The forward of microbatch j on stage i starts once stage i-1's forward of j has ended
   and half of that boundary's ``send_s`` (the link's share of the activation) has passed; the backward of
   j once stage i+1's backward of j has ended, plus the other half.
-* **Cores (processor sharing).** At every moment the R workers whose next op can run share the cores:
-  each runs at ``min(1, C / (T * R))`` of its speed alone. Waiting workers use none.
+* **Cores (processor sharing).** At every moment the R workers whose next op can run share the cores
+  the control plane leaves them (``C - busy_cores``): each runs at ``min(1, (C - busy_cores) / (T * R))``
+  of its speed alone. Waiting workers use none.
 * **Tail.** After the last backward, each worker's once-a-step work, the workers sharing the cores as
   above: its layers' ``update_s`` (the profile's packing of the gradients, their norm and the optimizer
   step; where the profile has none, AdamW's ``optimizer_byte_s * grad_bytes_i``) and, with more than one
@@ -60,6 +61,8 @@ class StepCosts:
     commit_s: float = 0.0
     #: seconds of AdamW's step per byte of gradient, with ``threads`` threads
     optimizer_byte_s: float = 0.0
+    #: cores the run's other processes keep busy meanwhile (the control plane's heartbeats), off ``cores``
+    busy_cores: float = 0.0
 
 
 #: no costs beyond the profile: a local step is then the slowest pipeline's 1F1B makespan
@@ -167,7 +170,9 @@ def local_step_time(pipelines: Sequence[tuple[PipelineTemplate, int]], costs: St
             update = s.update_s or c.optimizer_byte_s * s.grad_bytes
             sync = c.allreduce_s + c.allreduce_byte_s * s.grad_bytes * ring if ring else 0.0
             tail.append([(False, 0, update + sync, None, 0.0)])
-    slots = c.cores / c.threads
+    if not 0 <= c.busy_cores < c.cores:
+        raise ValueError(f"busy_cores must be in [0, cores), got {c.busy_cores} of {c.cores}")
+    slots = (c.cores - c.busy_cores) / c.threads
 
     def makespan(ops: list[list[_Op]]) -> float:
         return _dedicated_makespan(ops) if slots >= len(ops) else _shared_makespan(ops, slots)

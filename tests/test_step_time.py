@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 
 import pytest
 
 from oobleck.config import config_from_dict
+from oobleck.control.heartbeat_load import heartbeat_cores
 from oobleck.control.placement import PipelineShape, place
 from oobleck.control.planning import shapes
 from oobleck.profiler import expected_fingerprint
@@ -50,6 +52,15 @@ def test_halving_the_cores_per_worker_doubles_the_compute_time() -> None:
     assert local_step_time(four, StepCosts(cores=2)) == 2 * alone  # half a core each
     assert local_step_time(four, StepCosts(cores=1)) == 4 * alone  # a quarter: twice that
     assert local_step_time(four, StepCosts(cores=4, threads=2)) == 2 * alone  # 2 threads each on 4 cores
+
+
+def test_the_cores_the_control_plane_keeps_busy_are_not_the_workers() -> None:
+    one = PipelineTemplate(1, 1, (Stage(0, 4, 1.0, 2.0, 0.0, 0, 0, 0),))
+    four = [(one, 5)] * 4
+    assert local_step_time(four, StepCosts(cores=3, busy_cores=1)) == local_step_time(four, StepCosts(cores=2))
+    assert local_step_time(four, StepCosts(cores=2, busy_cores=0.4)) == pytest.approx(4 * 15 / 1.6)
+    with pytest.raises(ValueError, match="busy_cores"):
+        local_step_time(four, StepCosts(cores=2, busy_cores=2))
 
 
 def test_a_waiting_worker_leaves_its_core_to_the_others() -> None:
@@ -149,6 +160,30 @@ def test_measured_costs_follow_the_cores_rule(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     assert measure_step_costs(2, torch.device("cpu"), 4096, 1 << 16).threads == 4
     assert measure_step_costs(2, torch.device("cuda"), 4096, 1 << 16).cores == math.inf  # a device each
+
+
+def test_messages_are_timed_beside_what_the_caller_runs_and_the_rest_alone() -> None:
+    import contextlib
+
+    import torch
+
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def beside() -> Iterator[None]:
+        entered.append(1)
+        yield
+
+    costs = measure_step_costs(4, torch.device("cpu"), 4096, 1 << 16, beside)
+    assert len(entered) == 1 and costs.message_s > 0
+
+
+def test_the_control_planes_heartbeats_are_measured_on_loopback() -> None:
+    load = heartbeat_cores(streams=2, pipes=2, interval_s=0.05, seconds=0.3)
+    assert load.beats >= 2 * 0.3 / 0.05 / 2  # both streams beat (half the beats at least: a loaded machine)
+    assert 0 < load.cores < 1
+    with pytest.raises(ValueError, match="interval_s"):
+        heartbeat_cores(1, 0, 0.0)
 
 
 def test_a_message_costs_more_cpu_the_more_bytes_it_carries() -> None:

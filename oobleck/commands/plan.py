@@ -166,7 +166,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str, StepCosts | None]:
         return (*_analytic_plan(config.model.preset, i, args.recompute, args.profile), None)
     # measured profiles need the models (torch): import only on this path
     from oobleck import profiler
-    from oobleck.engine.step_costs import job_step_costs
+    from oobleck.control.planning import local_step_costs
 
     if args.profile is not None:
         profile = ModelProfile.load(args.profile, expect=profiler.expected_fingerprint(config))
@@ -176,7 +176,7 @@ def _plan(args: argparse.Namespace) -> tuple[Plan, str, StepCosts | None]:
         source = f"measured, {profiler.profile_path(config)}"
     recompute = config.training.recompute
     plan = make_plan(profile, _cluster(i), i.f, i.global_batch, i.microbatch, recompute)
-    return plan, source, job_step_costs(config, profile)
+    return plan, source, local_step_costs(config, profile)
 
 
 def _gib(n: float) -> str:
@@ -233,6 +233,7 @@ def _local(plan: Plan, costs: StepCosts) -> str:
     return (
         f"local run on this machine: {workers} workers of {c.threads} threads "
         + (f"share {c.cores:g} cores ({c.cores / workers:.3g} per worker)" if math.isfinite(c.cores) else "on devices of their own")
+        + (f", {c.busy_cores:.2g} of them busy with the control plane" if c.busy_cores else "")
         + f"; p2p {c.message_s * ms:.3g} ms per message, all-reduce "
         f"{c.allreduce_s * ms:.3g} ms + {c.allreduce_byte_s * per_mib:.3g} ms/MiB, AdamW "
         f"{c.optimizer_byte_s * per_mib:.3g} ms/MiB, commit {c.commit_s * ms:.3g} ms: predicted local step time "

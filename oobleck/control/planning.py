@@ -3,6 +3,8 @@ for the registered nodes, as :class:`~oobleck.control.placement.PipelineShape` l
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Callable
 
 from oobleck.cluster_spec import cluster_spec
@@ -15,6 +17,22 @@ from planner.plan import Plan, make_plan
 from planner.profile import ModelProfile
 from planner.local_step import StepCosts, local_step_time
 from planner.templates import PipelineTemplate, build_templates
+
+
+def local_step_costs(config: JobConfig, profile: ModelProfile) -> StepCosts:
+    """What a local run of ``config`` planned from ``profile`` pays per step beyond the profile
+    (:func:`oobleck.engine.step_costs.job_step_costs`), with the cores its control plane's heartbeats keep
+    busy when the workers share this machine's cores (:mod:`oobleck.control.heartbeat_load`)."""
+    from oobleck.control.heartbeat_load import heartbeat_cores
+    from oobleck.engine.step_costs import job_step_costs
+    from oobleck.shared_cores import local_workers
+
+    costs = job_step_costs(config, profile)
+    if math.isinf(costs.cores):
+        return costs
+    load = heartbeat_cores(config.cluster.nodes, local_workers(config), config.fault_tolerance.heartbeat_interval_s)
+    # bounded, so that a freak measurement cannot leave the workers without cores
+    return replace(costs, busy_cores=min(load.cores, costs.cores / 2))
 
 
 def shape(template: PipelineTemplate, count: int, step_s: float) -> PipelineShape:
@@ -44,11 +62,10 @@ def job_planner(config: JobConfig, log: Callable[[str], None] | None = None) -> 
     profile's templates, Bamboo-style on its redundant profile's, two nodes deep at least (a stage's shadow
     lives on the next node)."""
     from oobleck.profiler import ensure_profile
-    from oobleck.engine.step_costs import job_step_costs
 
     t = config.training
     profile = ensure_profile(config, log=log)
-    costs = job_step_costs(config, profile)
+    costs = local_step_costs(config, profile)
     policy = config.fault_tolerance.policy
     if policy != "oobleck":
         return _homogeneous_planner(config, profile, costs, log)

@@ -63,8 +63,10 @@ _TIMEOUT = timedelta(seconds=60)
 _LOOPBACK = "127.0.0.1"
 
 
-def _fastest_s(
-    run: Callable[[], object], clock: Callable[[], float] = time.perf_counter, pick: Callable[[list[float]], float] = min
+def _pick_of_timings(
+    run: Callable[[], object],
+    clock: Callable[[], float] = time.perf_counter,
+    pick: Callable[[list[float]], float] = min,
 ) -> float:
     """``pick`` (default: the fastest) of :data:`_REPEATS` timings of ``run`` by ``clock``, after one warm-up."""
     run()
@@ -131,7 +133,7 @@ def _message_s(carry_bytes: int) -> float:
         # both ranks' CPU: each of the 2 * _PING_PONGS messages costs its sender and its receiver; the
         # median, as the profile's passes: beside computing processes a message's CPU varies with what they
         # leave in the caches, and a step pays the typical message, not the luckiest
-        return {"message_s": _fastest_s(ping_pongs, time.process_time, statistics.median) / (4 * _PING_PONGS)}
+        return {"message_s": _pick_of_timings(ping_pongs, time.process_time, statistics.median) / (4 * _PING_PONGS)}
 
     return _on_pair(timings)["message_s"]
 
@@ -143,8 +145,8 @@ def _allreduce_timings(grad_bytes: int) -> tuple[float, float]:
     def timings(r: int, group: dist.ProcessGroup) -> dict[str, float]:
         one, many = torch.zeros(1), torch.zeros(grads)
         return {
-            "one": _fastest_s(lambda: group.allreduce([one]).wait()),
-            "many": _fastest_s(lambda: group.allreduce([many]).wait()),
+            "one": _pick_of_timings(lambda: group.allreduce([one]).wait()),
+            "many": _pick_of_timings(lambda: group.allreduce([many]).wait()),
         }
 
     t = _on_pair(timings)
@@ -172,7 +174,7 @@ def _commit_s() -> float:
         worker.set(f"ready/{i}", b"1")
         worker.wait([f"decision/{i}"])
 
-    seconds = _fastest_s(commit)
+    seconds = _pick_of_timings(commit)
     answering.join()
     return seconds
 
@@ -182,7 +184,7 @@ def _optimizer_byte_s(grad_bytes: int) -> float:
     param = torch.nn.Parameter(torch.zeros(numel))
     param.grad = torch.ones(numel)
     optimizer = torch.optim.AdamW([param], lr=1e-3)
-    return _fastest_s(optimizer.step) / (numel * 4)
+    return _pick_of_timings(optimizer.step) / (numel * 4)
 
 
 def measure_step_costs(
