@@ -108,11 +108,12 @@ def _await_ready(process: subprocess.Popen[str], deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def computing_neighbours(config: JobConfig, count: int, threads: int) -> Iterator[None]:
+def computing_neighbours(config: JobConfig, count: int, threads: int, quiet: bool = False) -> Iterator[None]:
     """Run the body while ``count`` processes (started here, each with ``threads`` intra-op threads) compute
     ``config``'s model on the CPU; every one has built its model before the body starts, and all are stopped
     (their stdin closed) and reaped when it ends, however it ends. Raises ``RuntimeError`` when one of them
-    exits first or they take more than :data:`START_TIMEOUT_S` to start."""
+    exits first or they take more than :data:`START_TIMEOUT_S` to start; the line saying why goes to this
+    process's stderr, unless ``quiet``."""
     processes: list[subprocess.Popen[str]] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     try:
@@ -120,7 +121,8 @@ def computing_neighbours(config: JobConfig, count: int, threads: int) -> Iterato
             processes.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "oobleck.shared_cores"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None,
+                    text=True, env=env,
                 )  # fmt: skip
             )
         for process in processes:

@@ -31,7 +31,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -230,5 +230,18 @@ def job_step_costs(config: JobConfig, profile: ModelProfile) -> StepCosts:
         device,
         max(layer.output_bytes for layer in profile.layers),
         sum(layer.grad_bytes for layer in profile.layers),
-        lambda: computing_neighbours(config, neighbours, threads_per_worker(workers)),
+        lambda: _beside_or_alone(config, neighbours, threads_per_worker(workers)),
     )
+
+
+@contextlib.contextmanager
+def _beside_or_alone(config: JobConfig, neighbours: int, threads: int) -> Iterator[None]:
+    """The body with ``neighbours`` processes computing ``config``'s model, or alone when they cannot start:
+    a model or data they fail on (a bad byte deep in a data file, say) fails the run's workers too, with the
+    line that says why, so the plan must not fail first on a prediction."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(computing_neighbours(config, neighbours, threads, quiet=True))
+        except RuntimeError:
+            pass  # they are reaped already; the message is then timed alone
+        yield
