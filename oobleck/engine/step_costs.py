@@ -20,7 +20,7 @@ processes' load only adds time). The same pair times an all-reduce of one number
 TCPStore, as a worker's commit goes through the master's store, gives ``commit_s``; AdamW steps a flat
 float32 tensor of ``grad_bytes`` (``optimizer_byte_s``).
 
-On CUDA (unverified: this module has run on CPU only) each worker has a device of its own, so C is
+On CUDA (unverified: a local CUDA run needs several GPUs) each worker has a device of its own, so C is
 infinite; the overheads are still those of gloo, the store and AdamW on this host's CPU.
 """
 
