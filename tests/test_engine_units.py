@@ -311,7 +311,7 @@ def test_worker_cli_refuses_a_bad_assignment_file_in_one_line(tmp_path) -> None:
 def test_a_grad_buffer_packs_gradients_and_flags_and_unpacks_none_where_no_gradient_was() -> None:
     """Round trip through the flat buffer the gradient sync all-reduces (and the profiler times): values,
     flags, the float64 squared norm, and None back where a parameter had no gradient."""
-    from oobleck.grad_buffer import GradBuffer
+    from oobleck.grad_buffer import NORM_CHUNK, GradBuffer
 
     a, b, c = (torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for shape in [(2, 3), (4,), (1,)])
     a.grad = torch.arange(6, dtype=torch.float64).reshape(2, 3)
@@ -326,6 +326,13 @@ def test_a_grad_buffer_packs_gradients_and_flags_and_unpacks_none_where_no_gradi
     assert [buffer.squared_norm(p, 3).item() for p in range(3)] == [0 + 1 + 4, 9 + 16 + 25, 4]
     with pytest.raises(ValueError, match="share 3 of 3"):
         buffer.squared_norm(3, 3)
+    # longer than a chunk: the chunks' sums add up to the whole
+    long = torch.nn.Parameter(torch.zeros(3 * NORM_CHUNK + 5, dtype=torch.float64))
+    long.grad = torch.full_like(long, 2.0)
+    chunked = GradBuffer([long], torch.float64, torch.device("cpu"))
+    chunked.pack()
+    assert chunked.squared_norm().item() == 4 * long.numel()
+    assert sum(chunked.squared_norm(p, 2).item() for p in range(2)) == 4 * long.numel()
     buffer.scale(0.5)
     buffer.unpack()
     assert a.grad.tolist() == [[0, 0.5, 1], [1.5, 2, 2.5]] and b.grad is None and c.grad.tolist() == [-1.0]
