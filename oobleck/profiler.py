@@ -40,7 +40,9 @@ Sizes come from the tensors:
 * ``activation_bytes``: what autograd saves for backward during one forward pass, each storage once,
   not counting parameters (they are in ``param_bytes``);
 * ``output_bytes``: the carry sent downstream; 0 for the last layer, whose output (the loss) crosses no
-  stage boundary.
+  stage boundary;
+* and for the whole model, ``device_fixed_bytes``: on CUDA, cuBLAS's workspace, which the allocator's
+  peak of every stage holds (:func:`_device_fixed_bytes`); 0 on the CPU.
 
 :func:`ensure_profile` keeps one profile per fingerprint (model, microbatch, dtype, device, threads, the
 processes computing beside it) in
@@ -264,6 +266,7 @@ def profile_model(
         activation_bytes.append(saved.total)
         carry = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
 
+    fixed = _device_fixed_bytes(device)
     clock = time.thread_time if neighbours else time.perf_counter
     times: list[list[tuple[float, float]]] = [[] for _ in layers]
     update_times: list[list[float]] = [[] for _ in layers]
@@ -297,7 +300,25 @@ def profile_model(
                 update_s=statistics.median(update_times[index]) if update_times[index] else 0.0,
             )
         )
-    return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device, neighbours=neighbours))
+    return ModelProfile(tuple(profiles), profile_fingerprint(spec, microbatch, device, neighbours=neighbours), fixed)
+
+
+def _device_fixed_bytes(device: torch.device) -> int:
+    """On CUDA, what a process's first matrix product and its backward leave allocated: cuBLAS's workspace,
+    which the caching allocator holds for the process's life (64 MiB on an H200). Timed after freeing
+    cuBLAS's workspaces, so that earlier work in this process does not hide it. 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    before = torch.cuda.memory_allocated(device)
+    a = torch.ones(64, 64, device=device, requires_grad=True)
+    (a @ a).sum().backward()
+    del a
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.memory_allocated(device) - before)
 
 
 def _threads(config: JobConfig) -> int:

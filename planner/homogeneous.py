@@ -76,4 +76,4 @@ def redundant_profile(profile: ModelProfile) -> ModelProfile:
         )
         for layer in profile.layers
     )
-    return ModelProfile(layers, {**profile.fingerprint, "bamboo_redundancy": True})
+    return ModelProfile(layers, {**profile.fingerprint, "bamboo_redundancy": True}, profile.device_fixed_bytes)

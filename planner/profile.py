@@ -12,9 +12,12 @@ File format (``oobleck-profile/1``)::
      "fingerprint_hash": "<sha256 of the canonical JSON of fingerprint>",
      "layers": [{"name": "embed", "forward_s": ..., "backward_s": ..., "param_bytes": ...,
                  "grad_bytes": ..., "optimizer_bytes": ..., "activation_bytes": ...,
-                 "output_bytes": ..., "update_s": ...}, ...]}
+                 "output_bytes": ..., "update_s": ...}, ...],
+     "device_fixed_bytes": ...}
 
-``update_s`` may be left out (it then reads as 0: not measured).
+``update_s`` may be left out (it then reads as 0: not measured), and so may ``device_fixed_bytes``: what
+the device's libraries keep allocated in any process that computes on it, once per stage (cuBLAS's
+workspace on CUDA, 64 MiB on an H200; 0 on the CPU, whose memory the engine counts tensor by tensor).
 """
 
 from __future__ import annotations
@@ -111,8 +114,13 @@ class ModelProfile:
 
     layers: tuple[LayerProfile, ...]
     fingerprint: dict[str, Any]
+    #: bytes every stage holds on its device besides its layers (see the module notes)
+    device_fixed_bytes: int = 0
 
     def __post_init__(self) -> None:
+        value = self.device_fixed_bytes
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**50:
+            raise ProfileError(f"device_fixed_bytes got {value!r:.40}; must be an integer in [0, 2**50]")
         if not self.layers:
             raise ProfileError("profile has no layers; a model needs at least one layer")
         if not any(layer.forward_s + layer.backward_s > 0 for layer in self.layers):
@@ -128,6 +136,7 @@ class ModelProfile:
             "fingerprint": self.fingerprint,
             "fingerprint_hash": fingerprint_hash(self.fingerprint),
             "layers": [layer.to_dict() for layer in self.layers],
+            "device_fixed_bytes": self.device_fixed_bytes,
         }
 
     def save(self, path: str | Path) -> None:
@@ -206,7 +215,8 @@ class ModelProfile:
             raise ProfileError("layers missing or empty; rerun `oobleck profile`")
         if len(layers) > MAX_LAYERS:
             raise ProfileError(f"{len(layers)} layers; at most {MAX_LAYERS} are supported")
-        return cls(tuple(_layer_from_dict(entry, i) for i, entry in enumerate(layers)), fingerprint)
+        layer_profiles = tuple(_layer_from_dict(entry, i) for i, entry in enumerate(layers))
+        return cls(layer_profiles, fingerprint, raw.get("device_fixed_bytes", 0))
 
 
 def _layer_from_dict(entry: Any, index: int) -> LayerProfile:

@@ -68,7 +68,8 @@ class Stage:
     """Layers ``[layer_start, layer_end)`` on one device.
 
     ``send_s``: per-microbatch boundary time to the next stage (activation out plus gradient back; 0 for
-    the last stage). ``static_bytes``: parameters, gradients and optimizer state. ``activation_bytes``:
+    the last stage). ``static_bytes``: parameters, gradients and optimizer state, and the profile's
+    ``device_fixed_bytes``. ``activation_bytes``:
     activations kept per microbatch in flight (for a recomputing stage, its layers' inputs; with
     ``holds_sent_carry``, plus the carry it sends, see the module notes). ``recompute``:
     the stage recomputes its activations in backward (``backward_s`` includes the recomputation).
@@ -164,6 +165,8 @@ class _Prefix:
         self.backward = _prefix([layer.backward_s for layer in profile.layers])
         self.compute = _prefix([layer.forward_s + layer.backward_s for layer in profile.layers])
         self.static = _prefix([layer.static_bytes for layer in profile.layers])
+        #: what every stage's device holds besides its layers (the profile's ``device_fixed_bytes``)
+        self.fixed = profile.device_fixed_bytes
         self.grads = _prefix([layer.grad_bytes for layer in profile.layers])
         self.update = _prefix([layer.update_s for layer in profile.layers])
         self.activation = _prefix([layer.activation_bytes for layer in profile.layers])
@@ -181,7 +184,7 @@ class _Prefix:
         return self.compute[end] - self.compute[start] + extra
 
     def memory(self, start: int, end: int, held: int, recompute: bool = False) -> float:
-        static = self.static[end] - self.static[start]
+        static = self.static[end] - self.static[start] + self.fixed
         if recompute:
             return static + held * (self.kept[end] - self.kept[start] + self.sent[end])
         return static + held * (self.activation[end] - self.activation[start] + self.sent[end])
@@ -334,7 +337,7 @@ def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int
         else:
             bandwidth = cluster.inter_node_bandwidth if (i + 1) % g == 0 else cluster.intra_node_bandwidth
             send = 2 * p.output[b - 1] / bandwidth
-        static = p.static[b] - p.static[a]
+        static = p.static[b] - p.static[a] + p.fixed
         activation = p.memory(a, b, 1, recompute) - static
         forward = p.forward[b] - p.forward[a]
         stages.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -283,6 +284,16 @@ def test_degraded_instantiation() -> None:
 
 def _uniform(layers: int, static: int, activation: int = 0) -> ModelProfile:
     return ModelProfile(tuple(LayerProfile(f"l{i}", 1.0, 2.0, static, 0, 0, activation, 8) for i in range(layers)), FP)
+
+
+def test_the_devices_fixed_bytes_count_once_on_every_stage_and_move_the_cut() -> None:
+    """A device's fixed bytes (cuBLAS's workspace on CUDA) sit on every stage: 4 layers of 10 static bytes
+    with 5 fixed bytes need stages of 2 layers on 25-byte devices and no longer fit 2 nodes of 20 bytes."""
+    plain = _uniform(4, 10)
+    fixed = dataclasses.replace(plain, device_fixed_bytes=5)
+    template = build_templates(fixed, _cluster(2, 1, 25), 0)[2]
+    assert template.stage_memory(4) == [25, 25] and [s.static_bytes for s in template.stages] == [25, 25]
+    assert min_nodes(plain, _cluster(4, 1, 20)) == 2 and min_nodes(fixed, _cluster(4, 1, 20)) == 4
 
 
 def test_holding_the_sent_carry_counts_it_per_microbatch_in_flight_and_moves_the_cut() -> None:

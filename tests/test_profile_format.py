@@ -112,6 +112,8 @@ def test_stale_fingerprint_names_the_keys(tmp_path: Path) -> None:
         (lambda raw: raw.update(layers=[]), "layers missing or empty"),
         (lambda raw: raw["layers"].__setitem__(0, 7), "layers[0]: got 7"),
         (lambda raw: raw["layers"][1].update(update_s=-1.0), "layer 'block0': update_s got -1.0"),
+        (lambda raw: raw.update(device_fixed_bytes=-1), "device_fixed_bytes got -1"),
+        (lambda raw: raw.update(device_fixed_bytes=1.5), "device_fixed_bytes got 1.5"),
     ],
 )
 def test_malformed_fields(tmp_path: Path, edit, expected: str) -> None:
@@ -133,6 +135,17 @@ def test_a_file_without_update_times_reads_them_as_zero(tmp_path: Path) -> None:
         del layer["update_s"]
     path.write_text(json.dumps(raw))
     assert [layer.update_s for layer in ModelProfile.load(path).layers] == [0.0, 0.0, 0.0]
+
+
+def test_the_devices_fixed_bytes_round_trip_and_read_as_zero_when_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    profile = dataclasses.replace(_profile(), device_fixed_bytes=64 << 20)
+    profile.save(path)
+    assert ModelProfile.load(path).device_fixed_bytes == 64 << 20
+    raw = json.loads(path.read_text())
+    del raw["device_fixed_bytes"]
+    path.write_text(json.dumps(raw))
+    assert ModelProfile.load(path).device_fixed_bytes == 0
 
 
 def test_all_zero_timings_rejected() -> None:

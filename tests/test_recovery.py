@@ -92,7 +92,8 @@ def test_gpt_optimizer_recovery_and_checkpoint_phases(
     assert len(stuck) <= 1 and not {"node0", "node2", "node5"} & set(stuck), output[-2000:]
     assert sorted(lost) == sorted(["node0", "node2", "node5", *stuck]), output[-2000:]
     # step 2 was committed before its kill: the recovery resumes at step 3, with nothing lost or re-applied
-    assert recoveries(run_dir)[0]["start_step"] == 3
+    seen = [(r["start_step"], r["lost"]) for r in recoveries(run_dir)]
+    assert recoveries(run_dir)[0]["start_step"] == 3, (seen, output[-2000:])
     interrupted = checkpoint.checkpoint_dir(run_dir, 6)
     assert interrupted.exists() and not checkpoint.is_complete(interrupted)
     previous = checkpoint.checkpoint_dir(run_dir, 4)
