@@ -68,14 +68,7 @@ from oobleck.devices import resolve_device
 from oobleck.errors import ConfigError
 from oobleck.grad_buffer import GradBuffer
 from oobleck.model_building import build_batches, build_model, config_errors
-from oobleck.shared_cores import (
-    computing_neighbours,
-    local_cores,
-    local_workers,
-    neighbours_for,
-    threads_per_worker,
-    torch_threads,
-)
+from oobleck.shared_cores import computing_neighbours, job_neighbours, job_threads, torch_threads
 from oobleck.training import make_optimizer, set_lr
 from planner.errors import ProfileError
 from planner.profile import LayerProfile, ModelProfile, fingerprint_hash
@@ -321,25 +314,11 @@ def _device_fixed_bytes(device: torch.device) -> int:
     return max(0, torch.cuda.memory_allocated(device) - before)
 
 
-def _threads(config: JobConfig) -> int:
-    """The intra-op threads ``config``'s profile is measured with: each local worker's
-    (:func:`oobleck.shared_cores.threads_per_worker`), so a layer takes the time a worker alone computes it in."""
-    return threads_per_worker(local_workers(config))
-
-
-def _neighbours(config: JobConfig) -> int:
-    """The processes that compute beside the profiler for ``config``: a local run's workers beyond the cores
-    (:func:`oobleck.shared_cores.neighbours_for`) when they run on this machine's CPU, else none."""
-    if resolve_device(config.cluster.device).type != "cpu":
-        return 0
-    return neighbours_for(local_workers(config), local_cores())
-
-
 def expected_fingerprint(config: JobConfig) -> dict:
     """The fingerprint a measured profile of ``config`` must carry (builds the spec, not its layers)."""
     spec = build_model(config.model, config.training.seed)
     device = resolve_device(config.cluster.device)
-    return profile_fingerprint(spec, config.training.microbatch, device, _threads(config), _neighbours(config))
+    return profile_fingerprint(spec, config.training.microbatch, device, job_threads(config), job_neighbours(config))
 
 
 def profile_path(config: JobConfig) -> Path:
@@ -365,7 +344,7 @@ def ensure_profile(
     ``ModelProfile.load`` accepts it for the expected fingerprint; a stale, truncated or malformed one is
     reported through ``log`` and measured again, as is any file when ``force`` is set. A new profile is
     saved (atomically) to that file. The layers are timed with the intra-op threads each worker of a
-    local run of ``config`` gets (:func:`_threads`).
+    local run of ``config`` gets (:func:`oobleck.shared_cores.job_threads`).
     """
     if config.profile.source != "measured":
         raise ConfigError(
@@ -374,8 +353,8 @@ def ensure_profile(
     spec = build_model(config.model, config.training.seed)
     device = resolve_device(config.cluster.device)
     microbatch = config.training.microbatch
-    neighbours = _neighbours(config)
-    expect = profile_fingerprint(spec, microbatch, device, _threads(config), neighbours)
+    neighbours = job_neighbours(config)
+    expect = profile_fingerprint(spec, microbatch, device, job_threads(config), neighbours)
     target = Path(path) if path is not None else profile_path(config)
     if target.exists() and not force:
         try:
@@ -389,7 +368,7 @@ def ensure_profile(
             f"profiling {spec.num_layers} layers ({p.warmup} rounds of warm-up, then at least {p.repeats} timed "
             f"rounds and {p.seconds:g} s) into {target}"
         )
-    with torch_threads(_threads(config)), computing_neighbours(config, neighbours, _threads(config)):
+    with torch_threads(job_threads(config)), computing_neighbours(config, neighbours, job_threads(config)):
         profile = profile_model(
             spec,
             build_batches(config, spec),

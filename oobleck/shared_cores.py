@@ -26,6 +26,7 @@ import torch
 
 from models.base import MicroBatch
 from oobleck.config import JobConfig, config_from_dict
+from oobleck.devices import resolve_device
 from oobleck.model_building import build_batches, build_model
 
 #: seconds the neighbours may take to start (import torch, build the model) before profiling gives up
@@ -68,6 +69,20 @@ def neighbours_for(workers: int, cores: int) -> int:
     if workers <= cores:
         return 0
     return min(workers, 2 * cores) - 1
+
+
+def job_threads(config: JobConfig) -> int:
+    """The intra-op threads each local worker of ``config`` runs (:func:`threads_per_worker`), with which its
+    profile and its step costs are measured, so a layer takes the time a worker alone computes it in."""
+    return threads_per_worker(local_workers(config))
+
+
+def job_neighbours(config: JobConfig) -> int:
+    """The processes that compute beside the profiler and the step-cost measurement for ``config``: a local
+    run's workers beyond the cores (:func:`neighbours_for`) when they run on this machine's CPU, else none."""
+    if resolve_device(config.cluster.device).type != "cpu":
+        return 0
+    return neighbours_for(local_workers(config), local_cores())
 
 
 def _compute(config: JobConfig, stop: threading.Event) -> None:

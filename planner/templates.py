@@ -183,8 +183,12 @@ class _Prefix:
         extra = self.forward[end] - self.forward[start] if recompute else 0.0
         return self.compute[end] - self.compute[start] + extra
 
+    def static_bytes(self, start: int, end: int) -> float:
+        """A stage's bytes whatever the microbatches in flight: its layers' and the device's fixed bytes."""
+        return self.static[end] - self.static[start] + self.fixed
+
     def memory(self, start: int, end: int, held: int, recompute: bool = False) -> float:
-        static = self.static[end] - self.static[start] + self.fixed
+        static = self.static_bytes(start, end)
         if recompute:
             return static + held * (self.kept[end] - self.kept[start] + self.sent[end])
         return static + held * (self.activation[end] - self.activation[start] + self.sent[end])
@@ -337,7 +341,7 @@ def _template(p: _Prefix, num_nodes: int, cluster: ClusterSpec, bounds: list[int
         else:
             bandwidth = cluster.inter_node_bandwidth if (i + 1) % g == 0 else cluster.intra_node_bandwidth
             send = 2 * p.output[b - 1] / bandwidth
-        static = p.static[b] - p.static[a] + p.fixed
+        static = p.static_bytes(a, b)
         activation = p.memory(a, b, 1, recompute) - static
         forward = p.forward[b] - p.forward[a]
         stages.append(

@@ -42,9 +42,10 @@ from oobleck.devices import resolve_device
 from oobleck.engine import p2p_stream
 from oobleck.shared_cores import (
     computing_neighbours,
+    job_neighbours,
+    job_threads,
     local_cores,
     local_workers,
-    neighbours_for,
     threads_per_worker,
     torch_threads,
 )
@@ -223,14 +224,12 @@ def job_step_costs(config: JobConfig, profile: ModelProfile) -> StepCosts:
     When the run's workers outnumber the cores, other processes compute the model meanwhile, as the profile
     is measured (:func:`oobleck.shared_cores.computing_neighbours`): a message then costs its worker the
     cache misses and wake-ups of a core switching between processes, about twice its CPU alone here."""
-    workers, device = local_workers(config), resolve_device(config.cluster.device)
-    neighbours = neighbours_for(workers, local_cores()) if device.type == "cpu" else 0
     return measure_step_costs(
-        workers,
-        device,
+        local_workers(config),
+        resolve_device(config.cluster.device),
         max(layer.output_bytes for layer in profile.layers),
         sum(layer.grad_bytes for layer in profile.layers),
-        lambda: _beside_or_alone(config, neighbours, threads_per_worker(workers)),
+        lambda: _beside_or_alone(config, job_neighbours(config), job_threads(config)),
     )
 
 
