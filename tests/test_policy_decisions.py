@@ -11,7 +11,7 @@ from oobleck.control.placement import Placement, PipelineShape, place
 from oobleck.control.policy import Bamboo, Membership, Policy, Varuna, choose_nodes, policy_for, stage_layers
 from oobleck.control.records import Change, recovery_record
 from oobleck.control.sources import layer_moves
-from oobleck.control.state import GATHER_FRACTION, TOGETHER_S, joins_due
+from oobleck.control.state import GATHER_S, TOGETHER_S, joins_due
 from oobleck.engine.transfer import LayerLost
 
 THREE = ((0, 2), (2, 4), (4, 6))
@@ -118,9 +118,8 @@ def test_ready_joins_fold_at_once_unless_a_node_started_with_them_is_still_start
     assert joins_due(ready, [], now=20.01)  # nothing else starting: the next boundary
     assert joins_due(ready, [15.0], now=20.01)  # a node registered apart from it: not waited for
     assert joins_due([], [10.0], now=20.01)  # no instant known: at once
-    # a node started together with it (registered within TOGETHER_S): wait for it, up to GATHER_FRACTION of
-    # the ready node's own start-up
-    together, gather = [10.0 + TOGETHER_S], GATHER_FRACTION * 10.0
+    # a node started together with it (registered within TOGETHER_S): wait for it, up to GATHER_S
+    together, gather = [10.0 + TOGETHER_S], GATHER_S
     assert not joins_due(ready, together, now=20.0 + gather - 0.01)
     assert joins_due(ready, together, now=20.0 + gather)
     # the first ready join's wait counts, and any of them may have a starting partner

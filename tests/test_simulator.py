@@ -221,22 +221,36 @@ def test_varuna_takes_a_node_ready_during_a_restart_in_at_its_next_checkpoint() 
     assert r.breakdown["checkpoint"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("second_loss_after, downtime, joined", [(4.0, 10.0, 1), (7.0, 17.0, 0)])
+@pytest.mark.parametrize(
+    "first, second, second_loss_after, downtime, joined",
+    [
+        # the restart plans two 2-node pipelines on node1..node4 (no spare); a loss 4 s in joins it (it ends
+        # when it would have: 10 s down, not 4 + 10), one 7 s in starts it over (7 + 10 s down)
+        (("node6", "node5"), "node4", 4.0, 10.0, 1),
+        (("node6", "node5"), "node4", 7.0, 17.0, 0),
+        # the restart plans node1..node4 and leaves node5 a spare (its old process idle): losing node4 4 s in
+        # brings node5 in, whose process restarts only then (4 + 10 s down); losing the spare costs nothing
+        (("node6",), "node4", 4.0, 14.0, 1),
+        (("node6",), "node5", 4.0, 10.0, 0),
+    ],
+)
 def test_a_loss_during_a_restart_joins_it_while_its_processes_are_starting(
-    second_loss_after: float, downtime: float, joined: int
+    first: tuple[str, ...], second: str, second_loss_after: float, downtime: float, joined: int
 ) -> None:
-    """restart_s 10 s, of which the first 6 s are the processes starting: a loss 4 s into the restart joins
-    it (it ends when it would have: 10 s down, not 4 + 10), one 7 s in starts it over (7 + 10 s down)."""
+    """restart_s 10 s, of which the first 6 s are the processes starting (they take the newer plan when
+    they ask for their place), as the engine's Varuna-style restarts go."""
     pc = toy(restart_join_s=6.0)
-    t6, t4 = pc.varuna.config(6).step_time_s, pc.varuna.config(4).step_time_s
+    t6 = pc.varuna.config(6).step_time_s
     fail_at = 0.5 * t6
-    duration = fail_at + downtime + 2 * t4
-    events = start(6) + lose(fail_at, "node6") + lose(fail_at + second_loss_after, "node5")
+    t_after = pc.varuna.config(6 - len(first) - 1).step_time_s
+    duration = fail_at + downtime + 2 * t_after
+    events = start(6) + lose(fail_at, *first) + lose(fail_at + second_loss_after, second)
     r = simulate("varuna", pc, events, duration)
     assert r.counts["restarts"] == 1 and r.counts.get("restart_joins", 0) == joined
+    assert r.counts.get("spare_losses", 0) == int(second == "node5")
     assert r.breakdown["recovery"] == pytest.approx(downtime)
     assert downtime < 2 * COSTS.restart_s
-    assert r.steps == 2 and r.breakdown["useful"] == pytest.approx(2 * t4)
+    assert r.steps == 2 and r.breakdown["useful"] == pytest.approx(2 * t_after)
 
 
 def test_bamboo_takes_over_one_loss_and_restarts_on_two_consecutive() -> None:
@@ -387,3 +401,15 @@ def test_cli_writes_tables_json_and_plot(tmp_path: Path, capsys: pytest.CaptureF
         entry["policies"]["oobleck"]["samples_per_s"] / entry["policies"]["varuna"]["samples_per_s"]
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("replans_on_join, reconfigurations", [(False, 0), (True, 1)])
+def test_bamboo_repartitions_for_a_join_only_as_the_engine_does(replans_on_join: bool, reconfigurations: int) -> None:
+    """One 4-node pipeline; a fifth node fits no second pipeline. The artifact's Bamboo leaves it a spare;
+    the engine's Bamboo-style master re-plans for every joining node at the next step boundary."""
+    pc = toy(nodes=5, checkpoint_write_s=0.0, bamboo_replans_on_join=replans_on_join)
+    t = pc.bamboo.config(4).step_time_s
+    duration = 10 * t + COSTS.bamboo_reconfigure_s * reconfigurations
+    r = simulate("bamboo", pc, start(4) + [TraceEvent(2.5 * t, "add", "node5")], duration)
+    assert r.counts.get("reconfigurations", 0) == reconfigurations and r.steps == 10
+    assert r.breakdown["recovery"] == pytest.approx(COSTS.bamboo_reconfigure_s * reconfigurations)

@@ -81,7 +81,7 @@ def test_trace_replay_matches_the_single_process_reference(tmp_path: Path, profi
     assert not tagged(tag), "processes outlived the run"
 
     # the trace's removes are lost nodes in the recovery records (the added nodes may be too: see the module
-    # notes); the nodes added together joined together
+    # notes); the nodes added together joined
     records = read_metrics(run_dir, RECOVERIES_FILE)
     lost = {node for row in records for node in row["lost"]}
     assert {"node2", "node3"} <= lost <= {"node2", "node3", "node6", "node7"}, lost
@@ -93,8 +93,10 @@ def test_trace_replay_matches_the_single_process_reference(tmp_path: Path, profi
     assert sum("registered mid-run (after the last registration: " in line for line in joining) == 2, joining
     # and one line per recovery, as the console prints it
     assert sum(": recovered (" in line for line in master_log.splitlines()) == len(records), master_log[-3000:]
-    assert len(joins) == 1 and sorted(joins[0][0]) == ["node6", "node7"], (joins, joining)
-    assert len(joins[0][1]) == 2 and all(0 < s < 30 for s in joins[0][1]), (joins, joining)
+    # both joined: in one generation when their workers came up within GATHER_S of each other, else one
+    # after the other (a ready node does not wait longer for its partner)
+    assert sorted(n for names, _ in joins for n in names) == ["node6", "node7"], (joins, joining)
+    assert len(joins) in (1, 2) and all(0 < s < 30 for _, times in joins for s in times), (joins, joining)
     losses = {row["step"]: row["loss"] for row in read_metrics(run_dir)}  # a re-run step keeps its last loss
     assert sorted(losses) == list(range(STEPS))
 

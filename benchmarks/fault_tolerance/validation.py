@@ -129,6 +129,8 @@ def measured_costs(runs: dict[str, Run]) -> tuple[Costs, dict[str, str]]:
     sources["bamboo_restart_s"] = "the restarts' figure (restart_s): the engine restarts Bamboo's processes as Varuna's"
     values["varuna_grows_only_if_faster"] = False
     sources["varuna_grows_only_if_faster"] = "no: the engine's Varuna-style master restarts for every joining node"
+    values["bamboo_replans_on_join"] = True
+    sources["bamboo_replans_on_join"] = "yes: the engine's Bamboo-style master re-plans for every joining node"
     values["bamboo_reconfigure_threshold"] = float(NEVER)
     sources["bamboo_reconfigure_threshold"] = (
         "never: the engine's Bamboo keeps its taken-over pipelines until nodes join (no overload rule)"

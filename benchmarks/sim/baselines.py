@@ -56,6 +56,8 @@ class VarunaSim(HomogeneousSim):
         self.placed: list[str] = []
         self.restart_nodes: list[str] | None = None  # the nodes the restart under way plans for
         self.restart_after_checkpoint = False
+        #: nodes whose process has trained in some configuration (a restart that brings one in restarts it)
+        self.trained_on: set[str] = set()
 
     @property
     def pending_join(self) -> bool:
@@ -72,9 +74,15 @@ class VarunaSim(HomogeneousSim):
             return
         self.cfg = cfg
         self.placed = nodes
+        self.trained_on.update(nodes[: cfg.nodes_used])
         self.set_step(cfg.step_time_s)
         self.mode = "run"
         self.t = now
+
+    def _used(self, planned: list[str]) -> set[str]:
+        """The nodes the plan for ``planned`` (in order) trains on; the rest are spares."""
+        cfg = self.configs.config(len(planned))
+        return set(planned[: cfg.nodes_used]) if cfg is not None else set()
 
     def _restart(self, now: float, count: bool = True) -> None:
         self.restart_after_checkpoint = False
@@ -97,12 +105,22 @@ class VarunaSim(HomogeneousSim):
             return
         if self.mode == "busy" and self.busy_kind == "restart":
             if lost:
-                self.counts["node_losses"] += len(lost)
+                planned = self.restart_nodes if self.restart_nodes is not None else list(self.alive)
+                before = self._used(planned)
+                hit = [n for n in lost if n in before]
+                self.counts["node_losses"] += len(hit)
+                self.counts["spare_losses"] += len(lost) - len(hit)
+                if not hit:
+                    return  # a spare's loss: the engine does not re-plan
                 if len(self.alive) < self.configs.n0:
                     self.wait(now)
-                else:
-                    self.restart_nodes = list(self.alive)  # the newer plan
-                    self.restart_after_loss(now, self.costs.restart_s)
+                    return
+                # the newer plan: the restart's nodes still alive, then any that became ready meanwhile
+                self.restart_nodes = [n for n in planned if n in self.alive] + [n for n in self.alive if n not in planned]
+                # a spare of the restart brought in now restarts its process only now if that process has
+                # trained before; a node never placed runs a fresh process already, as in the engine
+                spares_in = (self._used(self.restart_nodes) - before) & self.trained_on
+                self.restart_after_loss(now, self.costs.restart_s, newcomers=bool(spares_in))
             return  # a node ready now waits for the next checkpoint
         assert self.cfg is not None
         in_use = set(self.placed[: self.cfg.nodes_used])
@@ -154,6 +172,8 @@ class BambooSim(HomogeneousSim):
         self.placed: list[str] = []  # positions [0, depth*replicas) are pipelines; lost ones keep their slot
         self.dead: list[set[int]] = []
         self.check = False
+        #: a node became ready since the last (re-)partition
+        self.joined = False
 
     def _update_step(self) -> None:
         assert self.cfg is not None and self.cfg.pipeline is not None
@@ -164,6 +184,7 @@ class BambooSim(HomogeneousSim):
 
     def begin(self, now: float) -> None:
         self.check = False
+        self.joined = False
         cfg = self.configs.config(len(self.alive))
         if cfg is None:
             self.wait(now)
@@ -204,6 +225,7 @@ class BambooSim(HomogeneousSim):
         if ready:
             self.placed.extend(n for n in ready if n not in self.placed)
             self.check = True
+            self.joined = True
         if not hit:
             return
         self.interrupt(now)
@@ -243,6 +265,9 @@ class BambooSim(HomogeneousSim):
         assert self.cfg is not None
         if self.check:
             self.check = False
+            if self.joined and self.costs.bamboo_replans_on_join:
+                self._restart(now, "reconfigure")
+                return
             overloaded = sum(len(d) for d in self.dead)
             active = self.cfg.nodes_used - overloaded
             spares = len(self.placed) - self.cfg.nodes_used

@@ -153,15 +153,18 @@ class PolicySim:
         self.busy_since = now
         self.busy_until = now + seconds
 
-    def restart_after_loss(self, now: float, seconds: float) -> None:
+    def restart_after_loss(self, now: float, seconds: float, newcomers: bool = False) -> None:
         """A node in the job was lost during the process restart under way (busy ``restart``, ``seconds``
         long when begun anew). Within ``costs.restart_join_s`` of its start the restarted processes are
         still starting and have not asked for their place in the plan: they take the newer plan when they
-        do, so the loss joins the restart, which ends when it would have (counted in ``restart_joins``).
-        Later they hold the older plan and, as in the engine, restart again: a whole new restart from
-        ``now``."""
+        do, so the loss joins the restart (counted in ``restart_joins``), which ends when it would have,
+        unless the newer plan brings in ``newcomers``: nodes the restart had left out (spares), whose
+        processes restart only now, ``seconds`` from ``now``. Later the restarted processes hold the older
+        plan and, as in the engine, restart again: a whole new restart from ``now``."""
         if now < self.busy_since + self.costs.restart_join_s:
             self.counts["restart_joins"] += 1
+            if newcomers:
+                self.busy_until = max(self.busy_until, now + seconds)
         else:
             self.start_busy(now, "restart", "recovery", seconds)
 

@@ -79,6 +79,10 @@ class Costs:
     * ``restart_join_s``: the first part of every process restart, until the restarted processes ask for
       their place in the plan; a loss within it joins the restart, a later one starts it over
       (:meth:`benchmarks.sim.core.PolicySim.restart_after_loss`; 0, the default: every loss starts it over).
+    * ``bamboo_replans_on_join``: a node ready to join makes Bamboo re-partition onto the best configuration
+      for every alive node at the next step boundary (True: this engine's Bamboo-style master,
+      :mod:`oobleck.control.policy`), or only by the artifact's rules (False, the default: spares replace
+      overloaded nodes, or another pipeline of the current depth fits).
     * ``varuna_grows_only_if_faster``: at a checkpoint with a node waiting to join, Varuna restarts to take it
       in only when that makes the job faster (True, the default: Varuna's morphing), or always (False: this
       engine's Varuna-style master, ``Varuna.grows_after`` in :mod:`oobleck.control.policy`).
@@ -97,6 +101,7 @@ class Costs:
     bamboo_restart_s: float | None = None
     restart_join_s: float = 0.0
     varuna_grows_only_if_faster: bool = True
+    bamboo_replans_on_join: bool = False
 
     @property
     def bamboo_fatal_restart_s(self) -> float:
@@ -108,7 +113,7 @@ class Costs:
             value = getattr(self, f.name)
             if value is None and f.name == "bamboo_restart_s":
                 continue
-            if f.name == "varuna_grows_only_if_faster":
+            if f.name in ("varuna_grows_only_if_faster", "bamboo_replans_on_join"):
                 if not isinstance(value, bool):
                     raise SimulatorError(f"costs.{f.name}: got {value!r}; must be true or false")
                 continue

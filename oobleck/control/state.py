@@ -72,10 +72,11 @@ class Generation:
 #: Agents started at one instant register up to a second or more apart on a loaded machine (each imports its
 #: libraries under contention): at 0.5 s, two nodes one trace instant added joined a CI run apart
 TOGETHER_S = 2.0
-#: how long, at most, a ready join waits for the nodes started together with it, as a fraction of its own
-#: start-up (registration to ready): the start-ups of nodes started together differ by 1-2 s of 5-10 s on a
-#: loaded machine, and less on an idle one. The job trains meanwhile.
-GATHER_FRACTION = 0.5
+#: how long, at most, a ready join waits for the nodes started together with it. Nodes whose workers come
+#: up within this of each other fold into one generation (one re-plan, one pause of the job instead of
+#: two); a node whose partner starts later does not wait for it, so that a ready node trains within about
+#: half a second (this wait, the next step boundary and the fold). The job trains meanwhile.
+GATHER_S = 0.25
 
 
 def joins_due(ready: Sequence[tuple[float, float]], starting: Sequence[float], now: float) -> bool:
@@ -85,13 +86,12 @@ def joins_due(ready: Sequence[tuple[float, float]], starting: Sequence[float], n
 
     They fold in at once (every node ready by then in one generation: one re-plan, one rebuild, one record)
     unless a starting node registered within :data:`TOGETHER_S` of one of them: then they wait for it, up to
-    :data:`GATHER_FRACTION` of the first ready one's start-up. A ready node whose instant was reported with an
+    :data:`GATHER_S` after the first of them was ready. A ready node whose instant was reported with an
     earlier change (``ready`` empty) folds in at once.
     """
     if not ready or not any(abs(s - r) <= TOGETHER_S for s in starting for r, _ in ready):
         return True
-    registered, first = min(ready, key=lambda r: r[1])
-    return now - first >= GATHER_FRACTION * (first - registered)
+    return now - min(at for _, at in ready) >= GATHER_S
 
 
 class JobState:
