@@ -118,6 +118,18 @@ def test_summary_counts_kept_steps_over_the_window() -> None:
     assert summary["breakdown_share"]["recovery"] == pytest.approx(3.75 / 12.0)
 
 
+def test_steady_throughput_pools_the_first_generations_of_the_runs() -> None:
+    """Steps 1 and 2 of generation 1 (the first step and later generations left out): 2 x 16 samples in 2 s;
+    a fault-free run of 3 steps of 0.5 s pooled with it: 4 x 16 samples in 3 s."""
+    run = synthetic_run()
+    assert ft.steady_samples_per_s(run) == pytest.approx(2 * 16 / 2.0)
+    fault_free = synthetic_run(faults=False, rows=[row(i, 1, 1.0 + i, 9.0 if i == 0 else 0.5) for i in range(3)])
+    assert ft.steady_samples_per_s(fault_free, run) == pytest.approx(4 * 16 / 3.0)
+    # a foreground checkpoint's write is not part of the configuration's step
+    with_write = synthetic_run(rows=[row(0, 1, 1.0, 9.0), row(1, 1, 2.0, 1.5, checkpoint_s=0.5)])
+    assert ft.steady_samples_per_s(with_write) == pytest.approx(16 / 1.0)
+
+
 def test_recovery_durations_run_from_the_generation_start_to_ready() -> None:
     durations = ft.recovery_durations(synthetic_run())
     assert [(r["generation"], d) for r, d in durations] == [(2, pytest.approx(1.4)), (3, pytest.approx(2.0))]

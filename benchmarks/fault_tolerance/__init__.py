@@ -82,13 +82,15 @@ profile cache (measured once before the first run with one torch thread, as each
 from the window's start), the window's length, the measured costs (:func:`measured_costs`: medians of
 :func:`recovery_durations`, of the restarts' process starts (a loss within one joins the restart) and of
 the checkpoint writes; the checkpoint intervals the runs used; Bamboo never
-re-partitions for overload, as the engine's does not), the time from a node's add until it could join
-(:func:`node_ready_s`, per run: a starting node competes for this machine's two cores) and the policy's
-fault-free throughput, which scales its step times (:func:`steady_samples_per_s` of the fault-free run: no
-first step, no checkpoint writes). The predicted throughput is compared with the measured one (acceptance:
-within 20%). Other work on the machine moves step times between runs, so the prediction is also made with
-the run's own first generation as the calibration (``in-run``), and the simulated event counts are printed
-beside the measured recoveries: where they differ, the simulator's rules differ from the engine's.
+re-partitions for overload, as the engine's does not, and re-partitions for every join, as the engine's
+does), the time from a node's add until it could join (:func:`node_ready_s`, per run: a starting node
+competes for this machine's two cores) and the policy's fault-free throughput, which scales its step times
+(:func:`steady_samples_per_s`: every step of the fault-free run and of the failure run's first generation,
+pooled; no first step, no checkpoint writes). The predicted throughput is compared with the measured one
+(acceptance: within 20%). Other work on the machine moves step times between runs, so the prediction is
+also made with each of the two runs alone as the calibration (``fault_free_run``, ``in_run``), and the
+simulated event counts are printed beside the measured recoveries: where they differ, the simulator's rules
+differ from the engine's.
 
 Output: for each schedule and seed, the table per policy, Oobleck's ratios to the baselines, the
 simulator's check and the acceptance lines; then for each schedule the table of its seeds (each policy's
@@ -125,7 +127,14 @@ from benchmarks.fault_tolerance.cli import build_schedules, main, parse_args
 from benchmarks.fault_tolerance.harness import HarnessError, Replayed, Replayer, Run, commit_times, run_policy
 from benchmarks.fault_tolerance.schedule import UNITS, Schedule, fixed_schedule, trace_schedule
 from benchmarks.fault_tolerance.seeds import seed_summary
-from benchmarks.fault_tolerance.validation import NEVER, measured_costs, node_ready_s, node_ready_times, recovery_durations
+from benchmarks.fault_tolerance.validation import (
+    NEVER,
+    measured_costs,
+    node_ready_s,
+    node_ready_times,
+    recovery_durations,
+    steady_samples_per_s,
+)
 
 __all__ = [
     "MEASURED",
@@ -147,6 +156,7 @@ __all__ = [
     "node_ready_times",
     "parse_args",
     "recovery_durations",
+    "steady_samples_per_s",
     "recovery_moments",
     "rolling_throughput",
     "run_policy",

@@ -82,19 +82,22 @@ def format_run(report: dict[str, Any]) -> str:
     lines.append("simulator (benchmarks.simulator.predict on each measured run; measured costs):")
     lines.append("  costs: " + ", ".join(f"{k}={v:g}" for k, v in sim["costs"].items()))
     lines.append(
-        f"  {'policy':<9}{'measured':>10}{'predicted':>11}{'error':>8}{'(in-run':>9}{'error)':>8}{'node ready s':>14}"
+        f"  {'policy':<9}{'measured':>10}{'predicted':>11}{'error':>8}{'(fault-free run':>16}{'in-run)':>9}{'node ready s':>14}"
         "   simulated breakdown: " + " / ".join(CATEGORIES)
     )
     for policy, v in sim["policies"].items():
         share = v["simulated"]["breakdown_share"]
         lines.append(
             f"  {policy:<9}{v['measured_samples_per_s']:>10.1f}{v['predicted_samples_per_s']:>11.1f}"
-            f"{100 * v['relative_error']:>7.1f}%{v['predicted_in_run_samples_per_s']:>9.1f}"
-            f"{100 * v['relative_error_in_run']:>7.1f}%{v['node_ready_s']:>14.1f}   "
+            f"{100 * v['relative_error']:>7.1f}%{100 * v['relative_error_fault_free_run']:>15.1f}%"
+            f"{100 * v['relative_error_in_run']:>8.1f}%{v['node_ready_s']:>14.1f}   "
             + " / ".join(_pct(share[k]) for k in CATEGORIES)
             + ("" if v["within_bound"] else f"   OUTSIDE {100 * MAX_SIM_ERROR:.0f}%")
         )
-    lines.append("  (predicted: step times scaled to the fault-free run; in-run: to the run's own first generation)")
+    lines.append(
+        "  (predicted: step times scaled to the fault-free steps of the policy's two runs; the errors in brackets"
+        " scale them to the fault-free run alone, and to the failure run's first generation alone)"
+    )
     for policy, v in sim["policies"].items():
         counts = ", ".join(f"{k} {n}" for k, n in v["simulated"]["counts"].items() if n) or "none"
         measured = report["policies"][policy]

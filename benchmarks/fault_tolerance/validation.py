@@ -148,20 +148,23 @@ def measured_events(run: Run, schedule: Schedule) -> list[TraceEvent]:
     return events
 
 
-def steady_samples_per_s(run: Run) -> float:
-    """The run's fault-free throughput as the simulator means it (all nodes, no failure, no checkpoint):
-    the steps of its first generation after the first, over their step times less foreground checkpoint
-    writes (Bamboo's redundant work stays in: it is part of its step)."""
-    rows = [r for r in run.rows[1:] if r["generation"] == run.rows[0]["generation"]]
+def steady_samples_per_s(*runs: Run) -> float:
+    """The fault-free throughput as the simulator means it (all nodes, no failure, no checkpoint), over the
+    given runs' first generations pooled: their steps after each run's first, over their step times less
+    foreground checkpoint writes (Bamboo's redundant work stays in: it is part of its step)."""
+    rows = [r for run in runs for r in run.rows[1:] if r["generation"] == run.rows[0]["generation"]]
     seconds = sum(r["step_time_s"] - r.get("checkpoint_s", 0.0) for r in rows)
-    return len(rows) * run.global_batch / seconds if seconds > 0 else math.nan
+    return len(rows) * runs[0].global_batch / seconds if seconds > 0 else math.nan
 
 
 def validate_simulator(runs: dict[str, Run], fault_free: dict[str, Run], schedule: Schedule) -> dict[str, Any]:
     """Predict each policy's run under failures with :func:`benchmarks.sim.measured.predict` and compare with
-    the measurement. The policy's step times are scaled to its fault-free run's steady throughput
-    (:func:`steady_samples_per_s`); as a check on the machine's drift (other work shares it), the prediction
-    is also made with the throughput of the run's own first generation, before its first failure."""
+    the measurement. The policy's step times are scaled to the throughput of its starting configuration
+    measured over every fault-free step of the policy's pair of runs (:func:`steady_samples_per_s`): its
+    fault-free run and the failure run's first generation, before the first failure. This machine's speed
+    drifts by up to a third between two runs a minute apart (other work shares it), and the pooled steps
+    estimate the speed of the hour better than either run alone. As checks on that drift, the prediction is
+    also made with each of the two alone (``_fault_free_run``, ``_in_run``)."""
     from oobleck.cluster_spec import cluster_spec
     from oobleck.profiler import ensure_profile
 
@@ -173,7 +176,12 @@ def validate_simulator(runs: dict[str, Run], fault_free: dict[str, Run], schedul
         t = config.training
         measured = summarize(run)["samples_per_s"]
         entry: dict[str, Any] = {"measured_samples_per_s": measured, "node_ready_s": ready[policy]}
-        for key, calibration in (("", steady_samples_per_s(fault_free[policy])), ("_in_run", steady_samples_per_s(run))):
+        calibrations = (
+            ("", steady_samples_per_s(fault_free[policy], run)),
+            ("_fault_free_run", steady_samples_per_s(fault_free[policy])),
+            ("_in_run", steady_samples_per_s(run)),
+        )
+        for key, calibration in calibrations:
             measured_run = MeasuredRun(
                 profile=ensure_profile(config),
                 cluster=cluster_spec(config.cluster).with_nodes(schedule.capacity),

@@ -32,7 +32,9 @@ Policies
   in use: stop, lose the steps since the latest complete checkpoint (and the partial step, and a checkpoint
   being written), restart (``restart_s``: processes, rendezvous, checkpoint load) on the nodes alive then; a
   loss during the restart joins it when it comes within ``restart_join_s`` of the restart's start (the
-  processes are still starting and take the newer plan), else starts it over (nodes ready during a restart wait). A joined node waits for the
+  processes are still starting and take the newer plan), else starts it over (nodes ready during a restart
+  wait); a joined restart still ends ``restart_s`` after the loss when the newer plan brings in a spare whose
+  process trained before (as the engine restarts it only then), and a spare's loss costs nothing. A joined node waits for the
   next periodic checkpoint, after which the job restarts to take it in when the best configuration for the
   new count is faster (Varuna morphs on membership change); otherwise it waits as a spare.
 * **Bamboo-style**: homogeneous pipelines of >= 2 nodes where every stage also holds a shadow of the stage on
@@ -46,7 +48,8 @@ Policies
   every ``bamboo_checkpoint_every`` steps). At a step boundary Bamboo re-partitions onto the alive nodes
   (``bamboo_reconfigure_s``, no lost work; best depth and replica count again) when spares can replace the
   overloaded nodes, when 2 x overloaded / active nodes exceeds 5%, or when the alive nodes fit another pipeline
-  of the current depth (the artifact's three rules); never when no pipeline fits the alive nodes (it then keeps
+  of the current depth (the artifact's three rules), or, checked against this engine
+  (``bamboo_replans_on_join``), whenever a node joins; never when no pipeline fits the alive nodes (it then keeps
   running taken over). A failure during a re-partition starts it over; one during a restart joins it or
   starts it over as for Varuna.
 * All: the global batch is constant; at most ``--nodes`` nodes are in the job (more alive nodes queue); a node
