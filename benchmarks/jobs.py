@@ -424,28 +424,43 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def join_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The joins of a run's recovery records: each joined node's ready-to-training seconds (the records'
-    ``joined_ready_s``, in record order), their median (None without a join) and how many generations
-    folded more than one node in."""
+#: the bound on one recovery from memory (issue 17: kill or ready join to training)
+MEMORY_RECOVERY_BOUND_S = 1.0
+
+
+def recovery_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's recovery records summed up: the longest recovery from memory (``total_s``, None without one)
+    and how many took over :data:`MEMORY_RECOVERY_BOUND_S`; each joined node's ready-to-training seconds
+    (the records' ``joined_ready_s``, in record order), their median (None without a join) and how many
+    generations folded more than one node in."""
+    memory = [r["total_s"] for r in records if r["mode"] == "memory"]
     times = [t for r in records for t in r.get("joined_ready_s", [])]
     return {
+        "memory_recovery_max_s": max(memory, default=None),
+        "memory_recoveries_over_1s": sum(t > MEMORY_RECOVERY_BOUND_S for t in memory),
         "join_ready_to_training_s": times,
         "join_ready_to_training_median_s": median(times) if times else None,
         "generations_folding_several_joins": sum(len(r["joined"]) > 1 for r in records),
     }
 
 
-def join_line(figures: dict[str, Any]) -> str:
-    """One summary line of :func:`join_figures`."""
+def recovery_lines(figures: dict[str, Any]) -> list[str]:
+    """The summary lines of :func:`recovery_figures`."""
+    longest = figures["memory_recovery_max_s"]
+    lines = [
+        "recoveries from memory: none"
+        if longest is None
+        else f"recoveries from memory: longest {longest * 1000:.0f} ms; "
+        f"{figures['memory_recoveries_over_1s']} over {MEMORY_RECOVERY_BOUND_S:g} s"
+    ]
     times = figures["join_ready_to_training_s"]
     if not times:
-        return "joins: none folded in"
-    return (
+        return lines + ["joins: none folded in"]
+    return lines + [
         f"joins ready-to-training: median {figures['join_ready_to_training_median_s'] * 1000:.0f} ms, "
         f"max {max(times) * 1000:.0f} ms over {len(times)} joined nodes; "
         f"{figures['generations_folding_several_joins']} generations folded several nodes in"
-    )
+    ]
 
 
 def verdict_lines(report: dict[str, Any]) -> list[str]:

@@ -47,13 +47,13 @@ from benchmarks.jobs import (
     Sampler,
     bad_flag,
     compare_with_reference,
-    join_figures,
-    join_line,
     launch,
     machine_info,
     matches,
     non_step_lines,
     read_jsonl,
+    recovery_figures,
+    recovery_lines,
     run_and_report,
     tiny_gpt,
     train_reference,
@@ -282,7 +282,7 @@ def run_soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "recovery_modes": {m: sum(r["mode"] == m for r in records) for m in {r["mode"] for r in records}},
         "steps_lost": sum(r["steps_lost"] for r in records),
         "generations": 1 + len(records),
-        **join_figures(records),
+        **recovery_figures(records),
         "samples": {
             "count": len(live),
             "processes": {"min": min((s.processes for s in live), default=0), "max": max_procs},
@@ -323,7 +323,7 @@ def format_summary(report: dict[str, Any]) -> str:
             f"recovery total_s: min {total[0] * 1000:.0f} ms, median {total[len(total) // 2] * 1000:.0f} ms, "
             f"max {total[-1] * 1000:.0f} ms; {sum(t > 5.0 for t in total)} over 5 s"
         )
-    lines.append(join_line(report))
+    lines.extend(recovery_lines(report))
     lines.append(
         f"sampled {s['count']} times: processes {s['processes']['min']}-{s['processes']['max']}, TCP sockets "
         f"{s['sockets']['min']}-{s['sockets']['max']}, listening {s['listening']['min']}-{s['listening']['max']}"

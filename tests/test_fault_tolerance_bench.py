@@ -326,3 +326,25 @@ def test_argparse_errors_exit_2() -> None:
 
 def test_nan_costs_do_not_pass_silently() -> None:
     assert math.isnan(median([]))
+
+
+def test_recovery_figures_bound_memory_recoveries_and_summarize_joins() -> None:
+    """The soak's and the trace replay's summary of their records: the longest recovery from memory and
+    those over 1 s (restarts and checkpoint restores are not recoveries from memory), and the joins."""
+    from benchmarks.jobs import recovery_figures, recovery_lines
+
+    records = [
+        record(2, 0.2),
+        record(3, 1.4, lost=(), joined=("node7", "node8"), joined_ready_s=[1.4, 0.3]),
+        record(4, 7.0, mode="restart"),
+        record(5, 0.4, lost=(), joined=("node9",), joined_ready_s=[0.4]),
+    ]
+    figures = recovery_figures(records)
+    assert figures["memory_recovery_max_s"] == 1.4 and figures["memory_recoveries_over_1s"] == 1
+    assert figures["join_ready_to_training_s"] == [1.4, 0.3, 0.4] and figures["join_ready_to_training_median_s"] == 0.4
+    assert figures["generations_folding_several_joins"] == 1
+    assert recovery_lines(figures)[0] == "recoveries from memory: longest 1400 ms; 1 over 1 s"
+    assert recovery_lines(recovery_figures([record(4, 7.0, mode="restart")])) == [
+        "recoveries from memory: none",
+        "joins: none folded in",
+    ]
