@@ -86,8 +86,8 @@ def measured_costs(runs: dict[str, Run]) -> tuple[Costs, dict[str, str]]:
     out at 5.4 s where uninterrupted restarts took 8-9 s); the median foreground checkpoint write; each policy's checkpoint interval. A figure no
     run produced is 0 (no event of that kind happened, so the simulator should not need it either). The
     simulator's Bamboo re-partitions after a takeover once 2 x overloaded / active nodes exceeds a threshold
-    (the Oobleck artifact's rule); the engine's never does (it re-plans when nodes join), so the threshold is
-    :data:`NEVER`."""
+    (the Oobleck artifact's rule); the engine's never does, so the threshold is :data:`NEVER`, and it
+    re-plans for every joining node instead (``bamboo_replans_on_join``)."""
     durations = {policy: recovery_durations(run) for policy, run in runs.items()}
 
     def pick(policies: Sequence[str], keep: Any) -> list[float]:
