@@ -156,11 +156,11 @@ __all__ = [
     "node_ready_times",
     "parse_args",
     "recovery_durations",
-    "steady_samples_per_s",
     "recovery_moments",
     "rolling_throughput",
     "run_policy",
     "seed_summary",
+    "steady_samples_per_s",
     "summarize",
     "trace_schedule",
 ]

@@ -105,7 +105,8 @@ class VarunaSim(HomogeneousSim):
             return
         if self.mode == "busy" and self.busy_kind == "restart":
             if lost:
-                planned = self.restart_nodes if self.restart_nodes is not None else list(self.alive)
+                planned = self.restart_nodes
+                assert planned is not None  # every restart sets the nodes it plans for
                 before = self._used(planned)
                 hit = [n for n in lost if n in before]
                 self.counts["node_losses"] += len(hit)
