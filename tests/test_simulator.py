@@ -378,6 +378,8 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
         dataclasses.replace(COSTS, restart_s=-1)
     with pytest.raises(SimulatorError, match="costs.varuna_grows_only_if_faster: got 1; must be true or false"):
         dataclasses.replace(COSTS, varuna_grows_only_if_faster=1)
+    with pytest.raises(SimulatorError, match="costs.bamboo_replans_on_join: got 'yes'; must be true or false"):
+        dataclasses.replace(COSTS, bamboo_replans_on_join="yes")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert main(["--trace", str(empty), "--intervals", "--models", "gpt3-1.3b", "--out", str(tmp_path / "x.json")]) == 2
