@@ -1,8 +1,9 @@
 """``oobleck run`` with ``trace:``: a short node-availability trace is replayed against the running job (nodes
 leave and join by name) and the job still computes exactly what one process computes.
 
-The trace's removes must show up as lost nodes, and the two nodes it adds at one instant (node6, node7) join
-in one generation: one re-plan, one recovery record naming both. They are not required to stay: the local
+The trace's removes must show up as lost nodes, and the two nodes it adds at one instant (node6, node7) must
+both join: in one generation (one re-plan, one recovery record naming both) when their workers come up within
+``oobleck.control.state.GATHER_S`` of each other, else one after the other. They are not required to stay: the local
 launcher started them from the replay thread, and their agents' PR_SET_PDEATHSIG (SIGTERM) fired when that
 thread ended after the last event (benchmarks/trace_replay.py worked around it with a sentinel event), so they
 may be lost then too."""
@@ -29,8 +30,10 @@ COMPRESSION = 10.0
 #: wall seconds from the launch to the first event. A node lost before the job's first step is committed
 #: fails the job, and the first step is committed ~10-17 s after the trace clock starts on a loaded 2-core machine.
 FIRST_EVENT_S = 25.0
-#: enough steps for training to outlast the events (0.05-0.12 s per step here)
-STEPS = 450
+#: enough steps for training to outlast the joins: the added nodes are ready 7-10 s after the events, a node
+#: ready after the last step never joins, and a step takes 0.04-0.12 s here (at 450 steps a run of session 17
+#: ended at the first of the two joins)
+STEPS = 800
 
 
 def trace_lines() -> list[str]:
